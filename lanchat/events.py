@@ -1,0 +1,49 @@
+"""A routed item and the encodings made of it, computed once per fan-out.
+
+The router hands one :class:`Event` to every subscriber.  A hub connection in
+text mode, one in JSON mode, a ``lanchat tail`` and a daemon link each need a
+different byte string; :meth:`Event.encoded` makes each one once and caches
+it, so sending a message to a hundred text clients renders it once, not a
+hundred times.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from lanchat.model import Message, Presence
+
+Item = Message | Presence
+
+
+class Event:
+    """One item on its way to subscribers.
+
+    ``source`` is the subscriber it came from (a hub connection, a link), so the
+    router does not echo it back; ``None`` for the node's own messages.
+    Thread-safety: events are shared between writer threads; the cache is a
+    dict whose racing writers store equal values, which is harmless.
+    """
+
+    __slots__ = ("_cache", "item", "source")
+
+    def __init__(self, item: Item, source: object | None = None) -> None:
+        self.item = item
+        self.source = source
+        self._cache: dict[Callable[[Any], bytes], bytes] = {}
+
+    @property
+    def room(self) -> str:
+        return self.item.room
+
+    def encoded(self, encoder: Callable[[Any], bytes]) -> bytes:
+        """``encoder(self.item)``, computed at most once per encoder (up to races)."""
+        data = self._cache.get(encoder)
+        if data is None:
+            data = encoder(self.item)
+            self._cache[encoder] = data
+        return data
+
+    def __repr__(self) -> str:
+        return f"Event({self.item!r})"

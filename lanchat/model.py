@@ -1,0 +1,288 @@
+"""The message model: what a chat message and a presence change are.
+
+Objects validate themselves when they are built (as h11's and wsproto's events
+do), so an invalid nick, room or text can never exist past the edge that
+received it.  Pure: no sockets, threads, clock or randomness -- times and ids
+are passed in.
+
+Wire shape of a message (DESIGN.md): ``{"id", "origin", "seq", "ts", "room",
+"nick", "host", "text"}`` plus ``"to"`` for a direct message.  ``id`` is
+``"<origin>:<seq>"``: unique across the network because ``origin`` is a node id
+and ``seq`` counts that node's messages 1, 2, 3 … without gaps.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lanchat.errors import ValidationError
+from lanchat.limits import MAX_HOST_CHARS, MAX_NICK_CHARS, MAX_ROOM_CHARS, MAX_TEXT_BYTES
+
+DEFAULT_ROOM = "lobby"
+
+#: Node ids are random lowercase hex (16 digits by default); peers may use up to 64.
+_NODE_RE = re.compile(r"[0-9a-f]{8,64}")
+#: Rooms: lowercase, digits, ``-``, ``_`` and ``.``; a leading ``#`` is accepted and dropped.
+_ROOM_RE = re.compile(r"[a-z0-9][a-z0-9_.-]*")
+#: Characters that would make a nick look like a command, notice or error line in text mode.
+_NICK_BAD_START = "/*!#["
+_NICK_BAD_CHARS = frozenset(":,")
+
+
+def validate_nick(nick: object) -> str:
+    """Return ``nick`` if it is a valid nickname, else raise :class:`ValidationError`.
+
+    A nick is 1-32 printable characters with no white space, no ``:`` or ``,``
+    (they would make ``[12:00:00] nick: text`` ambiguous) and not starting with
+    a character that text mode uses for commands or notices.
+    """
+    if not isinstance(nick, str):
+        raise ValidationError("nick must be a string", code="bad-nick")
+    if not 1 <= len(nick) <= MAX_NICK_CHARS:
+        raise ValidationError(f"nick must be 1-{MAX_NICK_CHARS} characters", code="bad-nick")
+    if not nick.isprintable() or any(c.isspace() for c in nick):
+        raise ValidationError(
+            "nick must be printable characters without spaces", code="bad-nick"
+        )
+    if nick[0] in _NICK_BAD_START or _NICK_BAD_CHARS.intersection(nick):
+        raise ValidationError(
+            f"nick may not start with any of {_NICK_BAD_START} or contain ':' or ','",
+            code="bad-nick",
+        )
+    return nick
+
+
+def validate_room(room: object) -> str:
+    """Return the canonical room name (lowercase, no leading ``#``) or raise."""
+    if not isinstance(room, str):
+        raise ValidationError("room must be a string", code="bad-room")
+    name = room[1:] if room.startswith("#") else room
+    name = name.lower()
+    if not 1 <= len(name) <= MAX_ROOM_CHARS or not _ROOM_RE.fullmatch(name):
+        raise ValidationError(
+            f"room must be 1-{MAX_ROOM_CHARS} of a-z, 0-9, '-', '_', '.'", code="bad-room"
+        )
+    return name
+
+
+def validate_text(text: object) -> str:
+    """Return ``text`` if it is valid chat text, else raise.
+
+    Text is 1 to 4 KiB of UTF-8 with no NUL.  Other control characters (and
+    escape sequences) are *kept*: history and ``--json`` show exactly what was
+    sent, and every renderer neutralises them (see :mod:`lanchat.render`).
+    """
+    if not isinstance(text, str):
+        raise ValidationError("text must be a string", code="bad-text")
+    if not text:
+        raise ValidationError("text is empty", code="bad-text")
+    if "\x00" in text:
+        raise ValidationError("text may not contain NUL bytes", code="bad-text")
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:  # lone surrogates smuggled in through JSON \ud800 escapes
+        raise ValidationError("text is not valid Unicode", code="bad-text") from None
+    if size > MAX_TEXT_BYTES:
+        raise ValidationError(
+            f"text is {size} bytes; the limit is {MAX_TEXT_BYTES}", code="text-too-long"
+        )
+    return text
+
+
+def validate_node(node: object) -> str:
+    """Return ``node`` if it looks like a node id (lowercase hex, 8-64 digits)."""
+    if not isinstance(node, str) or not _NODE_RE.fullmatch(node):
+        raise ValidationError("node id must be 8-64 lowercase hex digits", code="bad-node")
+    return node
+
+
+def validate_host(host: object) -> str:
+    """Return ``host`` if it is a printable host name of sane length."""
+    if not isinstance(host, str) or not 1 <= len(host) <= MAX_HOST_CHARS:
+        raise ValidationError("host must be 1-253 characters", code="bad-host")
+    if not host.isprintable() or any(c.isspace() for c in host):
+        raise ValidationError("host must be printable without spaces", code="bad-host")
+    return host
+
+
+def _validate_ts(ts: object) -> float:
+    if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts):
+        raise ValidationError("ts must be a finite number of seconds", code="bad-ts")
+    if ts < 0:
+        raise ValidationError("ts must not be negative", code="bad-ts")
+    return float(ts)
+
+
+def _validate_seq(seq: object) -> int:
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 1 <= seq < 2**63:
+        raise ValidationError("seq must be a positive integer", code="bad-seq")
+    return seq
+
+
+def message_id(origin: str, seq: int) -> str:
+    """The network-wide id of the ``seq``-th message accepted by node ``origin``."""
+    return f"{origin}:{seq}"
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """A message as someone wrote it, before a node stamps it with id, seq and time."""
+
+    text: str
+    nick: str
+    host: str
+    room: str = DEFAULT_ROOM
+    to: str | None = None
+    #: Unix uid of a local sender on the control socket (SO_PEERCRED); never sent to peers.
+    uid: int | None = None
+
+    def __post_init__(self) -> None:
+        validate_text(self.text)
+        validate_nick(self.nick)
+        validate_host(self.host)
+        object.__setattr__(self, "room", validate_room(self.room))
+        if self.to is not None:
+            validate_nick(self.to)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A stored chat message: immutable, valid, and the same on every node."""
+
+    origin: str
+    seq: int
+    ts: float
+    room: str
+    nick: str
+    host: str
+    text: str
+    to: str | None = None
+    id: str = field(default="")
+
+    def __post_init__(self) -> None:
+        validate_node(self.origin)
+        _validate_seq(self.seq)
+        object.__setattr__(self, "ts", _validate_ts(self.ts))
+        object.__setattr__(self, "room", validate_room(self.room))
+        validate_nick(self.nick)
+        validate_host(self.host)
+        validate_text(self.text)
+        if self.to is not None:
+            validate_nick(self.to)
+        expected = message_id(self.origin, self.seq)
+        if not self.id:
+            object.__setattr__(self, "id", expected)
+        elif self.id != expected:
+            raise ValidationError(
+                f"message id {self.id!r} does not match origin and seq", code="bad-id"
+            )
+
+    @classmethod
+    def stamp(cls, draft: Draft, *, origin: str, seq: int, ts: float) -> Message:
+        """Turn a draft into the message that node ``origin`` accepted as number ``seq``."""
+        return cls(
+            origin=origin, seq=seq, ts=ts, room=draft.room, nick=draft.nick,
+            host=draft.host, text=draft.text, to=draft.to,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The message's wire form (DESIGN.md's fields, ``to`` only when set)."""
+        d: dict[str, Any] = {
+            "id": self.id, "origin": self.origin, "seq": self.seq, "ts": self.ts,
+            "room": self.room, "nick": self.nick, "host": self.host, "text": self.text,
+        }
+        if self.to is not None:
+            d["to"] = self.to
+        return d
+
+    @classmethod
+    def from_dict(cls, d: object) -> Message:
+        """Build a message from its wire form; raise :class:`ValidationError` if it is wrong."""
+        if not isinstance(d, dict):
+            raise ValidationError("message must be an object", code="bad-message")
+        try:
+            return cls(
+                origin=d["origin"], seq=d["seq"], ts=d["ts"], room=d["room"],
+                nick=d["nick"], host=d["host"], text=d["text"], to=d.get("to"),
+                id=d.get("id", ""),
+            )
+        except KeyError as exc:
+            raise ValidationError(f"message lacks field {exc.args[0]!r}",
+                                  code="bad-message") from None
+
+
+PresenceKind = Literal["join", "leave", "nick"]
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """Someone joined or left a room, or changed nick (``old`` is the previous nick)."""
+
+    kind: PresenceKind
+    nick: str
+    host: str
+    node: str
+    room: str
+    ts: float
+    old: str | None = None
+    #: Why someone left ("quit", "timeout", "too slow", …); shown in leave notices.
+    reason: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("join", "leave", "nick"):
+            raise ValidationError("presence kind must be join, leave or nick",
+                                  code="bad-presence")
+        validate_nick(self.nick)
+        validate_host(self.host)
+        validate_node(self.node)
+        object.__setattr__(self, "room", validate_room(self.room))
+        object.__setattr__(self, "ts", _validate_ts(self.ts))
+        if self.old is not None:
+            validate_nick(self.old)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "kind": self.kind, "nick": self.nick, "host": self.host, "node": self.node,
+            "room": self.room, "ts": self.ts,
+        }
+        if self.old is not None:
+            d["old"] = self.old
+        if self.reason is not None:
+            d["reason"] = self.reason
+        return d
+
+    @classmethod
+    def from_dict(cls, d: object) -> Presence:
+        if not isinstance(d, dict):
+            raise ValidationError("presence must be an object", code="bad-presence")
+        reason = d.get("reason")
+        if reason is not None and (not isinstance(reason, str) or len(reason) > 200):
+            raise ValidationError("presence reason must be a short string",
+                                  code="bad-presence")
+        try:
+            return cls(kind=d["kind"], nick=d["nick"], host=d["host"], node=d["node"],
+                       room=d["room"], ts=d["ts"], old=d.get("old"), reason=reason)
+        except KeyError as exc:
+            raise ValidationError(f"presence lacks field {exc.args[0]!r}",
+                                  code="bad-presence") from None
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """One entry of ``users``: someone connected somewhere on the network."""
+
+    nick: str
+    host: str
+    node: str
+    local: bool
+    since: float
+    room: str = DEFAULT_ROOM
+    #: How they are connected: "daemon" (the node's own user), "tcp", "json", "udp".
+    via: str = "tcp"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"nick": self.nick, "host": self.host, "node": self.node,
+                "local": self.local, "since": self.since, "room": self.room, "via": self.via}
