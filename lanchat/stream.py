@@ -1,0 +1,223 @@
+"""A socket's outgoing side: a bounded queue drained by its own writer thread.
+
+Every connection that the daemon writes to -- hub clients, control-socket
+clients, daemon links -- gets an :class:`Outbox`.  Whoever produces data (the
+router thread fanning out a message, a reader thread answering a command) calls
+:meth:`Outbox.put`, which only appends to a list and never touches the socket,
+so a broadcast never waits on a slow or dead receiver.  The outbox's writer
+thread drains *everything* queued into one ``send`` -- under load a writer wakes
+once for many messages, which is where the hub's throughput comes from.
+
+The writer thread is started on demand and exits after
+``WRITER_IDLE_EXIT_S`` without work, so thousands of idle connections cost one
+(reader) thread each, not two.
+
+Ownership: the outbox never closes the socket.  When it gives up (the peer
+stalled, the socket broke, or :meth:`close_with` finished) it shuts the socket
+down, which wakes the connection's reader thread; the reader owns the socket
+and does the cleanup.  That keeps one thread responsible for each teardown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import select
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+from lanchat.framing import LineDecoder
+from lanchat.limits import MAX_OUTBOX_BYTES, SEND_STALL_TIMEOUT_S, WRITER_IDLE_EXIT_S
+
+log = logging.getLogger(__name__)
+
+#: Bytes asked of ``recv`` at a time: large enough to take a burst of pipelined
+#: lines in one call, small enough not to matter per connection.
+RECV_BYTES = 65536
+
+#: Seconds a final notice (goodbye, "too slow") may take to leave before the
+#: socket is shut down anyway.
+FINAL_FLUSH_TIMEOUT_S = 2.0
+
+
+class Outbox:
+    """Bounded byte queue for one socket, sent by a lazily started writer thread.
+
+    Thread-safety: :meth:`put`, :meth:`close_with` and :meth:`close` may be
+    called from any thread.  Only the writer thread sends on the socket.
+    ``close_reason`` says why the outbox stopped (``None`` while open).
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        name: str,
+        max_bytes: int = MAX_OUTBOX_BYTES,
+        stall_timeout: float = SEND_STALL_TIMEOUT_S,
+        on_close: Callable[[str], None] | None = None,
+    ) -> None:
+        self._sock = sock
+        self._name = name
+        self._max_bytes = max_bytes
+        self._stall_timeout = stall_timeout
+        self._on_close = on_close
+        # guards: _chunks, _queued, _writer, _closing, _final, close_reason
+        self._cond = threading.Condition(threading.Lock())
+        self._chunks: list[bytes] = []
+        self._queued = 0
+        self._writer: threading.Thread | None = None
+        self._closing = False
+        self._final_timeout = FINAL_FLUSH_TIMEOUT_S
+        self.close_reason: str | None = None
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes waiting to be sent (a snapshot)."""
+        return self._queued
+
+    def put(self, data: bytes) -> bool:
+        """Queue ``data`` for sending.  Never blocks on the network.
+
+        Returns False, queuing nothing, if the outbox is closing or ``data``
+        would take it past its bound: the caller should drop this receiver
+        (typically with :meth:`close_with` and a notice).
+        """
+        start = False
+        with self._cond:
+            if self._closing or self._queued + len(data) > self._max_bytes:
+                return False
+            self._chunks.append(data)
+            self._queued += len(data)
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._run, name=f"{self._name}-w", daemon=False
+                )
+                start = True
+            else:
+                self._cond.notify()
+        if start:
+            assert self._writer is not None
+            self._writer.start()
+        return True
+
+    def close_with(self, final: bytes | None, reason: str, *, keep_queued: bool = False) -> None:
+        """Stop accepting data; send what is queued (if ``keep_queued``) and ``final``; shut down.
+
+        Used for goodbyes (``keep_queued=True``) and for cutting off a slow
+        receiver (its backlog is dropped so the notice goes out first).  The
+        final flush gets at most ``FINAL_FLUSH_TIMEOUT_S``.  Idempotent: only
+        the first call has an effect.
+        """
+        start = False
+        with self._cond:
+            if self._closing:
+                return
+            self._closing = True
+            self.close_reason = reason
+            if not keep_queued:
+                self._chunks.clear()
+                self._queued = 0
+            if final:
+                self._chunks.append(final)
+                self._queued += len(final)
+            self._stall_timeout = min(self._stall_timeout, self._final_timeout)
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._run, name=f"{self._name}-w", daemon=False
+                )
+                start = True
+            else:
+                self._cond.notify()
+        if start:
+            assert self._writer is not None
+            self._writer.start()
+
+    def close(self, reason: str = "closed") -> None:
+        """Shut down now, dropping anything queued."""
+        self.close_with(None, reason)
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the writer thread (if any) to finish."""
+        with self._cond:
+            writer = self._writer
+        if writer is not None and writer is not threading.current_thread():
+            writer.join(timeout)
+
+    # -- the writer thread -------------------------------------------------
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self._sock, select.POLLOUT)
+        while True:
+            with self._cond:
+                while not self._chunks and not self._closing:
+                    if not self._cond.wait(WRITER_IDLE_EXIT_S) and not self._chunks:
+                        if self._closing:
+                            break
+                        self._writer = None  # a later put() starts a fresh writer
+                        return
+                chunks = self._chunks
+                self._chunks = []
+                self._queued = 0
+                closing = self._closing
+                stall_timeout = self._stall_timeout
+            if chunks:
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                try:
+                    self._send_all(data, poller, stall_timeout)
+                except TimeoutError:
+                    self._give_up(f"stalled: nothing could be sent for {stall_timeout:g} s")
+                    return
+                except OSError as exc:
+                    self._give_up(f"send failed: {exc.strerror or exc}")
+                    return
+            if closing:
+                with self._cond:
+                    if self._chunks:  # close_with() raced with our drain
+                        continue
+                self._shutdown()
+                return
+
+    def _send_all(self, data: bytes, poller: select.poll, stall_timeout: float) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                sent = self._sock.send(view, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            except BlockingIOError:
+                if not poller.poll(stall_timeout * 1000):
+                    raise TimeoutError from None
+                continue
+            view = view[sent:]
+
+    def _give_up(self, reason: str) -> None:
+        with self._cond:
+            self._closing = True
+            if self.close_reason is None:
+                self.close_reason = reason
+            self._chunks.clear()
+            self._queued = 0
+        log.debug("%s: %s", self._name, reason)
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        # Already shut down or reset by the peer: then there is nothing left to wake.
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        if self._on_close is not None:
+            self._on_close(self.close_reason or "closed")
+
+
+def read_frames(sock: socket.socket, decoder: LineDecoder) -> Iterator[bytes]:
+    """Yield the frames arriving on ``sock`` until the peer closes it.
+
+    Raises :class:`~lanchat.errors.FrameTooLong` for an oversized line and
+    ``OSError`` for a broken socket; the caller decides what to tell the peer.
+    An unfinished line at EOF is dropped (``decoder.eof()`` tells how much).
+    """
+    while True:
+        data = sock.recv(RECV_BYTES)
+        if not data:
+            return
+        yield from decoder.feed(data)
