@@ -1,0 +1,478 @@
+"""SQLite history: every message this node holds, and each origin's cursor.
+
+Durability
+    The database runs in WAL mode with ``synchronous=NORMAL``.  A transaction
+    is committed once its pages are written to the WAL file, which is before
+    any method here returns.  So a committed message survives the daemon
+    being killed (SIGKILL, OOM killer, a crash): the data is in the kernel's
+    page cache and reaches the disk even though the process is gone.  Only a
+    power loss or kernel crash can lose the last few committed transactions
+    (the WAL is fsynced at checkpoints, not at every commit); the database is
+    never corrupted by one.  That is the trade SQLite recommends for WAL.
+
+The per-origin prefix invariant
+    For every origin, the store holds messages 1..n and nothing beyond a gap
+    (DESIGN.md: seqs count 1, 2, 3 … with no gaps).  ``insert_remote`` stores
+    a message only when it extends its origin's prefix; anything else is a
+    duplicate (already held) or sits beyond a gap (the link asks for a replay).
+    The table ``high`` remembers, per origin, the highest seq *ever* stored
+    and the latest ts; a trigger keeps it up to date on every insert, so it
+    survives retention deleting old rows and is the one source of truth for
+    ``cursors()``, the prefix rule and our own next seq.
+
+Thread model
+    One thread writes (the router thread, HACKING.md): ``append_local``,
+    ``insert_remote`` and ``prune`` use a single writer connection, and two
+    threads writing at once is reported as :class:`LocalProtocolError` instead
+    of silently interleaving transactions.  Reads (``history``, ``cursors``,
+    ``after``, ``node_id``) may come from any thread: each thread gets its own
+    read-only connection (``threading.local``), closed when that thread ends or
+    when the store is closed.  WAL lets readers run while the writer commits,
+    so no Python lock is ever held around SQLite I/O.
+
+Errors
+    Every ``sqlite3`` or file-system failure becomes :class:`StoreError` with a
+    sentence naming the file (``cannot write history to /p: database or disk
+    is full``).  A failed write leaves nothing behind: no row, no consumed seq.
+    Using the store after :meth:`Store.close` raises :class:`ClosedError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import sqlite3
+import threading
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from lanchat.errors import ClosedError, LocalProtocolError, StoreError
+from lanchat.limits import MAX_HISTORY_PAGE
+from lanchat.model import Draft, Message
+
+log = logging.getLogger(__name__)
+
+#: Milliseconds a connection waits for another one's lock (another process
+#: holding a write transaction, a checkpoint) before failing with "locked".
+BUSY_TIMEOUT_MS = 5000
+
+_SECONDS_PER_DAY = 86400.0
+
+#: The schema, as the list of migrations that build it.  Migration ``i`` takes
+#: the database from ``PRAGMA user_version`` ``i`` to ``i + 1``; each runs in
+#: one transaction together with the version bump, so a database is always at
+#: exactly one version.  Append new migrations; never edit a released one.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1: messages, meta (node id), high (per-origin cursor that outlives retention).
+    (
+        """CREATE TABLE meta (
+            key   TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        )""",
+        # "arrival" is the rowid: the local arrival counter.  uid is the local
+        # sender's Unix uid (control socket); NULL for remote messages; never
+        # leaves this node.
+        """CREATE TABLE messages (
+            arrival INTEGER PRIMARY KEY,
+            id      TEXT NOT NULL UNIQUE,
+            origin  TEXT NOT NULL,
+            seq     INTEGER NOT NULL,
+            ts      REAL NOT NULL,
+            room    TEXT NOT NULL,
+            nick    TEXT NOT NULL,
+            host    TEXT NOT NULL,
+            text    TEXT NOT NULL,
+            "to"    TEXT,
+            uid     INTEGER,
+            UNIQUE (origin, seq)
+        )""",
+        # history(room=...) and history() read in (ts, origin, seq) order straight
+        # off these indexes; per-origin replay uses the UNIQUE (origin, seq) index.
+        "CREATE INDEX messages_room_order ON messages (room, ts, origin, seq)",
+        "CREATE INDEX messages_order ON messages (ts, origin, seq)",
+        """CREATE TABLE high (
+            origin TEXT PRIMARY KEY,
+            seq    INTEGER NOT NULL,
+            ts     REAL NOT NULL
+        )""",
+        """CREATE TRIGGER messages_high AFTER INSERT ON messages BEGIN
+            INSERT INTO high (origin, seq, ts) VALUES (NEW.origin, NEW.seq, NEW.ts)
+            ON CONFLICT (origin) DO UPDATE
+                SET seq = max(seq, excluded.seq), ts = max(ts, excluded.ts);
+        END""",
+    ),
+)
+
+_COLUMNS = 'id, origin, seq, ts, room, nick, host, text, "to"'
+_INSERT = (
+    'INSERT INTO messages (id, origin, seq, ts, room, nick, host, text, "to", uid) '
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+_Row = tuple[str, str, int, float, str, str, str, str, str | None]
+
+
+def _message(row: _Row) -> Message:
+    mid, origin, seq, ts, room, nick, host, text, to = row
+    return Message(origin=origin, seq=seq, ts=ts, room=room, nick=nick, host=host,
+                   text=text, to=to, id=mid)
+
+
+class _Reader:
+    """Holds one thread's read connection; when the thread ends, it is freed and closes it."""
+
+    __slots__ = ("__weakref__", "conn")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+
+class Store:
+    """The history store of one node (see the module docstring for the contracts).
+
+    ``path`` is the database file; its directory is created (mode 0700) if
+    missing, and a new file is created mode 0600, since history is private.
+    ``max_age_days`` / ``max_messages`` bound what :meth:`prune` keeps; ``None``
+    keeps forever.  The store owns its connections; :meth:`close` closes them
+    all and is idempotent.  Call it after the threads using the store stopped.
+
+    Raises :class:`StoreError` if the file cannot be opened, is not a
+    database, or was written by a newer lanchat (schema version too high).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, max_age_days: float | None = None,
+                 max_messages: int | None = None) -> None:
+        if max_age_days is not None and not max_age_days > 0:
+            raise ValueError("max_age_days must be positive or None")
+        if max_messages is not None and max_messages < 1:
+            raise ValueError("max_messages must be at least 1 or None")
+        self.path = Path(path)
+        self.max_age_days = max_age_days
+        self.max_messages = max_messages
+        self._closed = False
+        # Guards nothing but the busy flag: acquired without blocking, so a second
+        # writer thread gets an error instead of a wait (trio's ConflictDetector).
+        self._write_busy = threading.Lock()
+        # Guards _readers and the _closed check when a reader is registered;
+        # held only for set operations, never during SQLite I/O.
+        self._readers_lock = threading.Lock()
+        self._readers: set[weakref.finalize[[], _Reader]] = set()
+        self._local = threading.local()
+        self._prepare_path()
+        self._writer = self._connect("open")
+        try:
+            with self._errors("open"):
+                self._setup()
+        except BaseException:
+            self._writer.close()
+            raise
+
+    # ---- opening -----------------------------------------------------------
+
+    def _prepare_path(self) -> None:
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Create the file ourselves so it is private; SQLite gives its -wal and
+            # -shm files the same mode as the database.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise StoreError(f"cannot open history at {self.path}: {reason}") from exc
+
+    def _connect(self, verb: str, *, query_only: bool = False) -> sqlite3.Connection:
+        with self._errors(verb):
+            # check_same_thread=False: the writer is built here but used by the
+            # router thread, and close() closes every thread's connection.  The
+            # one-writer rule is enforced by _write_busy instead.
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            try:
+                conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                if query_only:
+                    conn.execute("PRAGMA query_only = ON")
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+
+    def _setup(self) -> None:
+        conn = self._writer
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StoreError(
+                f"cannot open history at {self.path}: the file system does not support "
+                f"SQLite's WAL mode (got {mode!r})"
+            )
+        conn.execute("PRAGMA synchronous = NORMAL")
+        known = len(MIGRATIONS)
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > known:
+            self._refuse_newer(version, known)
+        while version < known:
+            with self._transaction():
+                # Re-read inside the write lock: another process may have migrated.
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version > known:
+                    self._refuse_newer(version, known)
+                if version < known:
+                    log.info("migrating history %s from schema %d to %d",
+                             self.path, version, version + 1)
+                    for statement in MIGRATIONS[version]:
+                        conn.execute(statement)
+                    version += 1
+                    conn.execute(f"PRAGMA user_version = {version}")
+        with self._transaction():
+            conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('node_id', ?)",
+                         (secrets.token_hex(8),))
+            row = conn.execute("SELECT value FROM meta WHERE key = 'node_id'").fetchone()
+        self._node_id: str = row[0]
+
+    def _refuse_newer(self, version: int, known: int) -> None:
+        raise StoreError(
+            f"history at {self.path} has schema version {version}, written by a newer "
+            f"lanchat (this one knows up to {known}); upgrade lanchat or move the file away"
+        )
+
+    # ---- plumbing ----------------------------------------------------------
+
+    @contextmanager
+    def _errors(self, verb: str) -> Iterator[None]:
+        """Turn sqlite3 errors into StoreError: ``cannot <verb> history at <path>: why``."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot {verb} history at {self.path}: {exc}") from exc
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction on the writer connection: all of it or nothing."""
+        conn = self._writer
+        # IMMEDIATE takes the write lock up front, so the reads inside the
+        # transaction (our next seq, an origin's high) cannot go stale.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    # SQLite may already have rolled back (e.g. after SQLITE_FULL).
+                    log.debug("rollback after a failed write also failed", exc_info=True)
+            raise
+
+    @contextmanager
+    def _writing(self, verb: str) -> Iterator[sqlite3.Connection]:
+        self._check_open()
+        if not self._write_busy.acquire(blocking=False):
+            raise LocalProtocolError(
+                "two threads wrote to the history store at once; only one thread may write"
+            )
+        try:
+            with self._errors(verb), self._transaction():
+                yield self._writer
+        finally:
+            self._write_busy.release()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"history store {self.path} is closed")
+
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read connection, opened on first use."""
+        self._check_open()
+        reader: _Reader | None = getattr(self._local, "reader", None)
+        if reader is not None:
+            return reader.conn
+        conn = self._connect("read", query_only=True)
+        reader = _Reader(conn)
+        # Closes the connection when the thread ends (its locals are freed) or
+        # when close() calls it, whichever comes first.
+        finalizer = weakref.finalize(reader, conn.close)
+        with self._readers_lock:
+            closed = self._closed
+            if not closed:
+                self._readers = {f for f in self._readers if f.alive}
+                self._readers.add(finalizer)
+        if closed:
+            finalizer()
+            self._check_open()
+        self._local.reader = reader
+        return conn
+
+    def _select(self, sql: str, params: Sequence[object]) -> list[tuple[object, ...]]:
+        conn = self._reader()
+        with self._errors("read"):
+            return conn.execute(sql, params).fetchall()
+
+    # ---- the interface -------------------------------------------------------
+
+    @property
+    def node_id(self) -> str:
+        """This node's id: 16 random lowercase hex digits, created once, kept forever."""
+        return self._node_id
+
+    def append_local(self, drafts: Iterable[Draft], *, ts: float) -> list[Message]:
+        """Stamp ``drafts`` as our own messages with the next seqs, in one transaction.
+
+        Every message gets ``max(ts, the latest ts of our origin)``, so history
+        order (by ts) keeps our own order even if the clock steps back.
+        Returns the stored messages, in order.  On failure raises StoreError
+        and stores nothing; the seqs are not consumed (the next call reuses
+        them), so our seqs never have a gap.  Writer thread only.
+        """
+        drafts = list(drafts)
+        if not drafts:
+            return []
+        origin = self._node_id
+        with self._writing("write") as conn:
+            row = conn.execute("SELECT seq, ts FROM high WHERE origin = ?",
+                               (origin,)).fetchone()
+            last_seq, last_ts = (row[0], row[1]) if row is not None else (0, 0.0)
+            stamp = max(float(ts), last_ts)
+            messages = [Message.stamp(d, origin=origin, seq=last_seq + i, ts=stamp)
+                        for i, d in enumerate(drafts, start=1)]
+            conn.executemany(_INSERT, [
+                (m.id, m.origin, m.seq, m.ts, m.room, m.nick, m.host, m.text, m.to, d.uid)
+                for m, d in zip(messages, drafts, strict=True)
+            ])
+        return messages
+
+    def insert_remote(self, messages: Iterable[Message]) -> list[Message]:
+        """Store, in one transaction, each message that extends its origin's prefix.
+
+        A message is stored only if its seq is exactly one more than the
+        highest seq of its origin held so far (counting earlier messages of
+        this batch).  A lower seq is a duplicate -- an id once stored is never
+        replaced, even by a copy that differs -- and a higher one would leave
+        a gap; both are skipped.  Our own origin is no exception: after a
+        restore from backup, peers' copies extend our prefix and
+        :meth:`append_local` continues after them.  Returns the messages
+        actually stored, in order.  Writer thread only.
+        """
+        stored: list[Message] = []
+        high: dict[str, int] = {}
+        with self._writing("write") as conn:
+            for m in messages:
+                if m.origin not in high:
+                    row = conn.execute("SELECT seq FROM high WHERE origin = ?",
+                                       (m.origin,)).fetchone()
+                    high[m.origin] = row[0] if row is not None else 0
+                if m.seq != high[m.origin] + 1:
+                    continue
+                conn.execute(_INSERT, (m.id, m.origin, m.seq, m.ts, m.room, m.nick, m.host,
+                                       m.text, m.to, None))
+                high[m.origin] = m.seq
+                stored.append(m)
+        return stored
+
+    def history(self, *, room: str | None = None, limit: int = 50,
+                before: float | None = None, since: float | None = None) -> list[Message]:
+        """A page of history, oldest first, ordered by (ts, origin, seq).
+
+        ``room`` None means every room.  ``before`` (exclusive) and ``since``
+        (inclusive) bound ts.  With ``since`` and no ``before`` the page is the
+        *first* ``limit`` messages at or after ``since`` (reading forward);
+        otherwise it is the *last* ``limit`` messages in range.  ``limit`` is
+        clamped to 1..MAX_HISTORY_PAGE.  Direct messages are included; the
+        caller decides who may see them.  Any thread.
+        """
+        limit = max(1, min(int(limit), MAX_HISTORY_PAGE))
+        where: list[str] = []
+        params: list[object] = []
+        if room is not None:
+            where.append("room = ?")
+            params.append(room)
+        if before is not None:
+            where.append("ts < ?")
+            params.append(float(before))
+        if since is not None:
+            where.append("ts >= ?")
+            params.append(float(since))
+        forward = since is not None and before is None
+        direction = "ASC" if forward else "DESC"
+        sql = (f"SELECT {_COLUMNS} FROM messages"
+               + (" WHERE " + " AND ".join(where) if where else "")
+               + f" ORDER BY ts {direction}, origin {direction}, seq {direction} LIMIT ?")
+        params.append(limit)
+        rows = self._select(sql, params)
+        if not forward:
+            rows.reverse()
+        return [_message(row) for row in rows]  # type: ignore[arg-type]
+
+    def cursors(self) -> dict[str, int]:
+        """``{origin: highest seq ever stored}`` -- each origin's prefix 1..n.
+
+        Retention does not lower a cursor.  Any thread.
+        """
+        rows = self._select("SELECT origin, seq FROM high", ())
+        return {str(origin): int(seq) for origin, seq in rows}  # type: ignore[call-overload]
+
+    def after(self, origin: str, seq: int, limit: int) -> list[Message]:
+        """``origin``'s messages with a seq above ``seq``, in seq order, at most ``limit``.
+
+        For replay to a peer.  Messages removed by retention are not returned,
+        so the first one may be above ``seq + 1``.  The caller bounds
+        ``limit``; ``limit < 1`` returns nothing.  Any thread.
+        """
+        if limit < 1:
+            return []
+        rows = self._select(
+            f"SELECT {_COLUMNS} FROM messages WHERE origin = ? AND seq > ? "
+            "ORDER BY seq LIMIT ?", (origin, seq, limit))
+        return [_message(row) for row in rows]  # type: ignore[arg-type]
+
+    def prune(self, now: float) -> int:
+        """Delete messages older than ``max_age_days`` or beyond ``max_messages``.
+
+        The oldest go first, in history order.  Cursors are kept (the ``high``
+        table), so the prefix rule still refuses pruned ids that come back.
+        Returns how many messages were deleted.  Writer thread only.
+        """
+        if self.max_age_days is None and self.max_messages is None:
+            self._check_open()
+            return 0
+        deleted = 0
+        with self._writing("prune") as conn:
+            if self.max_age_days is not None:
+                cutoff = float(now) - self.max_age_days * _SECONDS_PER_DAY
+                deleted += conn.execute("DELETE FROM messages WHERE ts < ?",
+                                        (cutoff,)).rowcount
+            if self.max_messages is not None:
+                count = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+                excess = count - self.max_messages
+                if excess > 0:
+                    deleted += conn.execute(
+                        "DELETE FROM messages WHERE arrival IN (SELECT arrival FROM messages"
+                        " ORDER BY ts, origin, seq LIMIT ?)", (excess,)).rowcount
+        if deleted:
+            log.info("pruned %d old messages from %s", deleted, self.path)
+        return deleted
+
+    def close(self) -> None:
+        """Close every connection the store opened.  Idempotent; any thread.
+
+        Call it once the threads using the store have stopped; later calls
+        of the other methods raise :class:`ClosedError`.
+        """
+        with self._readers_lock:
+            if self._closed:
+                return
+            self._closed = True
+            finalizers, self._readers = self._readers, set()
+        for finalizer in finalizers:
+            finalizer()
+        try:
+            self._writer.close()
+        except sqlite3.Error as exc:
+            log.warning("closing history %s: %s", self.path, exc)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
