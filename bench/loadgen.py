@@ -1,0 +1,686 @@
+"""A chat load generator that is not itself the bottleneck.
+
+A coordinator forks ``workers`` processes; each drives many non-blocking sockets with one
+``selectors`` loop (no thread per socket).  Every client first registers a nick (text mode:
+answers ``* Choose a nickname:``; JSON mode: ``hello`` then waits for ``welcome``), may move to
+another room, reports ready, and waits for a common start time.
+
+Payload.  Every chat text is ``@lg SENDER SEQ T_NS PAD`` where ``T_NS`` is
+``time.monotonic_ns()`` just before the ``send`` call.  CLOCK_MONOTONIC is one clock for every
+process on the machine, so receive time minus ``T_NS`` is the one-way latency.  Receivers find
+payloads with one compiled regex over each received chunk (C speed), so the same parser reads
+text mode (``[12:00:00] lg3: @lg 3 17 ...``), JSON mode (``"text":"@lg 3 17 ..."``) and IRC.
+
+Accounting.  Each measured receiver keeps, per sender, a bitmap of sequence numbers seen and
+the highest one so far: a second copy is a *duplicate*, an older one arriving after a newer
+one is a *reorder*, and ``sent - unique`` at the end is *loss*.  A payload from the receiver's
+own id (JSON mode's ``sent`` ack, or a server that echoes) is counted as ``self``, never as a
+delivery.
+
+Pacing.  ``rate_per_sender > 0``: sender k's message n is due at ``t0 + (n + k/S)/rate``; if
+the socket's outbound buffer already holds ``MAX_OUTBUF`` bytes (the server stopped reading)
+the message is counted ``skipped``, not queued, so the generator's memory stays bounded and the
+offered/sent gap is reported.  ``rate_per_sender == 0``: pipelined with a window.  In text mode
+a sender never sees its own message, so the window is clocked by a *witness*: another measured
+receiver in the same worker process; a sender keeps at most ``window`` of its messages not yet
+seen by its witness.  The same rule is used in JSON mode so both modes pace alike.
+
+Bounds.  Connect phase and run phase each have a wall-clock deadline; a rate run stops at
+``duration_s`` plus ``drain_s``; a window run stops when every expected delivery arrived or at
+``max_run_s``.  Everything runs on 127.0.0.1 (the caller passes the host; scenarios pass only
+loopback).
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import heapq
+import json
+import multiprocessing as mp
+import os
+import re
+import resource
+import select
+import selectors
+import socket
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+PAYLOAD_RE = re.compile(rb"@lg (\d+) (\d+) (\d+)")
+#: Bytes a sender may have queued locally before further messages are skipped.
+MAX_OUTBUF = 256 * 1024
+#: Handshakes a worker keeps in progress at once (the server's accept backlog is finite).
+MAX_PENDING_CONNECTS = 200
+RECV_CHUNK = 256 * 1024
+
+# client states
+CONNECTING, GREETING, WELCOMING, READY, CLOSED = range(5)
+
+
+@dataclass
+class ClientSpec:
+    """One simulated client.  ``role``: send (sends and receives), recv, idle, slow."""
+
+    cid: int
+    role: str
+    room: str | None = None  # None: stay in the server's default room
+
+
+@dataclass
+class LoadSpec:
+    """Everything one run needs.  ``mode``: ``text`` or ``json``."""
+
+    host: str
+    port: int
+    mode: str
+    clients: list[ClientSpec]
+    msgs_per_sender: int
+    rate_per_sender: float = 0.0  # 0 = window mode
+    window: int = 64
+    pad: int = 16
+    workers: int = 2
+    connect_timeout_s: float = 60.0
+    duration_s: float = 10.0  # rate mode: sending period
+    drain_s: float = 3.0  # rate mode: extra time for the last deliveries
+    max_run_s: float = 120.0  # hard limit on the run phase, either mode
+    slow_rcvbuf: int = 64 * 1024  # SO_RCVBUF of a "slow" client (fills quickly)
+    record_latency: bool = True
+    latency_every: int = 1  # record the latency of every Nth sequence number
+
+
+@dataclass
+class Client:
+    spec: ClientSpec
+    sock: socket.socket
+    state: int = CONNECTING
+    inbuf: bytes = b""
+    outbuf: bytearray = field(default_factory=bytearray)
+    writing: bool = False
+    # receiver accounting, indexed by sender cid
+    # per sender id (as the bytes on the wire): [bitmap of seqs seen, highest seq seen]
+    rx: dict[bytes, list[Any]] = field(default_factory=dict)
+    own_b: bytes = b""
+    unique: int = 0
+    dups: int = 0
+    reorders: int = 0
+    selfs: int = 0
+    payload_bytes_seen: int = 0
+    notices: list[str] = field(default_factory=list)
+    closed_at_ns: int = 0
+    close_reason: str = ""
+    # sender
+    next_seq: int = 1
+    sent: int = 0
+    skipped: int = 0
+    witness: Client | None = None
+
+
+def _hello(spec: LoadSpec, c: ClientSpec) -> bytes:
+    if spec.mode == "json":
+        hello: dict[str, Any] = {"type": "hello", "v": 1, "nick": f"lg{c.cid}"}
+        if c.room:
+            hello["room"] = c.room
+        return (json.dumps(hello) + "\n").encode()
+    return b""
+
+
+class Worker:
+    """One process's share of the clients, driven by one selector loop."""
+
+    def __init__(self, spec: LoadSpec, cids: list[int]) -> None:
+        self.spec = spec
+        self.by_cid = {c.cid: c for c in spec.clients}
+        self.mine = [self.by_cid[i] for i in cids]
+        self.sel = selectors.DefaultSelector()
+        self.clients: dict[int, Client] = {}  # fd -> client
+        self.slow_poll = select.poll()
+        self.slow: list[Client] = []
+        self.lat = array.array("q")
+        self.t0 = 0
+        self.buckets_deliv: dict[int, int] = {}
+        self.buckets_expect: dict[int, float] = {}
+        self.n_measured = sum(1 for c in spec.clients if c.role in ("send", "recv"))
+        self.errors: dict[str, int] = {}
+        self.max_lag_ns = 0
+        self.end_ns = 0
+        self.last_delivery_ns = 0
+
+    # --- connect phase ---------------------------------------------------------------
+    def _err(self, what: str) -> None:
+        self.errors[what] = self.errors.get(what, 0) + 1
+
+    def _open(self, cs: ClientSpec) -> None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if cs.role == "slow":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.spec.slow_rcvbuf)
+        s.setblocking(False)
+        err = s.connect_ex((self.spec.host, self.spec.port))
+        c = Client(cs, s, own_b=str(cs.cid).encode())
+        self.clients[s.fileno()] = c
+        if err not in (0, 115):  # 115 = EINPROGRESS
+            self._close(c, f"connect errno {err}")
+            return
+        self.sel.register(s, selectors.EVENT_WRITE, c)
+
+    def _close(self, c: Client, reason: str) -> None:
+        if c.state == CLOSED:
+            return
+        c.state = CLOSED
+        c.closed_at_ns = time.monotonic_ns()
+        c.close_reason = reason
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(c.sock)
+        c.sock.close()
+
+    def _send_now(self, c: Client, data: bytes) -> None:
+        c.outbuf += data
+        self._flush(c)
+
+    def _flush(self, c: Client) -> None:
+        if c.outbuf:
+            try:
+                n = c.sock.send(c.outbuf)
+                del c.outbuf[:n]
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                self._close(c, f"send: {exc.strerror}")
+                return
+        want = bool(c.outbuf)
+        if want != c.writing and c.state != CLOSED and c not in self.slow:
+            c.writing = want
+            ev = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
+            self.sel.modify(c.sock, ev, c)
+
+    def _handshake_line(self, c: Client, line: bytes) -> None:
+        if self.spec.mode == "json":
+            if line.startswith(b"{") and b'"welcome"' in line:
+                c.state = READY
+            elif b'"error"' in line:
+                self._close(c, "hello refused: " + line[:120].decode("utf-8", "replace"))
+            return
+        if c.state == GREETING and b"Choose a nickname" in line:
+            self._send_now(c, f"lg{c.spec.cid}\n".encode())
+            c.state = WELCOMING
+        elif c.state == WELCOMING and line.startswith(b"* Welcome"):
+            c.state = READY
+            if c.spec.room:
+                self._send_now(c, f"/join {c.spec.room}\n".encode())
+        elif line.startswith(b"! "):
+            self._close(c, "nick refused: " + line[:120].decode("utf-8", "replace"))
+
+    def connect_all(self, deadline: float) -> None:
+        todo = list(reversed(self.mine))
+        pending = 0
+        while time.monotonic() < deadline:
+            while todo and pending < MAX_PENDING_CONNECTS:
+                self._open(todo.pop())
+                pending += 1
+            for key, ev in self.sel.select(timeout=0.05):
+                c: Client = key.data
+                if c.state == CONNECTING and ev & selectors.EVENT_WRITE:
+                    err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if err:
+                        self._close(c, f"connect: {os.strerror(err)}")
+                        pending -= 1
+                        continue
+                    c.state = GREETING
+                    self.sel.modify(c.sock, selectors.EVENT_READ, c)
+                    if self.spec.mode == "json":
+                        c.state = WELCOMING
+                        self._send_now(c, _hello(self.spec, c.spec))
+                    continue
+                if ev & selectors.EVENT_WRITE:
+                    self._flush(c)
+                if ev & selectors.EVENT_READ and c.state != CLOSED:
+                    before = c.state
+                    self._read(c, handshake=True)
+                    if before != READY and c.state in (READY, CLOSED):
+                        pending -= 1
+            if not todo and all(c.state in (READY, CLOSED) for c in self.clients.values()):
+                break
+        for c in list(self.clients.values()):
+            if c.state not in (READY, CLOSED):
+                self._close(c, "handshake timeout")
+        # slow clients stop reading from here on; a poll watches for the server hanging up
+        for c in self.clients.values():
+            if c.spec.role == "slow" and c.state == READY:
+                self.sel.unregister(c.sock)
+                self.slow.append(c)
+                self.slow_poll.register(c.sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+
+    # --- receive ----------------------------------------------------------------------
+    def _read(self, c: Client, handshake: bool = False) -> None:
+        try:
+            data = c.sock.recv(RECV_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._close(c, f"recv: {exc.strerror}")
+            return
+        if not data:
+            self._close(c, "eof")
+            return
+        now = time.monotonic_ns()
+        buf = c.inbuf + data if c.inbuf else data
+        end = buf.rfind(b"\n") + 1
+        c.inbuf = buf[end:]
+        if len(c.inbuf) > 64 * 1024:
+            self._close(c, "overlong line")
+            return
+        if c.state != READY or handshake:
+            for line in buf[:end].split(b"\n"):
+                if c.state == READY:
+                    break
+                if line:
+                    self._handshake_line(c, line.rstrip(b"\r"))
+            if c.state != READY:
+                return
+        self._account(c, buf, end, now)
+
+    def _account(self, c: Client, buf: bytes, end: int, now: int) -> None:
+        # The hot loop of the generator: about 2 million iterations in the fan-out scenario,
+        # so it keys by the sender id's bytes and converts the timestamp only when sampled.
+        own = c.own_b
+        n = self.spec.msgs_per_sender + 2
+        lat = self.lat if self.spec.record_latency else None
+        every = self.spec.latency_every
+        state = c.rx
+        got = 0
+        for sid_b, seq_b, t_b in PAYLOAD_RE.findall(buf, 0, end):
+            if sid_b == own:
+                c.selfs += 1
+                continue
+            seq = int(seq_b)
+            st = state.get(sid_b)
+            if st is None:
+                st = state[sid_b] = [bytearray(n), 0]
+            seen: bytearray = st[0]
+            if seq >= n:
+                self._err("seq out of range")
+                continue
+            if seen[seq]:
+                c.dups += 1
+                continue
+            seen[seq] = 1
+            got += 1
+            if seq < st[1]:
+                c.reorders += 1
+            else:
+                st[1] = seq
+            if lat is not None and seq % every == 0:
+                lat.append(now - int(t_b))
+        c.unique += got
+        if c.spec.role not in ("send", "recv"):
+            return
+        if got:
+            self.last_delivery_ns = now
+            b = (now - self.t0) // 1_000_000_000
+            self.buckets_deliv[b] = self.buckets_deliv.get(b, 0) + got
+        # keep error/bye lines for the report, boundedly (notices of a cut, refusals)
+        if len(c.notices) < 20 and (b"! " in buf or b'"error"' in buf or b'"bye"' in buf):
+            for line in buf[:end].split(b"\n"):
+                if _is_notice(line) and len(c.notices) < 20:
+                    c.notices.append(line[:200].decode("utf-8", "replace"))
+
+    # --- send -------------------------------------------------------------------------
+    def _payload(self, c: Client, seq: int, pad: str) -> bytes:
+        t = time.monotonic_ns()
+        if self.spec.mode == "json":
+            return b'{"type":"say","text":"@lg %d %d %d %s"}\n' % (
+                c.spec.cid, seq, t, pad.encode())
+        return b"@lg %d %d %d %s\n" % (c.spec.cid, seq, t, pad.encode())
+
+    def _count_sent(self, c: Client, now: int) -> None:
+        c.sent += 1
+        b = (now - self.t0) // 1_000_000_000
+        factor = self.n_measured - (1 if c.spec.role in ("send", "recv") else 0)
+        self.buckets_expect[b] = self.buckets_expect.get(b, 0) + factor
+
+    def _top_up_window(self, senders: list[Client]) -> None:
+        pad = "x" * self.spec.pad
+        total = self.spec.msgs_per_sender
+        for c in senders:
+            if c.state != READY or c.next_seq > total or len(c.outbuf) > MAX_OUTBUF:
+                continue
+            w = c.witness
+            st = w.rx.get(c.own_b) if w is not None else None
+            acked = (st[1] if st else 0) if w is not None and w.state == READY else (
+                c.next_seq - 1)
+            room = self.spec.window - (c.next_seq - 1 - acked)
+            if room <= 0:
+                continue
+            now = time.monotonic_ns()
+            parts = []
+            for _ in range(min(room, total - c.next_seq + 1)):
+                parts.append(self._payload(c, c.next_seq, pad))
+                c.next_seq += 1
+                self._count_sent(c, now)
+            self._send_now(c, b"".join(parts))
+
+    def run(self, t0_ns: int, hard_deadline_ns: int) -> None:
+        spec = self.spec
+        self.t0 = t0_ns
+        senders = [c for c in self.clients.values()
+                   if c.spec.role == "send" and c.state == READY]
+        measured = [c for c in self.clients.values()
+                    if c.spec.role in ("send", "recv") and c.state == READY]
+        for s in senders:
+            s.witness = next((m for m in measured if m is not s), None)
+        expected = {m.spec.cid: spec.msgs_per_sender * sum(
+            1 for cs in spec.clients if cs.role == "send" and cs.cid != m.spec.cid)
+            for m in measured}
+        rate_mode = spec.rate_per_sender > 0
+        heap: list[tuple[int, int, Client]] = []
+        if rate_mode:
+            period = 1e9 / spec.rate_per_sender
+            total_senders = max(1, sum(1 for cs in spec.clients if cs.role == "send"))
+            for s in senders:
+                phase = int(period * (s.spec.cid % total_senders) / total_senders)
+                heapq.heappush(heap, (t0_ns + phase, s.spec.cid, s))
+            stop_send_ns = t0_ns + int(spec.duration_s * 1e9)
+            end_ns = min(hard_deadline_ns, stop_send_ns + int(spec.drain_s * 1e9))
+        else:
+            end_ns = hard_deadline_ns
+            period = 0.0
+            stop_send_ns = end_ns
+        pad = "x" * spec.pad
+        while time.monotonic_ns() < t0_ns:
+            time.sleep(min(0.01, (t0_ns - time.monotonic_ns()) / 1e9 + 1e-4))
+        if not rate_mode:
+            self._top_up_window(senders)
+        last_slow_check = 0
+        while True:
+            now = time.monotonic_ns()
+            if now >= end_ns:
+                break
+            if rate_mode:
+                while heap and heap[0][0] <= now:
+                    due, cid, s = heapq.heappop(heap)
+                    if s.state != READY or due >= stop_send_ns or s.next_seq > spec.msgs_per_sender:
+                        continue
+                    self.max_lag_ns = max(self.max_lag_ns, now - due)
+                    seq = s.next_seq
+                    s.next_seq += 1
+                    if len(s.outbuf) > MAX_OUTBUF:
+                        s.skipped += 1
+                    else:
+                        self._count_sent(s, now)
+                        self._send_now(s, self._payload(s, seq, pad))
+                    heapq.heappush(heap, (due + int(period), cid, s))
+                timeout = 0.05 if not heap else max(0.0, min(0.05, (heap[0][0] - now) / 1e9))
+            else:
+                timeout = 0.05
+            for key, ev in self.sel.select(timeout=timeout):
+                c = key.data
+                if ev & selectors.EVENT_READ and c.state == READY:
+                    self._read(c)
+                if ev & selectors.EVENT_WRITE and c.state == READY:
+                    self._flush(c)
+            if not rate_mode:
+                self._top_up_window(senders)
+            if self.slow and now - last_slow_check > 50_000_000:
+                last_slow_check = now
+                for fd, _ev in self.slow_poll.poll(0):
+                    c = self.clients[fd]
+                    if not c.closed_at_ns:
+                        c.closed_at_ns = now
+                        c.close_reason = "server hung up"
+                        self.slow_poll.unregister(fd)
+            # done early when every measured receiver here has all it can expect
+            sending_over = (not heap) if rate_mode else all(
+                s.next_seq > spec.msgs_per_sender or s.state != READY for s in senders)
+            if sending_over and not rate_mode and all(
+                    m.unique >= expected[m.spec.cid] or m.state != READY for m in measured):
+                break
+        self.end_ns = time.monotonic_ns()
+
+    def drain_slow(self, limit_s: float = 2.0) -> None:
+        """Read what a slow client was sent, to see if it got a notice before the cut."""
+        for c in self.slow:
+            c.sock.setblocking(True)
+            c.sock.settimeout(0.2)
+            deadline = time.monotonic() + limit_s
+            tail = b""
+            total = 0
+            while time.monotonic() < deadline:
+                try:
+                    data = c.sock.recv(RECV_CHUNK)
+                except TimeoutError:
+                    break
+                except OSError as exc:
+                    c.close_reason = c.close_reason or f"recv: {exc.strerror}"
+                    break
+                if not data:
+                    c.close_reason = c.close_reason or "eof at drain"
+                    break
+                total += len(data)
+                tail = (tail + data)[-8192:]
+            c.payload_bytes_seen = total
+            c.unique = len(PAYLOAD_RE.findall(tail)) if total else 0
+            c.notices = [ln.decode("utf-8", "replace")[:200] for ln in tail.split(b"\n")
+                         if ln and b"@lg " not in ln][-3:]
+
+    def report(self) -> dict[str, Any]:
+        measured = [c for c in self.clients.values() if c.spec.role in ("send", "recv")]
+        per_rx = {c.spec.cid: {sid.decode(): int(sum(st[0])) for sid, st in c.rx.items()}
+                  for c in measured}
+        return {
+            "ready": sum(1 for c in self.clients.values() if c.state == READY),
+            "closed": sum(1 for c in self.clients.values() if c.state == CLOSED),
+            "close_reasons": _count(c.close_reason for c in self.clients.values()
+                                    if c.state == CLOSED and c.spec.role != "slow"),
+            "sent": {c.spec.cid: c.sent for c in self.clients.values() if c.spec.role == "send"},
+            "skipped": sum(c.skipped for c in self.clients.values()),
+            "per_rx": per_rx,
+            "dups": sum(c.dups for c in measured),
+            "reorders": sum(c.reorders for c in measured),
+            "selfs": sum(c.selfs for c in measured),
+            "notices": [n for c in measured for n in c.notices][:10],
+            "lat": self.lat.tobytes(),
+            "buckets_deliv": self.buckets_deliv,
+            "buckets_expect": self.buckets_expect,
+            "max_lag_ms": self.max_lag_ns / 1e6,
+            "errors": self.errors,
+            "slow": [{"cid": c.spec.cid,
+                      "cut_after_s": (round((c.closed_at_ns - self.t0) / 1e9, 3)
+                                      if c.closed_at_ns else None),
+                      "reason": c.close_reason or None,
+                      "bytes_read_at_end": c.payload_bytes_seen,
+                      "last_lines": c.notices} for c in self.slow],
+        }
+
+
+def _is_notice(line: bytes) -> bool:
+    """An error or goodbye from the server, as opposed to chat or presence."""
+    return line.startswith(b"! ") or (line.startswith(b"{") and (
+        b'"type":"error"' in line or b'"type": "error"' in line
+        or b'"type":"bye"' in line or b'"type": "bye"' in line))
+
+
+def _count(items: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for it in items:
+        out[it] = out.get(it, 0) + 1
+    return out
+
+
+def _cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _worker_main(conn: Connection, spec: LoadSpec, cids: list[int]) -> None:
+    raise_nofile()
+    w = Worker(spec, cids)
+    w.connect_all(time.monotonic() + spec.connect_timeout_s)
+    conn.send(("ready", sum(1 for c in w.clients.values() if c.state == READY)))
+    msg = conn.recv()
+    if msg[0] != "go":
+        return
+    _, t0_ns, deadline_ns = msg
+    cpu0 = _cpu_s()
+    w.run(t0_ns, deadline_ns)
+    cpu = _cpu_s() - cpu0
+    w.drain_slow()
+    rep = w.report()
+    rep["cpu_s"] = cpu
+    rep["end_ns"] = w.end_ns
+    rep["last_delivery_ns"] = w.last_delivery_ns
+    conn.send(("done", rep))
+    for c in w.clients.values():
+        if c.state != CLOSED:
+            c.sock.close()
+
+
+def raise_nofile() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; 5,000 sockets need it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class Fleet:
+    """The coordinator's handle on the worker processes of one run.
+
+    ``connect()`` forks the workers and waits until every client registered (or the connect
+    deadline passed); ``run()`` starts them together and returns the merged report.  Always
+    ``close()`` (it joins or terminates the workers it started).
+    """
+
+    def __init__(self, spec: LoadSpec) -> None:
+        self.spec = spec
+        self.ctx = mp.get_context("fork")
+        self.procs: list[Any] = []
+        self.conns: list[Connection] = []
+        self.ready = 0
+        self.connect_s = 0.0
+
+    def connect(self) -> int:
+        t = time.monotonic()
+        n = max(1, self.spec.workers)
+        shares: list[list[int]] = [[] for _ in range(n)]
+        for i, c in enumerate(self.spec.clients):
+            shares[i % n].append(c.cid)
+        for share in shares:
+            parent, child = self.ctx.Pipe()
+            p = self.ctx.Process(target=_worker_main, args=(child, self.spec, share))
+            p.start()
+            child.close()
+            self.procs.append(p)
+            self.conns.append(parent)
+        deadline = time.monotonic() + self.spec.connect_timeout_s + 10
+        for conn in self.conns:
+            if not conn.poll(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError("worker did not finish connecting")
+            self.ready += conn.recv()[1]
+        self.connect_s = time.monotonic() - t
+        return self.ready
+
+    def run(self) -> dict[str, Any]:
+        spec = self.spec
+        t0 = time.monotonic_ns() + 100_000_000
+        limit = spec.duration_s + spec.drain_s if spec.rate_per_sender > 0 else spec.max_run_s
+        limit = min(limit, spec.max_run_s)
+        deadline = t0 + int(limit * 1e9)
+        for conn in self.conns:
+            conn.send(("go", t0, deadline))
+        reps = []
+        for conn in self.conns:
+            if not conn.poll(limit + 30):
+                raise TimeoutError("worker did not report")
+            reps.append(conn.recv()[1])
+        return merge(spec, reps, t0)
+
+    def close(self) -> None:
+        for conn in self.conns:
+            with contextlib.suppress(OSError, ValueError):
+                conn.send(("stop",))
+        for p in self.procs:
+            p.join(5)
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+
+
+def percentile(sorted_vals: list[int] | array.array[int], q: float) -> float:
+    if not sorted_vals:
+        return float("nan")
+    i = min(len(sorted_vals) - 1, max(0, round(q / 100 * (len(sorted_vals) - 1))))
+    return float(sorted_vals[i])
+
+
+def merge(spec: LoadSpec, reps: list[dict[str, Any]], t0: int) -> dict[str, Any]:
+    """Fold the workers' reports into one result: deliveries, loss, dups, latency."""
+    sent: dict[int, int] = {}
+    for r in reps:
+        sent.update({int(k): v for k, v in r["sent"].items()})
+    measured = [c.cid for c in spec.clients if c.role in ("send", "recv")]
+    expected = 0
+    unique = 0
+    lost = 0
+    for r in reps:
+        for rx, per in r["per_rx"].items():
+            for sid, n_sent in sent.items():
+                if sid == rx:
+                    continue
+                got = per.get(str(sid), 0)
+                expected += n_sent
+                unique += got
+                lost += max(0, n_sent - got)
+    reporting = sum(len(r["per_rx"]) for r in reps)
+    lat = array.array("q")
+    for r in reps:
+        lat.frombytes(r["lat"])
+    lat_sorted = sorted(lat)
+    end_ns = max(r["end_ns"] for r in reps)
+    # the last delivery: the last non-empty second bucket is coarse; use the per-run end
+    deliv: dict[int, int] = {}
+    expect: dict[int, float] = {}
+    for r in reps:
+        for k, v in r["buckets_deliv"].items():
+            deliv[k] = deliv.get(k, 0) + v
+        for k, v in r["buckets_expect"].items():
+            expect[k] = expect.get(k, 0) + v
+    return {
+        "clients_measured": len(measured),
+        "receivers_reporting": reporting,
+        "senders": len(sent),
+        "sent": sum(sent.values()),
+        "skipped": sum(r["skipped"] for r in reps),
+        "expected_deliveries": expected,
+        "deliveries": unique,
+        "lost": lost,
+        "dups": sum(r["dups"] for r in reps),
+        "reorders": sum(r["reorders"] for r in reps),
+        "self_echoes": sum(r["selfs"] for r in reps),
+        "run_s": (end_ns - t0) / 1e9,
+        "latency_ms": {
+            "n": len(lat_sorted),
+            "p50": percentile(lat_sorted, 50) / 1e6,
+            "p90": percentile(lat_sorted, 90) / 1e6,
+            "p99": percentile(lat_sorted, 99) / 1e6,
+            "max": (lat_sorted[-1] / 1e6) if lat_sorted else float("nan"),
+        },
+        "last_delivery_s": (max(r["last_delivery_ns"] for r in reps) - t0) / 1e9,
+        "timeline": [{"s": k, "delivered": deliv.get(k, 0), "offered": int(expect.get(k, 0))}
+                     for k in range(0, max([*deliv, *expect, 0]) + 1)],
+        "gen_cpu_s": sum(r["cpu_s"] for r in reps),
+        "gen_max_send_lag_ms": max(r["max_lag_ms"] for r in reps),
+        "close_reasons": _merge_counts(r["close_reasons"] for r in reps),
+        "errors": _merge_counts(r["errors"] for r in reps),
+        "notices": [n for r in reps for n in r["notices"]][:5],
+        "slow": [s for r in reps for s in r["slow"]],
+    }
+
+
+def _merge_counts(ds: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for d in ds:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out

@@ -1,0 +1,211 @@
+"""Start the servers under test on 127.0.0.1 and read their resource use from /proc.
+
+``start(kind)`` returns a ``Server`` (pid, port, how to stop it).  Kinds:
+
+- ``classic``: ``bench/classic_server.py`` (thread per client, global lock), text mode only.
+- ``lanchat``: ``lanchatd --port 0 --no-discovery --bind 127.0.0.1 --state-dir DIR --socket
+  PATH`` (``--max-rate 0`` too once the daemon has the flag), from this checkout; the port is
+  read from its stderr log.
+- anything else: a shell command containing ``{port}``, run as given on a free port chosen
+  here (for ngircd or another reference server).
+
+Every server is started by us, stopped by its pid (SIGTERM, then SIGKILL), and its temporary
+directory removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+#: How long a server may take to print its port.
+START_TIMEOUT_S = 20.0
+PORT_RE = re.compile(rb"(?:127\.0\.0\.1|0\.0\.0\.0|port)[: =]+(\d{2,5})")
+
+
+@dataclass
+class Server:
+    kind: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    modes: tuple[str, ...]  # wire modes it speaks: "text", "json"
+    tmpdir: str | None = None
+    socket_path: str | None = None
+    log_lines: list[bytes] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        """Stop the process we started (by pid) and remove its directory.  Idempotent."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f is not None:
+                f.close()
+        if self.tmpdir:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            self.tmpdir = None
+
+
+def lanchatd_available() -> bool:
+    return (REPO / "lanchat" / "daemon.py").exists()
+
+
+def lanchat_cli_available() -> bool:
+    return (REPO / "lanchat" / "cli.py").exists()
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH")
+                                     else "")
+    return env
+
+
+def lanchatd_help() -> str:
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys; from lanchat.daemon import main; sys.exit(main())",
+         "--help"], capture_output=True, env=_env(), timeout=20, check=False)
+    return out.stdout.decode("utf-8", "replace")
+
+
+def _wait_port(proc: subprocess.Popen[bytes], stream_name: str,
+               lines: list[bytes]) -> int:
+    """Read the child's stream until a port appears; keep draining it afterwards."""
+    stream = proc.stdout if stream_name == "stdout" else proc.stderr
+    assert stream is not None
+    found: list[int] = []
+    got = threading.Event()
+
+    def pump() -> None:
+        for line in stream:
+            if len(lines) < 200:
+                lines.append(line)
+            if not found:
+                m = PORT_RE.search(line)
+                if m:
+                    found.append(int(m.group(1)))
+                    got.set()
+        got.set()
+
+    threading.Thread(target=pump, name=f"pump-{proc.pid}", daemon=True).start()
+    got.wait(START_TIMEOUT_S)
+    if not found:
+        raise RuntimeError(f"server did not print its port: {b''.join(lines[-10:])!r}")
+    return found[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def start(kind: str, extra_args: list[str] | None = None) -> Server:
+    extra = extra_args or []
+    lines: list[bytes] = []
+    if kind == "classic":
+        proc = subprocess.Popen(
+            [sys.executable, str(BENCH / "classic_server.py"), "--port", "0", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            port = _wait_port(proc, "stdout", lines)
+        except RuntimeError:
+            _kill(proc)
+            raise
+        return Server("classic", proc, port, ("text",), log_lines=lines)
+    if kind == "lanchat":
+        if not lanchatd_available():
+            raise RuntimeError("lanchatd not available yet (no lanchat/daemon.py)")
+        tmp = tempfile.mkdtemp(prefix="lcb", dir="/tmp")
+        sock = os.path.join(tmp, "c.sock")
+        args = ["--port", "0", "--no-discovery", "--bind", "127.0.0.1",
+                "--state-dir", tmp, "--socket", sock]
+        if "--max-rate" in lanchatd_help():
+            args += ["--max-rate", "0"]
+        proc = subprocess.Popen(
+            [sys.executable, "-c",
+             "import sys; from lanchat.daemon import main; sys.exit(main())", *args, *extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(), cwd=tmp)
+        try:
+            port = _wait_port(proc, "stderr", lines)
+        except RuntimeError:
+            _kill(proc)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return Server("lanchat", proc, port, ("text", "json"), tmp, sock, lines)
+    # a command template, e.g. "ngircd -n -f /tmp/x.conf" with {port} in it
+    port = free_port()
+    proc = subprocess.Popen(shlex.split(kind.format(port=port)) + extra,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return Server(kind, proc, port, ("text",))
+        time.sleep(0.05)
+    _kill(proc)
+    raise RuntimeError(f"{kind!r} did not listen on port {port}")
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(5)
+
+
+# --- /proc ------------------------------------------------------------------------------
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of every thread of ``pid`` so far (/proc/PID/stat)."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    fields = raw[raw.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
+
+
+def status(pid: int) -> dict[str, int]:
+    """``VmRSS``/``VmHWM`` in KiB and ``Threads`` from /proc/PID/status."""
+    out: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, val = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "Threads"):
+                out[key] = int(val.split()[0])
+    return out
+
+
+def rss_mib(pid: int) -> float:
+    return round(status(pid).get("VmRSS", 0) / 1024, 1)
+
+
+def machine_cpu_s() -> float:
+    """Busy CPU seconds of the whole machine (all cores) from /proc/stat."""
+    parts = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    vals = [int(x) for x in parts]
+    idle = vals[3] + vals[4]
+    return (sum(vals[:8]) - idle) / CLK_TCK
