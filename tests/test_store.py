@@ -1,0 +1,598 @@
+"""Tests of lanchat.store against real SQLite files in temporary directories."""
+
+from __future__ import annotations
+
+import os
+import random
+import select
+import shutil
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lanchat import store as store_module
+from lanchat.errors import ClosedError, StoreError
+from lanchat.limits import MAX_HISTORY_PAGE
+from lanchat.model import Draft, Message
+from lanchat.store import MIGRATIONS, Store
+
+A = "aaaaaaaaaaaaaaaa"
+B = "bbbbbbbbbbbbbbbb"
+C = "cccccccccccccccc"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def draft(text: str = "hi", *, room: str = "lobby", to: str | None = None,
+          uid: int | None = None) -> Draft:
+    return Draft(text=text, nick="alice", host="box", room=room, to=to, uid=uid)
+
+
+def msg(origin: str, seq: int, ts: float | None = None, *, text: str | None = None,
+        room: str = "lobby", to: str | None = None) -> Message:
+    return Message(origin=origin, seq=seq, ts=float(seq) if ts is None else ts, room=room,
+                   nick="bob", host="far", text=text or f"{origin[:1]}{seq}", to=to)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "hist" / "history.db"
+
+
+@pytest.fixture
+def store(db: Path) -> Iterator[Store]:
+    s = Store(db)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def raw(path: Path) -> sqlite3.Connection:
+    """A plain connection for looking at (or tampering with) the file behind the store."""
+    return sqlite3.connect(path, isolation_level=None)
+
+
+def seqs(messages: list[Message]) -> list[int]:
+    return [m.seq for m in messages]
+
+
+def open_fds_to(path: Path) -> int:
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+                n += 1
+        except OSError:
+            continue
+    return n
+
+
+# ---- opening, schema, node id ---------------------------------------------------
+
+
+def test_new_store_has_schema_wal_and_private_files(db: Path, store: Store) -> None:
+    assert stat.S_IMODE(db.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(db.stat().st_mode) == 0o600
+    with raw(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+
+
+def test_node_id_is_created_once_and_kept(db: Path) -> None:
+    with Store(db) as s:
+        node = s.node_id
+    assert len(node) == 16 and all(c in "0123456789abcdef" for c in node)
+    with Store(db) as s:
+        assert s.node_id == node
+    with Store(db.parent / "other.db") as s:
+        assert s.node_id != node
+
+
+def test_refuses_a_database_from_a_newer_version(db: Path) -> None:
+    Store(db).close()
+    conn = raw(db)
+    conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 5}")
+    conn.close()
+    with pytest.raises(StoreError, match="newer lanchat") as info:
+        Store(db)
+    assert str(db) in str(info.value)
+
+
+def test_migrates_an_older_database_keeping_its_data(
+        db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with Store(db) as s:
+        node = s.node_id
+        s.append_local([draft("before the upgrade")], ts=10.0)
+    v2 = (*MIGRATIONS, ("ALTER TABLE messages ADD COLUMN edited REAL",
+                        "CREATE INDEX messages_edited ON messages (edited)"))
+    monkeypatch.setattr(store_module, "MIGRATIONS", v2)
+    with Store(db) as s:
+        assert s.node_id == node
+        assert [m.text for m in s.history()] == ["before the upgrade"]
+        assert seqs(s.append_local([draft()], ts=11.0)) == [2]
+    conn = raw(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(v2)
+    cols = [row[1] for row in conn.execute("PRAGMA table_info(messages)")]
+    assert "edited" in cols
+    conn.close()
+
+
+def test_a_failing_migration_leaves_the_database_at_its_old_version(
+        db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with Store(db) as s:
+        s.append_local([draft("kept")], ts=1.0)
+    broken = (*MIGRATIONS, ("ALTER TABLE messages ADD COLUMN edited REAL",
+                            "THIS IS NOT SQL"))
+    monkeypatch.setattr(store_module, "MIGRATIONS", broken)
+    with pytest.raises(StoreError, match="cannot open history"):
+        Store(db)
+    conn = raw(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    cols = [row[1] for row in conn.execute("PRAGMA table_info(messages)")]
+    assert "edited" not in cols  # the first statement was rolled back with the second
+    conn.close()
+    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS)
+    with Store(db) as s:
+        assert [m.text for m in s.history()] == ["kept"]
+
+
+def test_a_file_that_is_not_a_database_is_a_store_error(db: Path) -> None:
+    db.parent.mkdir()
+    db.write_bytes(b"this is not an sqlite database at all, just some text\n" * 100)
+    with pytest.raises(StoreError, match="not a database") as info:
+        Store(db)
+    assert str(db) in str(info.value)
+
+
+def test_a_parent_that_is_a_file_is_a_store_error(tmp_path: Path) -> None:
+    (tmp_path / "plain").write_text("x")
+    with pytest.raises(StoreError, match="cannot open history"):
+        Store(tmp_path / "plain" / "history.db")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes read-only files anyway")
+def test_a_read_only_database_refuses_writes_and_keeps_data(db: Path) -> None:
+    with Store(db) as s:
+        s.append_local([draft()], ts=1.0)
+    os.chmod(db, 0o444)
+    os.chmod(db.parent, 0o555)
+    try:
+        with pytest.raises(StoreError):
+            s = Store(db)
+            s.append_local([draft()], ts=2.0)
+    finally:
+        os.chmod(db.parent, 0o700)
+        os.chmod(db, 0o600)
+    with Store(db) as s:
+        assert seqs(s.history()) == [1]
+
+
+# ---- append_local -----------------------------------------------------------
+
+
+def test_append_local_stamps_our_origin_with_consecutive_seqs(store: Store) -> None:
+    out = store.append_local([draft("one"), draft("two", room="#Dev"), draft("dm", to="bob")],
+                             ts=100.0)
+    assert seqs(out) == [1, 2, 3]
+    assert {m.origin for m in out} == {store.node_id}
+    assert [m.id for m in out] == [f"{store.node_id}:{i}" for i in (1, 2, 3)]
+    assert [(m.room, m.to) for m in out] == [("lobby", None), ("dev", None), ("lobby", "bob")]
+    assert store.history() == out
+    assert store.append_local([], ts=101.0) == []
+    assert seqs(store.append_local([draft()], ts=101.0)) == [4]
+    assert store.cursors() == {store.node_id: 4}
+
+
+def test_seqs_have_no_gaps_across_reopen(db: Path) -> None:
+    for round_ in range(3):
+        with Store(db) as s:
+            got = s.append_local([draft() for _ in range(5)], ts=float(round_))
+            assert seqs(got) == list(range(round_ * 5 + 1, round_ * 5 + 6))
+    with Store(db) as s:
+        assert seqs(s.after(s.node_id, 0, 100)) == list(range(1, 16))
+
+
+def test_our_ts_never_goes_backwards(db: Path) -> None:
+    with Store(db) as s:
+        s.append_local([draft("a")], ts=1000.0)
+        stepped_back = s.append_local([draft("b")], ts=500.0)
+    assert stepped_back[0].ts == 1000.0
+    with Store(db) as s:  # the last ts is remembered across restarts
+        assert s.append_local([draft("c")], ts=900.0)[0].ts == 1000.0
+        assert s.append_local([draft("d")], ts=1001.5)[0].ts == 1001.5
+        assert [m.text for m in s.history()] == ["a", "b", "c", "d"]
+
+
+def test_uid_is_stored_locally_only(db: Path, store: Store) -> None:
+    store.append_local([draft(uid=1234), draft()], ts=1.0)
+    store.insert_remote([msg(A, 1)])
+    conn = raw(db)
+    rows = conn.execute("SELECT origin, seq, uid FROM messages ORDER BY arrival").fetchall()
+    conn.close()
+    assert rows == [(store.node_id, 1, 1234), (store.node_id, 2, None), (A, 1, None)]
+
+
+def test_a_failed_append_stores_nothing_and_consumes_no_seq(db: Path, store: Store) -> None:
+    store.append_local([draft("first")], ts=1.0)
+    # Make the third insert of the next batch fail, as a full disk would, mid-transaction.
+    conn = raw(db)
+    conn.execute("CREATE TRIGGER boom BEFORE INSERT ON messages WHEN NEW.text = 'boom' "
+                 "BEGIN SELECT RAISE(ABORT, 'boom'); END")
+    with pytest.raises(StoreError, match=r"cannot write history at .*: boom"):
+        store.append_local([draft("ok"), draft("ok too"), draft("boom")], ts=2.0)
+    assert [m.text for m in store.history()] == ["first"]
+    assert store.cursors() == {store.node_id: 1}
+    conn.execute("DROP TRIGGER boom")
+    conn.close()
+    assert seqs(store.append_local([draft("next")], ts=3.0)) == [2]
+    assert [m.text for m in store.history()] == ["first", "next"]
+
+
+def test_disk_full_is_a_clear_store_error_and_consumes_no_seq(store: Store) -> None:
+    store.append_local([draft(f"m{i}") for i in range(10)], ts=1.0)
+    before = store.history()
+    # A database capped at its current size is, to SQLite, a full disk.  The cap
+    # is per connection, so it goes on the store's writer connection.
+    writer: sqlite3.Connection = store._writer
+    pages = writer.execute("PRAGMA page_count").fetchone()[0]
+    writer.execute(f"PRAGMA max_page_count = {pages}")
+    big = [draft("x" * 4000) for _ in range(50)]
+    with pytest.raises(StoreError, match="database or disk is full"):
+        store.append_local(big, ts=2.0)
+    assert store.history() == before
+    writer.execute("PRAGMA max_page_count = 1073741823")
+    assert seqs(store.append_local([draft()], ts=3.0)) == [11]
+
+
+# ---- insert_remote ------------------------------------------------------------
+
+
+def test_insert_remote_stores_only_what_extends_the_prefix(store: Store) -> None:
+    got = store.insert_remote([msg(A, 1), msg(A, 2), msg(B, 2), msg(A, 4), msg(B, 1)])
+    assert [m.id for m in got] == [f"{A}:1", f"{A}:2", f"{B}:1"]
+    assert store.cursors() == {A: 2, B: 1}
+    # The rest arrives in the next batch: the prefix continues across batches.
+    got = store.insert_remote([msg(A, 3), msg(A, 4), msg(B, 2)])
+    assert [m.id for m in got] == [f"{A}:3", f"{A}:4", f"{B}:2"]
+    assert store.cursors() == {A: 4, B: 2}
+
+
+def test_insert_remote_never_replaces_a_stored_id(store: Store) -> None:
+    store.insert_remote([msg(A, 1, text="original")])
+    assert store.insert_remote([msg(A, 1, text="forged"), msg(A, 1, text="again")]) == []
+    assert [m.text for m in store.history()] == ["original"]
+    # A duplicate inside one batch is skipped too; the first copy wins.
+    got = store.insert_remote([msg(A, 2, text="first"), msg(A, 2, text="second")])
+    assert [m.text for m in got] == ["first"]
+    assert [m.text for m in store.history()] == ["original", "first"]
+
+
+def test_own_origin_from_outside_extends_our_prefix(db: Path) -> None:
+    with Store(db) as s:
+        node = s.node_id
+        mine = s.append_local([draft("one"), draft("two")], ts=5.0)
+        # Echoes of what we have are duplicates.
+        assert s.insert_remote(mine) == []
+        # After a restore, peers hand back our later messages: they extend the
+        # prefix and append_local continues after them, not over them.
+        later = [Message(origin=node, seq=seq, ts=9.0, room="lobby", nick="alice",
+                         host="box", text=f"later {seq}") for seq in (3, 4)]
+        assert s.insert_remote(later) == later
+        nxt = s.append_local([draft("five")], ts=1.0)
+        assert seqs(nxt) == [5] and nxt[0].ts == 9.0
+        assert s.cursors() == {node: 5}
+
+
+# ---- history, cursors, after ----------------------------------------------------
+
+
+@pytest.fixture
+def filled(store: Store) -> Store:
+    """A at ts 1..10 in lobby; B at ts 1..10 in dev (odd seqs have to='carol')."""
+    store.insert_remote([msg(A, i, ts=float(i)) for i in range(1, 11)])
+    store.insert_remote([msg(B, i, ts=float(i), room="dev", to="carol" if i % 2 else None)
+                         for i in range(1, 11)])
+    return store
+
+
+def key(m: Message) -> tuple[float, str, int]:
+    return (m.ts, m.origin, m.seq)
+
+
+def test_history_is_oldest_first_by_ts_origin_seq(filled: Store) -> None:
+    page = filled.history(limit=MAX_HISTORY_PAGE)
+    assert len(page) == 20
+    assert [key(m) for m in page] == sorted(key(m) for m in page)
+    assert [(m.ts, m.origin) for m in page[:2]] == [(1.0, A), (1.0, B)]
+    # Direct messages are included; the caller filters them.
+    assert sum(1 for m in page if m.to == "carol") == 5
+
+
+def test_history_limit_takes_the_last_and_is_clamped(filled: Store) -> None:
+    assert [key(m) for m in filled.history(limit=3)] == [(9.0, B, 9), (10.0, A, 10),
+                                                         (10.0, B, 10)]
+    assert len(filled.history(limit=0)) == 1
+    assert len(filled.history(limit=-5)) == 1
+    filled.insert_remote([msg(C, i, ts=100.0) for i in range(1, MAX_HISTORY_PAGE + 11)])
+    page = filled.history(limit=MAX_HISTORY_PAGE * 10)
+    assert len(page) == MAX_HISTORY_PAGE
+    assert page[-1].seq == MAX_HISTORY_PAGE + 10
+
+
+def test_history_room_before_since(filled: Store) -> None:
+    dev = filled.history(room="dev")
+    assert {m.origin for m in dev} == {B} and seqs(dev) == list(range(1, 11))
+    assert filled.history(room="nowhere") == []
+    # before is exclusive, and gives the last `limit` before it.
+    assert [key(m) for m in filled.history(before=3.0, limit=3)] == [
+        (1.0, B, 1), (2.0, A, 2), (2.0, B, 2)]
+    # since is inclusive and, without before, reads forward: the first `limit`.
+    assert [key(m) for m in filled.history(since=9.0, limit=3)] == [
+        (9.0, A, 9), (9.0, B, 9), (10.0, A, 10)]
+    # since and before together: the last `limit` in [since, before).
+    assert [key(m) for m in filled.history(since=2.0, before=5.0, limit=2)] == [
+        (4.0, A, 4), (4.0, B, 4)]
+    assert seqs(filled.history(room="lobby", since=4.0, before=6.0)) == [4, 5]
+    assert filled.history(before=1.0) == []
+
+
+def test_cursors_and_after(filled: Store) -> None:
+    assert filled.cursors() == {A: 10, B: 10}
+    assert seqs(filled.after(A, 3, 4)) == [4, 5, 6, 7]
+    assert seqs(filled.after(B, 8, 100)) == [9, 10]
+    assert filled.after(A, 10, 5) == []
+    assert filled.after(C, 0, 5) == []
+    assert filled.after(A, 0, 0) == []
+
+
+# ---- retention -----------------------------------------------------------------
+
+
+def test_retention_by_count_keeps_cursors_and_the_prefix_rule(db: Path) -> None:
+    with Store(db, max_messages=5) as s:
+        s.insert_remote([msg(A, i) for i in range(1, 9)])
+        s.insert_remote([msg(B, i, ts=i + 0.5) for i in range(1, 3)])
+        assert s.prune(now=1e9) == 5
+        # The five oldest by (ts, origin, seq) went: A1, B1, A2, B2, A3.
+        assert [(m.origin, m.seq) for m in s.history()] == [(A, i) for i in range(4, 9)]
+        assert s.cursors() == {A: 8, B: 2}
+        # Pruned ids stay known: they are not stored again...
+        assert s.insert_remote([msg(A, 1), msg(A, 2)]) == []
+        # ...and the prefix still continues after the highest seq ever held.
+        assert seqs(s.insert_remote([msg(A, 9)])) == [9]
+        assert s.prune(now=1e9) == 1
+        assert s.prune(now=1e9) == 0
+    with Store(db, max_messages=5) as s:
+        assert s.cursors() == {A: 9, B: 2}
+
+
+def test_retention_by_count_deletes_the_oldest_in_history_order(db: Path) -> None:
+    with Store(db, max_messages=3) as s:
+        s.insert_remote([msg(A, i, ts=10.0 * i) for i in range(1, 4)])
+        s.insert_remote([msg(B, i, ts=10.0 * i + 5) for i in range(1, 4)])
+        assert s.prune(now=0.0) == 3
+        assert [key(m) for m in s.history()] == [(25.0, B, 2), (30.0, A, 3), (35.0, B, 3)]
+
+
+def test_retention_by_age(db: Path) -> None:
+    day = 86400.0
+    with Store(db, max_age_days=2) as s:
+        s.insert_remote([msg(A, 1, ts=0.0), msg(A, 2, ts=1 * day), msg(A, 3, ts=3 * day)])
+        mine = s.append_local([draft()], ts=3 * day + 1)
+        assert s.prune(now=3.5 * day) == 2
+        assert [m.seq for m in s.history()] == [3, 1]
+        assert s.cursors() == {A: 3, s.node_id: 1}
+        assert s.after(A, 0, 10)[0].seq == 3  # replay starts where history starts
+        assert s.history()[-1] == mine[0]
+
+
+def test_no_retention_keeps_everything(store: Store) -> None:
+    store.insert_remote([msg(A, i, ts=0.0) for i in range(1, 50)])
+    assert store.prune(now=1e12) == 0
+    assert len(store.history(limit=100)) == 49
+
+
+# ---- threads, close --------------------------------------------------------------
+
+
+def test_reads_from_other_threads_while_the_writer_writes(store: Store) -> None:
+    node = store.node_id
+    errors: list[BaseException] = []
+    reads = [0]
+    done = threading.Event()
+
+    def writer() -> None:
+        try:
+            for _ in range(300):
+                store.append_local([draft() for _ in range(10)], ts=1.0)
+        except BaseException as exc:  # noqa: BLE001 -- reported by the test thread
+            errors.append(exc)
+        finally:
+            done.set()
+
+    def reader() -> None:
+        last = 0
+        deadline = time.monotonic() + 30
+        try:
+            for _ in range(100_000):
+                if done.is_set() or time.monotonic() > deadline:
+                    break
+                high = store.cursors().get(node, 0)
+                assert high >= last and high % 10 == 0  # whole transactions only
+                last = high
+                page = store.history(limit=100)
+                got = seqs(page)
+                if got:
+                    assert got == list(range(got[0], got[-1] + 1))
+                    assert len(got) == min(100, got[-1])
+                # The writer may have committed more since cursors() answered.
+                start = max(0, high - 5)
+                tail = seqs(store.after(node, start, 10))
+                assert tail == list(range(start + 1, start + 1 + len(tail)))
+                assert len(tail) >= high - start
+                reads[0] += 1
+        except BaseException as exc:  # noqa: BLE001 -- reported by the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, name="store-writer")]
+    threads += [threading.Thread(target=reader, name=f"store-reader-{i}") for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    assert reads[0] > 0
+    assert store.cursors() == {node: 3000}
+
+
+def test_read_connections_close_when_their_threads_end(db: Path, store: Store) -> None:
+    store.append_local([draft()], ts=1.0)
+    store.history()
+    baseline = open_fds_to(db)
+
+    def read() -> None:
+        assert len(store.history()) == 1
+
+    for _ in range(20):
+        t = threading.Thread(target=read, name="short-reader")
+        t.start()
+        t.join(timeout=10)
+    # Without the cleanup there would be 20 more.  SQLite may keep one closed
+    # connection's descriptor for reuse (closing it would drop the process's
+    # POSIX locks on the file), so allow one.
+    assert open_fds_to(db) <= baseline + 1
+
+
+def test_close_is_idempotent_and_closes_every_connection(db: Path) -> None:
+    s = Store(db)
+    s.append_local([draft()], ts=1.0)
+    hold = threading.Event()
+    release = threading.Event()
+
+    def read_and_wait() -> None:
+        s.history()
+        hold.set()
+        release.wait(10)
+
+    t = threading.Thread(target=read_and_wait, name="lingering-reader")
+    t.start()
+    try:
+        assert hold.wait(10)
+        s.history()
+        assert open_fds_to(db) >= 3
+        s.close()
+        s.close()
+        assert open_fds_to(db) == 0
+    finally:
+        release.set()
+        t.join(timeout=10)
+    with pytest.raises(ClosedError):
+        s.history()
+    with pytest.raises(ClosedError):
+        s.append_local([draft()], ts=2.0)
+
+
+# ---- property: any interleaving of batches leaves exact prefixes -------------------
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.data())
+def test_any_interleaving_of_batches_leaves_each_origin_an_exact_prefix(
+        data: st.DataObject) -> None:
+    lengths = {o: data.draw(st.integers(0, 12), label=f"len {o[:1]}") for o in (A, B, C)}
+    pool = [msg(o, s) for o, n in lengths.items() for s in range(1, n + 1)]
+    # Duplicates, some of them differing copies of the same id.
+    for m in data.draw(st.lists(st.sampled_from(pool), max_size=20) if pool else st.just([])):
+        pool.append(data.draw(st.sampled_from(
+            [m, msg(m.origin, m.seq, text="forged copy")])))
+    order = data.draw(st.permutations(pool))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(order)), max_size=8)))
+    batches = [order[a:b] for a, b in zip([0, *cuts], [*cuts, len(order)], strict=True)]
+    batches.append(sorted(pool, key=lambda m: (m.origin, m.seq)))  # a final full replay
+
+    tmp = tempfile.mkdtemp(dir="/tmp")
+    try:
+        with Store(Path(tmp) / "h.db") as s:
+            high: dict[str, int] = {}
+            first: dict[str, Message] = {}
+            for batch in batches:
+                expected = []
+                for m in batch:
+                    if m.seq == high.get(m.origin, 0) + 1:
+                        high[m.origin] = m.seq
+                        first[m.id] = m
+                        expected.append(m)
+                assert s.insert_remote(batch) == expected
+            assert s.cursors() == {o: n for o, n in lengths.items() if n}
+            held = s.history(limit=MAX_HISTORY_PAGE)
+            assert len({m.id for m in held}) == len(held)
+            for o, n in lengths.items():
+                assert seqs(s.after(o, 0, 100)) == list(range(1, n + 1))
+            assert all(first[m.id] == m for m in held)  # never replaced
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---- durability: SIGKILL in the middle of appending --------------------------------
+
+
+def _acks_until_killed(db: Path, kill_after: int) -> tuple[list[int], int | None]:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "store_killer.py"), str(db), "5000", "20"],
+        stdout=subprocess.PIPE, env=env)
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    buf = b""
+    try:
+        deadline = time.monotonic() + 30
+        while buf.count(b"\n") < kill_after and time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 1.0)
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break  # it finished all its appends before we got to kill it
+                buf += chunk
+        proc.send_signal(signal.SIGKILL)
+        returncode = proc.wait(timeout=10)
+        buf += proc.stdout.read()  # lines written before death were acknowledged too
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        proc.stdout.close()
+    lines = buf.split(b"\n")[:-1]  # a last line without its newline is not an ack
+    return [int(line) for line in lines], returncode
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_acknowledged_appends_survive_sigkill(tmp_path: Path, round_: int) -> None:
+    db = tmp_path / "killed.db"
+    kill_after = random.randint(20, 1500)
+    acked, returncode = _acks_until_killed(db, kill_after)
+    assert returncode in (-signal.SIGKILL, 0)
+    assert acked, "the child acknowledged nothing"
+    assert acked == list(range(1, len(acked) + 1))
+    with Store(db) as s:
+        node = s.node_id
+        held = s.after(node, 0, 10_000)
+        n = s.cursors()[node]
+        assert seqs(held) == list(range(1, n + 1))  # no gap, no duplicate
+        assert n >= acked[-1]  # at most one commit beyond the last ack
+        assert n <= acked[-1] + 1
+        # And the store goes on where it stopped.
+        assert seqs(s.append_local([draft()], ts=time.time())) == [n + 1]
