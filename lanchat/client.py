@@ -12,6 +12,7 @@ interactive chat uses one for its subscription and one for sending).
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import socket
 from collections.abc import Iterator
@@ -113,6 +114,16 @@ class ControlClient:
             sock.close()
             raise DaemonNotRunning(self.path, exc.strerror or str(exc)) from exc
         self._sock = sock
+
+    def interrupt(self) -> None:
+        """Wake a thread blocked reading this connection (it then sees ConnectionLost).
+
+        Safe to call from another thread; :meth:`close` still has to be called.
+        """
+        sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         if self._sock is not None:

@@ -1,0 +1,557 @@
+"""``lanchat``: the command line, a thin formatter over :class:`lanchat.client.ControlClient`.
+
+Data goes to stdout, messages and errors to stderr, one line each, no
+tracebacks.  Every piece of network text printed for humans goes through
+:mod:`lanchat.render` (escape sequences become visible and inert); ``--json``
+prints the daemon's objects unchanged.
+
+Exit status (documented in ``lanchat(1)``): 0 ok, 1 error (a JSON-RPC error
+prints its message), 2 usage, 3 daemon not reachable, 4 permission denied on
+the socket, 130 interrupted.
+
+Imports stay light (conventions.md §6.6): no zeroconf, sqlite3 or daemon
+module is loaded, so ``lanchat send`` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+from lanchat import __version__
+from lanchat.client import (
+    ConnectionLost,
+    ControlClient,
+    ControlTimeout,
+    DaemonNotRunning,
+    PermissionDenied,
+    RpcError,
+)
+from lanchat.errors import LanchatError, ValidationError
+from lanchat.limits import MAX_TEXT_BYTES
+from lanchat.model import Message, Presence, validate_text
+from lanchat.paths import socket_path
+from lanchat.render import format_message, format_presence, neutralise
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOT_RUNNING = 3
+EXIT_PERMISSION = 4
+EXIT_INTERRUPTED = 130
+
+PROG = "lanchat"
+
+
+class CliError(Exception):
+    """A failure to report as ``lanchat: <message>`` with exit status ``status``."""
+
+    def __init__(self, message: str, status: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# -- output helpers -------------------------------------------------------------------
+
+def _out(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()  # per line: `lanchat tail --json | jq` must stream
+
+
+def _json(obj: Any) -> None:
+    _out(json.dumps(obj, ensure_ascii=False))
+
+
+def _err(line: str) -> None:
+    sys.stderr.write(f"{PROG}: {line}\n")
+    sys.stderr.flush()
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+    rows = [[neutralise(cell) for cell in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    for row in [list(headers), *rows]:
+        _out("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _when(ts: Any) -> str:
+    if isinstance(ts, bool) or not isinstance(ts, int | float):
+        return "-"
+    try:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+    except (OverflowError, OSError, ValueError):
+        return "-"
+
+
+def _print_item(method: str, params: Any, *, show_room: bool) -> None:
+    """Print one notification's item for humans; skip (with a note) anything malformed."""
+    try:
+        if method == "message":
+            _out(format_message(Message.from_dict(params), show_room=show_room))
+        elif method == "presence":
+            _out(format_presence(Presence.from_dict(params), timestamp=True))
+    except ValidationError as exc:
+        _err(f"skipped a malformed {neutralise(method)} from lanchatd: {neutralise(str(exc))}")
+
+
+def _print_messages(messages: Iterable[Any], *, as_json: bool, show_room: bool) -> None:
+    for m in messages:
+        if as_json:
+            _json(m)
+        else:
+            _print_item("message", m, show_room=show_room)
+
+
+# -- argument parsing helpers ------------------------------------------------------------
+
+_AGO = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_since(value: str, now: float) -> float:
+    """``--since``: ``10m``/``2h``/``1d`` ago, an ISO time (local if no zone), or epoch seconds."""
+    v = value.strip()
+    m = _AGO.fullmatch(v)
+    if m:
+        return now - float(m.group(1)) * _UNITS[m.group(2)]
+    try:
+        epoch = float(v)
+    except ValueError:
+        pass
+    else:
+        if 0 <= epoch < float("inf"):  # NaN fails this comparison too
+            return epoch
+    try:
+        dt = _dt.datetime.fromisoformat(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a time: use 10m, 2h, 1d, an ISO time or epoch seconds"
+        ) from None
+    if dt.tzinfo is None:
+        dt = dt.astimezone()  # naive ISO times are local, as a user typed them
+    return dt.timestamp()
+
+
+def _since_arg(value: str) -> float:
+    return parse_since(value, time.time())
+
+
+def _count(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+        if not lo <= n <= hi:
+            raise argparse.ArgumentTypeError(f"must be from {lo} to {hi}")
+        return n
+    return parse
+
+
+# -- commands ------------------------------------------------------------------------------
+
+def _client(args: argparse.Namespace) -> ControlClient:
+    client = ControlClient(args.socket_path, timeout=args.timeout)
+    client.connect()
+    return client
+
+
+def _read_stdin_text() -> str:
+    data = sys.stdin.buffer.read(MAX_TEXT_BYTES + 2)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CliError("standard input is not valid UTF-8") from None
+    if text.endswith("\n"):
+        text = text[:-2] if text.endswith("\r\n") else text[:-1]
+    if not text:
+        raise CliError("nothing to send (standard input was empty)")
+    return text
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    if args.text == ["-"] or (not args.text and not sys.stdin.isatty()):
+        text = _read_stdin_text()
+    elif not args.text:
+        args.parser.error("send needs TEXT (or '-' to read standard input)")
+    else:
+        text = " ".join(args.text)
+    try:
+        validate_text(text)
+    except ValidationError as exc:
+        raise CliError(str(exc)) from None
+    with _client(args) as client:
+        msg = client.call("send", text=text, room=args.room, to=args.to)
+    if args.json:
+        _json(msg)
+    return EXIT_OK
+
+
+def _follow(notes: Iterator[dict[str, Any]], *, as_json: bool, show_room: bool) -> int:
+    for note in notes:
+        method = note.get("method")
+        params = note.get("params")
+        if method == "overflow":
+            reason = params.get("reason", "") if isinstance(params, dict) else ""
+            raise CliError(f"lanchatd dropped this stream: {neutralise(str(reason))}")
+        if as_json:
+            if method == "message":
+                _json(params)
+        elif isinstance(method, str):
+            _print_item(method, params, show_room=show_room)
+    return EXIT_OK  # pragma: no cover - notifications() ends by raising
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    show_room = args.room is None
+    with _client(args) as client:
+        if not args.follow:
+            if args.n:
+                msgs = client.call("history", room=args.room, limit=args.n)
+                _print_messages(msgs, as_json=args.json, show_room=show_room)
+            return EXIT_OK
+        backlog, notes = client.subscribe(room=args.room, backlog=args.n,
+                                          presence=not args.json)
+        _print_messages(backlog, as_json=args.json, show_room=show_room)
+        try:
+            return _follow(notes, as_json=args.json, show_room=show_room)
+        except ConnectionLost:
+            raise CliError("lanchatd closed the connection (it stopped or restarted)") from None
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        msgs = client.call("history", room=args.room, limit=args.limit, since=args.since)
+    _print_messages(msgs, as_json=args.json, show_room=args.room is None)
+    return EXIT_OK
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        users = client.call("users")
+    if args.json:
+        _json(users)
+        return EXIT_OK
+    rows = [[str(u.get("nick", "")), str(u.get("host", "")), "#" + str(u.get("room", "")),
+             "local" if u.get("local") else str(u.get("node", "")), str(u.get("via", "")),
+             _when(u.get("since"))] for u in users if isinstance(u, dict)]
+    _table(["NICK", "HOST", "ROOM", "NODE", "VIA", "SINCE"], rows)
+    return EXIT_OK
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        peers = client.call("peers")
+    if args.json:
+        _json(peers)
+        return EXIT_OK
+    rows = [[str(p.get("node", "")), str(p.get("name", "")), str(p.get("address", "")),
+             str(p.get("port", "")), str(p.get("state", "")), _when(p.get("last_seen"))]
+            for p in peers if isinstance(p, dict)]
+    _table(["NODE", "NAME", "ADDRESS", "PORT", "STATE", "LAST SEEN"], rows)
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status = client.call("status")
+    if args.json:
+        _json(status)
+        return EXIT_OK
+    if isinstance(status, dict):
+        width = max((len(str(k)) for k in status), default=0)
+        for key, value in status.items():
+            shown = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+            _out(f"{neutralise(str(key)).ljust(width)}  {neutralise(shown)}")
+    return EXIT_OK
+
+
+def cmd_nick(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        result = client.call("nick", nick=args.name)
+    if args.json:
+        _json(result)
+    return EXIT_OK
+
+
+CHAT_HELP = "commands: /nick NAME, /me ACTION, /quit (or Ctrl-D)"
+
+
+class _DaemonGone(Exception):
+    """Raised in the main thread (by a signal) when the chat's stream ends."""
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Interactive chat: a thread prints the subscription while this one reads stdin.
+
+    Two connections: the listener's blocks in ``recv`` for the stream, the
+    sender's makes calls, so neither waits for the other.  When the stream ends
+    on its own (the daemon went away), the printer wakes this thread out of its
+    blocking read with SIGUSR1.
+    """
+    room = args.room
+    closing = threading.Event()
+    gone: list[str] = []
+    main_ident = threading.get_ident()
+
+    def on_gone(signum: int, frame: object) -> None:
+        if not closing.is_set():
+            raise _DaemonGone
+
+    with _client(args) as sender, ControlClient(args.socket_path, args.timeout) as listener:
+        backlog, notes = listener.subscribe(room=room, backlog=args.n)
+        _print_messages(backlog, as_json=False, show_room=False)
+
+        def pump() -> None:
+            reason = "lanchatd closed the connection (it stopped or restarted)"
+            try:
+                _follow(notes, as_json=False, show_room=False)
+            except CliError as exc:
+                reason = str(exc)
+            except LanchatError:
+                pass
+            if closing.is_set():
+                return  # we stopped it: the user left
+            gone.append(reason)
+            signal.pthread_kill(main_ident, signal.SIGUSR1)
+
+        previous = signal.signal(signal.SIGUSR1, on_gone)
+        printer = threading.Thread(target=pump, name="chat-printer")
+        printer.start()
+        try:
+            if sys.stdin.isatty():
+                sys.stderr.write(f"* {CHAT_HELP}\n")
+            for line in sys.stdin:
+                if not _chat_line(sender, line.rstrip("\r\n"), room):
+                    break
+        except _DaemonGone:
+            pass
+        finally:
+            closing.set()
+            listener.interrupt()
+            printer.join(5.0)
+            signal.signal(signal.SIGUSR1, previous)
+        if gone:
+            raise CliError(gone[0])
+    return EXIT_OK
+
+
+def _chat_line(client: ControlClient, line: str, room: str | None) -> bool:
+    """Handle one typed line; False to leave the chat."""
+    if not line.strip():
+        return True
+    if line.strip() in ("/quit", "/exit"):
+        return False
+    if line.startswith("/nick"):
+        name = line[5:].strip()
+        if not name:
+            _err("usage: /nick NAME")
+            return True
+        try:
+            client.call("nick", nick=name)
+        except RpcError as exc:
+            _err(neutralise(exc.message))
+        return True
+    if line.strip() == "/help":
+        sys.stderr.write(f"* {CHAT_HELP}\n")
+        return True
+    if line.startswith("/") and not line.startswith(("/me ", "//")):
+        _err(f"unknown command {neutralise(line.split(maxsplit=1)[0])} -- {CHAT_HELP}")
+        return True
+    text = line[1:] if line.startswith("//") else line
+    try:
+        client.call("send", text=text, room=room or "lobby")
+    except RpcError as exc:
+        _err(neutralise(exc.message))
+    return True
+
+
+BASH_COMPLETION = r"""# bash completion for lanchat                           -*- shell-script -*-
+# Install: lanchat completion bash > ~/.local/share/bash-completion/completions/lanchat
+_lanchat()
+{
+    local cur prev words cword
+    _init_completion || return
+    local cmds="send tail history users peers status nick chat connect completion"
+    local global="--socket --json --timeout --version --help"
+    case $prev in
+        --socket) _filedir; return ;;
+        --room|--to|--limit|-n|--since|--timeout) return ;;
+    esac
+    local cmd="" i
+    for ((i = 1; i < cword; i++)); do
+        case ${words[i]} in
+            --socket|--timeout) ((i++)) ;;
+            -*) ;;
+            *) cmd=${words[i]}; break ;;
+        esac
+    done
+    case $cmd in
+        "") COMPREPLY=($(compgen -W "$cmds $global" -- "$cur")) ;;
+        send) COMPREPLY=($(compgen -W "--room --to --json" -- "$cur")) ;;
+        tail) COMPREPLY=($(compgen -W "-n --room --follow --no-follow --json" -- "$cur")) ;;
+        history) COMPREPLY=($(compgen -W "--room --limit --since --json" -- "$cur")) ;;
+        chat) COMPREPLY=($(compgen -W "--room -n" -- "$cur")) ;;
+        users|peers|status|nick) COMPREPLY=($(compgen -W "--json" -- "$cur")) ;;
+        completion) COMPREPLY=($(compgen -W "bash" -- "$cur")) ;;
+    esac
+} &&
+    complete -F _lanchat lanchat
+"""
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    sys.stdout.write(BASH_COMPLETION)
+    sys.stdout.flush()
+    return EXIT_OK
+
+
+def cmd_connect(args: argparse.Namespace) -> int:
+    # Imported lazily: the hub client is only needed by this subcommand.
+    from lanchat import hubclient  # type: ignore[attr-defined,unused-ignore]
+
+    result: int = hubclient.main(args.rest)
+    return result
+
+
+# -- the parser ----------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lanchat`` argument parser (also what the man page and completion describe)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Talk to the local lanchatd: send, read and follow the LAN chat.",
+        epilog="examples:\n  lanchat send 'lunch?'\n  echo hi | lanchat send -\n"
+               "  lanchat tail -n 20\n  lanchat history --since 2h --json | jq .text\n"
+               "  lanchat users",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    # Global options are accepted before and after the subcommand; SUPPRESS keeps the
+    # subcommand's copy from resetting a value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS,
+                        help="control socket (default: $LANCHAT_SOCKET, "
+                             "$XDG_RUNTIME_DIR/lanchat/control.sock, /run/lanchat/control.sock)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print JSON (NDJSON for streams) with the daemon's field names")
+    common.add_argument("--timeout", type=float, metavar="SECONDS", default=argparse.SUPPRESS,
+                        help="give up on an unresponsive daemon after this long (default 5)")
+    for action in common._actions:
+        parser._add_action(action)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str,
+            ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_, parents=[common])
+        p.set_defaults(func=func, parser=p)
+        return p
+
+    p = add("send", cmd_send, "send a message (TEXT words, or '-' to read standard input)")
+    p.add_argument("text", nargs="*", metavar="TEXT")
+    p.add_argument("--room", default="lobby", help="room to post in (default: lobby)")
+    p.add_argument("--to", metavar="NICK", help="send a direct message to NICK")
+
+    p = add("tail", cmd_tail, "print the last messages and follow new ones until Ctrl-C")
+    p.add_argument("-n", type=_count(0, 1000), default=10, metavar="N",
+                   help="messages to show first (default 10)")
+    p.add_argument("--room", help="only this room (default: every room)")
+    p.add_argument("-f", "--follow", action="store_true", default=True,
+                   help="keep following (the default)")
+    p.add_argument("--no-follow", dest="follow", action="store_false",
+                   help="print the last N messages and exit")
+
+    p = add("history", cmd_history, "print stored messages, oldest first")
+    p.add_argument("--room", help="only this room (default: every room)")
+    p.add_argument("--limit", type=_count(1, 1000), default=50, help="at most N (default 50)")
+    p.add_argument("--since", type=_since_arg, metavar="WHEN",
+                   help="only newer messages: 10m, 2h, 1d ago, an ISO time or epoch seconds")
+
+    add("users", cmd_users, "list the people connected across the network")
+    add("peers", cmd_peers, "list the other daemons found on the network")
+    add("status", cmd_status, "show the daemon's status")
+    p = add("nick", cmd_nick, "change this node's nickname")
+    p.add_argument("name", metavar="NAME")
+
+    p = add("chat", cmd_chat, "chat interactively through the daemon (/quit or Ctrl-D leaves)")
+    p.add_argument("--room", default="lobby", help="room to chat in (default: lobby)")
+    p.add_argument("-n", type=_count(0, 1000), default=10, metavar="N",
+                   help="recent messages to show first (default 10)")
+
+    p = add("connect", cmd_connect, "join a hub directly over TCP (no local daemon needed)")
+    p.add_argument("rest", nargs=argparse.REMAINDER, metavar="ARGS")
+
+    p = add("completion", cmd_completion, "print a shell completion script")
+    p.add_argument("shell", choices=["bash"])
+    return parser
+
+
+def _finish_args(args: argparse.Namespace) -> None:
+    args.json = getattr(args, "json", False)
+    args.timeout = getattr(args, "timeout", 5.0)
+    args.socket_path = socket_path(os.environ, getattr(args, "socket", None))
+
+
+def _safe_streams() -> None:
+    # A terminal or pipe whose encoding cannot show a character must not turn a
+    # chat line into a traceback.
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="replace")
+
+
+def _not_running_hint(path: str) -> str:
+    return (f"lanchatd is not running (no socket at {path}). Start it with: lanchatd "
+            "(or: systemctl --user start lanchatd, or: sudo systemctl start lanchatd)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``lanchat``; return the exit status."""
+    _safe_streams()
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 on a usage error, as argparse does
+    _finish_args(args)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # CPython's recipe (signal docs): point stdout at devnull so the interpreter's
+        # final flush does not raise again, and exit non-zero.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_ERROR
+    except DaemonNotRunning as exc:
+        _err(_not_running_hint(exc.path))
+        return EXIT_NOT_RUNNING
+    except PermissionDenied as exc:
+        _err(f"permission denied on {exc.path}; add yourself to group 'lanchat' "
+             "(sudo adduser $USER lanchat) and log in again")
+        return EXIT_PERMISSION
+    except RpcError as exc:
+        _err(neutralise(exc.message))
+        return EXIT_ERROR
+    except ControlTimeout as exc:
+        _err(str(exc))
+        return EXIT_ERROR
+    except CliError as exc:
+        _err(str(exc))
+        return exc.status
+    except LanchatError as exc:
+        _err(neutralise(str(exc)))
+        return EXIT_ERROR
+
+
