@@ -1,0 +1,253 @@
+"""``lanchatd``: reads the configuration, wires the pieces together, runs until told to stop.
+
+This is the one module that knows every other one.  It builds the store, the
+router, the hub, the control socket and (when enabled) discovery and links,
+hands each the small interface it asks for, and owns the process: signals
+(TERM/INT stop, HUP reloads), systemd notifications and the watchdog, periodic
+retention, and an orderly shutdown -- mDNS goodbye first, then links and
+clients closed, then the store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from lanchat import __version__, config, sdnotify
+from lanchat.control import AlreadyRunning, ControlServer
+from lanchat.errors import ConfigError, LanchatError
+from lanchat.hub import Hub
+from lanchat.logsetup import set_level, setup_logging
+from lanchat.model import Draft, Message, User
+from lanchat.router import Router, Subscriber
+from lanchat.store import Store
+
+log = logging.getLogger("lanchatd")
+
+#: Seconds between two retention passes over the history.
+PRUNE_INTERVAL_S = 3600.0
+
+#: Stack size for every thread the daemon starts.  The default (8 MiB of
+#: address space) is far more than a reader or writer loop needs; small stacks
+#: keep thousands of connections cheap.
+THREAD_STACK_BYTES = 256 * 1024
+
+#: Exit status for a configuration error (sysexits.h EX_CONFIG; systemd shows it as "CONFIG").
+EXIT_CONFIG = 78
+
+
+class Daemon:
+    """One running lanchatd: the pieces, wired.  :meth:`start`, then :meth:`close`.
+
+    Implements the control socket's backend on top of the router.
+    Thread-safety: ``start``/``close``/``reload`` are called from the main
+    thread; the backend methods from control-connection threads.
+    """
+
+    def __init__(self, cfg: config.Config) -> None:
+        self.cfg = cfg
+        self.hostname = socket.gethostname() or "localhost"
+        self.started = time.time()
+        self.store = Store(Path(cfg.state_dir) / "history.db",
+                           max_age_days=cfg.max_age_days, max_messages=cfg.max_messages)
+        self.router = Router(self.store, node=self.store.node_id, host=self.hostname,
+                             nick=cfg.nick)
+        self.hub: Hub | None = None
+        self.control: ControlServer | None = None
+
+    @property
+    def node(self) -> str:
+        return self.router.node
+
+    def start(self) -> None:
+        """Start every piece; on failure, stop what was started and re-raise."""
+        try:
+            self.router.start()
+            self.control = ControlServer(self.cfg.socket, self, mode=self.cfg.socket_mode
+                                         if self.cfg.system else 0o600,
+                                         group=self.cfg.socket_group)
+            self.control.start()
+            self.hub = Hub(self.router, name=self.cfg.name, bind=self.cfg.bind,
+                           port=self.cfg.port, udp=self.cfg.udp)
+            self.hub.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Orderly shutdown: stop listening, say goodbye, flush the store.  Idempotent."""
+        if self.hub is not None:
+            self.hub.close()
+        if self.control is not None:
+            self.control.close()
+        self.router.close()
+        self.store.close()
+
+    def reload(self, new: config.Config) -> None:
+        """Apply what can change without a restart (SIGHUP); log what cannot."""
+        changes = config.diff(self.cfg, new)
+        for key in changes.restart:
+            log.warning("config: %s changed; restart lanchatd to apply it", key)
+        if "log_level" in changes.apply:
+            set_level(new.log_level)
+        if "nick" in changes.apply:
+            try:
+                self.router.set_nick(new.nick)
+            except LanchatError as exc:
+                log.warning("config: cannot change nick to %r: %s", new.nick, exc)
+        self.cfg = new
+        log.info("configuration reloaded")
+
+    # -- the control socket's backend --------------------------------------------
+
+    def send(self, text: str, *, room: str, to: str | None, uid: int | None) -> Message:
+        draft = Draft(text=text, nick=self.router.nick, host=self.hostname, room=room,
+                      to=to, uid=uid)
+        return self.router.send(draft)
+
+    def history(self, *, room: str | None, limit: int, before: float | None,
+                since: float | None) -> list[Message]:
+        return self.router.history(room=room, limit=limit, before=before, since=since)
+
+    def subscribe(self, sink: Any, *, backlog: int) -> list[Message]:
+        rooms: frozenset[str] | None = getattr(sink, "rooms", None)
+        return self.router.subscribe(sink, backlog=backlog, rooms=rooms)
+
+    def unsubscribe(self, sink: Subscriber) -> None:
+        self.router.unsubscribe(sink)
+
+    def users(self) -> list[User]:
+        return self.router.users()
+
+    def peers(self) -> list[dict[str, Any]]:
+        return []
+
+    def status(self) -> dict[str, Any]:
+        hub = self.hub
+        return {
+            "version": __version__,
+            "node": self.node,
+            "nick": self.router.nick,
+            "name": self.cfg.name,
+            "host": self.hostname,
+            "port": hub.port if hub is not None else None,
+            "udp_port": hub.udp_port if hub is not None else None,
+            "peers": len(self.peers()),
+            "linked": sum(1 for p in self.peers() if p.get("state") == "linked"),
+            "users": len(self.router.users()),
+            "clients": hub.client_count if hub is not None else 0,
+            "uptime_s": round(time.time() - self.started, 3),
+            "discovery": self.cfg.discovery,
+            "state_dir": self.cfg.state_dir,
+            "socket": self.cfg.socket,
+        }
+
+    def set_nick(self, nick: str) -> str:
+        return self.router.set_nick(nick)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="lanchatd",
+        description="LAN chat daemon: a chat hub that finds its peers with mDNS "
+                    "and keeps history in SQLite.  See lanchatd(8).",
+    )
+    config.add_daemon_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def _load_config(ns: argparse.Namespace) -> config.Config:
+    return config.load(flags=config.flags_from_args(ns), config_flag=ns.config,
+                       env=os.environ, hostname=socket.gethostname())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run lanchatd in the foreground until SIGTERM or SIGINT.  Returns the exit status."""
+    ns = _parse_args(argv)
+    try:
+        cfg = _load_config(ns)
+    except ConfigError as exc:
+        print(f"lanchatd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if ns.check_config:
+        print(config.render(cfg), end="")
+        return 0
+    setup_logging(cfg.log_level)
+    threading.stack_size(THREAD_STACK_BYTES)
+
+    stop = threading.Event()
+    reload_wanted = threading.Event()
+    wake = threading.Event()  # set by every signal, so the main loop reacts at once
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        (reload_wanted if signum == signal.SIGHUP else stop).set()
+        wake.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
+
+    try:
+        daemon = Daemon(cfg)
+        daemon.start()
+    except AlreadyRunning as exc:
+        print(f"lanchatd: {exc}", file=sys.stderr)
+        return 1
+    except LanchatError as exc:
+        print(f"lanchatd: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"lanchatd: cannot start: {exc.strerror or exc}"
+              f"{' (' + exc.filename + ')' if exc.filename else ''}", file=sys.stderr)
+        return 1
+
+    assert daemon.hub is not None
+    host, port = daemon.hub.address
+    print(f"lanchatd {__version__}: node {daemon.node} {cfg.name!r} listening on "
+          f"{host}:{port} (TCP{'+UDP' if cfg.udp else ''}), control socket {cfg.socket}",
+          file=sys.stderr, flush=True)
+    sdnotify.notify(f"READY=1\nSTATUS=listening on {host}:{port}")
+
+    watchdog = sdnotify.watchdog_interval(os.environ, os.getpid())
+    next_prune = time.monotonic() + 60.0
+    try:
+        while not stop.is_set():
+            now = time.monotonic()
+            timeout = min(watchdog if watchdog else PRUNE_INTERVAL_S, max(0.0, next_prune - now))
+            wake.wait(timeout)
+            wake.clear()
+            if stop.is_set():
+                break
+            if reload_wanted.is_set():
+                reload_wanted.clear()
+                try:
+                    daemon.reload(_load_config(ns))
+                except ConfigError as exc:
+                    log.error("reload refused, keeping the running configuration: %s", exc)
+            if watchdog:
+                sdnotify.notify("WATCHDOG=1")
+            if time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + PRUNE_INTERVAL_S
+                try:
+                    removed = daemon.router.prune()
+                    if removed:
+                        log.info("retention: removed %d old message(s)", removed)
+                except LanchatError as exc:
+                    log.warning("retention pass failed: %s", exc)
+    finally:
+        sdnotify.notify("STOPPING=1")
+        log.info("shutting down")
+        daemon.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

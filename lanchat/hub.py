@@ -1,0 +1,662 @@
+"""The chat hub: a threaded TCP server, and its UDP twin on the same port number.
+
+The classic socket chat, grown up.  Each TCP client gets its own reader
+thread, as in the textbook design, but never writes to other clients itself:
+it hands what it reads to the router, and the router hands each message to
+every receiver's :class:`~lanchat.stream.Outbox`, whose own writer thread does
+the sending.  A client that stops reading fills only its own outbox, and is cut
+off with a notice when that is full; everyone else carries on.
+
+Text mode (``nc HOST PORT``), JSON mode (a first line that is a JSON object)
+and UDP datagrams all turn into the same :mod:`lanchat.commands`, handled by
+one :class:`_Session` class whatever the transport.
+
+Threads: ``hub-accept`` (accepts TCP connections), one ``hub-c<N>`` per
+connection (reads and handles its commands), the outboxes' writers, and
+``hub-udp`` (receives datagrams, expires idle UDP clients).  The hub's lock
+guards only its set of connections; no lock is held during socket I/O.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import logging
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from lanchat import textmode, wire
+from lanchat.commands import (
+    Command,
+    Hello,
+    Help,
+    Join,
+    ListUsers,
+    Nick,
+    Ping,
+    Quit,
+    Say,
+    Unknown,
+)
+from lanchat.errors import (
+    ClosedError,
+    FrameTooLong,
+    LanchatError,
+    NickInUse,
+    RemoteProtocolError,
+    ValidationError,
+)
+from lanchat.events import Event
+from lanchat.framing import LineDecoder, decode_utf8
+from lanchat.limits import (
+    MAX_DATAGRAM_BYTES,
+    MAX_FRAME_BYTES,
+    MAX_NICK_ATTEMPTS,
+    MAX_UDP_CLIENTS,
+    NICK_TIMEOUT_S,
+    UDP_IDLE_TIMEOUT_S,
+)
+from lanchat.model import DEFAULT_ROOM, Draft, Message, Presence, User
+from lanchat.stream import RECV_BYTES, Outbox
+
+log = logging.getLogger(__name__)
+
+#: Protocol errors (bad JSON, unknown frame types) a JSON client may make before
+#: it is disconnected: enough for a buggy client to log its mistakes, too few to
+#: make the hub busy answering garbage.
+MAX_PROTOCOL_ERRORS = 20
+
+#: Seconds the accept loop waits after running out of file descriptors (EMFILE)
+#: before it tries again, instead of spinning on the error.
+ACCEPT_BACKOFF_S = 0.1
+
+#: Seconds a clean shutdown waits for each client's goodbye to leave.
+SHUTDOWN_FLUSH_S = 2.0
+
+
+class HubBackend(Protocol):
+    """What the hub needs from the router (see :class:`lanchat.router.Router`)."""
+
+    node: str
+
+    def publish(self, draft: Draft, *, source: object | None = None,
+                done: Callable[[Message | None, LanchatError | None], None] | None = None
+                ) -> None: ...
+    def join(self, sub: Any, *, nick: str, host: str, via: str,
+             room: str = DEFAULT_ROOM) -> list[User]: ...
+    def move(self, sub: Any, room: str) -> list[User]: ...
+    def rename(self, sub: Any, nick: str) -> None: ...
+    def leave(self, sub: Any, reason: str = "quit") -> None: ...
+    def users(self, room: str | None = None) -> list[User]: ...
+
+
+class LinkAcceptor(Protocol):
+    """Takes over a connection whose hello says it is another daemon (see :mod:`lanchat.links`)."""
+
+    def accept_link(self, sock: socket.socket, address: tuple[Any, ...], hello: Hello,
+                    decoder: LineDecoder) -> None:
+        """Run the link on the calling thread; return when it ends.  Owns ``sock``."""
+        ...
+
+
+def _host_of(address: tuple[Any, ...]) -> str:
+    return str(address[0])
+
+
+class _Session:
+    """A hub user, whatever the transport: handles its commands, receives its events.
+
+    Subclasses say how bytes reach the user (:meth:`_send`).  ``mode`` is
+    ``"text"`` or ``"json"``.  Thread-safety: :meth:`handle` runs on the
+    session's reader thread (or the UDP thread); :meth:`deliver` on the router
+    thread.  They share only immutable state and the transport.
+    """
+
+    via = "tcp"
+
+    def __init__(self, hub: Hub, host: str, label: str) -> None:
+        self.hub = hub
+        self.host = host
+        self.label = label
+        self.mode = "text"
+        self.nick: str | None = None
+        self.room = DEFAULT_ROOM
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.label} {self.nick or '?'}>"
+
+    # transport ------------------------------------------------------------------
+
+    def _send(self, data: bytes) -> bool:
+        raise NotImplementedError
+
+    def _encode_message(self) -> Callable[[Message], bytes]:
+        return wire.encode_message if self.mode == "json" else textmode.encode_message
+
+    def _encode_presence(self) -> Callable[[Presence], bytes]:
+        return wire.encode_presence if self.mode == "json" else textmode.encode_presence
+
+    # router side -------------------------------------------------------------------
+
+    def deliver(self, event: Event) -> bool:
+        item = event.item
+        if isinstance(item, Message):
+            return self._send(event.encoded(self._encode_message()))
+        return self._send(event.encoded(self._encode_presence()))
+
+    # replies -------------------------------------------------------------------------
+
+    def notice(self, text: str) -> None:
+        if self.mode == "text":
+            self._send(textmode.notice(text))
+
+    def error(self, code: str, text: str, *, fatal: bool = False) -> None:
+        if self.mode == "json":
+            self._send(wire.encode_error(code, text, fatal=fatal))
+        else:
+            self._send(textmode.error(text))
+
+    def _others(self, users: list[User]) -> list[str]:
+        return [u.nick for u in users if u.nick != self.nick]
+
+    def welcome(self, users: list[User]) -> None:
+        assert self.nick is not None
+        if self.mode == "json":
+            self._send(wire.encode_welcome(node=self.hub.backend.node, name=self.hub.name,
+                                           nick=self.nick, room=self.room, users=users))
+        else:
+            self._send(textmode.welcome(self.nick, self.room, self._others(users)))
+
+    # commands ------------------------------------------------------------------------
+
+    def try_join(self, nick: str) -> bool:
+        """Register under ``nick``; on refusal tell the user and return False."""
+        try:
+            users = self.hub.backend.join(self, nick=nick, host=self.host, via=self.via,
+                                          room=self.room)
+        except NickInUse:
+            self.error("nick-taken", f"the nick {nick} is taken; choose another:")
+            return False
+        except ValidationError as exc:
+            self.error(exc.code, f"{exc}; choose another:")
+            return False
+        self.nick = nick
+        self.welcome(users)
+        return True
+
+    def handle(self, command: Command) -> bool:
+        """Carry out one command.  Returns False when the user quits."""
+        backend = self.hub.backend
+        assert self.nick is not None
+        if isinstance(command, Say):
+            self._say(command)
+        elif isinstance(command, Join):
+            users = backend.move(self, command.room)
+            self.room = command.room
+            self._confirm(f"You are now in #{self.room}", users)
+        elif isinstance(command, Nick):
+            try:
+                backend.rename(self, command.nick)
+            except NickInUse as exc:
+                self.error(exc.code, str(exc))
+                return True
+            self.nick = command.nick
+            self._confirm(f"You are now known as {self.nick}", None)
+        elif isinstance(command, ListUsers):
+            self._list_users()
+        elif isinstance(command, Ping):
+            if self.mode == "json":
+                self._send(wire.encode_pong(command.token))
+            else:
+                self.notice("pong")
+        elif isinstance(command, Help):
+            self._send(textmode.help_text())
+        elif isinstance(command, Unknown):
+            self.error("unknown-command", f"unknown command /{command.name} -- type /help")
+        elif isinstance(command, Quit):
+            return False
+        return True
+
+    def _confirm(self, text: str, users: list[User] | None) -> None:
+        assert self.nick is not None
+        if self.mode == "json":
+            self._send(wire.encode_joined(self.nick, self.room))
+        elif users is None:
+            self.notice(text)
+        else:
+            others = self._others(users)
+            self.notice(f"{text} with {', '.join(others)}" if others else
+                        f"{text} (nobody else is here yet)")
+
+    def _list_users(self) -> None:
+        users = self.hub.backend.users(self.room)
+        if self.mode == "json":
+            self._send(wire.encode_users(self.room, users))
+            return
+        names = ", ".join(u.nick if u.local else f"{u.nick}@{u.host}" for u in users)
+        self.notice(f"In #{self.room} ({len(users)}): {names}")
+
+    def _say(self, command: Say) -> None:
+        assert self.nick is not None
+        draft = Draft(text=command.text, nick=self.nick, host=self.host, room=self.room,
+                      to=command.to)
+        ref = command.ref
+        json_mode = self.mode == "json"
+
+        def done(msg: Message | None, err: LanchatError | None) -> None:
+            if err is not None:
+                self.error(err.code, f"your message was not sent: {err}")
+            elif json_mode:
+                assert msg is not None
+                self._send(wire.encode_sent(ref, msg))
+
+        self.hub.backend.publish(draft, source=self, done=done)
+
+
+class _TcpSession(_Session):
+    """A TCP client: one reader thread (:meth:`run`) and an outbox."""
+
+    def __init__(self, hub: Hub, sock: socket.socket, address: tuple[Any, ...],
+                 number: int) -> None:
+        super().__init__(hub, _host_of(address), f"c{number}")
+        self.sock = sock
+        self.address = address
+        self.outbox = Outbox(sock, name=f"hub-c{number}")
+        self.decoder = LineDecoder(MAX_FRAME_BYTES)
+        self.thread = threading.Thread(target=self.run, name=f"hub-c{number}", daemon=False)
+        self._leave_reason = "connection closed"
+        self._protocol_errors = 0
+
+    def _send(self, data: bytes) -> bool:
+        if self.outbox.put(data):
+            return True
+        self._overflowed("too slow: your queue of unsent messages was full")
+        return False
+
+    def _overflowed(self, reason: str) -> None:
+        """Cut off a client that does not read: its backlog goes, a notice is sent."""
+        self._leave_reason = "too slow"
+        if self.mode == "json":
+            final = wire.encode_error("too-slow", reason, fatal=True)
+        else:
+            final = textmode.error(f"disconnected: {reason}")
+        self.outbox.close_with(final, "too slow")
+
+    def goodbye(self, reason: str) -> None:
+        """Say goodbye and close once it is sent (server shutdown)."""
+        self._leave_reason = reason
+        final = (wire.encode_bye(reason) if self.mode == "json"
+                 else textmode.notice(f"{reason} -- bye!"))
+        self.outbox.close_with(final, reason, keep_queued=True)
+
+    # the reader thread -------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self._serve()
+        except FrameTooLong as exc:
+            self._leave_reason = "line too long"
+            self.outbox.close_with(self._fatal_bytes("frame-too-long", str(exc)), str(exc),
+                                   keep_queued=True)
+        except (ConnectionError, TimeoutError) as exc:
+            self._leave_reason = "connection lost"
+            log.debug("%r: %s", self, exc)
+        except OSError as exc:
+            self._leave_reason = "connection lost"
+            log.debug("%r: %s", self, exc)
+        except ClosedError:
+            self._leave_reason = "server shutting down"
+        except Exception:  # a bug must cost this client its connection, never the hub
+            log.exception("%r: unexpected error; dropping the connection", self)
+        finally:
+            self._teardown()
+
+    def _fatal_bytes(self, code: str, text: str) -> bytes:
+        if self.mode == "json":
+            return wire.encode_error(code, text, fatal=True)
+        return textmode.error(f"{text} -- disconnecting")
+
+    def _frames(self, deadline: float | None = None) -> Any:
+        """Yield frames; with ``deadline`` (monotonic), stop yielding at it (raise TimeoutError)."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        while True:
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not poller.poll(remaining * 1000):
+                    raise TimeoutError("no nickname chosen in time")
+            data = self.sock.recv(RECV_BYTES)
+            if not data:
+                pending = self.decoder.eof()
+                if pending:
+                    log.debug("%r: dropped %d bytes of an unfinished line", self, len(pending))
+                return
+            yield from self.decoder.feed(data)
+
+    def _serve(self) -> None:
+        self._send(textmode.greeting(self.hub.name))
+        deadline = time.monotonic() + NICK_TIMEOUT_S
+        frames = self._frames(deadline)
+        attempts = 0
+        first = True
+        for frame in frames:
+            if first and frame.lstrip().startswith(b"{"):
+                self.mode = "json"
+                self._serve_json(frame)
+                return
+            first = False
+            try:
+                nick = decode_utf8(frame).strip()
+            except RemoteProtocolError:
+                self.error("bad-utf8", "that was not valid UTF-8; choose a nickname:")
+                continue
+            if not nick:
+                self.notice("Choose a nickname:")
+                continue
+            attempts += 1
+            if self.try_join(nick):
+                break
+            if attempts >= MAX_NICK_ATTEMPTS:
+                self.outbox.close_with(textmode.error("too many attempts -- bye"), "no nick")
+                return
+        else:
+            return
+        self._serve_text(self._frames())
+
+    def _serve_text(self, frames: Any) -> None:
+        for frame in frames:
+            try:
+                command = textmode.parse_line(decode_utf8(frame))
+                if command is None:
+                    continue
+                if not self.handle(command):
+                    self._leave_reason = command.reason if isinstance(command, Quit) else "quit"
+                    self.outbox.close_with(textmode.notice("Bye!"), "quit", keep_queued=True)
+                    return
+            except (ValidationError, RemoteProtocolError) as exc:
+                self.error(exc.code, str(exc))
+
+    def _serve_json(self, first: bytes) -> None:
+        try:
+            hello = wire.parse_hello(first)
+        except (RemoteProtocolError, ValidationError) as exc:
+            self.outbox.close_with(wire.encode_error(exc.code, str(exc), fatal=True), "bad hello")
+            return
+        if hello.role == "daemon":
+            acceptor = self.hub.link_acceptor
+            if acceptor is None:
+                self.outbox.close_with(
+                    wire.encode_error("no-links", "this hub does not accept daemon links",
+                                      fatal=True), "no links")
+                return
+            acceptor.accept_link(self.sock, self.address, hello, self.decoder)
+            return
+        if hello.room is not None:
+            self.room = hello.room
+        assert hello.nick is not None
+        try:
+            users = self.hub.backend.join(self, nick=hello.nick, host=self.host, via="json",
+                                          room=self.room)
+        except NickInUse as exc:
+            self.outbox.close_with(wire.encode_error(exc.code, str(exc), fatal=True), "nick")
+            return
+        self.nick = hello.nick
+        self.welcome(users)
+        for frame in self._frames():
+            try:
+                if not self.handle(wire.parse_command(frame)):
+                    self._leave_reason = "quit"
+                    self.outbox.close_with(wire.encode_bye("goodbye"), "quit", keep_queued=True)
+                    return
+            except (ValidationError, RemoteProtocolError) as exc:
+                self._protocol_errors += 1
+                if self._protocol_errors > MAX_PROTOCOL_ERRORS:
+                    self.outbox.close_with(wire.encode_error(
+                        "too-many-errors", "too many protocol errors", fatal=True), "errors")
+                    return
+                self.error(exc.code, str(exc))
+
+    def _teardown(self) -> None:
+        if self.nick is not None:
+            self.hub.backend.leave(self, self._leave_reason)
+        self.outbox.close(self._leave_reason)
+        self.outbox.join(SHUTDOWN_FLUSH_S + 1)
+        self.sock.close()
+        self.hub._forget(self)
+
+
+class _UdpSession(_Session):
+    """A UDP client, known by its address; lives on the hub's UDP thread."""
+
+    via = "udp"
+
+    def __init__(self, hub: Hub, endpoint: _UdpEndpoint, address: tuple[Any, ...]) -> None:
+        super().__init__(hub, _host_of(address), f"udp {address[0]}:{address[1]}")
+        self.endpoint = endpoint
+        self.address = address
+        self.last_seen = time.monotonic()
+
+    def _send(self, data: bytes) -> bool:
+        self.endpoint.send(data, self.address)
+        return True  # datagrams may be lost; a UDP client is never "too slow"
+
+
+class _UdpEndpoint:
+    """The UDP twin: one thread receives every datagram and expires silent clients."""
+
+    def __init__(self, hub: Hub, sock: socket.socket) -> None:
+        self.hub = hub
+        self.sock = sock
+        self.clients: dict[tuple[Any, ...], _UdpSession] = {}  # UDP thread only
+        self.thread = threading.Thread(target=self.run, name="hub-udp", daemon=False)
+        self._closing = False
+
+    def send(self, data: bytes, address: tuple[Any, ...]) -> None:
+        try:
+            self.sock.sendto(data[:MAX_DATAGRAM_BYTES], socket.MSG_DONTWAIT, address)
+        except OSError as exc:  # full buffer or unreachable: UDP is allowed to lose it
+            log.debug("udp send to %s failed: %s", address, exc)
+
+    def run(self) -> None:
+        while not self._closing:
+            timeout = self._expire()
+            try:
+                ready, _, _ = select.select([self.sock], [], [], timeout)
+                if not ready:
+                    continue
+                data, address = self.sock.recvfrom(MAX_DATAGRAM_BYTES + 1)
+            except OSError as exc:
+                if self._closing:
+                    break
+                log.debug("udp receive failed: %s", exc)
+                continue
+            if self._closing or address is None:
+                break
+            try:
+                self._datagram(data, address)
+            except ClosedError:
+                break
+            except Exception:  # one bad datagram must not stop UDP for everyone
+                log.exception("udp: unexpected error handling a datagram from %s", address)
+        for session in list(self.clients.values()):
+            self.hub.backend.leave(session, "server shutting down")
+        self.clients.clear()
+
+    def _expire(self) -> float | None:
+        """Forget clients silent for UDP_IDLE_TIMEOUT_S; return seconds to the next expiry."""
+        if not self.clients:
+            return None
+        now = time.monotonic()
+        next_due: float | None = None
+        for address, session in list(self.clients.items()):
+            due = session.last_seen + UDP_IDLE_TIMEOUT_S
+            if due <= now:
+                del self.clients[address]
+                self.hub.backend.leave(session, "timed out")
+                self.send(textmode.notice("you were silent too long and have been forgotten"),
+                          address)
+            elif next_due is None or due < next_due:
+                next_due = due
+        return None if next_due is None else max(0.0, next_due - now)
+
+    def _datagram(self, data: bytes, address: tuple[Any, ...]) -> None:
+        if len(data) > MAX_DATAGRAM_BYTES:
+            self.send(textmode.error(f"datagram larger than {MAX_DATAGRAM_BYTES} bytes"), address)
+            return
+        session = self.clients.get(address)
+        try:
+            lines = decode_utf8(data).splitlines() or [""]
+        except RemoteProtocolError as exc:
+            self.send(textmode.error(str(exc)), address)
+            return
+        if session is None:
+            self._register(lines[0].strip(), address)
+            return
+        session.last_seen = time.monotonic()
+        for text in lines:
+            try:
+                command = textmode.parse_line(text)
+                if command is None:
+                    continue  # an empty datagram is a keepalive
+                if not session.handle(command):
+                    del self.clients[address]
+                    self.hub.backend.leave(session, "quit")
+                    session.notice("Bye!")
+                    return
+            except (ValidationError, RemoteProtocolError) as exc:
+                session.error(exc.code, str(exc))
+
+    def _register(self, nick: str, address: tuple[Any, ...]) -> None:
+        if not nick or nick.startswith("/"):
+            self.send(textmode.greeting(self.hub.name), address)
+            return
+        if len(self.clients) >= MAX_UDP_CLIENTS:
+            self.send(textmode.error("too many UDP clients; try TCP"), address)
+            return
+        session = _UdpSession(self.hub, self, address)
+        if session.try_join(nick):
+            self.clients[address] = session
+
+    def close(self) -> None:
+        self._closing = True
+        # shutdown() on a UDP socket wakes a blocked recvfrom on Linux (it reports ENOTCONN).
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+
+class Hub:
+    """The TCP (and UDP) chat server.
+
+    ``port=0`` picks a free port (read it back from :attr:`port`); the UDP
+    endpoint binds the same port number.  ``link_acceptor`` receives
+    connections that introduce themselves as daemons.  :meth:`close` says
+    goodbye to every client, joins every thread, and is idempotent.
+    """
+
+    def __init__(self, backend: HubBackend, *, name: str, bind: str = "0.0.0.0",
+                 port: int = 0, udp: bool = True,
+                 link_acceptor: LinkAcceptor | None = None) -> None:
+        self.backend = backend
+        self.name = name
+        self.link_acceptor = link_acceptor
+        self._lock = threading.Lock()  # guards: _sessions, _closed
+        self._sessions: set[_TcpSession] = set()
+        self._closed = False
+        self._counter = itertools.count(1)
+        family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+        self._listener = socket.socket(family, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind((bind, port))
+        self._listener.listen(512)
+        self.address: tuple[str, int] = self._listener.getsockname()[:2]
+        self._udp: _UdpEndpoint | None = None
+        if udp:
+            usock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                usock.bind((bind, self.address[1]))
+            except OSError:
+                usock.close()
+                self._listener.close()
+                raise
+            self._udp = _UdpEndpoint(self, usock)
+        self._accept_thread = threading.Thread(target=self._accept_loop, name="hub-accept",
+                                               daemon=False)
+
+    @property
+    def port(self) -> int:
+        return self.address[1]
+
+    @property
+    def udp_port(self) -> int | None:
+        return self.address[1] if self._udp is not None else None
+
+    @property
+    def client_count(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def start(self) -> None:
+        self._accept_thread.start()
+        if self._udp is not None:
+            self._udp.thread.start()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                sock, address = self._listener.accept()
+            except OSError as exc:
+                if self._closed:
+                    return
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("cannot accept connections: %s; retrying", exc.strerror)
+                    time.sleep(ACCEPT_BACKOFF_S)
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            session = _TcpSession(self, sock, address, next(self._counter))
+            with self._lock:
+                if self._closed:
+                    sock.close()
+                    return
+                self._sessions.add(session)
+            try:
+                session.thread.start()
+            except RuntimeError as exc:  # can't start a new thread: refuse this one
+                log.warning("cannot serve %s: %s", address, exc)
+                self._forget(session)
+                sock.close()
+
+    def _forget(self, session: _TcpSession) -> None:
+        with self._lock:
+            self._sessions.discard(session)
+
+    def close(self, reason: str = "server shutting down") -> None:
+        """Stop accepting, say goodbye to everyone, and join all threads."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            sessions = list(self._sessions)
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        if self._accept_thread.is_alive():
+            self._accept_thread.join()
+        self._listener.close()
+        for session in sessions:
+            session.goodbye(reason)
+        deadline = time.monotonic() + SHUTDOWN_FLUSH_S + 2
+        for session in sessions:
+            session.thread.join(max(0.1, deadline - time.monotonic()))
+            if session.thread.is_alive():  # a handed-over link or a stuck peer: force it
+                with contextlib.suppress(OSError):
+                    session.sock.shutdown(socket.SHUT_RDWR)
+                session.thread.join(1.0)
+        if self._udp is not None:
+            self._udp.close()
+            if self._udp.thread.is_alive():
+                self._udp.thread.join()
+            self._udp.sock.close()

@@ -1,0 +1,501 @@
+"""The router: the one place that decides who gets a message.
+
+Every message -- typed by a hub client (text, JSON or UDP), sent with
+``lanchat send``, or arriving from another daemon -- goes through
+:class:`Router`: it is stored (deduplicated by id), and only then fanned out to
+every subscriber that should see it.  Presence (joins, leaves, nick changes)
+goes the same way, unstored.
+
+Thread model.  The router owns one thread, ``router``.  All changes arrive as
+items on a bounded inbox; on the router thread, and only there, the router
+writes to the store, changes the room table and the roster, and fans out.
+Single ownership is what makes the guarantees cheap:
+
+* every receiver sees messages in the same order (one thread enqueues them);
+* ``subscribe`` takes its backlog snapshot and registers the subscriber in one
+  step, so a subscriber misses nothing and sees nothing twice;
+* a message is durable before anyone sees it, and before its sender is told it
+  was accepted (the store commits, then the router fans out and acknowledges);
+* consecutive publishes are committed in one transaction (group commit).
+
+Fan-out never blocks: :meth:`Subscriber.deliver` only queues.  A subscriber
+whose queue is full is dropped (and told so), never waited for.  Readers of
+the roster (:meth:`users`) use an immutable snapshot and take no lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from lanchat.errors import ClosedError, LanchatError, NickInUse, StoreError
+from lanchat.events import Event
+from lanchat.limits import MAX_COMMIT_BATCH, MAX_HISTORY_PAGE, MAX_ROUTER_QUEUE
+from lanchat.model import DEFAULT_ROOM, Draft, Message, Presence, User, validate_nick
+
+log = logging.getLogger(__name__)
+
+
+class Subscriber(Protocol):
+    """Anything that receives routed events: a hub client, a ``tail``, a daemon link."""
+
+    def deliver(self, event: Event) -> bool:
+        """Queue ``event`` for sending; never block.
+
+        False means "my queue is full": the subscriber has already told its
+        client and begun closing; the router unregisters it.
+        """
+        ...
+
+
+class MessageStore(Protocol):
+    """What the router needs of the history store (see :mod:`lanchat.store`)."""
+
+    def append_local(self, drafts: Sequence[Draft], *, ts: float) -> list[Message]: ...
+    def insert_remote(self, messages: Sequence[Message]) -> list[Message]: ...
+    def history(self, *, room: str | None = None, limit: int = 50,
+                before: float | None = None, since: float | None = None) -> list[Message]: ...
+    def prune(self, now: float) -> int: ...
+
+
+#: Called on the router thread once a publish is stored (message) or failed (error).
+PublishDone = Callable[[Message | None, LanchatError | None], None]
+
+
+@dataclass(eq=False)
+class _Member:
+    """A user connected to this hub (router-thread state)."""
+
+    sub: Subscriber
+    nick: str
+    host: str
+    room: str
+    via: str
+    since: float
+
+
+@dataclass(eq=False)
+class _Publish:
+    draft: Draft
+    source: object | None
+    done: PublishDone | None
+
+
+@dataclass(eq=False)
+class _Call:
+    fn: Callable[[], Any]
+    future: Future[Any] = field(default_factory=Future)
+
+
+@dataclass(eq=False)
+class _Remote:
+    messages: Sequence[Message]
+    source: object | None
+    future: Future[list[Message]] | None
+
+
+_STOP = object()
+
+
+class _Inbox:
+    """A bounded FIFO whose consumer can take a run of publishes at once.
+
+    guards: _items, _closed (one lock, two conditions)
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self._items: deque[object] = deque()
+        self._maxsize = maxsize
+        self._lock = threading.Lock()
+        self._not_empty = threading.Condition(self._lock)
+        self._not_full = threading.Condition(self._lock)
+        self._closed = False
+
+    def put(self, item: object) -> None:
+        with self._lock:
+            while len(self._items) >= self._maxsize and not self._closed:
+                self._not_full.wait()
+            if self._closed:
+                raise ClosedError("the daemon is shutting down")
+            self._items.append(item)
+            self._not_empty.notify()
+
+    def put_stop(self) -> None:
+        with self._lock:
+            self._items.append(_STOP)
+            self._closed = True
+            self._not_empty.notify()
+            self._not_full.notify_all()
+
+    def take(self) -> list[object]:
+        """Block for the next item; if it is a publish, also take the publishes right after it."""
+        with self._lock:
+            while not self._items:
+                self._not_empty.wait()
+            first = self._items.popleft()
+            batch = [first]
+            if isinstance(first, _Publish):
+                while (self._items and len(batch) < MAX_COMMIT_BATCH
+                       and isinstance(self._items[0], _Publish)):
+                    batch.append(self._items.popleft())
+            self._not_full.notify(len(batch))
+            return batch
+
+
+class Router:
+    """Stores and fans out messages and presence; keeps who is connected where.
+
+    ``node``/``host``/``nick`` describe this daemon and its own user (the one
+    speaking through the control socket).  ``clock`` returns seconds since the
+    epoch; tests pass a fake one.
+    """
+
+    def __init__(self, store: MessageStore, *, node: str, host: str, nick: str,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self.node = node
+        self.host = host
+        self._nick = validate_nick(nick)
+        self._clock = clock
+        self._started_at = clock()
+        self._inbox = _Inbox(MAX_ROUTER_QUEUE)
+        self._thread = threading.Thread(target=self._run, name="router", daemon=False)
+        # Router-thread state: the roster and the fan-out table.
+        self._members: dict[Subscriber, _Member] = {}
+        self._nicks: dict[str, _Member] = {}  # casefolded nick -> member
+        self._room_subs: dict[str, tuple[Subscriber, ...]] = {}
+        self._watchers: tuple[Subscriber, ...] = ()  # every room: tail, links
+        self._watcher_rooms: dict[Subscriber, frozenset[str] | None] = {}
+        # Published by the router thread, read by anyone (immutable snapshot).
+        self._users: tuple[User, ...] = ()
+        self._publish_users()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        """Finish what is queued, then stop the router thread.  Idempotent."""
+        if self._thread.is_alive():
+            with contextlib.suppress(ClosedError):
+                self._inbox.put_stop()
+            self._thread.join()
+
+    @property
+    def nick(self) -> str:
+        """This daemon's own user's nick."""
+        return self._nick
+
+    @property
+    def uptime_s(self) -> float:
+        return self._clock() - self._started_at
+
+    # -- publishing ------------------------------------------------------------
+
+    def publish(self, draft: Draft, *, source: object | None = None,
+                done: PublishDone | None = None) -> None:
+        """Queue ``draft`` for storing and fan-out; ``done`` is called on the router thread.
+
+        Blocks only while the router's inbox is full (back-pressure onto a
+        flooding connection).  Raises :class:`ClosedError` after :meth:`close`.
+        """
+        self._inbox.put(_Publish(draft, source, done))
+
+    def send(self, draft: Draft, timeout: float | None = 30.0) -> Message:
+        """Publish and wait until stored: the message returned is durable."""
+        future: Future[Message] = Future()
+
+        def done(msg: Message | None, err: LanchatError | None) -> None:
+            if err is not None:
+                future.set_exception(err)
+            else:
+                assert msg is not None
+                future.set_result(msg)
+
+        self.publish(draft, done=done)
+        return future.result(timeout)
+
+    def accept_remote(self, messages: Sequence[Message], *, source: object | None,
+                      wait: bool = False) -> list[Message]:
+        """Store messages from another daemon (dedup by id) and fan out the new ones.
+
+        With ``wait``, returns the messages that were new; otherwise returns ``[]``
+        at once and the work happens on the router thread.
+        """
+        future: Future[list[Message]] | None = Future() if wait else None
+        self._inbox.put(_Remote(messages, source, future))
+        return future.result() if future is not None else []
+
+    # -- membership (hub clients) ----------------------------------------------
+
+    def join(self, sub: Subscriber, *, nick: str, host: str, via: str,
+             room: str = DEFAULT_ROOM) -> list[User]:
+        """Register a hub client under ``nick`` in ``room``; announce it.
+
+        Returns the users already in the room.  Raises :class:`NickInUse`.
+        """
+        return self._call(lambda: self._do_join(sub, nick, host, via, room))  # type: ignore[no-any-return]
+
+    def move(self, sub: Subscriber, room: str) -> list[User]:
+        """Move a client to another room (leave notice here, join notice there)."""
+        return self._call(lambda: self._do_move(sub, room))  # type: ignore[no-any-return]
+
+    def rename(self, sub: Subscriber, nick: str) -> None:
+        """Change a client's nick.  Raises :class:`NickInUse`."""
+        self._call(lambda: self._do_rename(sub, nick))
+
+    def leave(self, sub: Subscriber, reason: str = "quit") -> None:
+        """Forget a client (idempotent) and announce that it left."""
+        with contextlib.suppress(ClosedError):  # shutting down: nobody left to tell
+            self._inbox.put(_Call(lambda: self._do_leave(sub, reason)))
+
+    def set_nick(self, nick: str) -> str:
+        """Change this daemon's own nick (``lanchat nick``).  Raises :class:`NickInUse`."""
+        return self._call(lambda: self._do_set_nick(nick))  # type: ignore[no-any-return]
+
+    # -- watchers (control-socket subscribers, links) --------------------------
+
+    def subscribe(self, sub: Subscriber, *, backlog: int = 0,
+                  rooms: frozenset[str] | None = None) -> list[Message]:
+        """Register ``sub`` for every event in ``rooms`` (None: all rooms).
+
+        Returns the last ``backlog`` stored messages (oldest first); every
+        message stored after them will be delivered live -- no gap, no duplicate.
+        """
+        return self._call(lambda: self._do_subscribe(sub, backlog, rooms))  # type: ignore[no-any-return]
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        with contextlib.suppress(ClosedError):  # shutting down: nobody left to tell
+            self._inbox.put(_Call(lambda: self._do_unsubscribe(sub)))
+
+    def prune(self) -> int:
+        """Apply the store's retention on the router thread (the store's only writer)."""
+        return self._call(lambda: self._store.prune(self._clock()))  # type: ignore[no-any-return]
+
+    # -- queries -----------------------------------------------------------------
+
+    def users(self, room: str | None = None) -> list[User]:
+        """Everyone connected (this daemon's user first), optionally only in ``room``."""
+        snapshot = self._users
+        if room is None:
+            return list(snapshot)
+        return [u for u in snapshot if u.room == room or u.via == "daemon"]
+
+    def history(self, *, room: str | None = None, limit: int = 50,
+                before: float | None = None, since: float | None = None) -> list[Message]:
+        limit = max(1, min(limit, MAX_HISTORY_PAGE))
+        return self._store.history(room=room, limit=limit, before=before, since=since)
+
+    # -- router thread -----------------------------------------------------------
+
+    def _call(self, fn: Callable[[], Any], timeout: float | None = 30.0) -> Any:
+        item = _Call(fn)
+        self._inbox.put(item)
+        return item.future.result(timeout)
+
+    def _run(self) -> None:
+        while True:
+            batch = self._inbox.take()
+            first = batch[0]
+            if first is _STOP:
+                return
+            try:
+                if isinstance(first, _Publish):
+                    self._commit(batch)  # type: ignore[arg-type]
+                elif isinstance(first, _Call):
+                    self._run_call(first)
+                elif isinstance(first, _Remote):
+                    self._take_remote(first)
+            except Exception:  # the router thread must survive any bug
+                log.exception("router: unexpected error")
+
+    def _run_call(self, item: _Call) -> None:
+        try:
+            item.future.set_result(item.fn())
+        except LanchatError as exc:
+            item.future.set_exception(exc)
+        except Exception as exc:  # hand the bug to the caller, keep routing
+            log.exception("router: call failed")
+            item.future.set_exception(exc)
+
+    def _commit(self, batch: list[_Publish]) -> None:
+        try:
+            messages = self._store.append_local([p.draft for p in batch], ts=self._clock())
+        except StoreError as exc:
+            log.error("cannot store %d message(s): %s", len(batch), exc)
+            for p in batch:
+                if p.done is not None:
+                    p.done(None, exc)
+            return
+        for p, msg in zip(batch, messages, strict=True):
+            self._fanout(Event(msg, p.source))
+            if p.done is not None:
+                p.done(msg, None)
+
+    def _take_remote(self, item: _Remote) -> None:
+        try:
+            new = self._store.insert_remote(item.messages)
+        except StoreError as exc:
+            log.error("cannot store %d message(s) from a peer: %s", len(item.messages), exc)
+            if item.future is not None:
+                item.future.set_exception(exc)
+            return
+        for msg in new:
+            self._fanout(Event(msg, item.source))
+        if item.future is not None:
+            item.future.set_result(new)
+
+    def _fanout(self, event: Event) -> None:
+        """Hand ``event`` to everyone who should see it.  Router thread only."""
+        item = event.item
+        to = item.to.casefold() if isinstance(item, Message) and item.to else None
+        dead: list[Subscriber] = []
+        for sub in self._room_subs.get(item.room, ()):
+            if sub is event.source:
+                continue
+            if to is not None:
+                member = self._members.get(sub)
+                if member is None or member.nick.casefold() not in (to, item.nick.casefold()):
+                    continue
+            if not sub.deliver(event):
+                dead.append(sub)
+        for sub in self._watchers:
+            if sub is event.source:
+                continue
+            rooms = self._watcher_rooms.get(sub)
+            if rooms is not None and item.room not in rooms:
+                continue
+            if not sub.deliver(event):
+                dead.append(sub)
+        for sub in dead:
+            self._drop(sub)
+
+    def _drop(self, sub: Subscriber) -> None:
+        log.info("dropping a subscriber whose queue is full: %r", sub)
+        if sub in self._members:
+            self._do_leave(sub, "too slow")
+        else:
+            self._do_unsubscribe(sub)
+
+    def _presence(self, kind: str, member: _Member, room: str, *, old: str | None = None,
+                  reason: str | None = None) -> None:
+        p = Presence(kind=kind, nick=member.nick, host=member.host,  # type: ignore[arg-type]
+                     node=self.node, room=room, ts=self._clock(), old=old, reason=reason)
+        self._fanout(Event(p, member.sub))
+
+    def _add_to_room(self, sub: Subscriber, room: str) -> None:
+        self._room_subs[room] = (*self._room_subs.get(room, ()), sub)
+
+    def _remove_from_room(self, sub: Subscriber, room: str) -> None:
+        rest = tuple(s for s in self._room_subs.get(room, ()) if s is not sub)
+        if rest:
+            self._room_subs[room] = rest
+        else:
+            self._room_subs.pop(room, None)
+
+    def _check_nick_free(self, nick: str, member: _Member | None) -> None:
+        """Raise unless ``nick`` is free for ``member`` (None: a newcomer).
+
+        Taken means held by another client here, or this daemon's own nick.
+        """
+        key = nick.casefold()
+        holder = self._nicks.get(key)
+        if (holder is not None and holder is not member) or key == self._nick.casefold():
+            raise NickInUse(f"the nick {nick!r} is already in use on this hub")
+
+    def _do_join(self, sub: Subscriber, nick: str, host: str, via: str, room: str) -> list[User]:
+        validate_nick(nick)
+        if sub in self._members:
+            raise NickInUse("already joined")
+        self._check_nick_free(nick, None)
+        member = _Member(sub, nick, host, room, via, self._clock())
+        others = self.users(room)
+        self._members[sub] = member
+        self._nicks[nick.casefold()] = member
+        self._add_to_room(sub, room)
+        self._publish_users()
+        self._presence("join", member, room)
+        return others
+
+    def _do_move(self, sub: Subscriber, room: str) -> list[User]:
+        member = self._members.get(sub)
+        if member is None:
+            raise ClosedError("not joined")
+        if member.room == room:
+            return [u for u in self.users(room) if u.nick != member.nick]
+        self._presence("leave", member, member.room, reason=f"moved to #{room}")
+        self._remove_from_room(sub, member.room)
+        others = self.users(room)
+        member.room = room
+        self._add_to_room(sub, room)
+        self._publish_users()
+        self._presence("join", member, room)
+        return others
+
+    def _do_rename(self, sub: Subscriber, nick: str) -> None:
+        validate_nick(nick)
+        member = self._members.get(sub)
+        if member is None:
+            raise ClosedError("not joined")
+        self._check_nick_free(nick, member)
+        old = member.nick
+        del self._nicks[old.casefold()]
+        member.nick = nick
+        self._nicks[nick.casefold()] = member
+        self._publish_users()
+        self._presence("nick", member, member.room, old=old)
+
+    def _do_leave(self, sub: Subscriber, reason: str) -> None:
+        member = self._members.pop(sub, None)
+        if member is None:
+            self._do_unsubscribe(sub)
+            return
+        self._nicks.pop(member.nick.casefold(), None)
+        self._remove_from_room(sub, member.room)
+        self._publish_users()
+        self._presence("leave", member, member.room, reason=reason)
+
+    def _do_set_nick(self, nick: str) -> str:
+        validate_nick(nick)
+        holder = self._nicks.get(nick.casefold())
+        if holder is not None:
+            raise NickInUse(f"the nick {nick!r} is already in use on this hub")
+        self._nick = nick
+        self._publish_users()
+        return nick
+
+    def _do_subscribe(self, sub: Subscriber, backlog: int,
+                      rooms: frozenset[str] | None) -> list[Message]:
+        messages: list[Message] = []
+        if backlog > 0:
+            if rooms is not None and len(rooms) == 1:
+                (room,) = rooms
+                messages = self._store.history(room=room, limit=min(backlog, MAX_HISTORY_PAGE))
+            else:
+                messages = self._store.history(limit=min(backlog, MAX_HISTORY_PAGE))
+                if rooms is not None:
+                    messages = [m for m in messages if m.room in rooms]
+        if sub not in self._watcher_rooms:
+            self._watchers = (*self._watchers, sub)
+        self._watcher_rooms[sub] = rooms
+        return messages
+
+    def _do_unsubscribe(self, sub: Subscriber) -> None:
+        if self._watcher_rooms.pop(sub, None) is not None or sub in self._watchers:
+            self._watchers = tuple(s for s in self._watchers if s is not sub)
+
+    def _publish_users(self) -> None:
+        me = User(nick=self._nick, host=self.host, node=self.node, local=True,
+                  since=self._started_at, room=DEFAULT_ROOM, via="daemon")
+        others = sorted(self._members.values(), key=lambda m: m.nick.casefold())
+        self._users = (me, *(
+            User(nick=m.nick, host=m.host, node=self.node, local=True, since=m.since,
+                 room=m.room, via=m.via) for m in others))
