@@ -463,7 +463,7 @@ class Worker:
             c.payload_bytes_seen = total
             c.unique = len(PAYLOAD_RE.findall(tail)) if total else 0
             c.notices = [ln.decode("utf-8", "replace")[:200] for ln in tail.split(b"\n")
-                         if ln and b"@lg " not in ln][-3:]
+                         if _is_notice(ln) or ln.startswith(b"* ")][-3:]
 
     def report(self) -> dict[str, Any]:
         measured = [c for c in self.clients.values() if c.spec.role in ("send", "recv")]

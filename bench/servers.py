@@ -34,7 +34,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 #: How long a server may take to print its port.
 START_TIMEOUT_S = 20.0
-PORT_RE = re.compile(rb"(?:127\.0\.0\.1|0\.0\.0\.0|port)[: =]+(\d{2,5})")
+PORT_RE = re.compile(rb"listening on [0-9.]+:(\d+)")
 
 
 @dataclass

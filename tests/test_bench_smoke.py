@@ -1,0 +1,52 @@
+"""Smoke run of the benchmark kit against the classic baseline server.
+
+Keeps ``bench/`` from rotting: a tiny fan-out (5 clients x 50 messages) and a tiny rate run go
+through the real generator, real worker processes and a real server on 127.0.0.1, print one
+JSON line, and every message reaches every other client exactly once, in order.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RUN = Path(__file__).resolve().parent.parent / "bench" / "run.py"
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _run(*args: str) -> dict[str, object]:
+    p = subprocess.run([sys.executable, str(RUN), *args], capture_output=True, timeout=45,
+                       check=False)
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    lines = p.stdout.decode().splitlines()
+    assert len(lines) == 1, lines  # exactly one JSON line per scenario
+    out: dict[str, object] = json.loads(lines[0])
+    return out
+
+
+def test_fanout_smoke_no_loss_no_dup() -> None:
+    out = _run("fanout", "--server", "classic", "--repeat", "1", "--clients", "5",
+               "--senders", "5", "--messages", "50", "--window", "8")
+    assert out["scenario"] == "fanout"
+    run = out["results"]["classic"]["runs"][0]  # type: ignore[index]
+    assert run["ready"] == 5
+    assert run["sent"] == 250
+    assert run["expected_deliveries"] == 250 * 4  # nobody gets their own message in text mode
+    assert run["deliveries"] == 1000
+    assert (run["lost"], run["dups"], run["reorders"]) == (0, 0, 0)
+    assert run["deliveries_per_s"] > 0
+    assert run["gen_cpu_s"] >= 0
+
+
+def test_latency_smoke_rate_mode() -> None:
+    out = _run("latency", "--server", "classic", "--repeat", "1", "--clients", "4",
+               "--senders", "2", "--rate", "100", "--duration", "1")
+    run = out["results"]["classic"]["runs"][0]  # type: ignore[index]
+    assert run["lost"] == 0 and run["dups"] == 0
+    assert run["samples"] == run["deliveries"] > 0
+    assert 0 < run["p50_ms"] <= run["p99_ms"] <= run["max_ms"]
