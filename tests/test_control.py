@@ -1,0 +1,347 @@
+"""The control socket over a real Unix socket, with a fake backend."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import stat
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from control_fake import NODE, FakeBackend
+
+from lanchat.client import ConnectionLost, ControlClient, RpcError
+from lanchat.control import AlreadyRunning, ControlServer
+from lanchat.limits import MAX_OUTBOX_BYTES, MAX_RPC_LINE_BYTES
+from lanchat.model import Presence
+
+
+@pytest.fixture
+def tmpdir_short() -> Iterator[str]:
+    d = tempfile.mkdtemp(dir="/tmp", prefix="lcc-")
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def served(tmpdir_short: str) -> Iterator[tuple[ControlServer, FakeBackend, str]]:
+    backend = FakeBackend()
+    path = os.path.join(tmpdir_short, "run", "control.sock")
+    server = ControlServer(path, backend)
+    server.start()
+    try:
+        yield server, backend, path
+    finally:
+        server.close()
+        leftover = [t.name for t in threading.enumerate() if t.name.startswith("control-")]
+        assert not leftover, leftover
+
+
+def raw(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5.0)
+    s.connect(path)
+    return s
+
+
+def read_line(f: Any) -> Any:
+    line = f.readline()
+    assert line, "connection closed"
+    return json.loads(line)
+
+
+def wait_for(cond: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+# -- permissions and the socket file --------------------------------------------------
+
+def test_dir_created_0700_socket_0600(served: tuple[ControlServer, FakeBackend, str]) -> None:
+    _, _, path = served
+    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+    st = os.lstat(path)
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+    # no staging directory left behind
+    assert os.listdir(os.path.dirname(path)) == ["control.sock"]
+
+
+def test_group_mode_0660(tmpdir_short: str) -> None:
+    path = os.path.join(tmpdir_short, "c.sock")
+    server = ControlServer(path, FakeBackend(), mode=0o660, group=os.getgid())
+    server.start()
+    try:
+        st = os.lstat(path)
+        assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == os.getgid()
+    finally:
+        server.close()
+    assert not os.path.exists(path), "close() removes its socket file"
+
+
+def test_stale_socket_is_replaced(tmpdir_short: str) -> None:
+    path = os.path.join(tmpdir_short, "c.sock")
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(path)
+    dead.close()  # a crashed daemon: the file stays, nobody listens (ECONNREFUSED)
+    server = ControlServer(path, FakeBackend())
+    server.start()
+    try:
+        with ControlClient(path) as c:
+            assert c.call("status")["node"] == NODE
+    finally:
+        server.close()
+
+
+def test_live_socket_is_refused(served: tuple[ControlServer, FakeBackend, str]) -> None:
+    _, _, path = served
+    second = ControlServer(path, FakeBackend())
+    with pytest.raises(AlreadyRunning, match=f"another lanchatd is already listening on {path}"):
+        second.start()
+    with ControlClient(path) as c:  # the first one still serves
+        assert c.call("status")["nick"] == "alice"
+
+
+def test_non_socket_file_is_not_replaced(tmpdir_short: str) -> None:
+    path = os.path.join(tmpdir_short, "c.sock")
+    with open(path, "w") as f:
+        f.write("precious")
+    with pytest.raises(AlreadyRunning, match="not a socket"):
+        ControlServer(path, FakeBackend()).start()
+    with open(path) as f:
+        assert f.read() == "precious"
+
+
+# -- methods -----------------------------------------------------------------------------
+
+def test_send_records_peer_uid(served: tuple[ControlServer, FakeBackend, str]) -> None:
+    _, backend, path = served
+    with ControlClient(path) as c:
+        msg = c.call("send", text="hi", room="#Dev")
+    assert msg["text"] == "hi" and msg["room"] == "dev" and msg["id"] == f"{NODE}:1"
+    assert backend.uids == [os.getuid()]
+
+
+def test_methods_and_errors(served: tuple[ControlServer, FakeBackend, str]) -> None:
+    _, backend, path = served
+    with ControlClient(path) as c:
+        names = [m["name"] for m in c.call("methods")]
+        assert {"send", "history", "subscribe", "users", "peers", "status", "nick",
+                "methods"} <= set(names)
+        status = c.call("status")
+        assert {"version", "node", "nick", "port", "peers", "uptime_s"} <= set(status)
+        assert c.call("nick", nick="robert") == {"nick": "robert"}
+        users = c.call("users")
+        assert {"nick", "host", "node", "local", "since"} <= set(users[0])
+        assert c.call("peers")[0]["state"] == "linked"
+        with pytest.raises(RpcError) as e:
+            c.call("nick", nick="taken")
+        assert e.value.rpc_code == 2
+        for params in ({"text": ""}, {"text": 5}, {"text": "x", "room": "no spaces"},
+                       {"text": "x", "rom": "lobby"}, {}):
+            with pytest.raises(RpcError) as e:
+                c.call("send", **params)
+            assert e.value.rpc_code == -32602, params
+        with pytest.raises(RpcError) as e:
+            c.call("history", limit=0)
+        assert e.value.rpc_code == -32602
+        with pytest.raises(RpcError) as e:
+            c.call("frobnicate")
+        assert e.value.rpc_code == -32601
+        assert backend.messages == []
+
+
+def test_history(served: tuple[ControlServer, FakeBackend, str]) -> None:
+    _, backend, path = served
+    for i in range(5):
+        backend.add(f"m{i}", room="dev" if i % 2 else "lobby", ts=1000.0 + i)
+    with ControlClient(path) as c:
+        assert [m["text"] for m in c.call("history")] == ["m0", "m1", "m2", "m3", "m4"]
+        assert [m["text"] for m in c.call("history", room="dev")] == ["m1", "m3"]
+        assert [m["text"] for m in c.call("history", limit=2)] == ["m3", "m4"]
+        assert [m["text"] for m in c.call("history", since=1003)] == ["m3", "m4"]
+
+
+def test_notification_and_batch_over_socket(
+        served: tuple[ControlServer, FakeBackend, str]) -> None:
+    _, backend, path = served
+    s = raw(path)
+    f = s.makefile("rb")
+    try:
+        s.sendall(b'{"jsonrpc":"2.0","method":"send","params":{"text":"quiet"}}\n'
+                  b"\n"
+                  b'[{"jsonrpc":"2.0","method":"status","id":"a"},'
+                  b'{"jsonrpc":"2.0","method":"users"}]\n'
+                  b'{"jsonrpc":"2.0","method":"nope","id":1}\n')
+        batch = read_line(f)
+        assert isinstance(batch, list) and len(batch) == 1 and batch[0]["id"] == "a"
+        assert read_line(f)["error"]["code"] == -32601
+        assert [m.text for m in backend.messages] == ["quiet"]
+    finally:
+        f.close()
+        s.close()
+
+
+def test_oversized_line_gets_error_and_close(
+        served: tuple[ControlServer, FakeBackend, str]) -> None:
+    server, _, path = served
+    s = raw(path)
+    f = s.makefile("rb")
+    try:
+        chunk = b"x" * 65536
+        sent = 0
+        with pytest.raises(OSError):  # the server stops reading and closes: EPIPE/ECONNRESET
+            while sent <= MAX_RPC_LINE_BYTES * 2:
+                s.sendall(chunk)
+                sent += len(chunk)
+            raise BrokenPipeError("kept reading")  # pragma: no cover
+    except OSError:
+        pass
+    try:
+        reply = json.loads(f.readline())
+        assert reply["error"]["code"] in (-32600, -32700) and reply["id"] is None
+        assert f.readline() == b""
+    except OSError:
+        pass  # ECONNRESET: the reply was discarded with our unread bytes
+    finally:
+        f.close()
+        s.close()
+    with ControlClient(path) as c:  # the daemon keeps serving
+        assert c.call("status")["nick"] == "alice"
+    wait_for(lambda: server.connections == 0)
+
+
+def test_oversized_line_reply_is_seen(served: tuple[ControlServer, FakeBackend, str]) -> None:
+    """Just over the limit, sent at once: the reply arrives before the close."""
+    _, _, path = served
+    s = raw(path)
+    f = s.makefile("rb")
+    try:
+        s.sendall(b"[" + b" " * MAX_RPC_LINE_BYTES + b"]\n")
+        reply = json.loads(f.readline())
+        assert reply["error"]["code"] == -32600
+        assert "longer than" in reply["error"]["message"]
+        assert f.readline() == b""
+    finally:
+        f.close()
+        s.close()
+
+
+# -- subscriptions -----------------------------------------------------------------------
+
+def test_subscribe_backlog_then_live_in_order(
+        served: tuple[ControlServer, FakeBackend, str]) -> None:
+    _, backend, path = served
+    total = 300
+    started = threading.Event()
+
+    def producer() -> None:
+        for i in range(total):
+            if i == 50:
+                started.set()
+            backend.add(f"n{i}")
+
+    t = threading.Thread(target=producer, name="test-producer")
+    t.start()
+    try:
+        assert started.wait(5)
+        with ControlClient(path) as c:
+            backlog, notes = c.subscribe(backlog=5)
+            seqs = [m["seq"] for m in backlog]
+            assert len(seqs) == 5
+            while seqs[-1] < total:
+                note = next(notes)
+                assert note["method"] == "message"
+                seqs.append(note["params"]["seq"])
+    finally:
+        t.join(10)
+    assert seqs == list(range(seqs[0], total + 1)), "no gap and no duplicate"
+
+
+def test_subscribe_room_and_presence_filters(
+        served: tuple[ControlServer, FakeBackend, str]) -> None:
+    _, backend, path = served
+    p = Presence(kind="join", nick="carol", host="h", node=NODE, room="dev", ts=1.0)
+    with ControlClient(path) as everything, ControlClient(path) as quiet:
+        backlog, notes = everything.subscribe(room="dev")
+        assert backlog == []
+        _, quiet_notes = quiet.subscribe(presence=False)
+        backend.presence(p)
+        backend.add("in lobby")
+        backend.add("in dev", room="dev")
+        first = next(notes)
+        assert first == {"jsonrpc": "2.0", "method": "presence", "params": p.to_dict()}
+        assert next(notes)["params"]["text"] == "in dev"
+        assert next(quiet_notes)["params"]["text"] == "in lobby"
+        assert next(quiet_notes)["params"]["text"] == "in dev"
+        with pytest.raises(RpcError) as e:
+            everything.call("subscribe")
+        assert e.value.rpc_code == 3
+        assert everything.call("unsubscribe") is True
+    wait_for(lambda: backend.subs == [])
+
+
+def test_slow_subscriber_is_dropped_without_slowing_senders(
+        served: tuple[ControlServer, FakeBackend, str]) -> None:
+    server, backend, path = served
+    slow = raw(path)
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        slow.sendall(b'{"jsonrpc":"2.0","method":"subscribe","id":1}\n')
+        wait_for(lambda: len(backend.subs) == 1)
+        text = "x" * 4000
+        worst = 0.0
+        with ControlClient(path) as sender:
+            # Enough to fill the outbox bound plus every kernel buffer on the way, bounded.
+            for _ in range(4 * MAX_OUTBOX_BYTES // len(text)):
+                t0 = time.monotonic()
+                sender.call("send", text=text)
+                worst = max(worst, time.monotonic() - t0)
+                if not backend.subs:
+                    break
+        assert backend.subs == [] and backend.dropped == 1, "the slow subscriber was dropped"
+        assert worst < 1.0, f"a send waited {worst:.2f}s on a slow subscriber"
+        # What the slow client finally reads: its reply, some messages, then the overflow
+        # notice, then EOF.
+        slow.settimeout(10)
+        f = slow.makefile("rb")
+        lines = []
+        for _ in range(10_000):
+            line = f.readline()
+            if not line:
+                break
+            lines.append(json.loads(line))
+        f.close()
+        assert lines[0]["id"] == 1 and "subscription" in lines[0]["result"]
+        assert lines[-1]["method"] == "overflow" and lines[-1]["params"]["reason"]
+        assert all(m.get("method") == "message" for m in lines[1:-1])
+    finally:
+        slow.close()
+    wait_for(lambda: server.connections == 0)
+
+
+def test_close_disconnects_subscribers(tmpdir_short: str) -> None:
+    path = os.path.join(tmpdir_short, "c.sock")
+    backend = FakeBackend()
+    server = ControlServer(path, backend)
+    server.start()
+    c = ControlClient(path)
+    try:
+        _, notes = c.subscribe()
+        server.close()
+        with pytest.raises(ConnectionLost):
+            next(notes)
+        assert backend.subs == []
+    finally:
+        c.close()
+        server.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("control-")]
