@@ -49,7 +49,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from lanchat.errors import ClosedError, LocalProtocolError, StoreError
+from lanchat.errors import ClosedError, LocalProtocolError, StoreError, ValidationError
 from lanchat.limits import MAX_HISTORY_PAGE
 from lanchat.model import Draft, Message
 
@@ -309,6 +309,13 @@ class Store:
         with self._errors("read"):
             return conn.execute(sql, params).fetchall()
 
+    def _messages(self, rows: list[tuple[object, ...]]) -> list[Message]:
+        try:
+            return [_message(row) for row in rows]  # type: ignore[arg-type]
+        except ValidationError as exc:
+            # Only a file edited behind our back gets here: we validate before storing.
+            raise StoreError(f"history at {self.path} holds an invalid message: {exc}") from exc
+
     # ---- the interface -------------------------------------------------------
 
     @property
@@ -402,7 +409,7 @@ class Store:
         rows = self._select(sql, params)
         if not forward:
             rows.reverse()
-        return [_message(row) for row in rows]  # type: ignore[arg-type]
+        return self._messages(rows)
 
     def cursors(self) -> dict[str, int]:
         """``{origin: highest seq ever stored}`` -- each origin's prefix 1..n.
@@ -424,7 +431,7 @@ class Store:
         rows = self._select(
             f"SELECT {_COLUMNS} FROM messages WHERE origin = ? AND seq > ? "
             "ORDER BY seq LIMIT ?", (origin, seq, limit))
-        return [_message(row) for row in rows]  # type: ignore[arg-type]
+        return self._messages(rows)
 
     def prune(self, now: float) -> int:
         """Delete messages older than ``max_age_days`` or beyond ``max_messages``.

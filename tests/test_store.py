@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lanchat import store as store_module
-from lanchat.errors import ClosedError, StoreError
+from lanchat.errors import ClosedError, LocalProtocolError, StoreError
 from lanchat.limits import MAX_HISTORY_PAGE
 from lanchat.model import Draft, Message
 from lanchat.store import MIGRATIONS, Store
@@ -456,6 +456,57 @@ def test_reads_from_other_threads_while_the_writer_writes(store: Store) -> None:
     assert errors == []
     assert reads[0] > 0
     assert store.cursors() == {node: 3000}
+
+
+def test_reads_do_not_wait_for_a_write_and_a_second_writer_is_refused(
+        db: Path, store: Store) -> None:
+    store.append_local([draft("committed")], ts=1.0)
+    inside = threading.Event()
+    release = threading.Event()
+
+    def pause() -> int:
+        inside.set()
+        release.wait(10)
+        return 0
+
+    # Hold the writer inside its transaction: a trigger calls back into Python.
+    store._writer.create_function("pause", 0, pause)
+    conn = raw(db)
+    conn.execute("CREATE TRIGGER hold BEFORE INSERT ON messages WHEN NEW.text = 'slow' "
+                 "BEGIN SELECT pause(); END")
+    conn.close()
+    errors: list[BaseException] = []
+
+    def slow_write() -> None:
+        try:
+            store.append_local([draft("slow")], ts=2.0)
+        except BaseException as exc:  # noqa: BLE001 -- reported by the test thread
+            errors.append(exc)
+
+    t = threading.Thread(target=slow_write, name="slow-writer")
+    t.start()
+    try:
+        assert inside.wait(10)
+        started = time.monotonic()
+        assert [m.text for m in store.history()] == ["committed"]  # not the uncommitted one
+        assert store.cursors() == {store.node_id: 1}
+        assert time.monotonic() - started < 1.0
+        with pytest.raises(LocalProtocolError, match="only one thread may write"):
+            store.insert_remote([msg(A, 1)])
+    finally:
+        release.set()
+        t.join(timeout=10)
+    assert errors == []
+    assert [m.text for m in store.history()] == ["committed", "slow"]
+
+
+def test_an_invalid_row_is_a_store_error(db: Path, store: Store) -> None:
+    store.append_local([draft()], ts=1.0)
+    conn = raw(db)
+    conn.execute("UPDATE messages SET nick = 'bad nick'")
+    conn.close()
+    with pytest.raises(StoreError, match="invalid message"):
+        store.history()
 
 
 def test_read_connections_close_when_their_threads_end(db: Path, store: Store) -> None:
