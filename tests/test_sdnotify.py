@@ -6,8 +6,12 @@ import io
 import logging
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -140,3 +144,83 @@ def test_setup_again_replaces_the_handler(restore_root_logger: None) -> None:
     assert logging.getLogger().level == logging.DEBUG
     with pytest.raises(ValueError):
         logsetup.to_level("loud")
+
+
+# --------------------------------------------------------------------------- the daemon
+
+
+def _daemon_env(tmp: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("LANCHAT_", "NOTIFY_", "WATCHDOG_", "XDG_", "JOURNAL_"))}
+    env.update(HOME=tmp, XDG_CONFIG_HOME=tmp, XDG_STATE_HOME=tmp, XDG_RUNTIME_DIR=tmp,
+               USER="tester", PYTHONDONTWRITEBYTECODE="1")
+    env.update(extra)
+    return env
+
+
+def _daemon_cmd(tmp: str) -> list[str]:
+    # Loopback only, discovery off: nothing leaves this machine.
+    return [sys.executable, "-m", "lanchat.daemon", "--port", "0", "--bind", "127.0.0.1",
+            "--no-discovery", "--state-dir", os.path.join(tmp, "state"),
+            "--socket", os.path.join(tmp, "c.sock")]
+
+
+def _recv_until(sock: socket.socket, wanted: str, deadline: float) -> list[str]:
+    got: list[str] = []
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            data = sock.recv(4096).decode()
+        except TimeoutError:
+            break
+        got.append(data)
+        if wanted in data.split("\n"):
+            return got
+    raise AssertionError(f"no {wanted} within the time limit; got {got}")
+
+
+def test_daemon_sends_ready_watchdog_and_stopping(
+    notify_socket: tuple[socket.socket, str],
+) -> None:
+    sock, path = notify_socket
+    tmp = os.path.dirname(path)
+    env = _daemon_env(tmp, NOTIFY_SOCKET=path, WATCHDOG_USEC="1000000")
+    proc = subprocess.Popen(_daemon_cmd(tmp), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        got = _recv_until(sock, "READY=1", time.monotonic() + 20)
+        assert any(line.startswith("STATUS=") for data in got for line in data.split("\n"))
+        _recv_until(sock, "WATCHDOG=1", time.monotonic() + 5)
+        proc.send_signal(signal.SIGTERM)
+        _recv_until(sock, "STOPPING=1", time.monotonic() + 10)
+        _, err = proc.communicate(timeout=15)
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+
+
+def test_daemon_bad_config_is_one_line_and_exit_78() -> None:
+    tmp = tempfile.mkdtemp(dir="/tmp")
+    try:
+        bad = os.path.join(tmp, "bad.toml")
+        for text, expected in [
+            ("prot = 7654\n", f"lanchatd: {bad}: unknown key 'prot' (did you mean 'port'?)"),
+            ("port = 'x'\n", f"lanchatd: {bad}: key 'port': must be an integer, not 'x' (str)"),
+            ("port = = 1\n", f"lanchatd: {bad}: invalid TOML: "),
+        ]:
+            with open(bad, "w") as f:
+                f.write(text)
+            proc = subprocess.run([*_daemon_cmd(tmp), "--config", bad], env=_daemon_env(tmp),
+                                  capture_output=True, text=True, timeout=30, check=False)
+            assert proc.returncode == 78
+            assert proc.stderr.startswith(expected), proc.stderr
+            assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+        ok = subprocess.run([*_daemon_cmd(tmp), "--check-config"], env=_daemon_env(tmp),
+                            capture_output=True, text=True, timeout=30, check=False)
+        assert ok.returncode == 0, ok.stderr
+        assert "port = 0\n" in ok.stdout and "discovery = false\n" in ok.stdout
+    finally:
+        shutil.rmtree(tmp)
