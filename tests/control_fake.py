@@ -2,19 +2,16 @@
 
 It behaves like the router where the tests look: one lock stands in for the
 router thread, so fan-out order is the same for every subscriber and
-``subscribe`` snapshots the backlog and registers atomically.  Run as a
-script (``python tests/control_fake.py SOCKET``) it serves a control socket
-until stdin closes, so CLI tests can run as another user against it.
+``subscribe`` snapshots the backlog and registers atomically.
 """
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from typing import Any
 
-from lanchat.control import ControlServer, Subscriber
+from lanchat.control import Subscriber
 from lanchat.errors import NickInUse
 from lanchat.events import Event
 from lanchat.model import Message, Presence, User
@@ -104,20 +101,3 @@ class FakeBackend:
         self.nick = nick
         return nick
 
-
-def serve(path: str) -> None:
-    """Serve ``path`` (mode 0600) until stdin reaches EOF; print "ready" once listening."""
-    backend = FakeBackend()
-    backend.add("hello from the fake", nick="bob")
-    server = ControlServer(path, backend)
-    server.start()
-    try:
-        sys.stdout.write("ready\n")
-        sys.stdout.flush()
-        sys.stdin.read()
-    finally:
-        server.close()
-
-
-if __name__ == "__main__":
-    serve(sys.argv[1])
