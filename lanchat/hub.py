@@ -422,6 +422,8 @@ class _TcpSession(_Session):
                 self.error(exc.code, str(exc))
 
     def _teardown(self) -> None:
+        if self.outbox.stalled:
+            self._leave_reason = "too slow"
         if self.nick is not None:
             self.hub.backend.leave(self, self._leave_reason)
         self.outbox.close(self._leave_reason)

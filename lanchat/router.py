@@ -409,7 +409,7 @@ class Router:
         key = nick.casefold()
         holder = self._nicks.get(key)
         if (holder is not None and holder is not member) or key == self._nick.casefold():
-            raise NickInUse(f"the nick {nick!r} is already in use on this hub")
+            raise NickInUse(f"the nick {nick} is taken")
 
     def _do_join(self, sub: Subscriber, nick: str, host: str, via: str, room: str) -> list[User]:
         validate_nick(nick)
@@ -467,7 +467,7 @@ class Router:
         validate_nick(nick)
         holder = self._nicks.get(nick.casefold())
         if holder is not None:
-            raise NickInUse(f"the nick {nick!r} is already in use on this hub")
+            raise NickInUse(f"the nick {nick} is taken")
         self._nick = nick
         self._publish_users()
         return nick

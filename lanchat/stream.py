@@ -71,6 +71,8 @@ class Outbox:
         self._closing = False
         self._final_timeout = FINAL_FLUSH_TIMEOUT_S
         self.close_reason: str | None = None
+        #: True once the peer was cut off for not reading (a send stalled).
+        self.stalled = False
 
     @property
     def queued_bytes(self) -> int:
@@ -168,6 +170,7 @@ class Outbox:
                 try:
                     self._send_all(data, poller, stall_timeout)
                 except TimeoutError:
+                    self.stalled = True
                     self._give_up(f"stalled: nothing could be sent for {stall_timeout:g} s")
                     return
                 except OSError as exc:

@@ -1,0 +1,296 @@
+"""The hub, end to end: a real lanchatd on 127.0.0.1, real TCP and UDP clients."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import threading
+import time
+from typing import Any
+
+from conftest import Daemon, LineClient, TextUser
+
+MESSAGE_RE = re.compile(r"^\[\d\d:\d\d:\d\d\] (\S+): (.*)$")
+
+
+def test_three_text_clients_chat_in_order(daemon: Daemon, clients: list[Any]) -> None:
+    alice = TextUser(daemon.port, "alice")
+    clients.append(alice)
+    assert "Welcome, alice!" in alice.welcome and "#lobby" in alice.welcome
+    bob = TextUser(daemon.port, "bob")
+    clients.append(bob)
+    assert alice.line() == "* bob joined #lobby"
+    carol = TextUser(daemon.port, "carol")
+    clients.append(carol)
+    assert "alice" in carol.welcome and "bob" in carol.welcome
+    assert alice.line() == "* carol joined #lobby"
+    assert bob.line() == "* carol joined #lobby"
+
+    for i in range(5):
+        alice.send(f"a{i}\n")
+        bob.send(f"b{i}\n")
+    for who, other1, other2 in ((carol, "alice", "bob"), (alice, "bob", None),
+                                (bob, "alice", None)):
+        got: dict[str, list[str]] = {}
+        expected = 10 if other2 else 5
+        for _ in range(expected):
+            m = MESSAGE_RE.match(who.line())
+            assert m, "messages are rendered [HH:MM:SS] nick: text"
+            got.setdefault(m.group(1), []).append(m.group(2))
+        assert got[other1] == [f"{other1[0]}{i}" for i in range(5)]  # each sender in order
+        assert who.nick not in got  # no echo of one's own lines
+
+    carol.send("/quit\n")
+    assert carol.line() == "* Bye!"
+    assert carol.closed()
+    assert alice.line() == "* carol left #lobby (quit)"
+    assert bob.line() == "* carol left #lobby (quit)"
+
+
+def test_duplicate_nick_is_refused_and_asked_again(daemon: Daemon, clients: list[Any]) -> None:
+    alice = TextUser(daemon.port, "alice")
+    clients.append(alice)
+    second = LineClient(daemon.port)
+    clients.append(second)
+    second.line(), second.line()
+    second.send("alice\n")
+    assert second.line().startswith("! the nick alice is taken")
+    second.send("ALICE\n")  # nicks are unique regardless of case
+    assert second.line().startswith("! the nick ALICE is taken")
+    second.send("owner\n")  # the daemon's own user's nick is taken too
+    assert "taken" in second.line()
+    second.send("bad nick\n")
+    assert second.line().startswith("! nick must be printable characters without spaces")
+    second.send("alice2\n")
+    assert "Welcome, alice2!" in second.line()
+    assert alice.line() == "* alice2 joined #lobby"
+
+
+def test_commands_nick_me_join_users_help(daemon: Daemon, clients: list[Any]) -> None:
+    alice = TextUser(daemon.port, "alice")
+    bob = TextUser(daemon.port, "bob")
+    clients += [alice, bob]
+    alice.line()  # bob joined
+    bob.send("/users\n")
+    assert bob.line() == "* In #lobby (3): owner, alice, bob"
+    bob.send("/me waves\n")
+    assert re.match(r"^\[\d\d:\d\d:\d\d\] \* bob waves$", alice.line())
+    bob.send("/nick robert\n")
+    assert bob.line() == "* You are now known as robert"
+    assert alice.line() == "* bob is now known as robert"
+    bob.send("/nick alice\n")
+    assert "taken" in bob.line()
+    bob.send("/frobnicate\n")
+    assert bob.line() == "! unknown command /frobnicate -- type /help"
+    bob.send("/help\n")
+    assert bob.line() == "Commands:"
+    bob.until("/quit")
+    bob.until("//")
+    bob.send("/join Dev\n")
+    assert bob.line() == "* You are now in #dev with owner"  # the node's own user is everywhere
+    assert alice.line() == "* robert left #lobby (moved to #dev)"
+    alice.send("only lobby hears this\n")
+    alice.send("/join #dev\n")
+    assert alice.line() == "* You are now in #dev with owner, robert"
+    assert bob.line() == "* alice joined #dev"
+    alice.send("hello dev\n")
+    assert bob.line().endswith("alice: hello dev")  # and not the lobby line before it
+    bob.send("//slash at the start\n")
+    assert alice.line().endswith("robert: /slash at the start")
+
+
+def test_crlf_and_multiline_and_escapes_are_safe(daemon: Daemon, clients: list[Any]) -> None:
+    alice = TextUser(daemon.port, "alice")
+    bob = TextUser(daemon.port, "bob")
+    clients += [alice, bob]
+    alice.line()
+    bob.send("telnet style\r\n")
+    assert alice.line().endswith("bob: telnet style")
+    bob.send("title \x1b]0;pwned\x07 clear \x1b[2J done\n")
+    line = alice.line()
+    assert "\x1b" not in line and "\x07" not in line
+    assert "pwned" in line  # shown, but harmlessly
+    # a JSON client can send a multi-line text; text clients see it indented, unspoofable
+    j = LineClient(daemon.port)
+    clients.append(j)
+    j.send(json.dumps({"type": "hello", "v": 1, "nick": "jay"}) + "\n")
+    j.until('"welcome"')
+    alice.line()  # jay joined
+    j.send(json.dumps({"type": "say", "text": "line one\n[12:00:00] bob: fake"}) + "\n")
+    assert alice.line().endswith("jay: line one")
+    assert alice.line() == "  [12:00:00] bob: fake"
+
+
+def test_udp_and_tcp_clients_chat(daemon: Daemon, clients: list[Any]) -> None:
+    alice = TextUser(daemon.port, "alice")
+    clients.append(alice)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.settimeout(5)
+    try:
+        udp.sendto(b"udpuser\n", ("127.0.0.1", daemon.port))
+        welcome, _ = udp.recvfrom(8192)
+        assert b"Welcome, udpuser!" in welcome
+        assert alice.line() == "* udpuser joined #lobby"
+        udp.sendto(b"hello over udp", ("127.0.0.1", daemon.port))
+        assert alice.line().endswith("udpuser: hello over udp")
+        alice.send("hello back over tcp\n")
+        data, _ = udp.recvfrom(8192)
+        assert data.decode().rstrip("\n").endswith("alice: hello back over tcp")
+        udp.sendto(b"", ("127.0.0.1", daemon.port))  # keepalive: no reply, no message
+        udp.sendto(b"/users", ("127.0.0.1", daemon.port))
+        data, _ = udp.recvfrom(8192)
+        assert data.startswith(b"* In #lobby (3):")
+        udp.sendto(b"/quit", ("127.0.0.1", daemon.port))
+        assert udp.recvfrom(8192)[0] == b"* Bye!\n"
+        assert alice.line() == "* udpuser left #lobby (quit)"
+    finally:
+        udp.close()
+
+
+def test_json_and_text_clients_chat(daemon: Daemon, clients: list[Any]) -> None:
+    alice = TextUser(daemon.port, "alice")
+    j = LineClient(daemon.port)
+    clients += [alice, j]
+    assert j.line().startswith("* ")  # the text greeting comes first; JSON clients skip it
+    j.send(json.dumps({"type": "hello", "v": 1, "nick": "jay", "client": "test"}) + "\n")
+    welcome = json.loads(j.until(lambda s: s.startswith("{")))
+    assert welcome["type"] == "welcome" and welcome["nick"] == "jay"
+    assert {u["nick"] for u in welcome["users"]} == {"owner", "alice"}
+    assert alice.line() == "* jay joined #lobby"
+    j.send(json.dumps({"type": "say", "text": "héllo from json", "ref": 42}) + "\n")
+    sent = json.loads(j.line())
+    assert sent["type"] == "sent" and sent["ref"] == 42
+    msg = sent["message"]
+    assert set(msg) >= {"id", "origin", "seq", "ts", "room", "nick", "host", "text"}
+    assert msg["text"] == "héllo from json" and msg["room"] == "lobby" and msg["seq"] >= 1
+    assert abs(msg["ts"] - time.time()) < 10  # stamped with the server's time
+    assert alice.line().endswith("jay: héllo from json")
+    alice.send("hi jay\n")
+    got = json.loads(j.line())
+    assert got["type"] == "message"
+    assert got["message"]["nick"] == "alice" and got["message"]["text"] == "hi jay"
+    j.send('{"type":"ping","t":5}\n')
+    assert json.loads(j.line()) == {"type": "pong", "t": 5}
+    j.send('{"type":"users"}\n')
+    users = json.loads(j.line())
+    assert users["type"] == "users" and len(users["users"]) == 3
+    j.send('{"type":"bye"}\n')
+    assert json.loads(j.line())["type"] == "bye"
+    assert j.closed()
+    assert alice.line() == "* jay left #lobby (quit)"
+
+
+def test_stalled_client_does_not_stall_others(daemon: Daemon, clients: list[Any]) -> None:
+    """A client that never reads: the others still get 10,000 messages; it is cut off."""
+    stalled = LineClient(daemon.port)
+    clients.append(stalled)
+    stalled.send(b"stalled\n")  # joins, then never reads again
+    sender = TextUser(daemon.port, "sender")
+    receivers = [TextUser(daemon.port, f"r{i}") for i in range(3)]
+    clients.extend([sender, *receivers])
+    for r in receivers[:-1]:
+        r.until(f"r{len(receivers) - 1} joined")  # all present
+    rss_before = daemon.rss_kib()
+    payload = "x" * 1000  # 10,000 of these is 10 MB: more than any socket buffer holds
+    problems: list[str] = []
+
+    def receive(r: TextUser) -> None:
+        try:
+            for i in range(10_000):
+                line = r.line(timeout=30)
+                if line == "* stalled left #lobby (too slow)":
+                    line = r.line(timeout=30)
+                if not line.endswith(f"sender: {i} {payload}"):
+                    problems.append(f"{r.nick} got {line[:80]!r} for message {i}")
+                    return
+        except (TimeoutError, EOFError) as exc:
+            problems.append(f"{r.nick}: {exc}")
+
+    readers = [threading.Thread(target=receive, args=(r,)) for r in receivers]
+    started = time.monotonic()
+    for t in readers:
+        t.start()
+    for chunk in range(20):  # 20 bursts of 500 KB at 5 MB/s: a busy LAN, faster than any chat
+        sender.send("".join(f"{i} {payload}\n" for i in range(chunk * 500, chunk * 500 + 500)))
+        time.sleep(0.1)
+    for t in readers:
+        t.join(60)
+    elapsed = time.monotonic() - started
+    assert not problems
+    assert elapsed < 30, f"10,000 messages took {elapsed:.1f} s"
+    # the stalled client's queue overflowed: the hub cut it off and told the others
+    sender.until("stalled left #lobby (too slow)", timeout=15)
+    # memory stayed bounded: 10 MB of traffic for a reader that never reads is not kept
+    assert daemon.rss_kib() - rss_before < 40 * 1024
+
+
+def test_bad_input_gets_an_error_and_the_hub_keeps_serving(daemon: Daemon,
+                                                           clients: list[Any]) -> None:
+    watcher = TextUser(daemon.port, "watcher")
+    clients.append(watcher)
+
+    bad = TextUser(daemon.port, "bad")
+    clients.append(bad)
+    watcher.line()
+    bad.send(b"caf\xe9 latin-1\n")
+    assert bad.line().startswith("! invalid UTF-8")
+    bad.send(b"nul \x00 byte\n")
+    assert bad.line() == "! text may not contain NUL bytes"
+    bad.send(b"z" * (1 << 20))  # 1 MiB, no newline
+    assert bad.line().startswith("! line longer than")
+    assert bad.closed()
+    assert watcher.line() == "* bad left #lobby (line too long)"
+
+    garbage = LineClient(daemon.port)
+    clients.append(garbage)
+    garbage.send(json.dumps({"type": "hello", "v": 1, "nick": "garbage"}) + "\n")
+    garbage.until('"welcome"')
+    watcher.line()
+    for junk in (b"{not json\n", b"[1,2]\n", b'{"type":"explode"}\n', b'{"type":"say"}\n',
+                 b'{"type":"say","text":""}\n', b'{"type":"say","text":NaN}\n'):
+        garbage.send(junk)
+        reply = json.loads(garbage.line())
+        assert reply["type"] == "error" and reply["fatal"] is False and reply["message"]
+
+    badhello = LineClient(daemon.port)
+    clients.append(badhello)
+    badhello.send(b'{"type":"hello","v":"one"}\n')
+    reply = json.loads(badhello.until(lambda s: s.startswith("{")))
+    assert reply["type"] == "error" and reply["fatal"] is True
+    assert badhello.closed()
+
+    midline = TextUser(daemon.port, "midline")
+    watcher.line()
+    midline.send(b"this line never ends")
+    midline.close()
+    assert watcher.line() == "* midline left #lobby (connection closed)"
+
+    # after all that, the hub still serves everyone
+    fresh = TextUser(daemon.port, "fresh")
+    clients.append(fresh)
+    assert watcher.line() == "* fresh joined #lobby"
+    fresh.send("still alive?\n")
+    assert watcher.line().endswith("fresh: still alive?")
+    assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+def test_sigterm_says_goodbye_and_exits_cleanly(daemon: Daemon, clients: list[Any]) -> None:
+    alice = TextUser(daemon.port, "alice")
+    j = LineClient(daemon.port)
+    clients += [alice, j]
+    j.send(json.dumps({"type": "hello", "v": 1, "nick": "jay"}) + "\n")
+    j.until('"welcome"')
+    alice.line()
+    started = time.monotonic()
+    assert daemon.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - started < 5
+    assert alice.until("bye") == "* server shutting down -- bye!"
+    assert json.loads(j.until('"bye"'))["reason"] == "server shutting down"
+    assert "Traceback" not in daemon.stderr()
+
+
+def test_port_zero_picks_a_port_and_says_so(daemon: Daemon) -> None:
+    assert daemon.port > 0
+    assert f"127.0.0.1:{daemon.port}" in daemon.stderr()
