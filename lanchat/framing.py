@@ -27,7 +27,7 @@ class LineDecoder:
     framing and the caller must drop the connection.
     """
 
-    __slots__ = ("_buf", "_broken", "max_frame")
+    __slots__ = ("_broken", "_buf", "max_frame")
 
     def __init__(self, max_frame: int) -> None:
         if max_frame < 2:
