@@ -3,6 +3,7 @@
 Only ever run inside a namespace built by tests/netns.py: it multicasts on every usable
 interface it finds.  Prints one JSON line per event to stdout, flushed:
 
+    {"event": "starting", "t"}                 (just before start(): probing begins)
     {"event": "started", "name": <advertised label>, "service": ..., "t": <time.time()>}
     {"event": "found", "node", "name", "addresses", "port", "udp", "v", "auth", "service", "t"}
     {"event": "lost", "node", "t"}
@@ -26,7 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lanchat.discovery import Discovery, PeerAd, browse_hubs  # noqa: E402
+from lanchat.discovery import Discovery, PeerAd, browse_hubs
 
 _out_lock = threading.Lock()
 
@@ -79,6 +80,7 @@ def main() -> int:
                   interfaces=args.interfaces, ip_version=args.ip_version, auth=args.auth,
                   on_found=lambda p: emit("found", **ad_fields(p)),
                   on_lost=lambda node: emit("lost", node=node), interface_poll_s=args.poll)
+    emit("starting")
     d.start()
     try:
         emit("started", name=d.advertised_name, service=d.service_name)
