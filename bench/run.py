@@ -314,9 +314,9 @@ def _median_figures(runs: list[Result]) -> Result:
     out: Result = {}
     for k, v in runs[0].items():
         vals = [r.get(k) for r in runs]
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and all(
-                isinstance(x, (int, float)) for x in vals):
-            out[k] = round(statistics.median(vals), 3)  # type: ignore[type-var]
+        nums = [float(x) for x in vals if isinstance(x, (int, float))]
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and len(nums) == len(vals):
+            out[k] = round(statistics.median(nums), 3)
     return out
 
 
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=20, help="cli: lanchat send runs")
     ap.add_argument("--max-run-s", type=float, default=120.0)
     a = ap.parse_args(argv)
-    defaults = {
+    defaults: dict[str, Any] = {
         "fanout": dict(clients=100, senders=10, pad=16),
         "latency": dict(clients=100, senders=100, rate=1000.0, duration=10.0, pad=16),
         "scale": dict(clients=100, senders=100, rate=1000.0, duration=10.0, pad=16),
@@ -354,12 +354,12 @@ def main(argv: list[str] | None = None) -> int:
             setattr(a, k, v)
     loadgen.raise_nofile()
     if a.scenario == "discovery":
-        runs = [sc_discovery(None, a)]
-        while runs[-1].get("available") and len(runs) < a.repeat:
-            runs.append(sc_discovery(None, a))
-        line = {"scenario": "discovery", "available": bool(runs[0].get("available")),
-                "median": _median_figures(runs) if runs[0].get("available") else {},
-                "runs": runs}
+        druns = [sc_discovery(None, a)]
+        while druns[-1].get("available") and len(druns) < a.repeat:
+            druns.append(sc_discovery(None, a))
+        line = {"scenario": "discovery", "available": bool(druns[0].get("available")),
+                "median": _median_figures(druns) if druns[0].get("available") else {},
+                "runs": druns}
         sys.stdout.write(json.dumps(line) + "\n")
         return 0
     kinds = (a.server.split(",") if a.server else
