@@ -57,6 +57,8 @@ def main() -> int:
     ap.add_argument("--poll", type=float, default=30.0, help="interface poll interval, s")
     ap.add_argument("--timeout", type=float, default=3.0, help="browse mode: seconds")
     ap.add_argument("--max-seconds", type=float, default=60.0)
+    ap.add_argument("--flaky-callbacks", action="store_true",
+                    help="callbacks raise after reporting (discovery must survive that)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(threadName)s %(name)s %(levelname)s %(message)s")
@@ -76,10 +78,20 @@ def main() -> int:
         stop.set()          # wake the main loop; it tells the two apart
 
     signal.signal(signal.SIGUSR1, on_usr1)
+
+    def on_found(p: PeerAd) -> None:
+        emit("found", **ad_fields(p))
+        if args.flaky_callbacks:
+            raise RuntimeError("on_found failed on purpose")
+
+    def on_lost(node: str) -> None:
+        emit("lost", node=node)
+        if args.flaky_callbacks:
+            raise RuntimeError("on_lost failed on purpose")
+
     d = Discovery(node_id=args.node, name=args.name, port=args.port, udp_port=args.udp_port,
                   interfaces=args.interfaces, ip_version=args.ip_version, auth=args.auth,
-                  on_found=lambda p: emit("found", **ad_fields(p)),
-                  on_lost=lambda node: emit("lost", node=node), interface_poll_s=args.poll)
+                  on_found=on_found, on_lost=on_lost, interface_poll_s=args.poll)
     emit("starting")
     d.start()
     try:

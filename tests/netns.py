@@ -188,6 +188,15 @@ class Host:
             subnet = next(iter(self.addresses))
         return self.addresses[subnet]
 
+    def wait_ipv6_ready(self, timeout: float = 10.0) -> None:
+        """Wait until no IPv6 address is still tentative (duplicate address detection takes
+        ~1-2 s after a link comes up); AssertionError after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while _ip("-6", "addr", "show", "tentative", ns=self.ns).strip():
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"{self.ns}: IPv6 addresses still tentative")
+            time.sleep(0.1)
+
     def run(self, argv: Sequence[str], *, env: dict[str, str] | None = None,
             cwd: str | None = None) -> NsProcess:
         """Start ``argv`` inside this host's namespace, in a new session.

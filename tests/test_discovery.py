@@ -208,7 +208,9 @@ def test_three_hosts_find_each_other(lan: netns.Lan) -> None:
     hosts = [lan.add_host() for _ in range(3)]
     nodes = [NODE_A, NODE_B, NODE_C]
     t0 = time.time()
-    procs = [probe(h, n, f"host{i}") for i, (h, n) in enumerate(zip(hosts, nodes, strict=True))]
+    # host0's callbacks raise every time: discovery must log that and carry on.
+    procs = [probe(h, n, f"host{i}", *(["--flaky-callbacks"] if i == 0 else []))
+             for i, (h, n) in enumerate(zip(hosts, nodes, strict=True))]
     last = 0.0
     for i, p in enumerate(procs):
         for j, n in enumerate(nodes):
@@ -216,6 +218,11 @@ def test_three_hosts_find_each_other(lan: netns.Lan) -> None:
                 found = p.wait_for_line(is_event("found", n), FOUND_WITHIN_S)
                 assert found["addresses"] == [hosts[j].address()]
                 last = max(last, found["t"])
+    assert "on_found failed on purpose" in procs[0].err_text()
+    assert lan.stop(procs[2]) == 0
+    procs[0].wait_for_line(is_event("lost", NODE_C), LOST_WITHIN_S)
+    assert "on_lost failed on purpose" in procs[0].err_text()
+    procs[1].wait_for_line(is_event("lost", NODE_C), LOST_WITHIN_S)
     print(f"\nthree hosts: all six found {last - t0:.2f} s after launching the probes "
           f"(Python start-up and ~1.5-2 s of registration probing included)")
 
@@ -288,6 +295,29 @@ def test_host_whose_link_comes_back_is_rediscovered(lan: netns.Lan) -> None:
     print(f"\nafter the link returned: carol found bob in {fc['t'] - t0:.2f} s, "
           f"bob found carol in {fb['t'] - t0:.2f} s (interface poll 0.5 s)")
     assert fc["addresses"] == [b.address()]
+
+
+@pytest.mark.netns
+def test_interfaces_by_name_or_address_and_ipv6(lan: netns.Lan) -> None:
+    net1, net2 = SUBNET, "10.78.0.0/24"
+    a = lan.add_host([net1, net2])             # eth0 on net1, eth1 on net2
+    b = lan.add_host([net2])
+    c = lan.add_host([net1])
+    for h in (a, b, c):
+        h.wait_ipv6_ready()
+    pa = probe(a, NODE_A, "alice", "--interface", "eth1", "--ip-version", "all")
+    pb = probe(b, NODE_B, "bob", "--ip-version", "all")
+    pc = probe(c, NODE_C, "carol", "--interface", c.address(net1))
+    seen_by_b = pb.wait_for_line(is_event("found", NODE_A), FOUND_WITHIN_S)
+    v4, *v6 = seen_by_b["addresses"]
+    assert v4 == a.address(net2)               # IPv4 first, only the chosen interface's
+    assert len(v6) == 1 and v6[0].startswith("fe80:") and "%" in v6[0]   # scoped link-local
+    seen_by_a = pa.wait_for_line(is_event("found", NODE_B), FOUND_WITHIN_S)
+    assert seen_by_a["addresses"][0] == b.address(net2)
+    time.sleep(3.0)
+    # alice speaks mDNS on eth1 only, so carol (on net1) and alice never meet.
+    assert not any(o["event"] == "found" for o in pc.json_lines())
+    assert not any(o["event"] == "found" and o["node"] == NODE_C for o in pa.json_lines())
 
 
 @pytest.mark.netns
