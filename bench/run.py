@@ -341,14 +341,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=20, help="cli: lanchat send runs")
     ap.add_argument("--max-run-s", type=float, default=120.0)
     a = ap.parse_args(argv)
-    defaults: dict[str, Any] = {
+    table: dict[str, dict[str, Any]] = {
         "fanout": dict(clients=100, senders=10, pad=16),
         "latency": dict(clients=100, senders=100, rate=1000.0, duration=10.0, pad=16),
         "scale": dict(clients=100, senders=100, rate=1000.0, duration=10.0, pad=16),
         "slowconsumer": dict(clients=20, senders=4, rate=500.0, duration=20.0, pad=2000),
         "idle": dict(duration=60.0),
         "cli": {}, "discovery": {},
-    }[a.scenario]
+    }
+    defaults = table[a.scenario]
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
