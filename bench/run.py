@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -354,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(a, k) is None:
             setattr(a, k, v)
     loadgen.raise_nofile()
+    # SIGTERM (e.g. from timeout(1)) unwinds through the finally blocks, so servers, daemons
+    # and network namespaces this run made are removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if a.scenario == "discovery":
         druns = [sc_discovery(None, a)]
         while druns[-1].get("available") and len(druns) < a.repeat:
