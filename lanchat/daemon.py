@@ -11,8 +11,10 @@ clients closed, then the store.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -26,6 +28,7 @@ from lanchat import __version__, config, sdnotify
 from lanchat.control import AlreadyRunning, ControlServer
 from lanchat.errors import ConfigError, LanchatError
 from lanchat.hub import Hub
+from lanchat.links import Identity, LinkManager
 from lanchat.logsetup import set_level, setup_logging
 from lanchat.model import Draft, Message, User
 from lanchat.router import Router, Subscriber
@@ -60,9 +63,11 @@ class Daemon:
         self.store = Store(Path(cfg.state_dir) / "history.db",
                            max_age_days=cfg.max_age_days, max_messages=cfg.max_messages)
         self.router = Router(self.store, node=self.store.node_id, host=self.hostname,
-                             nick=cfg.nick)
+                             nick=cfg.nick, name=cfg.name)
         self.hub: Hub | None = None
         self.control: ControlServer | None = None
+        self.links: LinkManager | None = None
+        self.discovery: Any = None  # lanchat.discovery.Discovery, imported only when enabled
 
     @property
     def node(self) -> str:
@@ -78,13 +83,43 @@ class Daemon:
             self.control.start()
             self.hub = Hub(self.router, name=self.cfg.name, bind=self.cfg.bind,
                            port=self.cfg.port, udp=self.cfg.udp)
+            self.links = LinkManager(
+                self.router, self.store,
+                Identity(node=self.node, name=self.cfg.name, host=self.hostname,
+                         port=self.hub.port),
+                static_peers=[config.parse_peer(p) for p in self.cfg.peers])
+            self.hub.link_acceptor = self.links
             self.hub.start()
+            self.links.start()
+            if self.cfg.discovery:
+                self._start_discovery()
         except BaseException:
             self.close()
             raise
 
+    def _start_discovery(self) -> None:
+        # Imported here: zeroconf is only loaded by a daemon that advertises.
+        from lanchat.discovery import Discovery, PeerAd
+
+        assert self.hub is not None and self.links is not None
+        links = self.links
+
+        def found(ad: PeerAd) -> None:
+            links.peer_found(ad.node, ad.name, ad.addresses, ad.port)
+
+        self.discovery = Discovery(
+            node_id=self.node, name=self.cfg.name, port=self.hub.port,
+            udp_port=self.hub.udp_port, interfaces=list(self.cfg.interfaces) or None,
+            ip_version=self.cfg.ip_version,  # type: ignore[arg-type]
+            on_found=found, on_lost=links.peer_lost)
+        self.discovery.start()
+
     def close(self) -> None:
-        """Orderly shutdown: stop listening, say goodbye, flush the store.  Idempotent."""
+        """Orderly shutdown: mDNS goodbye, links, clients, then the store.  Idempotent."""
+        if self.discovery is not None:
+            self.discovery.close()
+        if self.links is not None:
+            self.links.close()
         if self.hub is not None:
             self.hub.close()
         if self.control is not None:
@@ -129,7 +164,7 @@ class Daemon:
         return self.router.users()
 
     def peers(self) -> list[dict[str, Any]]:
-        return []
+        return self.links.peers() if self.links is not None else []
 
     def status(self) -> dict[str, Any]:
         hub = self.hub
@@ -153,6 +188,15 @@ class Daemon:
 
     def set_nick(self, nick: str) -> str:
         return self.router.set_nick(nick)
+
+
+def _raise_fd_limit() -> None:
+    """Allow as many open files as the hard limit permits: every chat client is one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE,
+                               (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -183,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     setup_logging(cfg.log_level)
     threading.stack_size(THREAD_STACK_BYTES)
+    _raise_fd_limit()
 
     stop = threading.Event()
     reload_wanted = threading.Event()

@@ -39,6 +39,7 @@ from lanchat.errors import ClosedError, LanchatError, NickInUse, StoreError
 from lanchat.events import Event
 from lanchat.limits import MAX_COMMIT_BATCH, MAX_HISTORY_PAGE, MAX_ROUTER_QUEUE
 from lanchat.model import DEFAULT_ROOM, Draft, Message, Presence, User, validate_nick
+from lanchat.presence import Change, NetworkRoster, NodeRoster
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,19 @@ class Subscriber(Protocol):
         ...
 
 
+class LinkPeer(Protocol):
+    """A link to another daemon, as the router sees it (see :mod:`lanchat.links`).
+
+    ``deliver`` (messages) never blocks and never fails: a link that falls
+    behind catches up from history by itself.
+    """
+
+    node: str
+
+    def deliver(self, event: Event) -> bool: ...
+    def send_roster(self, roster: NodeRoster) -> None: ...
+
+
 class MessageStore(Protocol):
     """What the router needs of the history store (see :mod:`lanchat.store`)."""
 
@@ -63,6 +77,7 @@ class MessageStore(Protocol):
     def history(self, *, room: str | None = None, limit: int = 50,
                 before: float | None = None, since: float | None = None) -> list[Message]: ...
     def prune(self, now: float) -> int: ...
+    def cursors(self) -> dict[str, int]: ...
 
 
 #: Called on the router thread once a publish is stored (message) or failed (error).
@@ -98,7 +113,7 @@ class _Call:
 class _Remote:
     messages: Sequence[Message]
     source: object | None
-    future: Future[list[Message]] | None
+    future: Future[tuple[list[Message], bool]] | None
 
 
 _STOP = object()
@@ -158,10 +173,11 @@ class Router:
     """
 
     def __init__(self, store: MessageStore, *, node: str, host: str, nick: str,
-                 clock: Callable[[], float] = time.time) -> None:
+                 name: str | None = None, clock: Callable[[], float] = time.time) -> None:
         self._store = store
         self.node = node
         self.host = host
+        self.name = name or f"{nick} on {host}"
         self._nick = validate_nick(nick)
         self._clock = clock
         self._started_at = clock()
@@ -173,6 +189,12 @@ class Router:
         self._room_subs: dict[str, tuple[Subscriber, ...]] = {}
         self._watchers: tuple[Subscriber, ...] = ()  # every room: tail, links
         self._watcher_rooms: dict[Subscriber, frozenset[str] | None] = {}
+        self._links: tuple[LinkPeer, ...] = ()
+        #: origin -> highest seq stored: the store's cursors, kept in memory so
+        #: that gap detection costs no query.  Router thread only.
+        self._cursors: dict[str, int] = store.cursors()
+        self._roster = NetworkRoster(node)
+        self._roster_ver = 0
         # Published by the router thread, read by anyone (immutable snapshot).
         self._users: tuple[User, ...] = ()
         self._publish_users()
@@ -224,15 +246,45 @@ class Router:
         return future.result(timeout)
 
     def accept_remote(self, messages: Sequence[Message], *, source: object | None,
-                      wait: bool = False) -> list[Message]:
+                      wait: bool = True) -> tuple[list[Message], bool]:
         """Store messages from another daemon (dedup by id) and fan out the new ones.
 
-        With ``wait``, returns the messages that were new; otherwise returns ``[]``
-        at once and the work happens on the router thread.
+        Returns the messages that were new and whether any message lay beyond
+        a gap (the sender should replay from our cursors).  Without ``wait``
+        returns ``([], False)`` at once and the work happens later.
         """
-        future: Future[list[Message]] | None = Future() if wait else None
+        future: Future[tuple[list[Message], bool]] | None = Future() if wait else None
         self._inbox.put(_Remote(messages, source, future))
-        return future.result() if future is not None else []
+        return future.result() if future is not None else ([], False)
+
+    # -- links -------------------------------------------------------------------
+
+    def hello_state(self) -> tuple[dict[str, int], list[NodeRoster]]:
+        """Our cursors and every roster we know: what a link's hello carries."""
+        return self._call(  # type: ignore[no-any-return]
+            lambda: (dict(self._cursors), [self._own_roster(), *self._roster.snapshot()]))
+
+    def attach_link(self, link: LinkPeer) -> None:
+        """Start routing messages and rosters to ``link``.
+
+        Every message stored from now on is delivered to the link live; the
+        link catches the peer up on everything before from history.
+        """
+        self._call(lambda: self._do_attach(link))
+
+    def detach_link(self, link: LinkPeer) -> None:
+        """Stop routing to ``link``; the nodes only it vouched for are gone."""
+        with contextlib.suppress(ClosedError):
+            self._inbox.put(_Call(lambda: self._do_detach(link)))
+
+    def apply_roster(self, roster: NodeRoster, *, source: LinkPeer) -> None:
+        """A roster arrived over ``source``: take it if newer, show changes, pass it on."""
+        with contextlib.suppress(ClosedError):
+            self._inbox.put(_Call(lambda: self._do_apply_roster(roster, source)))
+
+    def cursors(self) -> dict[str, int]:
+        """origin -> highest seq held (what a peer needs to know to fill our gaps)."""
+        return self._call(lambda: dict(self._cursors))  # type: ignore[no-any-return]
 
     # -- membership (hub clients) ----------------------------------------------
 
@@ -335,23 +387,30 @@ class Router:
                 if p.done is not None:
                     p.done(None, exc)
             return
+        if messages:
+            self._cursors[self.node] = messages[-1].seq
         for p, msg in zip(batch, messages, strict=True):
             self._fanout(Event(msg, p.source))
             if p.done is not None:
                 p.done(msg, None)
 
     def _take_remote(self, item: _Remote) -> None:
+        cursors = self._cursors
+        fresh = [m for m in item.messages if m.seq > cursors.get(m.origin, 0)]
         try:
-            new = self._store.insert_remote(item.messages)
+            new = self._store.insert_remote(fresh) if fresh else []
         except StoreError as exc:
-            log.error("cannot store %d message(s) from a peer: %s", len(item.messages), exc)
+            log.error("cannot store %d message(s) from a peer: %s", len(fresh), exc)
             if item.future is not None:
                 item.future.set_exception(exc)
             return
         for msg in new:
+            cursors[msg.origin] = msg.seq
+        gap = any(m.seq > cursors.get(m.origin, 0) for m in fresh)
+        for msg in new:
             self._fanout(Event(msg, item.source))
         if item.future is not None:
-            item.future.set_result(new)
+            item.future.set_result((new, gap))
 
     def _fanout(self, event: Event) -> None:
         """Hand ``event`` to everyone who should see it.  Router thread only."""
@@ -375,6 +434,10 @@ class Router:
                 continue
             if not sub.deliver(event):
                 dead.append(sub)
+        if isinstance(item, Message):
+            for link in self._links:
+                if link is not event.source:
+                    link.deliver(event)
         for sub in dead:
             self._drop(sub)
 
@@ -492,10 +555,65 @@ class Router:
         if self._watcher_rooms.pop(sub, None) is not None or sub in self._watchers:
             self._watchers = tuple(s for s in self._watchers if s is not sub)
 
-    def _publish_users(self) -> None:
+    def _do_attach(self, link: LinkPeer) -> None:
+        if link not in self._links:
+            self._links = (*self._links, link)
+
+    def _do_detach(self, link: LinkPeer) -> None:
+        if link not in self._links:
+            return
+        self._links = tuple(lk for lk in self._links if lk is not link)
+        direct = {lk.node for lk in self._links}
+        for node in self._roster.vouched_by(link):
+            if node in direct:
+                continue
+            marked = self._roster.mark_gone(node)
+            if marked is not None:
+                gone, changes = marked
+                self._show_changes(changes, "unreachable")
+                for other in self._links:
+                    other.send_roster(gone)
+        self._publish_users(bump=False)
+
+    def _do_apply_roster(self, roster: NodeRoster, source: LinkPeer) -> None:
+        if roster.gone and any(lk.node == roster.node for lk in self._links):
+            return  # we hear from that node directly: a relayed "gone" is stale news
+        changes = self._roster.apply(roster, source)
+        if changes is None:
+            return
+        self._show_changes(changes, "quit")
+        for link in self._links:
+            if link is not source:
+                link.send_roster(roster)
+        self._publish_users(bump=False)
+
+    def _show_changes(self, changes: list[Change], reason: str) -> None:
+        now = self._clock()
+        for change in changes:
+            u = change.user
+            p = Presence(kind=change.kind, nick=u.nick, host=u.host,  # type: ignore[arg-type]
+                         node=u.node, room=u.room, ts=now,
+                         reason=reason if change.kind == "leave" else None)
+            self._fanout(Event(p, None))
+
+    def _own_roster(self) -> NodeRoster:
+        mine = tuple(u for u in self._users if u.node == self.node)
+        return NodeRoster(node=self.node, ver=self._roster_ver, name=self.name,
+                          host=self.host, users=mine)
+
+    def _publish_users(self, bump: bool = True) -> None:
         me = User(nick=self._nick, host=self.host, node=self.node, local=True,
                   since=self._started_at, room=DEFAULT_ROOM, via="daemon")
         others = sorted(self._members.values(), key=lambda m: m.nick.casefold())
+        remote = sorted(self._roster.users(), key=lambda u: (u.nick.casefold(), u.node))
         self._users = (me, *(
             User(nick=m.nick, host=m.host, node=self.node, local=True, since=m.since,
-                 room=m.room, via=m.via) for m in others))
+                 room=m.room, via=m.via) for m in others), *remote)
+        if bump:
+            # Versions only grow, also across restarts: microseconds of the clock,
+            # or one more than the last version if the clock stepped back.
+            self._roster_ver = max(self._roster_ver + 1, int(self._clock() * 1_000_000))
+            if self._links:
+                roster = self._own_roster()
+                for link in self._links:
+                    link.send_roster(roster)

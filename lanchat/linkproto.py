@@ -1,0 +1,236 @@
+"""The daemon-to-daemon link protocol: frames, and what each side owes the other.
+
+A link is a TCP connection to the other daemon's hub port, speaking JSON lines
+(the hub's JSON mode, with ``"role": "daemon"`` in the hello):
+
+1. The dialer sends ``hello {v, role: "daemon", node, name, host, port, cursors,
+   rosters}``; the acceptor answers ``welcome`` with the same fields, or a fatal
+   ``error`` (``same-node``, ``duplicate-link``, ``version``).
+2. Each side then sends what the other lacks.  ``cursors`` maps every origin to
+   the highest sequence number held (a node holds each origin's messages 1..n
+   without gaps), so "what you lack" is, per origin, everything after your
+   cursor -- read from history and sent in order as ``msgs {m: [...]}``.
+3. Live messages follow as ``msgs`` frames too.  A receiver that gets a
+   message beyond a gap (it missed something) answers ``sync {cursors}``, and
+   the sender replays from there.  Duplicates are dropped by id.
+4. ``roster {…}`` carries a node's users (see :mod:`lanchat.presence`).
+5. ``ping``/``pong`` every ``HEARTBEAT_S``; a link silent for ``DEAD_AFTER_S``
+   is dead.  ``bye {reason}`` ends a link on purpose.
+
+Tie-break: there is one link per pair of nodes.  The lower node id dials peers
+it discovers by mDNS; static peers are dialed by whoever lists them.  If two
+links to the same node come up anyway, the one dialed by the lower node id is
+kept and the other is closed (both ends decide the same way).
+
+Pure: frames in, values out; values in, bytes out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from lanchat.errors import RemoteProtocolError, ValidationError
+from lanchat.framing import dumps_line, loads_line
+from lanchat.model import Message, validate_node
+from lanchat.presence import MAX_NODES, NodeRoster
+
+VERSION = 1
+
+#: Seconds between heartbeats on an idle link.
+HEARTBEAT_S = 2.0
+#: Seconds of silence after which a link is declared dead (a crashed or
+#: unplugged peer is noticed this fast; four missed heartbeats).
+DEAD_AFTER_S = 8.0
+#: Most messages in one ``msgs`` frame: keeps a frame far below MAX_LINK_FRAME.
+MAX_BATCH = 64
+#: Longest link frame: MAX_BATCH messages of 4 KiB, JSON-escaped, with slack.
+MAX_LINK_FRAME = 4 * 1024 * 1024
+#: Seconds a dialer waits before redialing, doubling from the first to the last.
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class PeerHello:
+    """What a daemon says about itself when a link opens (hello or welcome)."""
+
+    node: str
+    name: str
+    host: str
+    port: int | None
+    cursors: dict[str, int]
+    rosters: tuple[NodeRoster, ...]
+    version: int = VERSION
+
+
+def parse_cursors(raw: object) -> dict[str, int]:
+    """Validate a cursor map from a peer; raises :class:`RemoteProtocolError`."""
+    if not isinstance(raw, dict) or len(raw) > MAX_NODES * 16:
+        raise RemoteProtocolError("cursors must be an object", code="bad-frame")
+    out: dict[str, int] = {}
+    for origin, seq in raw.items():
+        try:
+            validate_node(origin)
+        except ValidationError as exc:
+            raise RemoteProtocolError(str(exc), code="bad-frame") from None
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+            raise RemoteProtocolError("a cursor must be a non-negative integer", code="bad-frame")
+        out[origin] = seq
+    return out
+
+
+def parse_peer_hello(frame: Mapping[str, Any]) -> PeerHello:
+    """Read a daemon's hello or welcome fields; raises :class:`RemoteProtocolError`."""
+    try:
+        node = validate_node(frame.get("node"))
+        rosters = tuple(NodeRoster.from_dict(r) for r in frame.get("rosters", []))
+    except ValidationError as exc:
+        raise RemoteProtocolError(str(exc), code="bad-frame") from None
+    name, host, port = frame.get("name"), frame.get("host"), frame.get("port")
+    if not isinstance(name, str) or not name or len(name) > 253:
+        raise RemoteProtocolError("a daemon must say its name", code="bad-frame")
+    if not isinstance(host, str) or not host or len(host) > 253:
+        raise RemoteProtocolError("a daemon must say its host", code="bad-frame")
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int)
+                             or not 0 < port < 65536):
+        raise RemoteProtocolError("port must be 1-65535", code="bad-frame")
+    version = frame.get("v")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise RemoteProtocolError("v must be a positive integer", code="bad-frame")
+    return PeerHello(node=node, name=name, host=host, port=port,
+                     cursors=parse_cursors(frame.get("cursors", {})), rosters=rosters,
+                     version=min(version, VERSION))
+
+
+def _hello_fields(me: PeerHello) -> dict[str, Any]:
+    return {"v": VERSION, "role": "daemon", "node": me.node, "name": me.name, "host": me.host,
+            "port": me.port, "cursors": me.cursors,
+            "rosters": [r.to_dict() for r in me.rosters]}
+
+
+def encode_hello(me: PeerHello) -> bytes:
+    return dumps_line({"type": "hello", **_hello_fields(me)})
+
+
+def encode_welcome(me: PeerHello) -> bytes:
+    return dumps_line({"type": "welcome", **_hello_fields(me)})
+
+
+def encode_msgs(messages: Iterable[Message]) -> bytes:
+    return dumps_line({"type": "msgs", "m": [m.to_dict() for m in messages]})
+
+
+def encode_message(msg: Message) -> bytes:
+    """One live message (the encoder handed to :meth:`Event.encoded`)."""
+    return encode_msgs((msg,))
+
+
+def encode_roster(roster: NodeRoster) -> bytes:
+    return dumps_line({"type": "roster", "roster": roster.to_dict()})
+
+
+def encode_sync(cursors: Mapping[str, int]) -> bytes:
+    return dumps_line({"type": "sync", "cursors": dict(cursors)})
+
+
+def encode_ping() -> bytes:
+    return dumps_line({"type": "ping"})
+
+
+def encode_pong() -> bytes:
+    return dumps_line({"type": "pong"})
+
+
+def encode_bye(reason: str) -> bytes:
+    return dumps_line({"type": "bye", "reason": reason})
+
+
+def encode_error(code: str, message: str) -> bytes:
+    return dumps_line({"type": "error", "code": code, "message": message, "fatal": True})
+
+
+@dataclass(frozen=True, slots=True)
+class Msgs:
+    messages: tuple[Message, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Roster:
+    roster: NodeRoster
+
+
+@dataclass(frozen=True, slots=True)
+class Sync:
+    cursors: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Bye:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    peer: PeerHello
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    code: str
+    message: str
+
+
+Frame = Msgs | Roster | Sync | Ping | Pong | Bye | Welcome | Refused
+
+
+def parse_frame(line: bytes) -> Frame:
+    """Parse one link frame; raises :class:`RemoteProtocolError` (or ValidationError)."""
+    frame = loads_line(line)
+    if not isinstance(frame, dict):
+        raise RemoteProtocolError("a link frame must be a JSON object", code="bad-frame")
+    kind = frame.get("type")
+    if kind == "msgs":
+        raw = frame.get("m")
+        if not isinstance(raw, list) or len(raw) > MAX_BATCH * 4:
+            raise RemoteProtocolError("msgs needs a list 'm'", code="bad-frame")
+        return Msgs(tuple(Message.from_dict(m) for m in raw))
+    if kind == "roster":
+        return Roster(NodeRoster.from_dict(frame.get("roster")))
+    if kind == "sync":
+        return Sync(parse_cursors(frame.get("cursors")))
+    if kind == "ping":
+        return Ping()
+    if kind == "pong":
+        return Pong()
+    if kind == "bye":
+        reason = frame.get("reason")
+        return Bye(reason[:200] if isinstance(reason, str) else "bye")
+    if kind == "welcome":
+        return Welcome(parse_peer_hello(frame))
+    if kind == "error":
+        code, message = frame.get("code"), frame.get("message")
+        return Refused(str(code)[:50], str(message)[:300])
+    raise RemoteProtocolError(f"unknown link frame type {kind!r}", code="bad-frame")
+
+
+def missing(ours: Mapping[str, int], theirs: Mapping[str, int]) -> dict[str, int]:
+    """Per origin, the cursor the other side is at where we hold more than it does."""
+    return {origin: theirs.get(origin, 0) for origin, high in ours.items()
+            if high > theirs.get(origin, 0)}
+
+
+def keeps(my_node: str, dialer_of_existing: str, dialer_of_new: str) -> bool:
+    """Of two links to one node, keep the new one?  The lower dialer's link wins."""
+    return dialer_of_new < dialer_of_existing

@@ -1,0 +1,587 @@
+"""Links to other daemons: dial, accept, keep one per node, and lose nothing.
+
+A :class:`LinkManager` dials the static peers (``--peer HOST:PORT``) and the
+peers discovery reports, and accepts the links other daemons open to our hub
+(the hub hands over any connection whose hello says ``role: daemon``).  The
+protocol -- hello, cursors, replay, heartbeats, the tie-break -- is in
+:mod:`lanchat.linkproto`.
+
+Each established :class:`Link` has two threads: its reader (the dialer's
+thread, or the hub connection's thread for an accepted link) and a sender
+(``link-<node>-tx``).  The sender owns everything written to the socket.  Live
+messages reach it through a bounded queue; when that queue overflows the link
+does not drop anything it owes -- it forgets the queue and catches up from the
+history store, which holds every message anyway.  So a link can fall behind,
+but never loses a message and never stalls the router.
+
+Socket timeouts are the heartbeat's other half: a link whose peer has been
+silent for ``DEAD_AFTER_S`` (no frame, not even a ping), or that cannot send
+for as long, is dead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import random
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from lanchat import linkproto
+from lanchat.commands import Hello
+from lanchat.errors import LanchatError, RemoteProtocolError, ValidationError
+from lanchat.events import Event
+from lanchat.framing import LineDecoder
+from lanchat.model import Message
+from lanchat.presence import NodeRoster
+
+log = logging.getLogger(__name__)
+
+#: Live messages a link queues before it stops queueing and catches up from
+#: history instead.
+MAX_LINK_QUEUE = 10_000
+
+#: Seconds allowed for connecting and for the other side's welcome.
+CONNECT_TIMEOUT_S = 3.0
+
+#: A link that lasted this long resets its dialer's backoff.
+STABLE_AFTER_S = 10.0
+
+
+class LinkRouter(Protocol):
+    """What links need from the router (see :class:`lanchat.router.Router`)."""
+
+    node: str
+
+    def hello_state(self) -> tuple[dict[str, int], list[NodeRoster]]: ...
+    def attach_link(self, link: Any) -> None: ...
+    def detach_link(self, link: Any) -> None: ...
+    def accept_remote(self, messages: Sequence[Message], *, source: object | None,
+                      wait: bool = True) -> tuple[list[Message], bool]: ...
+    def apply_roster(self, roster: NodeRoster, *, source: Any) -> None: ...
+    def cursors(self) -> dict[str, int]: ...
+
+
+class History(Protocol):
+    """Read access to stored messages, for replay (see :class:`lanchat.store.Store`)."""
+
+    def after(self, origin: str, seq: int, limit: int) -> list[Message]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """How this daemon introduces itself on links."""
+
+    node: str
+    name: str
+    host: str
+    port: int | None
+
+
+class LinkClosed(LanchatError):
+    """The link ended (bye, timeout, reset, or replaced by a better one)."""
+
+    code = "link-closed"
+
+
+class Link:
+    """One established link to another daemon.
+
+    Thread-safety: :meth:`deliver` and :meth:`send_roster` run on the router
+    thread and only queue; :meth:`run` is the reader; the sender thread does all
+    writing.  ``_cond`` guards the queues, flags and ``_peer_has``.
+    """
+
+    def __init__(self, manager: LinkManager, sock: socket.socket, decoder: LineDecoder,
+                 peer: linkproto.PeerHello, *, address: tuple[Any, ...], dialer: str) -> None:
+        self.manager = manager
+        self.sock = sock
+        self.decoder = decoder
+        self.node = peer.node
+        self.name = peer.name
+        self.host = peer.host
+        self.address = address
+        self.port = peer.port
+        self.dialer = dialer  # node id of the side that dialed
+        self.started = time.time()
+        self.last_heard = time.time()
+        self._cond = threading.Condition(threading.Lock())
+        self._live: deque[Event] = deque()
+        self._rosters: dict[str, NodeRoster] = {}
+        self._control: list[bytes] = []
+        self._resync = True  # the first thing the sender does: send what the peer lacks
+        self._closing = False
+        self._peer_has: dict[str, int] = dict(peer.cursors)
+        self._initial_rosters = peer.rosters
+        self._sender = threading.Thread(target=self._send_loop, name=f"link-{self.node[:8]}-tx",
+                                        daemon=False)
+
+    def __repr__(self) -> str:
+        return f"<Link {self.node[:8]} {self.name!r} {self.address[0]}>"
+
+    # -- router side (never blocks) ------------------------------------------------
+
+    def deliver(self, event: Event) -> bool:
+        with self._cond:
+            if self._closing:
+                return True
+            if len(self._live) >= MAX_LINK_QUEUE:
+                self._live.clear()
+                self._resync = True  # history has it all: catch up from there
+            else:
+                self._live.append(event)
+            self._cond.notify()
+        return True
+
+    def send_roster(self, roster: NodeRoster) -> None:
+        with self._cond:
+            self._rosters[roster.node] = roster  # only the newest of each node matters
+            self._cond.notify()
+
+    def _queue_control(self, data: bytes) -> None:
+        with self._cond:
+            self._control.append(data)
+            self._cond.notify()
+
+    # -- the reader ------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Read frames until the link ends.  Runs on the caller's thread; closes the socket."""
+        router = self.manager.router
+        self.sock.settimeout(linkproto.DEAD_AFTER_S)
+        self.decoder.max_frame = linkproto.MAX_LINK_FRAME
+        reason = "connection closed"
+        try:
+            for roster in self._initial_rosters:
+                router.apply_roster(roster, source=self)
+            self._sender.start()
+            for frame in self._frames():
+                self.last_heard = time.time()
+                if isinstance(frame, linkproto.Msgs):
+                    self._received(frame.messages)
+                elif isinstance(frame, linkproto.Roster):
+                    router.apply_roster(frame.roster, source=self)
+                elif isinstance(frame, linkproto.Sync):
+                    with self._cond:
+                        self._peer_has = dict(frame.cursors)
+                        self._resync = True
+                        self._cond.notify()
+                elif isinstance(frame, linkproto.Ping):
+                    self._queue_control(linkproto.encode_pong())
+                elif isinstance(frame, linkproto.Bye):
+                    reason = f"peer said bye ({frame.reason})"
+                    return
+        except TimeoutError:
+            reason = f"no word for {linkproto.DEAD_AFTER_S:g} s"
+        except (RemoteProtocolError, ValidationError) as exc:
+            reason = f"protocol error: {exc}"
+            log.warning("%r: %s; closing the link", self, exc)
+        except OSError as exc:
+            reason = f"connection lost: {exc.strerror or exc}"
+        except LanchatError as exc:  # router closed, store failure
+            reason = str(exc)
+        finally:
+            self._finish(reason)
+
+    def _frames(self) -> Any:
+        while True:
+            data = self.sock.recv(262144)
+            if not data:
+                return
+            for line in self.decoder.feed(data):
+                if line.strip():
+                    yield linkproto.parse_frame(line)
+
+    def _received(self, messages: tuple[Message, ...]) -> None:
+        if not messages:
+            return
+        with self._cond:
+            for m in messages:  # the peer has what it sends us: never send it back
+                if m.seq > self._peer_has.get(m.origin, 0):
+                    self._peer_has[m.origin] = m.seq
+        _new, gap = self.manager.router.accept_remote(messages, source=self)
+        if gap:
+            self._queue_control(linkproto.encode_sync(self.manager.router.cursors()))
+
+    # -- the sender -------------------------------------------------------------------
+
+    def _send_loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._live or self._rosters or self._control or self._resync
+                               or self._closing):
+                        if not self._cond.wait(linkproto.HEARTBEAT_S):
+                            break
+                    if self._closing:
+                        return
+                    control, self._control = self._control, []
+                    rosters = list(self._rosters.values())
+                    self._rosters.clear()
+                    resync, self._resync = self._resync, False
+                    live = list(self._live)
+                    self._live.clear()
+                if not (control or rosters or resync or live):
+                    control = [linkproto.encode_ping()]
+                out = b"".join(control) + b"".join(linkproto.encode_roster(r) for r in rosters)
+                if out:
+                    self.sock.sendall(out)
+                if resync:
+                    self._replay()
+                if live:
+                    self._send_live(live)
+        except OSError as exc:  # includes the send timeout: the peer stopped reading
+            log.debug("%r: send failed: %s", self, exc)
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+
+    def _replay(self) -> None:
+        """Send everything the peer lacks, per origin, from history."""
+        ours = self.manager.router.cursors()
+        with self._cond:
+            todo = linkproto.missing(ours, self._peer_has)
+        for origin, start in todo.items():
+            sent = start
+            while sent < ours[origin]:
+                batch = self.manager.history.after(origin, sent, linkproto.MAX_BATCH)
+                if not batch:
+                    break
+                self.sock.sendall(linkproto.encode_msgs(batch))
+                sent = batch[-1].seq
+                with self._cond:
+                    self._peer_has[origin] = max(self._peer_has.get(origin, 0), sent)
+
+    def _send_live(self, events: list[Event]) -> None:
+        out: list[bytes] = []
+        for event in events:
+            msg = event.item
+            assert isinstance(msg, Message)
+            with self._cond:
+                have = self._peer_has.get(msg.origin, 0)
+                if msg.seq <= have:
+                    continue
+                in_order = msg.seq == have + 1
+                if in_order:
+                    self._peer_has[msg.origin] = msg.seq
+            if not in_order:  # it missed some of this origin: history has them
+                if out:
+                    self.sock.sendall(b"".join(out))
+                    out = []
+                self._replay()
+                continue
+            out.append(event.encoded(linkproto.encode_message))
+        if out:
+            self.sock.sendall(b"".join(out))
+
+    # -- ending ----------------------------------------------------------------------------
+
+    def close(self, reason: str) -> None:
+        """End the link from our side: say bye, wake both threads.  Idempotent."""
+        with self._cond:
+            if self._closing:
+                return
+            self._closing = True
+            self._cond.notify()
+        with contextlib.suppress(OSError):
+            self.sock.settimeout(1.0)
+            self.sock.sendall(linkproto.encode_bye(reason))
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def _finish(self, reason: str) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        if self._sender.is_alive():
+            self._sender.join()
+        self.sock.close()
+        self.manager._unregister(self, reason)
+
+
+@dataclass
+class _Peer:
+    """What ``lanchat peers`` shows about one other daemon."""
+
+    node: str | None
+    name: str
+    address: str
+    port: int
+    state: str = "down"
+    last_seen: float | None = None
+    static: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"node": self.node, "name": self.name, "address": self.address,
+                "port": self.port, "state": self.state, "last_seen": self.last_seen,
+                "static": self.static}
+
+
+class _Dialer:
+    """Keeps dialing one address until told to stop: connect, handshake, run, back off."""
+
+    def __init__(self, manager: LinkManager, host: str, port: int, node: str | None) -> None:
+        self.manager = manager
+        self.host = host
+        self.port = port
+        self.node = node
+        self.stop = threading.Event()
+        self.link: Link | None = None
+        self.thread = threading.Thread(target=self._run, name=f"link-dial-{host}:{port}",
+                                       daemon=False)
+
+    def _run(self) -> None:
+        backoff = linkproto.BACKOFF_FIRST_S
+        while not self.stop.is_set():
+            started = time.monotonic()
+            try:
+                self._dial_once()
+            except (OSError, RemoteProtocolError, ValidationError, LinkClosed) as exc:
+                log.debug("link to %s:%d: %s", self.host, self.port, exc)
+            if self.stop.is_set():
+                return
+            if time.monotonic() - started > STABLE_AFTER_S:
+                backoff = linkproto.BACKOFF_FIRST_S
+            self.stop.wait(backoff * random.uniform(0.8, 1.2))
+            backoff = min(backoff * 2, linkproto.BACKOFF_MAX_S)
+
+    def _dial_once(self) -> None:
+        manager = self.manager
+        self.manager._set_state(self, "connecting")
+        sock = socket.create_connection((self.host, self.port), timeout=CONNECT_TIMEOUT_S)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            cursors, rosters = manager.router.hello_state()
+            sock.sendall(linkproto.encode_hello(manager.hello(cursors, rosters)))
+            decoder = LineDecoder(linkproto.MAX_LINK_FRAME)
+            welcome = self._await_welcome(sock, decoder)
+        except BaseException:
+            sock.close()
+            self.manager._set_state(self, "down")
+            raise
+        if welcome.node == manager.me.node:
+            sock.close()
+            self.stop.set()  # we dialed ourselves (our own advertisement or a loop): never again
+            raise LinkClosed("that address is this daemon")
+        self.node = welcome.node
+        link = Link(manager, sock, decoder, welcome,
+                    address=(self.host, self.port), dialer=manager.me.node)
+        if not manager._register(link, self):
+            with contextlib.suppress(OSError):
+                sock.sendall(linkproto.encode_bye("duplicate link"))
+            sock.close()
+            self.manager._set_state(self, "linked" if manager.linked(welcome.node) else "down")
+            return
+        self.link = link
+        link.run()
+        self.link = None
+
+    def _await_welcome(self, sock: socket.socket, decoder: LineDecoder) -> linkproto.PeerHello:
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        while True:
+            sock.settimeout(max(0.05, deadline - time.monotonic()))
+            data = sock.recv(65536)
+            if not data:
+                raise LinkClosed("closed before welcome")
+            for line in decoder.feed(data):
+                if not line.lstrip().startswith(b"{"):
+                    continue  # the hub's text greeting
+                frame = linkproto.parse_frame(line)
+                if isinstance(frame, linkproto.Welcome):
+                    return frame.peer
+                if isinstance(frame, linkproto.Refused):
+                    if frame.code == "same-node":
+                        self.stop.set()
+                    raise LinkClosed(f"refused: {frame.message}")
+                raise RemoteProtocolError("expected a welcome", code="bad-frame")
+
+    def close(self) -> None:
+        self.stop.set()
+        link = self.link
+        if link is not None:
+            link.close("shutting down")
+
+
+class LinkManager:
+    """All links of this daemon; the hub's :class:`~lanchat.hub.LinkAcceptor`.
+
+    ``static_peers`` are dialed for as long as the daemon runs.  Peers found by
+    discovery are dialed only by the lower node id of the pair (the tie-break),
+    and dropped when discovery loses them.  Thread-safety: every method may be
+    called from any thread; ``_lock`` guards the tables, never held during I/O.
+    """
+
+    def __init__(self, router: LinkRouter, history: History, me: Identity,
+                 static_peers: Sequence[tuple[str, int]] = ()) -> None:
+        self.router = router
+        self.history = history
+        self.me = me
+        self._lock = threading.Lock()  # guards: _links, _dialers, _peers, _closed
+        self._links: dict[str, Link] = {}
+        self._dialers: dict[tuple[str, int], _Dialer] = {}
+        self._peers: dict[str, _Peer] = {}  # key: node id, or "host:port" before we know it
+        self._closed = False
+        self._static = list(static_peers)
+        self._accepted = itertools.count(1)
+
+    def start(self) -> None:
+        for host, port in self._static:
+            self._dial(host, port, None, static=True)
+
+    def hello(self, cursors: dict[str, int], rosters: list[NodeRoster]) -> linkproto.PeerHello:
+        return linkproto.PeerHello(node=self.me.node, name=self.me.name, host=self.me.host,
+                                   port=self.me.port, cursors=cursors, rosters=tuple(rosters))
+
+    # -- discovery's callbacks ---------------------------------------------------------
+
+    def peer_found(self, node: str, name: str, addresses: Sequence[str], port: int) -> None:
+        """Discovery saw a daemon.  Dial it if we are the lower node id and not linked."""
+        if node == self.me.node or not addresses:
+            return
+        with self._lock:
+            peer = self._peers.get(node)
+            if peer is None:
+                peer = self._peers[node] = _Peer(node, name, addresses[0], port,
+                                                 state="discovered")
+            else:
+                peer.name, peer.address, peer.port = name, addresses[0], port
+        if self.me.node < node:
+            self._dial(addresses[0], port, node)
+
+    def peer_lost(self, node: str) -> None:
+        """Discovery saw a daemon leave (goodbye): stop dialing it."""
+        with self._lock:
+            dialers = [d for key, d in self._dialers.items() if d.node == node
+                       and not self._is_static(key)]
+            for d in dialers:
+                self._dialers.pop((d.host, d.port), None)
+        for d in dialers:
+            d.stop.set()
+
+    def _is_static(self, key: tuple[str, int]) -> bool:
+        return key in self._static
+
+    def _dial(self, host: str, port: int, node: str | None, *, static: bool = False) -> None:
+        with self._lock:
+            if self._closed or (host, port) in self._dialers:
+                return
+            if node is not None and node in self._links:
+                return
+            dialer = _Dialer(self, host, port, node)
+            self._dialers[(host, port)] = dialer
+            key = node or f"{host}:{port}"
+            if key not in self._peers:
+                self._peers[key] = _Peer(node, f"{host}:{port}", host, port, static=static)
+        dialer.thread.start()
+
+    # -- the hub's LinkAcceptor ----------------------------------------------------------
+
+    def accept_link(self, sock: socket.socket, address: tuple[Any, ...], hello: Hello,
+                    decoder: LineDecoder) -> None:
+        """A daemon dialed us: handshake, then run the link on this (hub) thread."""
+        try:
+            peer = linkproto.parse_peer_hello(hello.fields)
+        except RemoteProtocolError as exc:
+            sock.sendall(linkproto.encode_error(exc.code, str(exc)))
+            return
+        if peer.node == self.me.node:
+            sock.sendall(linkproto.encode_error("same-node", "you dialed yourself"))
+            return
+        if self.linked(peer.node):
+            sock.sendall(linkproto.encode_error("duplicate-link", "already linked to you"))
+            return
+        link = Link(self, sock, decoder, peer, address=address, dialer=peer.node)
+        if not self._register(link, None):
+            sock.sendall(linkproto.encode_error("duplicate-link", "already linked to you"))
+            return
+        cursors, rosters = self.router.hello_state()
+        try:
+            sock.sendall(linkproto.encode_welcome(self.hello(cursors, rosters)))
+        except OSError:
+            self._unregister(link, "welcome not sent")
+            return
+        link.run()
+
+    # -- the table of links ----------------------------------------------------------------
+
+    def linked(self, node: str) -> bool:
+        with self._lock:
+            return node in self._links
+
+    def _register(self, link: Link, dialer: _Dialer | None) -> bool:
+        """Make ``link`` the link to its node, unless a better one exists.  Attaches it."""
+        loser: Link | None = None
+        with self._lock:
+            if self._closed:
+                return False
+            existing = self._links.get(link.node)
+            if existing is not None:
+                if not linkproto.keeps(self.me.node, existing.dialer, link.dialer):
+                    return False
+                loser = existing
+            self._links[link.node] = link
+            peer = self._peers.get(link.node)
+            if peer is None and dialer is not None:
+                peer = self._peers.pop(f"{dialer.host}:{dialer.port}", None)
+            if peer is None:
+                peer = _Peer(link.node, link.name, str(link.address[0]), link.port or 0)
+            peer.node, peer.name, peer.state = link.node, link.name, "linked"
+            peer.last_seen = time.time()
+            if dialer is not None:
+                peer.address, peer.port = dialer.host, dialer.port
+            self._peers[link.node] = peer
+        if loser is not None:
+            loser.close("replaced by a better link")
+        self.router.attach_link(link)
+        log.info("linked to %s (%s) at %s", link.name, link.node, link.address[0])
+        return True
+
+    def _unregister(self, link: Link, reason: str) -> None:
+        with self._lock:
+            if self._links.get(link.node) is link:
+                del self._links[link.node]
+                peer = self._peers.get(link.node)
+                if peer is not None:
+                    peer.state = "down"
+                    peer.last_seen = link.last_heard
+        self.router.detach_link(link)  # also when replaced: it was attached until now
+        log.info("link to %s (%s) closed: %s", link.name, link.node, reason)
+
+    def _set_state(self, dialer: _Dialer, state: str) -> None:
+        with self._lock:
+            key = dialer.node or f"{dialer.host}:{dialer.port}"
+            peer = self._peers.get(key)
+            if peer is not None and peer.state != "linked":
+                peer.state = state
+
+    def peers(self) -> list[dict[str, Any]]:
+        with self._lock:
+            out = []
+            for peer in self._peers.values():
+                link = self._links.get(peer.node) if peer.node else None
+                if link is not None:
+                    peer.last_seen = link.last_heard
+                out.append(peer.to_dict())
+        return sorted(out, key=lambda p: (p["name"], p["address"]))
+
+    def close(self) -> None:
+        """Say bye on every link, stop every dialer, join their threads.  Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            dialers = list(self._dialers.values())
+            links = list(self._links.values())
+        for d in dialers:
+            d.close()
+        for link in links:
+            link.close("shutting down")
+        for d in dialers:
+            d.thread.join(5.0)

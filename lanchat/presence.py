@@ -1,0 +1,153 @@
+"""Who is connected where, across the whole network: versioned per-node rosters.
+
+Each daemon is the only authority on its own users.  Whenever they change it
+publishes a :class:`NodeRoster` -- all its users, with a version number that
+only grows -- and daemons pass rosters on to each other (relaying them across
+links).  A roster replaces the previous one of the same node only if it is
+newer, so rosters may arrive twice, late or by several paths and every node
+still converges on the newest one.  Flooding stops by itself: a node passes a
+roster on only when it was news.
+
+A node that disappears (its link died and nobody else vouches for it) is
+marked ``gone`` at the same version; ``gone`` wins over a live roster of the
+same version, and any newer roster (the node came back) wins over both.
+
+Pure: no I/O, no clock (versions and times are passed in).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from lanchat.errors import ValidationError
+from lanchat.model import User, validate_host, validate_nick, validate_node, validate_room
+
+#: Most users one node's roster may list: a hub's connection limit, with slack.
+MAX_ROSTER_USERS = 10_000
+
+#: Most nodes a network roster tracks; a peer announcing more is lying.
+MAX_NODES = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRoster:
+    """The users of one node, as of version ``ver``."""
+
+    node: str
+    ver: int
+    name: str
+    host: str
+    users: tuple[User, ...] = ()
+    gone: bool = False
+
+    def newer_than(self, other: NodeRoster | None) -> bool:
+        return other is None or (self.ver, self.gone) > (other.ver, other.gone)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"node": self.node, "ver": self.ver, "name": self.name, "host": self.host,
+                "gone": self.gone, "users": [_user_dict(u) for u in self.users]}
+
+    @classmethod
+    def from_dict(cls, d: object) -> NodeRoster:
+        """Parse a roster from a peer; raises :class:`ValidationError`."""
+        if not isinstance(d, dict):
+            raise ValidationError("roster must be an object", code="bad-roster")
+        node = validate_node(d.get("node"))
+        ver = d.get("ver")
+        if isinstance(ver, bool) or not isinstance(ver, int) or ver < 0:
+            raise ValidationError("roster ver must be a non-negative integer", code="bad-roster")
+        name = d.get("name")
+        if not isinstance(name, str) or not 0 < len(name) <= 253 or not name.isprintable():
+            raise ValidationError("roster name must be a short printable string",
+                                  code="bad-roster")
+        host = validate_host(d.get("host"))
+        raw = d.get("users", [])
+        if not isinstance(raw, list) or len(raw) > MAX_ROSTER_USERS:
+            raise ValidationError("roster users must be a list", code="bad-roster")
+        users = tuple(_user_from(u, node) for u in raw)
+        return cls(node=node, ver=ver, name=name, host=host, users=users,
+                   gone=bool(d.get("gone", False)))
+
+
+def _user_dict(u: User) -> dict[str, Any]:
+    return {"nick": u.nick, "host": u.host, "since": u.since, "room": u.room, "via": u.via}
+
+
+def _user_from(d: object, node: str) -> User:
+    if not isinstance(d, dict):
+        raise ValidationError("roster user must be an object", code="bad-roster")
+    since = d.get("since")
+    if isinstance(since, bool) or not isinstance(since, int | float):
+        raise ValidationError("user since must be a number", code="bad-roster")
+    via = d.get("via", "tcp")
+    if not isinstance(via, str) or len(via) > 16:
+        raise ValidationError("user via must be a short string", code="bad-roster")
+    return User(nick=validate_nick(d.get("nick")), host=validate_host(d.get("host")), node=node,
+                local=False, since=float(since), room=validate_room(d.get("room", "lobby")),
+                via=via)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One user appeared in or disappeared from a room (for join/leave notices)."""
+
+    kind: str  # "join" or "leave"
+    user: User
+
+
+class NetworkRoster:
+    """The newest roster of every other node, plus where each came from.
+
+    ``apply`` returns the user-level changes a new roster causes (empty if it
+    was not news), so the caller can show "* bob joined" notices and pass the
+    roster on.  Not thread-safe: owned by the router thread.
+    """
+
+    def __init__(self, me: str) -> None:
+        self.me = me
+        self._rosters: dict[str, NodeRoster] = {}
+        self._via: dict[str, object] = {}  # node -> the link its roster last came through
+
+    def get(self, node: str) -> NodeRoster | None:
+        return self._rosters.get(node)
+
+    def apply(self, roster: NodeRoster, via: object) -> list[Change] | None:
+        """Take ``roster`` if it is newer than what we hold.  None means "not news"."""
+        if roster.node == self.me:
+            return None
+        old = self._rosters.get(roster.node)
+        if not roster.newer_than(old):
+            return None
+        if old is None and len(self._rosters) >= MAX_NODES:
+            return None
+        self._rosters[roster.node] = roster
+        self._via[roster.node] = via
+        return _diff(old, roster)
+
+    def vouched_by(self, via: object) -> list[str]:
+        """The nodes whose newest roster came through ``via``."""
+        return [node for node, v in self._via.items() if v is via]
+
+    def mark_gone(self, node: str) -> tuple[NodeRoster, list[Change]] | None:
+        """Declare ``node`` unreachable; returns the gone-roster to pass on and the changes."""
+        old = self._rosters.get(node)
+        if old is None or old.gone:
+            return None
+        gone = replace(old, users=(), gone=True)
+        self._rosters[node] = gone
+        return gone, _diff(old, gone)
+
+    def snapshot(self) -> list[NodeRoster]:
+        return list(self._rosters.values())
+
+    def users(self) -> list[User]:
+        return [u for r in self._rosters.values() if not r.gone for u in r.users]
+
+
+def _diff(old: NodeRoster | None, new: NodeRoster) -> list[Change]:
+    before = {(u.nick, u.room): u for u in old.users} if old and not old.gone else {}
+    after = {(u.nick, u.room): u for u in new.users} if not new.gone else {}
+    changes = [Change("leave", u) for key, u in before.items() if key not in after]
+    changes += [Change("join", u) for key, u in after.items() if key not in before]
+    return changes
