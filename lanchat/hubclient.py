@@ -502,10 +502,11 @@ class TcpSession:
             f"* Connected to {welcome.name} ({self.where}) as {welcome.nick}, "
             f"in #{welcome.room}{company}. Type /help for commands, /quit to leave."))
         receiver = threading.Thread(target=self._receive, name="hubclient-receiver")
-        receiver.start()
-        reader = _Stdin(stdin_fd, self._wake_r)
         status = EXIT_OK
         try:
+            # Started inside the try: a Ctrl-C at any moment from here on still stops it.
+            receiver.start()
+            reader = _Stdin(stdin_fd, self._wake_r)
             while True:
                 lines = reader.lines()
                 if lines is None:
@@ -520,7 +521,8 @@ class TcpSession:
             self.closing.set()
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
-            receiver.join(5.0)
+            if receiver.ident is not None:
+                receiver.join(5.0)
         if status != EXIT_OK:
             self.printer.error(f"connection to {self.where} closed by the server")
         return status
@@ -646,9 +648,9 @@ class UdpSession:
         assert self.sock is not None
         self.sock.settimeout(None)
         receiver = threading.Thread(target=self._receive, name="hubclient-udp-receiver")
-        receiver.start()
-        reader = _Stdin(stdin_fd, self._wake_r)
         try:
+            receiver.start()
+            reader = _Stdin(stdin_fd, self._wake_r)
             while True:
                 lines = reader.lines()
                 if lines is None:
@@ -663,7 +665,8 @@ class UdpSession:
             # shutdown() on a UDP socket wakes the receiver's select on Linux.
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
-            receiver.join(5.0)
+            if receiver.ident is not None:
+                receiver.join(5.0)
         if self.gone.is_set():
             self.printer.error(f"connection to {self.where} closed by the server")
             return EXIT_ERROR
