@@ -1,0 +1,255 @@
+"""The daemon-to-daemon link protocol (lanchat.linkproto): pure frames, cursors, tie-break.
+
+No sockets here: frames are encoded to bytes and parsed back, and every malformed frame a
+peer could send must be refused with a RemoteProtocolError or ValidationError (which the link
+turns into "protocol error; closing the link"), never anything else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lanchat import linkproto
+from lanchat.errors import LanchatError, RemoteProtocolError, ValidationError
+from lanchat.model import Message, User
+from lanchat.presence import MAX_NODES, NodeRoster
+
+NODE_A = "a1" * 8
+NODE_B = "b2" * 8
+NODE_C = "c3" * 8
+
+
+def msg(origin: str = NODE_A, seq: int = 1, text: str = "hi", **kw: Any) -> Message:
+    return Message(origin=origin, seq=seq, ts=1_700_000_000.0 + seq, room=kw.pop("room", "lobby"),
+                   nick=kw.pop("nick", "alice"), host=kw.pop("host", "laptop"), text=text, **kw)
+
+
+def roster(node: str = NODE_B, ver: int = 1, *nicks: str, gone: bool = False) -> NodeRoster:
+    users = tuple(User(nick=n, host="h", node=node, local=False, since=1.0) for n in nicks)
+    return NodeRoster(node=node, ver=ver, name=f"n-{node[:4]}", host="h", users=users, gone=gone)
+
+
+def hello(**over: Any) -> linkproto.PeerHello:
+    base: dict[str, Any] = dict(node=NODE_A, name="alice on laptop", host="laptop", port=7654,
+                                cursors={NODE_A: 3, NODE_B: 0}, rosters=(roster(NODE_B, 5, "bob"),))
+    base.update(over)
+    return linkproto.PeerHello(**base)
+
+
+def fields(data: bytes) -> dict[str, Any]:
+    assert data.endswith(b"\n") and data.count(b"\n") == 1
+    obj = json.loads(data)
+    assert isinstance(obj, dict)
+    return obj
+
+
+# -- hello / welcome ---------------------------------------------------------------------------
+
+def test_hello_says_daemon_role_and_round_trips() -> None:
+    me = hello()
+    obj = fields(linkproto.encode_hello(me))
+    assert obj["type"] == "hello" and obj["role"] == "daemon" and obj["v"] == linkproto.VERSION
+    assert linkproto.parse_peer_hello(obj) == me
+
+
+def test_welcome_round_trips_through_parse_frame() -> None:
+    me = hello(port=None, cursors={}, rosters=())
+    frame = linkproto.parse_frame(linkproto.encode_welcome(me))
+    assert frame == linkproto.Welcome(me)
+
+
+def test_newer_version_is_spoken_down_to_ours() -> None:
+    obj = fields(linkproto.encode_hello(hello()))
+    obj["v"] = linkproto.VERSION + 5
+    assert linkproto.parse_peer_hello(obj).version == linkproto.VERSION
+
+
+@pytest.mark.parametrize("change", [
+    {"node": "NOT-HEX"}, {"node": None}, {"node": "ab"},
+    {"name": ""}, {"name": 5}, {"name": "x" * 254},
+    {"host": ""}, {"host": None},
+    {"port": 0}, {"port": 65536}, {"port": True}, {"port": "7654"},
+    {"v": 0}, {"v": True}, {"v": "1"}, {"v": None},
+    {"cursors": []}, {"cursors": {NODE_A: -1}}, {"cursors": {"zz": 1}},
+    {"rosters": [{"node": NODE_B}]}, {"rosters": ["x"]},
+])
+def test_bad_hello_is_a_protocol_error(change: dict[str, Any]) -> None:
+    obj = fields(linkproto.encode_hello(hello()))
+    obj.update(change)
+    with pytest.raises(RemoteProtocolError) as info:
+        linkproto.parse_peer_hello(obj)
+    assert info.value.code == "bad-frame"
+
+
+# -- cursors --------------------------------------------------------------------------------
+
+def test_cursors_accept_zero_and_big_numbers() -> None:
+    assert linkproto.parse_cursors({NODE_A: 0, NODE_B: 2**62}) == {NODE_A: 0, NODE_B: 2**62}
+    assert linkproto.parse_cursors({}) == {}
+
+
+@pytest.mark.parametrize("raw", [
+    None, [], "x", {NODE_A: -1}, {NODE_A: 1.5}, {NODE_A: True}, {NODE_A: "3"}, {NODE_A: None},
+    {"UPPERCASE1": 1}, {"short": 1}, {"": 1},
+])
+def test_bad_cursors_are_refused(raw: object) -> None:
+    with pytest.raises(RemoteProtocolError):
+        linkproto.parse_cursors(raw)
+
+
+def test_too_many_cursors_are_refused() -> None:
+    raw = {f"{i:016x}": 1 for i in range(MAX_NODES * 16 + 1)}
+    with pytest.raises(RemoteProtocolError):
+        linkproto.parse_cursors(raw)
+
+
+def test_missing_is_per_origin_what_the_other_lacks() -> None:
+    ours = {NODE_A: 5, NODE_B: 2, NODE_C: 7}
+    theirs = {NODE_A: 5, NODE_B: 4, NODE_C: 3}
+    assert linkproto.missing(ours, theirs) == {NODE_C: 3}
+    assert linkproto.missing(ours, {}) == {NODE_A: 0, NODE_B: 0, NODE_C: 0}
+    assert linkproto.missing({}, theirs) == {}
+    assert linkproto.missing({NODE_A: 0}, {}) == {}
+
+
+@given(st.dictionaries(st.sampled_from([NODE_A, NODE_B, NODE_C]), st.integers(0, 1000)),
+       st.dictionaries(st.sampled_from([NODE_A, NODE_B, NODE_C]), st.integers(0, 1000)))
+def test_missing_property(ours: dict[str, int], theirs: dict[str, int]) -> None:
+    gaps = linkproto.missing(ours, theirs)
+    for origin, start in gaps.items():
+        assert start == theirs.get(origin, 0) < ours[origin]
+    for origin, high in ours.items():
+        if origin not in gaps:
+            assert high <= theirs.get(origin, 0)
+
+
+# -- frames ---------------------------------------------------------------------------------
+
+def test_msgs_round_trip_keeps_order_and_fields() -> None:
+    batch = [msg(seq=i, text=f"m{i}") for i in range(1, 6)] + [msg(NODE_B, 1, "dm", to="bob")]
+    frame = linkproto.parse_frame(linkproto.encode_msgs(batch))
+    assert frame == linkproto.Msgs(tuple(batch))
+
+
+def test_one_live_message_is_a_msgs_frame() -> None:
+    m = msg(seq=9, text="line one\nline two \x1b[31m")
+    assert linkproto.parse_frame(linkproto.encode_message(m)) == linkproto.Msgs((m,))
+
+
+def test_a_full_batch_of_maximal_messages_fits_in_one_link_frame() -> None:
+    text = "\x01" * 4096  # every byte JSON-escaped to six
+    batch = [msg(seq=i, text=text) for i in range(1, linkproto.MAX_BATCH + 1)]
+    data = linkproto.encode_msgs(batch)
+    assert len(data) < linkproto.MAX_LINK_FRAME
+    frame = linkproto.parse_frame(data)
+    assert isinstance(frame, linkproto.Msgs) and len(frame.messages) == linkproto.MAX_BATCH
+
+
+@pytest.mark.parametrize("make", [
+    lambda: (linkproto.encode_roster(roster(NODE_C, 7, "carol", "dave")),
+             linkproto.Roster(roster(NODE_C, 7, "carol", "dave"))),
+    lambda: (linkproto.encode_roster(roster(NODE_C, 8, gone=True)),
+             linkproto.Roster(roster(NODE_C, 8, gone=True))),
+    lambda: (linkproto.encode_sync({NODE_A: 4}), linkproto.Sync({NODE_A: 4})),
+    lambda: (linkproto.encode_ping(), linkproto.Ping()),
+    lambda: (linkproto.encode_pong(), linkproto.Pong()),
+    lambda: (linkproto.encode_bye("shutting down"), linkproto.Bye("shutting down")),
+    lambda: (linkproto.encode_error("same-node", "you dialed yourself"),
+             linkproto.Refused("same-node", "you dialed yourself")),
+])
+def test_frames_round_trip(make: Any) -> None:
+    data, expected = make()
+    assert linkproto.parse_frame(data) == expected
+
+
+def test_bye_reason_is_bounded_and_defaulted() -> None:
+    assert linkproto.parse_frame(b'{"type":"bye","reason":"' + b"x" * 500 + b'"}') \
+        == linkproto.Bye("x" * 200)
+    assert linkproto.parse_frame(b'{"type":"bye"}') == linkproto.Bye("bye")
+
+
+def test_refusal_text_is_bounded() -> None:
+    frame = linkproto.parse_frame(json.dumps(
+        {"type": "error", "code": "c" * 99, "message": "m" * 999}).encode())
+    assert frame == linkproto.Refused("c" * 50, "m" * 300)
+
+
+@pytest.mark.parametrize("line", [
+    b"[]", b'"msgs"', b"42", b"null", b"{}",
+    b'{"type":"nonsense"}', b'{"type":"hello"}',
+    b'{"type":"msgs"}', b'{"type":"msgs","m":{}}', b'{"type":"msgs","m":[1]}',
+    b'{"type":"msgs","m":[{"origin":"a1a1a1a1a1a1a1a1"}]}',
+    b'{"type":"sync"}', b'{"type":"sync","cursors":{"a1a1a1a1":-2}}',
+    b'{"type":"roster"}', b'{"type":"roster","roster":{"node":"xyz"}}',
+    b'{"type":"welcome","node":"a1a1a1a1a1a1a1a1"}',
+    b"{not json", b'{"type":"ping"', b"\xff\xfe",
+])
+def test_malformed_frames_are_refused_cleanly(line: bytes) -> None:
+    with pytest.raises((RemoteProtocolError, ValidationError)):
+        linkproto.parse_frame(line)
+
+
+def test_oversized_msgs_list_is_refused_before_parsing_it() -> None:
+    too_many = [msg(seq=i).to_dict() for i in range(1, linkproto.MAX_BATCH * 4 + 2)]
+    with pytest.raises(RemoteProtocolError):
+        linkproto.parse_frame(json.dumps({"type": "msgs", "m": too_many}).encode())
+
+
+def test_message_whose_id_does_not_match_is_refused() -> None:
+    d = msg(seq=2).to_dict()
+    d["id"] = f"{NODE_A}:3"
+    with pytest.raises(ValidationError):
+        linkproto.parse_frame(json.dumps({"type": "msgs", "m": [d]}).encode())
+
+
+@settings(max_examples=200)
+@given(st.binary(max_size=300))
+def test_garbage_never_escapes_as_another_exception(data: bytes) -> None:
+    with contextlib.suppress(LanchatError):
+        linkproto.parse_frame(data)
+
+
+_texts = st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)),
+                 min_size=1, max_size=60)
+
+
+@settings(max_examples=100)
+@given(st.lists(st.tuples(st.sampled_from([NODE_A, NODE_B, NODE_C]), st.integers(1, 2**40),
+                          _texts, st.sampled_from(["lobby", "dev", "a.b-c_d"])),
+                max_size=linkproto.MAX_BATCH))
+def test_msgs_round_trip_property(items: list[tuple[str, int, str, str]]) -> None:
+    batch = tuple(msg(o, s, t, room=r) for o, s, t, r in items)
+    assert linkproto.parse_frame(linkproto.encode_msgs(batch)) == linkproto.Msgs(batch)
+
+
+@given(st.dictionaries(st.text("0123456789abcdef", min_size=8, max_size=64),
+                       st.integers(0, 2**62), max_size=20))
+def test_sync_round_trip_property(cursors: dict[str, int]) -> None:
+    assert linkproto.parse_frame(linkproto.encode_sync(cursors)) == linkproto.Sync(cursors)
+
+
+# -- tie-break ------------------------------------------------------------------------------
+
+def test_tie_break_keeps_the_link_dialed_by_the_lower_node() -> None:
+    low, high = sorted([NODE_A, NODE_B])
+    # On either end, an existing link dialed by the higher node loses to one dialed by the lower.
+    assert linkproto.keeps(low, high, low) is True
+    assert linkproto.keeps(high, high, low) is True
+    # ... and a new link dialed by the higher node never replaces one dialed by the lower.
+    assert linkproto.keeps(low, low, high) is False
+    assert linkproto.keeps(high, low, high) is False
+    # Both ends of the pair reach the same verdict.
+    for existing, new in [(low, high), (high, low)]:
+        assert linkproto.keeps(low, existing, new) == linkproto.keeps(high, existing, new)
+
+
+def test_backoff_and_heartbeat_constants_are_consistent() -> None:
+    assert 0 < linkproto.BACKOFF_FIRST_S < linkproto.BACKOFF_MAX_S
+    assert linkproto.DEAD_AFTER_S >= 3 * linkproto.HEARTBEAT_S
+    assert linkproto.DEAD_AFTER_S < 10.0  # a crashed peer is noticed within 10 s

@@ -1,0 +1,222 @@
+"""Versioned per-node rosters (lanchat.presence): ordering, gone, diffs, limits.
+
+Pure: rosters are built by hand and applied in every order a mesh could deliver them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lanchat.errors import ValidationError
+from lanchat.model import User
+from lanchat.presence import (
+    MAX_NODES,
+    MAX_ROSTER_USERS,
+    Change,
+    NetworkRoster,
+    NodeRoster,
+)
+
+ME = "00" * 8
+NODE_B = "b2" * 8
+NODE_C = "c3" * 8
+
+
+def user(nick: str, node: str = NODE_B, room: str = "lobby") -> User:
+    return User(nick=nick, host="h", node=node, local=False, since=1.0, room=room)
+
+
+def roster(node: str = NODE_B, ver: int = 1, *nicks: str, gone: bool = False,
+           room: str = "lobby") -> NodeRoster:
+    return NodeRoster(node=node, ver=ver, name=f"n-{node[:4]}", host="h",
+                      users=tuple(user(n, node, room) for n in nicks), gone=gone)
+
+
+def kinds(changes: list[Change] | None) -> set[tuple[str, str]]:
+    assert changes is not None
+    return {(c.kind, c.user.nick) for c in changes}
+
+
+# -- ordering --------------------------------------------------------------------------------
+
+def test_newer_than_orders_by_version_then_gone() -> None:
+    assert roster(ver=1).newer_than(None)
+    assert roster(ver=2).newer_than(roster(ver=1))
+    assert not roster(ver=1).newer_than(roster(ver=2))
+    assert not roster(ver=1).newer_than(roster(ver=1))           # same: not news
+    assert roster(ver=1, gone=True).newer_than(roster(ver=1))     # gone wins a tie
+    assert not roster(ver=1).newer_than(roster(ver=1, gone=True))
+    assert roster(ver=2).newer_than(roster(ver=1, gone=True))     # came back
+    assert not roster(ver=1, gone=True).newer_than(roster(ver=2))
+
+
+# -- dict form -------------------------------------------------------------------------------
+
+def test_roster_round_trips_and_users_are_remote_on_the_roster_node() -> None:
+    r = roster(NODE_C, 42, "carol", "dave", room="dev")
+    back = NodeRoster.from_dict(r.to_dict())
+    assert back == r
+    assert all(u.node == NODE_C and not u.local for u in back.users)
+
+
+def test_users_claiming_another_node_are_pinned_to_the_roster_node() -> None:
+    d = roster(NODE_C, 1, "carol").to_dict()
+    d["users"][0]["node"] = NODE_B   # ignored: a node only speaks for its own users
+    d["users"][0]["local"] = True
+    (u,) = NodeRoster.from_dict(d).users
+    assert u.node == NODE_C and u.local is False
+
+
+@pytest.mark.parametrize("change", [
+    {"node": "XYZ"}, {"node": None},
+    {"ver": -1}, {"ver": 1.5}, {"ver": True}, {"ver": None},
+    {"name": ""}, {"name": "x" * 254}, {"name": "a\nb"}, {"name": 3},
+    {"host": ""}, {"host": "a b"},
+    {"users": {}}, {"users": ["x"]},
+    {"users": [{"nick": "bad nick", "host": "h", "since": 1}]},
+    {"users": [{"nick": "ok", "host": "h", "since": "1"}]},
+    {"users": [{"nick": "ok", "host": "h", "since": True}]},
+    {"users": [{"nick": "ok", "host": "h", "since": 1, "room": "Bad Room"}]},
+    {"users": [{"nick": "ok", "host": "h", "since": 1, "via": "x" * 17}]},
+])
+def test_bad_rosters_are_refused(change: dict[str, Any]) -> None:
+    d = roster(NODE_C, 1, "carol").to_dict()
+    d.update(change)
+    with pytest.raises(ValidationError):
+        NodeRoster.from_dict(d)
+
+
+def test_non_object_roster_is_refused() -> None:
+    for bad in (None, [], "roster", 5):
+        with pytest.raises(ValidationError):
+            NodeRoster.from_dict(bad)
+
+
+def test_roster_user_limit() -> None:
+    base = roster(NODE_C, 1).to_dict()
+    one = {"nick": "u", "host": "h", "since": 1}
+    NodeRoster.from_dict({**base, "users": [one] * MAX_ROSTER_USERS})
+    with pytest.raises(ValidationError):
+        NodeRoster.from_dict({**base, "users": [one] * (MAX_ROSTER_USERS + 1)})
+
+
+# -- NetworkRoster.apply ----------------------------------------------------------------------
+
+def test_apply_reports_joins_and_leaves_and_ignores_old_news() -> None:
+    net = NetworkRoster(ME)
+    link = object()
+    assert kinds(net.apply(roster(NODE_B, 1, "bob", "ben"), link)) == {("join", "bob"),
+                                                                      ("join", "ben")}
+    assert net.apply(roster(NODE_B, 1, "bob", "ben"), link) is None       # duplicate
+    assert net.apply(roster(NODE_B, 0, "old"), link) is None              # late
+    assert kinds(net.apply(roster(NODE_B, 3, "bob", "bea"), link)) == {("leave", "ben"),
+                                                                      ("join", "bea")}
+    assert {u.nick for u in net.users()} == {"bob", "bea"}
+    assert net.apply(roster(NODE_B, 2, "zed"), link) is None              # overtaken
+
+
+def test_a_room_move_is_a_leave_and_a_join() -> None:
+    net = NetworkRoster(ME)
+    net.apply(roster(NODE_B, 1, "bob"), None)
+    changes = net.apply(roster(NODE_B, 2, "bob", room="dev"), None)
+    assert changes is not None
+    assert [(c.kind, c.user.room) for c in changes] == [("leave", "lobby"), ("join", "dev")]
+
+
+def test_own_roster_is_never_applied() -> None:
+    net = NetworkRoster(ME)
+    assert net.apply(roster(ME, 99, "me"), object()) is None
+    assert net.users() == [] and net.get(ME) is None
+
+
+def test_node_limit() -> None:
+    net = NetworkRoster(ME)
+    for i in range(MAX_NODES):
+        assert net.apply(roster(f"{i + 1:016x}", 1), None) is not None
+    assert net.apply(roster("f" * 16, 1, "x"), None) is None
+    assert net.get("f" * 16) is None
+    # Known nodes still update at the limit.
+    assert net.apply(roster(f"{1:016x}", 2, "y"), None) is not None
+
+
+# -- gone, vouched_by -------------------------------------------------------------------------
+
+def test_mark_gone_removes_users_and_a_newer_roster_brings_them_back() -> None:
+    net = NetworkRoster(ME)
+    net.apply(roster(NODE_B, 5, "bob"), "link-b")
+    marked = net.mark_gone(NODE_B)
+    assert marked is not None
+    gone, changes = marked
+    assert gone.gone and gone.ver == 5 and gone.users == () and gone.node == NODE_B
+    assert kinds(changes) == {("leave", "bob")}
+    assert net.users() == []
+    assert net.mark_gone(NODE_B) is None                 # already gone
+    assert net.mark_gone(NODE_C) is None                 # never known
+    assert net.apply(roster(NODE_B, 5, "bob"), "link-b") is None  # same version: still gone
+    assert kinds(net.apply(roster(NODE_B, 6, "bob"), "link-b")) == {("join", "bob")}
+
+
+def test_a_relayed_gone_of_the_same_version_wins() -> None:
+    net = NetworkRoster(ME)
+    net.apply(roster(NODE_C, 4, "carol"), "link-b")
+    assert kinds(net.apply(roster(NODE_C, 4, gone=True), "link-b")) == {("leave", "carol")}
+    assert net.apply(roster(NODE_C, 3, gone=True), "link-b") is None
+
+
+def test_vouched_by_follows_the_link_of_the_newest_roster() -> None:
+    net = NetworkRoster(ME)
+    lb, lc = object(), object()
+    net.apply(roster(NODE_B, 1, "bob"), lb)
+    net.apply(roster(NODE_C, 1, "carol"), lb)       # C relayed through B
+    assert sorted(net.vouched_by(lb)) == sorted([NODE_B, NODE_C])
+    assert net.vouched_by(lc) == []
+    net.apply(roster(NODE_C, 1, "carol"), lc)       # same version direct: not news, via unchanged
+    assert sorted(net.vouched_by(lb)) == sorted([NODE_B, NODE_C])
+    net.apply(roster(NODE_C, 2, "carol"), lc)       # newer direct
+    assert net.vouched_by(lb) == [NODE_B]
+    assert net.vouched_by(lc) == [NODE_C]
+
+
+def test_snapshot_includes_gone_rosters() -> None:
+    net = NetworkRoster(ME)
+    net.apply(roster(NODE_B, 1, "bob"), None)
+    net.apply(roster(NODE_C, 1, "carol"), None)
+    net.mark_gone(NODE_C)
+    snap = {r.node: r for r in net.snapshot()}
+    assert snap[NODE_B].users and snap[NODE_C].gone
+
+
+# -- convergence in any order -------------------------------------------------------------------
+
+_versions = st.lists(st.tuples(st.integers(0, 6), st.booleans(),
+                               st.sets(st.sampled_from(["a", "b", "c", "d"]))),
+                     min_size=1, max_size=8)
+
+
+@given(_versions, st.randoms(use_true_random=False))
+def test_any_delivery_order_converges_to_the_newest(
+        items: list[tuple[int, bool, set[str]]], rnd: Any) -> None:
+    # Rosters of one version are identical (a node publishes one roster per version);
+    # a gone copy of a version carries no users.
+    by_ver = {ver: sorted(nicks) for ver, _g, nicks in items}
+    rosters = [roster(NODE_B, ver, *([] if gone else by_ver[ver]), gone=gone)
+               for ver, gone, _n in items]
+    newest = max(rosters, key=lambda r: (r.ver, r.gone))
+    orders = [rosters, list(reversed(rosters))]
+    shuffled = list(rosters)
+    rnd.shuffle(shuffled)
+    orders.append(shuffled)
+    for order in orders:
+        net = NetworkRoster(ME)
+        shown: set[str] = set()
+        for r in itertools.chain(order, order):       # and every one twice
+            for c in net.apply(r, None) or []:
+                (shown.add if c.kind == "join" else shown.discard)(c.user.nick)
+        assert net.get(NODE_B) == newest
+        # The join/leave notices add up to the users actually listed.
+        assert shown == {u.nick for u in net.users()}
