@@ -409,8 +409,9 @@ class _TcpSession(_Session):
         self.welcome(users)
         for frame in self._frames():
             try:
-                if not self.handle(wire.parse_command(frame)):
-                    self._leave_reason = "quit"
+                command = wire.parse_command(frame)
+                if not self.handle(command):
+                    self._leave_reason = command.reason if isinstance(command, Quit) else "quit"
                     self.outbox.close_with(wire.encode_bye("goodbye"), "quit", keep_queued=True)
                     return
             except (ValidationError, RemoteProtocolError) as exc:

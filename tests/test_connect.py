@@ -207,8 +207,6 @@ def test_quit_exits_0_and_others_see_it(daemon: Daemon, clients: list[Any],
     assert alice.line() == "* bob left #lobby (quit)"
 
 
-@pytest.mark.xfail(strict=True, reason="hub.py _TcpSession._serve_json ignores the reason of a "
-                   "JSON bye (always 'quit'), unlike text mode's /quit REASON")
 def test_quit_reason_reaches_the_others(daemon: Daemon, clients: list[Any],
                                         connects: list[Connect]) -> None:
     alice = TextUser(daemon.port, "alice")
