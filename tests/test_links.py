@@ -1,0 +1,561 @@
+"""Daemon-to-daemon links on loopback: static ``--peer``, discovery off, real lanchatd processes.
+
+Each test starts real daemons (tests/conftest.py's ``Daemon``: 127.0.0.1, port 0,
+``--no-discovery``), links them with ``--peer 127.0.0.1:PORT`` and checks what a user sees:
+``lanchat peers/users/history --json``, presence notifications on the control socket, lines
+on a hub text client.  A link is cut without stopping either daemon by routing it through
+:class:`Proxy`, an in-process TCP relay whose connections the test can drop.
+
+Timings are printed (``pytest -s``).  Daemons run with ``-vv`` so a failure's stderr shows
+the links' debug log.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import os
+import select
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+
+from lanchat.client import ControlClient
+
+try:
+    from tests.conftest import Daemon, TextUser
+except ImportError:                      # tests/ is on sys.path itself (no tests/__init__.py)
+    from conftest import Daemon, TextUser  # type: ignore[no-redef]
+
+T = TypeVar("T")
+
+#: A static link comes up this fast after both daemons run (the issue's bound).
+LINK_WITHIN_S = 3.0
+#: A peer that said bye (SIGTERM) is shown down this fast.
+CLEAN_DOWN_WITHIN_S = 2.0
+#: A peer that died without a word (SIGKILL) is shown down this fast.
+CRASH_DOWN_WITHIN_S = 10.0
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+def wait_for(what: str, fn: Callable[[], T | None], timeout: float, *, poll: float = 0.05,
+             diag: Callable[[], str] | None = None) -> T:
+    """Poll ``fn`` until it returns something truthy; AssertionError (with ``diag``) on timeout."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = fn()
+        except (OSError, RuntimeError) as exc:  # a daemon restarting: try again
+            last = exc
+        if last and not isinstance(last, Exception):
+            return last  # type: ignore[no-any-return]
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not within {timeout} s (last: {last!r})"
+                                 + (f"\n{diag()}" if diag else ""))
+        time.sleep(poll)
+
+
+def rpc(d: Daemon, method: str, **params: Any) -> Any:
+    with ControlClient(d.socket, timeout=10.0) as c:
+        return c.call(method, **params)
+
+
+def cli_json(d: Daemon, *args: str) -> Any:
+    """``lanchat --json ARGS`` as a user runs it: its one JSON value (users, peers, status)."""
+    res = d.cli("--json", *args)
+    assert res.returncode == 0, res.stderr.decode()
+    return json.loads(res.stdout)
+
+
+def cli_history(d: Daemon, *args: str) -> list[dict[str, Any]]:
+    """``lanchat history --json``: one JSON message per line."""
+    res = d.cli("--json", "history", *args)
+    assert res.returncode == 0, res.stderr.decode()
+    return [json.loads(x) for x in res.stdout.decode().splitlines() if x.strip()]
+
+
+def node_of(d: Daemon) -> str:
+    node = rpc(d, "status")["node"]
+    assert isinstance(node, str)
+    return node
+
+
+def peer_state(d: Daemon, node: str) -> str | None:
+    for p in rpc(d, "peers"):
+        if p.get("node") == node:
+            return str(p.get("state"))
+    return None
+
+
+def linked(d: Daemon, node: str) -> bool:
+    return peer_state(d, node) == "linked"
+
+
+def history_ids(d: Daemon) -> list[str]:
+    return [m["id"] for m in rpc(d, "history", limit=1000)]
+
+
+def send_many(d: Daemon, n: int, prefix: str) -> list[str]:
+    ids = []
+    with ControlClient(d.socket, timeout=10.0) as c:
+        for i in range(n):
+            ids.append(c.call("send", text=f"{prefix} {i}")["id"])
+    return ids
+
+
+def logs(*daemons: Daemon) -> str:
+    """The daemons' stderr tails, without the control socket's per-connection debug lines."""
+    out = []
+    for d in daemons:
+        lines = [x for x in d.stderr().splitlines() if "DEBUG: control-" not in x]
+        out.append(f"--- {d.nick} stderr (tail) ---\n" + "\n".join(lines[-60:]))
+    return "\n".join(out)
+
+
+def assert_exactly_once_in_order(ids: list[str], expected: set[str]) -> None:
+    """Every expected id once, nothing else, and each origin's seqs ascending."""
+    counts = collections.Counter(ids)
+    dups = [i for i, n in counts.items() if n > 1]
+    assert not dups, f"duplicated: {dups[:10]}"
+    assert set(ids) == expected, (f"missing {sorted(expected - set(ids))[:10]}, "
+                                  f"extra {sorted(set(ids) - expected)[:10]}")
+    per_origin: dict[str, list[int]] = collections.defaultdict(list)
+    for i in ids:
+        origin, seq = i.split(":")
+        per_origin[origin].append(int(seq))
+    for origin, seqs in per_origin.items():
+        assert seqs == sorted(seqs), f"{origin}: out of order"
+
+
+class Proxy:
+    """A TCP relay on 127.0.0.1 whose links the test can cut (``cut``) and restore (``heal``).
+
+    While cut, it accepts and at once closes new connections (the dialer sees the peer as
+    unreachable) and has dropped every relayed connection.  Threads: one acceptor, two pumps
+    per relayed connection; ``close`` joins them all.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target = ("127.0.0.1", target_port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.port = self.listener.getsockname()[1]
+        self._lock = threading.Lock()  # guards: _pairs, _open
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._open = True
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._acceptor = threading.Thread(target=self._accept_loop, name="proxy-accept")
+        self._acceptor.start()
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                is_open = self._open
+            if not is_open:
+                conn.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=3.0)
+            except OSError:
+                conn.close()
+                continue
+            with self._lock:
+                self._pairs.append((conn, upstream))
+            for src, dst in ((conn, upstream), (upstream, conn)):
+                t = threading.Thread(target=self._pump, args=(src, dst), name="proxy-pump")
+                self._threads.append(t)
+                t.start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while not self._stop.is_set():
+                ready, _, _ = select.select([src], [], [], 0.1)
+                if not ready:
+                    continue
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        with self._lock:
+            self._open = False
+            pairs, self._pairs = self._pairs, []
+        for a, b in pairs:
+            for s in (a, b):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def heal(self) -> None:
+        with self._lock:
+            self._open = True
+
+    def close(self) -> None:
+        self.cut()
+        self._stop.set()
+        self._acceptor.join(5)
+        for t in self._threads:
+            t.join(5)
+        self.listener.close()
+
+
+@pytest.fixture
+def proxies() -> Iterator[Callable[[int], Proxy]]:
+    made: list[Proxy] = []
+
+    def make(port: int) -> Proxy:
+        p = Proxy(port)
+        made.append(p)
+        return p
+
+    try:
+        yield make
+    finally:
+        for p in made:
+            p.close()
+
+
+def pair(make_daemon: Any, *, b_via: int | None = None) -> tuple[Daemon, Daemon, str, str]:
+    """Daemon A (nick alice) and daemon B (nick bob) with ``--peer`` A (or ``b_via``)."""
+    a = make_daemon("-vv", nick="alice", subdir="a")
+    b = make_daemon("-vv", "--peer", f"127.0.0.1:{b_via or a.port}", nick="bob", subdir="b")
+    return a, b, node_of(a), node_of(b)
+
+
+def wait_linked(a: Daemon, b: Daemon, na: str, nb: str, timeout: float = LINK_WITHIN_S) -> float:
+    t0 = time.monotonic()
+    wait_for("A and B linked", lambda: linked(a, nb) and linked(b, na), timeout,
+             diag=lambda: logs(a, b))
+    return time.monotonic() - t0
+
+
+# -- tests --------------------------------------------------------------------------------------
+
+def test_static_peer_links_within_3s_and_each_lists_the_other(make_daemon: Any) -> None:
+    t0 = time.monotonic()
+    a = make_daemon("-vv", nick="alice", subdir="a")
+    b = make_daemon("-vv", "--peer", f"127.0.0.1:{a.port}", nick="bob", subdir="b")
+    na, nb = node_of(a), node_of(b)
+    wait_for("linked", lambda: linked(a, nb) and linked(b, na), LINK_WITHIN_S,
+             diag=lambda: logs(a, b))
+    print(f"\nstatic link up {time.monotonic() - t0:.2f} s after starting A")
+
+    # What `lanchat peers --json` and `lanchat users --json` show, on each side.
+    for me, other_node, other_nick in ((a, nb, "bob"), (b, na, "alice")):
+        peers = cli_json(me, "peers")
+        assert [p["state"] for p in peers if p["node"] == other_node] == ["linked"], peers
+        assert len(peers) == 1, peers
+
+        def remote_listed(me: Daemon = me, other_node: str = other_node,
+                          other_nick: str = other_nick) -> list[dict[str, Any]]:
+            return [u for u in cli_json(me, "users")
+                    if u["nick"] == other_nick and u["node"] == other_node]
+        (u,) = wait_for("remote daemon user listed", remote_listed, 3.0, diag=lambda: logs(a, b))
+        assert u["local"] is False and u["via"] == "daemon"
+        mine = [u for u in cli_json(me, "users") if u["local"]]
+        assert [u["nick"] for u in mine] == [me.nick]
+    assert cli_json(a, "status")["linked"] == 1
+
+
+def test_messages_flow_both_ways_exactly_once(make_daemon: Any) -> None:
+    a, b, na, nb = pair(make_daemon)
+    wait_linked(a, b, na, nb)
+    sent_a = send_many(a, 5, "from alice")
+    sent_b = send_many(b, 5, "from bob")
+    expected = set(sent_a) | set(sent_b)
+    for d in (a, b):
+        wait_for(f"{d.nick} has every message",
+                 lambda d=d: set(history_ids(d)) == expected, 5.0, diag=lambda: logs(a, b))
+    time.sleep(0.5)  # a duplicate would arrive right behind
+    for d in (a, b):
+        ids = [m["id"] for m in cli_history(d, "--limit", "100")]
+        assert_exactly_once_in_order(ids, expected)
+    texts = [m["text"] for m in cli_history(a) if m["origin"] == nb]
+    assert texts == [f"from bob {i}" for i in range(5)]
+
+
+class Presences:
+    """A raw control-socket subscription collecting ``presence`` notifications."""
+
+    def __init__(self, d: Daemon) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(d.socket)
+        self.sock.settimeout(5.0)
+        self.buf = b""
+        self.sock.sendall(b'{"jsonrpc":"2.0","id":1,"method":"subscribe",'
+                          b'"params":{"presence":true}}\n')
+        reply = self._next()
+        assert reply.get("id") == 1 and "result" in reply, reply
+
+    def _next(self) -> dict[str, Any]:
+        while b"\n" not in self.buf:
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError("control socket closed")
+            self.buf += data
+        line, self.buf = self.buf.split(b"\n", 1)
+        obj = json.loads(line)
+        assert isinstance(obj, dict)
+        return obj
+
+    def until(self, pred: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        seen = []
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                obj = self._next()
+            except TimeoutError:
+                break
+            seen.append(obj)
+            if obj.get("method") == "presence" and pred(obj["params"]):
+                return dict(obj["params"])
+        raise AssertionError(f"no matching presence within {timeout} s; saw {seen[-10:]}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_remote_joins_and_leaves_are_announced(make_daemon: Any, clients: list[Any]) -> None:
+    a, b, na, nb = pair(make_daemon)
+    wait_linked(a, b, na, nb)
+    watcher = Presences(a)
+    try:
+        local_on_a = TextUser(a.port, "dora")
+        clients.append(local_on_a)
+        carol = TextUser(b.port, "carol")   # joins on B
+        clients.append(carol)
+        p = watcher.until(lambda p: p["kind"] == "join" and p["nick"] == "carol", 3.0)
+        assert p["node"] == nb and p["room"] == "lobby"
+        local_on_a.until("carol joined", 3.0)
+        users = cli_json(a, "users")
+        assert [u["node"] for u in users if u["nick"] == "carol"] == [nb]
+        carol.send("/quit\n")
+        p = watcher.until(lambda p: p["kind"] == "leave" and p["nick"] == "carol", 3.0)
+        assert p["node"] == nb
+        local_on_a.until("carol left", 3.0)
+        wait_for("carol gone from users on A",
+                 lambda: all(u["nick"] != "carol" for u in rpc(a, "users")), 2.0)
+    finally:
+        watcher.close()
+
+
+def test_chat_between_hub_users_on_two_daemons(make_daemon: Any, clients: list[Any]) -> None:
+    a, b, na, nb = pair(make_daemon)
+    wait_linked(a, b, na, nb)
+    dora = TextUser(a.port, "dora")
+    carol = TextUser(b.port, "carol")
+    clients += [dora, carol]
+    dora.until("carol joined", 3.0)
+    carol.send("hello from B\n")
+    assert "carol: hello from B" in dora.until("hello from B", 3.0)
+    dora.send("hi back\n")
+    assert "dora: hi back" in carol.until("hi back", 3.0)
+
+
+def test_clean_shutdown_is_seen_within_2s_and_restart_catches_up(make_daemon: Any) -> None:
+    a, b, na, nb = pair(make_daemon)
+    wait_linked(a, b, na, nb)
+    own_b = send_many(b, 3, "bob before")
+    wait_for("A has B's messages", lambda: set(own_b) <= set(history_ids(a)), 3.0)
+
+    t0 = time.monotonic()
+    assert b.stop(signal.SIGTERM) == 0
+    wait_for("A sees B down", lambda: not linked(a, nb), CLEAN_DOWN_WITHIN_S,
+             diag=lambda: logs(a, b))
+    print(f"\nclean shutdown noticed after {time.monotonic() - t0:.2f} s")
+    assert peer_state(a, nb) not in (None, "linked")
+
+    while_down = send_many(a, 5, "alice while bob was away")
+    b.start()
+    t1 = time.monotonic()
+    wait_linked(a, b, na, nb, timeout=5.0)
+    expected = set(own_b) | set(while_down)
+    wait_for("B caught up", lambda: set(history_ids(b)) == expected, 5.0,
+             diag=lambda: logs(a, b))
+    print(f"restarted B linked and caught up after {time.monotonic() - t1:.2f} s")
+    assert_exactly_once_in_order(history_ids(b), expected)
+    assert_exactly_once_in_order(history_ids(a), expected)
+
+
+def test_sigkill_is_noticed_within_10s(make_daemon: Any) -> None:
+    a, b, na, nb = pair(make_daemon)
+    wait_linked(a, b, na, nb)
+    t0 = time.monotonic()
+    b.kill()
+    wait_for("A sees B down", lambda: not linked(a, nb), CRASH_DOWN_WITHIN_S,
+             diag=lambda: logs(a))
+    print(f"\nSIGKILLed peer noticed after {time.monotonic() - t0:.2f} s")
+    wait_for("B's users gone from A", lambda: all(u["node"] != nb for u in rpc(a, "users")),
+             2.0, diag=lambda: logs(a))
+
+
+def test_silent_peer_is_declared_dead_by_heartbeat(make_daemon: Any) -> None:
+    """A peer that stops answering without closing (SIGSTOP) is dropped within 10 s."""
+    a, b, na, nb = pair(make_daemon)
+    wait_linked(a, b, na, nb)
+    assert b.proc is not None
+    t0 = time.monotonic()
+    b.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_for("A sees the frozen B down", lambda: not linked(a, nb), CRASH_DOWN_WITHIN_S,
+                 poll=0.2, diag=lambda: logs(a))
+        print(f"\nsilent peer declared dead after {time.monotonic() - t0:.2f} s")
+    finally:
+        b.proc.send_signal(signal.SIGCONT)
+    # Thawed, it links again and both ends agree.
+    wait_linked(a, b, na, nb, timeout=15.0)
+
+
+def test_chain_relays_both_ways_without_duplicates(make_daemon: Any) -> None:
+    a = make_daemon("-vv", nick="alice", subdir="a")
+    b = make_daemon("-vv", "--peer", f"127.0.0.1:{a.port}", nick="bob", subdir="b")
+    c = make_daemon("-vv", "--peer", f"127.0.0.1:{b.port}", nick="carol", subdir="c")
+    na, nb, nc = node_of(a), node_of(b), node_of(c)
+    wait_for("chain linked", lambda: linked(a, nb) and linked(b, na) and linked(b, nc)
+             and linked(c, nb), LINK_WITHIN_S, diag=lambda: logs(a, b, c))
+    assert peer_state(a, nc) is None and peer_state(c, na) is None  # not linked directly
+    ids = send_many(a, 4, "from A") + send_many(c, 4, "from C") + send_many(b, 2, "from B")
+    for d in (a, b, c):
+        wait_for(f"{d.nick} has all", lambda d=d: set(history_ids(d)) == set(ids), 5.0,
+                 diag=lambda: logs(a, b, c))
+    time.sleep(0.5)
+    for d in (a, b, c):
+        assert_exactly_once_in_order(history_ids(d), set(ids))
+    # The far end's users are known through the relay.
+    wait_for("A lists carol (on C)", lambda: any(u["nick"] == "carol" and u["node"] == nc
+                                                 for u in rpc(a, "users")), 3.0)
+    wait_for("C lists alice (on A)", lambda: any(u["nick"] == "alice" and u["node"] == na
+                                                 for u in rpc(c, "users")), 3.0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _established(port_a: int, port_b: int) -> int:
+    """TCP connections in ESTABLISHED state accepted on either listening port (loopback)."""
+    count = 0
+    with open("/proc/net/tcp") as f:
+        table = f.read().splitlines()[1:]
+    for line in table:
+        parts = line.split()
+        local_port = int(parts[1].split(":")[1], 16)
+        if parts[3] == "01" and local_port in (port_a, port_b):
+            count += 1
+    return count
+
+
+def test_mutual_static_peers_end_with_exactly_one_link(workdir: str) -> None:
+    pa, pb = _free_port(), _free_port()
+    a = Daemon(os.path.join(workdir, "a"), "-vv", "--peer", f"127.0.0.1:{pb}", nick="alice")
+    b = Daemon(os.path.join(workdir, "b"), "-vv", "--peer", f"127.0.0.1:{pa}", nick="bob")
+    a.requested_port, b.requested_port = pa, pb
+    os.makedirs(a.workdir)
+    os.makedirs(b.workdir)
+    try:
+        a.start()
+        b.start()
+        na, nb = node_of(a), node_of(b)
+        wait_linked(a, b, na, nb)
+        time.sleep(2.0)  # let both dialers finish whatever they started
+        # One TCP connection between them, whichever side dialed it.
+        assert min(_established(pa, pb) for _ in range(5)) == 1
+        ids = send_many(a, 3, "a") + send_many(b, 3, "b")
+        for d in (a, b):
+            wait_for("all", lambda d=d: set(history_ids(d)) == set(ids), 3.0)
+        time.sleep(0.3)
+        for d in (a, b):
+            assert_exactly_once_in_order(history_ids(d), set(ids))
+        # `lanchat peers` lists the other daemon once, linked (no stale "host:port" entry).
+        for me, other in ((a, nb), (b, na)):
+            peers = cli_json(me, "peers")
+            assert [(p["node"], p["state"]) for p in peers] == [(other, "linked")], \
+                f"{me.nick}: {peers}\n{logs(a, b)}"
+    finally:
+        b.stop()
+        a.stop()
+
+
+def test_500_each_side_while_cut_converge(make_daemon: Any,
+                                          proxies: Callable[[int], Proxy]) -> None:
+    a = make_daemon("-vv", nick="alice", subdir="a")
+    proxy = proxies(a.port)
+    b = make_daemon("-vv", "--peer", f"127.0.0.1:{proxy.port}", nick="bob", subdir="b")
+    na, nb = node_of(a), node_of(b)
+    wait_linked(a, b, na, nb)
+    proxy.cut()
+    wait_for("link seen down on both", lambda: not linked(a, nb) and not linked(b, na), 3.0,
+             diag=lambda: logs(a, b))
+    sent = send_many(a, 500, "alice offline") + send_many(b, 500, "bob offline")
+    proxy.heal()
+    t0 = time.monotonic()
+    expected = set(sent)  # 1000: exactly one history page, so a duplicate would show
+    for d in (a, b):
+        wait_for(f"{d.nick} converged", lambda d=d: set(history_ids(d)) == expected, 15.0,
+                 poll=0.2, diag=lambda: logs(a, b))
+    print(f"\n1000 messages converged {time.monotonic() - t0:.2f} s after the link healed")
+    hist_a, hist_b = history_ids(a), history_ids(b)
+    assert_exactly_once_in_order(hist_a, expected)
+    assert_exactly_once_in_order(hist_b, expected)
+    assert sorted(hist_a) == sorted(hist_b)
+
+
+def test_restart_with_a_backlog_larger_than_one_frame_catches_up(make_daemon: Any) -> None:
+    a, b, na, nb = pair(make_daemon)
+    wait_linked(a, b, na, nb)
+    mine = send_many(b, 2, "bob's own")
+    b.stop()
+    backlog = send_many(a, 300, "backlog")
+    b.start()
+    expected = set(mine) | set(backlog)
+    wait_for("B caught up on 300", lambda: set(history_ids(b)) == expected, 10.0, poll=0.2,
+             diag=lambda: logs(a, b))
+    assert_exactly_once_in_order(history_ids(b), expected)
+    texts = [m["text"] for m in rpc(b, "history", limit=1000) if m["origin"] == na]
+    assert texts == [f"backlog {i}" for i in range(300)]
+
+
+def test_link_flap_without_restart_restores_users(make_daemon: Any,
+                                                  proxies: Callable[[int], Proxy]) -> None:
+    """After a link drops and comes back (both daemons kept running), each lists the other's
+    users again -- the "gone" mark from the drop must not hide them for good."""
+    a = make_daemon("-vv", nick="alice", subdir="a")
+    proxy = proxies(a.port)
+    b = make_daemon("-vv", "--peer", f"127.0.0.1:{proxy.port}", nick="bob", subdir="b")
+    na, nb = node_of(a), node_of(b)
+    wait_linked(a, b, na, nb)
+    wait_for("A lists bob", lambda: any(u["node"] == nb for u in rpc(a, "users")), 3.0)
+    proxy.cut()
+    wait_for("down", lambda: not linked(a, nb) and not linked(b, na), 3.0)
+    wait_for("A no longer lists bob", lambda: all(u["node"] != nb for u in rpc(a, "users")), 2.0)
+    proxy.heal()
+    wait_linked(a, b, na, nb, timeout=10.0)
+    wait_for("A lists bob again after the link came back",
+             lambda: any(u["node"] == nb for u in rpc(a, "users")), 3.0,
+             diag=lambda: f"A users: {rpc(a, 'users')}\nB users: {rpc(b, 'users')}\n"
+                          + logs(a, b))
+    wait_for("B lists alice again",
+             lambda: any(u["node"] == na for u in rpc(b, "users")), 3.0)
