@@ -33,7 +33,7 @@ import stat
 import struct
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -78,7 +78,7 @@ class Subscriber(Protocol):
 
     rooms: frozenset[str] | None
 
-    def deliver(self, event: Event) -> bool: ...
+    def deliver(self, events: Sequence[Event]) -> bool: ...
 
 
 class ControlBackend(Protocol):
@@ -172,11 +172,12 @@ class _Subscription:
         self._pending_bytes = 0
         self._live = False
 
-    def deliver(self, event: Event) -> bool:
-        """Queue the event's notification; False (and a final notice) if the client lags."""
-        if isinstance(event.item, Presence) and not self._presence:
+    def deliver(self, events: Sequence[Event]) -> bool:
+        """Queue the events' notifications; False (and a final notice) if the client lags."""
+        data = b"".join([e.encoded(encode_notification) for e in events
+                         if self._presence or not isinstance(e.item, Presence)])
+        if not data:
             return True
-        data = event.encoded(encode_notification)
         with self._lock:
             if not self._live:
                 if self._pending_bytes + len(data) > MAX_PENDING_BYTES:

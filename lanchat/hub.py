@@ -27,7 +27,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from lanchat import textmode, wire
@@ -61,7 +61,7 @@ from lanchat.limits import (
     NICK_TIMEOUT_S,
     UDP_IDLE_TIMEOUT_S,
 )
-from lanchat.model import DEFAULT_ROOM, Draft, Message, Presence, User
+from lanchat.model import DEFAULT_ROOM, Draft, Message, User
 from lanchat.stream import RECV_BYTES, Outbox
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,9 @@ class HubBackend(Protocol):
     def publish(self, draft: Draft, *, source: object | None = None,
                 done: Callable[[Message | None, LanchatError | None], None] | None = None
                 ) -> None: ...
+    def publish_many(self, drafts: Sequence[Draft], *, source: object | None = None,
+                     done: Callable[[Message | None, LanchatError | None], None] | None = None
+                     ) -> None: ...
     def join(self, sub: Any, *, nick: str, host: str, via: str,
              room: str = DEFAULT_ROOM) -> list[User]: ...
     def move(self, sub: Any, room: str) -> list[User]: ...
@@ -135,19 +138,17 @@ class _Session:
     def _send(self, data: bytes) -> bool:
         raise NotImplementedError
 
-    def _encode_message(self) -> Callable[[Message], bytes]:
-        return wire.encode_message if self.mode == "json" else textmode.encode_message
-
-    def _encode_presence(self) -> Callable[[Presence], bytes]:
-        return wire.encode_presence if self.mode == "json" else textmode.encode_presence
-
     # router side -------------------------------------------------------------------
 
-    def deliver(self, event: Event) -> bool:
-        item = event.item
-        if isinstance(item, Message):
-            return self._send(event.encoded(self._encode_message()))
-        return self._send(event.encoded(self._encode_presence()))
+    def deliver(self, events: Sequence[Event]) -> bool:
+        json_mode = self.mode == "json"
+        enc_m = wire.encode_message if json_mode else textmode.encode_message
+        enc_p = wire.encode_presence if json_mode else textmode.encode_presence
+        if len(events) == 1:
+            e = events[0]
+            return self._send(e.encoded(enc_m if isinstance(e.item, Message) else enc_p))
+        return self._send(b"".join([e.encoded(enc_m if isinstance(e.item, Message) else enc_p)
+                                    for e in events]))
 
     # replies -------------------------------------------------------------------------
 
@@ -257,6 +258,22 @@ class _Session:
 
         self.hub.backend.publish(draft, source=self, done=done)
 
+    def _say_many(self, says: list[Say]) -> None:
+        """Publish several text-mode lines at once (they need no acknowledgement)."""
+        if not says:
+            return
+        if len(says) == 1:
+            self._say(says[0])
+            return
+        assert self.nick is not None
+        drafts = [Draft(text=c.text, nick=self.nick, host=self.host, room=self.room, to=c.to)
+                  for c in says]
+        self.hub.backend.publish_many(drafts, source=self, done=self._publish_failed)
+
+    def _publish_failed(self, msg: Message | None, err: LanchatError | None) -> None:
+        if err is not None:
+            self.error(err.code, f"your message was not sent: {err}")
+
 
 class _TcpSession(_Session):
     """A TCP client: one reader thread (:meth:`run`) and an outbox."""
@@ -321,8 +338,11 @@ class _TcpSession(_Session):
             return wire.encode_error(code, text, fatal=True)
         return textmode.error(f"{text} -- disconnecting")
 
-    def _frames(self, deadline: float | None = None) -> Any:
-        """Yield frames; with ``deadline`` (monotonic), stop yielding at it (raise TimeoutError)."""
+    def _chunks(self, deadline: float | None = None) -> Any:
+        """Yield the frames of each ``recv`` as one list (so a burst is handled as one).
+
+        With ``deadline`` (monotonic), raise TimeoutError when it passes first.
+        """
         poller = select.poll()
         poller.register(self.sock, select.POLLIN)
         while True:
@@ -336,7 +356,13 @@ class _TcpSession(_Session):
                 if pending:
                     log.debug("%r: dropped %d bytes of an unfinished line", self, len(pending))
                 return
-            yield from self.decoder.feed(data)
+            frames = self.decoder.feed(data)
+            if frames:
+                yield frames
+
+    def _frames(self, deadline: float | None = None) -> Any:
+        for chunk in self._chunks(deadline):
+            yield from chunk
 
     def _serve(self) -> None:
         self._send(textmode.greeting(self.hub.name))
@@ -366,20 +392,30 @@ class _TcpSession(_Session):
                 return
         else:
             return
-        self._serve_text(self._frames())
+        self._serve_text(self._chunks())
 
-    def _serve_text(self, frames: Any) -> None:
-        for frame in frames:
-            try:
-                command = textmode.parse_line(decode_utf8(frame))
-                if command is None:
-                    continue
-                if not self.handle(command):
-                    self._leave_reason = command.reason if isinstance(command, Quit) else "quit"
-                    self.outbox.close_with(textmode.notice("Bye!"), "quit", keep_queued=True)
-                    return
-            except (ValidationError, RemoteProtocolError) as exc:
-                self.error(exc.code, str(exc))
+    def _serve_text(self, chunks: Any) -> None:
+        for chunk in chunks:
+            says: list[Say] = []
+            for frame in chunk:
+                try:
+                    command = textmode.parse_line(decode_utf8(frame))
+                    if command is None:
+                        continue
+                    if isinstance(command, Say):
+                        says.append(command)  # published together: one router operation
+                        continue
+                    self._say_many(says)
+                    says = []
+                    if not self.handle(command):
+                        self._leave_reason = (command.reason if isinstance(command, Quit)
+                                              else "quit")
+                        self.outbox.close_with(textmode.notice("Bye!"), "quit",
+                                               keep_queued=True)
+                        return
+                except (ValidationError, RemoteProtocolError) as exc:
+                    self.error(exc.code, str(exc))
+            self._say_many(says)
 
     def _serve_json(self, first: bytes) -> None:
         try:

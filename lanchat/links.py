@@ -127,15 +127,15 @@ class Link:
 
     # -- router side (never blocks) ------------------------------------------------
 
-    def deliver(self, event: Event) -> bool:
+    def deliver(self, events: Sequence[Event]) -> bool:
         with self._cond:
             if self._closing:
                 return True
-            if len(self._live) >= MAX_LINK_QUEUE:
+            if len(self._live) + len(events) > MAX_LINK_QUEUE:
                 self._live.clear()
                 self._resync = True  # history has it all: catch up from there
             else:
-                self._live.append(event)
+                self._live.extend(events)
             self._cond.notify()
         return True
 
@@ -341,6 +341,10 @@ class _Dialer:
         backoff = linkproto.BACKOFF_FIRST_S
         while not self.stop.is_set():
             started = time.monotonic()
+            if self.node is not None and self.manager.linked(self.node):
+                # Already linked the other way round: nothing to dial until that ends.
+                self.stop.wait(linkproto.HEARTBEAT_S)
+                continue
             try:
                 self._dial_once()
             except (OSError, RemoteProtocolError, ValidationError, LinkClosed) as exc:
@@ -532,6 +536,17 @@ class LinkManager:
                 peer = self._peers.pop(f"{dialer.host}:{dialer.port}", None)
             if peer is None:
                 peer = _Peer(link.node, link.name, str(link.address[0]), link.port or 0)
+            # A static peer we had not reached yet may be this very daemon, linked
+            # the other way round: one entry, and its dialer now knows who it is.
+            key = f"{link.address[0]}:{link.port}"
+            twin = self._peers.get(key)
+            if twin is not None and twin is not peer and twin.node is None:
+                del self._peers[key]
+                peer.static = peer.static or twin.static
+                peer.address, peer.port = twin.address, twin.port
+                waiting = self._dialers.get((twin.address, twin.port))
+                if waiting is not None:
+                    waiting.node = link.node
             peer.node, peer.name, peer.state = link.node, link.name, "linked"
             peer.last_seen = time.time()
             if dialer is not None:

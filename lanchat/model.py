@@ -182,11 +182,20 @@ class Message:
 
     @classmethod
     def stamp(cls, draft: Draft, *, origin: str, seq: int, ts: float) -> Message:
-        """Turn a draft into the message that node ``origin`` accepted as number ``seq``."""
-        return cls(
-            origin=origin, seq=seq, ts=ts, room=draft.room, nick=draft.nick,
-            host=draft.host, text=draft.text, to=draft.to,
-        )
+        """Turn a draft into the message that node ``origin`` accepted as number ``seq``.
+
+        The draft validated its fields when it was built; only what is new here
+        (origin, seq, ts) is checked, which keeps the hub's hot path short.
+        """
+        validate_node(origin)
+        _validate_seq(seq)
+        msg = object.__new__(cls)
+        for name, value in (("origin", origin), ("seq", seq), ("ts", _validate_ts(ts)),
+                            ("room", draft.room), ("nick", draft.nick), ("host", draft.host),
+                            ("text", draft.text), ("to", draft.to),
+                            ("id", message_id(origin, seq))):
+            object.__setattr__(msg, name, value)
+        return msg
 
     def to_dict(self) -> dict[str, Any]:
         """The message's wire form (DESIGN.md's fields, ``to`` only when set)."""

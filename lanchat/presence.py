@@ -112,12 +112,20 @@ class NetworkRoster:
     def get(self, node: str) -> NodeRoster | None:
         return self._rosters.get(node)
 
-    def apply(self, roster: NodeRoster, via: object) -> list[Change] | None:
-        """Take ``roster`` if it is newer than what we hold.  None means "not news"."""
+    def apply(self, roster: NodeRoster, via: object, *,
+              direct: bool = False) -> list[Change] | None:
+        """Take ``roster`` if it is newer than what we hold.  None means "not news".
+
+        ``direct``: the roster came from its own node over a link that is up
+        now, which proves the node is alive -- it then also replaces a "gone"
+        mark of the same version (set when an earlier link to it dropped).
+        """
         if roster.node == self.me:
             return None
         old = self._rosters.get(roster.node)
-        if not roster.newer_than(old):
+        revived = (direct and old is not None and old.gone and not roster.gone
+                   and roster.ver >= old.ver)
+        if not (revived or roster.newer_than(old)):
             return None
         if old is None and len(self._rosters) >= MAX_NODES:
             return None

@@ -47,11 +47,14 @@ log = logging.getLogger(__name__)
 class Subscriber(Protocol):
     """Anything that receives routed events: a hub client, a ``tail``, a daemon link."""
 
-    def deliver(self, event: Event) -> bool:
-        """Queue ``event`` for sending; never block.
+    def deliver(self, events: Sequence[Event]) -> bool:
+        """Queue ``events`` (in order) for sending; never block.
 
-        False means "my queue is full": the subscriber has already told its
-        client and begun closing; the router unregisters it.
+        The router hands over everything one commit produced for this
+        subscriber in one call, so a busy hub pays one queue operation per
+        receiver per batch rather than per message.  False means "my queue is
+        full": the subscriber has already told its client and begun closing;
+        the router unregisters it.
         """
         ...
 
@@ -65,7 +68,7 @@ class LinkPeer(Protocol):
 
     node: str
 
-    def deliver(self, event: Event) -> bool: ...
+    def deliver(self, events: Sequence[Event]) -> bool: ...
     def send_roster(self, roster: NodeRoster) -> None: ...
 
 
@@ -140,6 +143,16 @@ class _Inbox:
             if self._closed:
                 raise ClosedError("the daemon is shutting down")
             self._items.append(item)
+            self._not_empty.notify()
+
+    def put_many(self, items: list[object]) -> None:
+        with self._lock:
+            for item in items:
+                while len(self._items) >= self._maxsize and not self._closed:
+                    self._not_full.wait()
+                if self._closed:
+                    raise ClosedError("the daemon is shutting down")
+                self._items.append(item)
             self._not_empty.notify()
 
     def put_stop(self) -> None:
@@ -230,6 +243,11 @@ class Router:
         flooding connection).  Raises :class:`ClosedError` after :meth:`close`.
         """
         self._inbox.put(_Publish(draft, source, done))
+
+    def publish_many(self, drafts: Sequence[Draft], *, source: object | None = None,
+                     done: PublishDone | None = None) -> None:
+        """Queue several drafts at once (one inbox operation); same contract as :meth:`publish`."""
+        self._inbox.put_many([_Publish(d, source, done) for d in drafts])
 
     def send(self, draft: Draft, timeout: float | None = 30.0) -> Message:
         """Publish and wait until stored: the message returned is durable."""
@@ -389,8 +407,8 @@ class Router:
             return
         if messages:
             self._cursors[self.node] = messages[-1].seq
+        self._fanout([Event(msg, p.source) for p, msg in zip(batch, messages, strict=True)])
         for p, msg in zip(batch, messages, strict=True):
-            self._fanout(Event(msg, p.source))
             if p.done is not None:
                 p.done(msg, None)
 
@@ -407,37 +425,50 @@ class Router:
         for msg in new:
             cursors[msg.origin] = msg.seq
         gap = any(m.seq > cursors.get(m.origin, 0) for m in fresh)
-        for msg in new:
-            self._fanout(Event(msg, item.source))
+        if new:
+            self._fanout([Event(msg, item.source) for msg in new])
         if item.future is not None:
             item.future.set_result((new, gap))
 
-    def _fanout(self, event: Event) -> None:
-        """Hand ``event`` to everyone who should see it.  Router thread only."""
-        item = event.item
-        to = item.to.casefold() if isinstance(item, Message) and item.to else None
-        dead: list[Subscriber] = []
-        for sub in self._room_subs.get(item.room, ()):
-            if sub is event.source:
-                continue
-            if to is not None:
-                member = self._members.get(sub)
-                if member is None or member.nick.casefold() not in (to, item.nick.casefold()):
+    def _fanout(self, events: list[Event]) -> None:
+        """Hand events to everyone who should see them.  Router thread only.
+
+        Each receiver gets its share of ``events`` in one :meth:`Subscriber.deliver`.
+        """
+        batches: dict[Subscriber, list[Event]] = {}
+        for event in events:
+            item = event.item
+            source = event.source
+            to = item.to.casefold() if isinstance(item, Message) and item.to else None
+            for sub in self._room_subs.get(item.room, ()):
+                if sub is source:
                     continue
-            if not sub.deliver(event):
-                dead.append(sub)
-        for sub in self._watchers:
-            if sub is event.source:
-                continue
-            rooms = self._watcher_rooms.get(sub)
-            if rooms is not None and item.room not in rooms:
-                continue
-            if not sub.deliver(event):
-                dead.append(sub)
-        if isinstance(item, Message):
-            for link in self._links:
-                if link is not event.source:
-                    link.deliver(event)
+                if to is not None:
+                    member = self._members.get(sub)
+                    if member is None or member.nick.casefold() not in (
+                            to, item.nick.casefold()):
+                        continue
+                batch = batches.get(sub)
+                if batch is None:
+                    batches[sub] = [event]
+                else:
+                    batch.append(event)
+            for sub in self._watchers:
+                if sub is source:
+                    continue
+                rooms = self._watcher_rooms.get(sub)
+                if rooms is not None and item.room not in rooms:
+                    continue
+                batch = batches.get(sub)
+                if batch is None:
+                    batches[sub] = [event]
+                else:
+                    batch.append(event)
+        dead = [sub for sub, batch in batches.items() if not sub.deliver(batch)]
+        for link in self._links:
+            mine = [e for e in events if isinstance(e.item, Message) and e.source is not link]
+            if mine:
+                link.deliver(mine)
         for sub in dead:
             self._drop(sub)
 
@@ -452,7 +483,7 @@ class Router:
                   reason: str | None = None) -> None:
         p = Presence(kind=kind, nick=member.nick, host=member.host,  # type: ignore[arg-type]
                      node=self.node, room=room, ts=self._clock(), old=old, reason=reason)
-        self._fanout(Event(p, member.sub))
+        self._fanout([Event(p, member.sub)])
 
     def _add_to_room(self, sub: Subscriber, room: str) -> None:
         self._room_subs[room] = (*self._room_subs.get(room, ()), sub)
@@ -578,7 +609,7 @@ class Router:
     def _do_apply_roster(self, roster: NodeRoster, source: LinkPeer) -> None:
         if roster.gone and any(lk.node == roster.node for lk in self._links):
             return  # we hear from that node directly: a relayed "gone" is stale news
-        changes = self._roster.apply(roster, source)
+        changes = self._roster.apply(roster, source, direct=roster.node == source.node)
         if changes is None:
             return
         self._show_changes(changes, "quit")
@@ -589,12 +620,15 @@ class Router:
 
     def _show_changes(self, changes: list[Change], reason: str) -> None:
         now = self._clock()
+        events = []
         for change in changes:
             u = change.user
             p = Presence(kind=change.kind, nick=u.nick, host=u.host,  # type: ignore[arg-type]
                          node=u.node, room=u.room, ts=now,
                          reason=reason if change.kind == "leave" else None)
-            self._fanout(Event(p, None))
+            events.append(Event(p, None))
+        if events:
+            self._fanout(events)
 
     def _own_roster(self) -> NodeRoster:
         mine = tuple(u for u in self._users if u.node == self.node)

@@ -63,8 +63,15 @@ class Outbox:
         self._max_bytes = max_bytes
         self._stall_timeout = stall_timeout
         self._on_close = on_close
-        # guards: _chunks, _queued, _writer, _closing, _final, close_reason
-        self._cond = threading.Condition(threading.Lock())
+        # guards: _chunks, _queued, _writer, _closing, _sleeping, close_reason.
+        # A plain lock, not a Condition: put() runs once per receiver per fan-out,
+        # so its cost is the hub's cost.  A sleeping writer waits on ``_wake``, a
+        # binary semaphore that exactly one put() releases (the one that sees
+        # ``_sleeping`` and clears it).
+        self._lock = threading.Lock()
+        self._wake = threading.Lock()
+        self._wake.acquire()
+        self._sleeping = False
         self._chunks: list[bytes] = []
         self._queued = 0
         self._writer: threading.Thread | None = None
@@ -86,23 +93,32 @@ class Outbox:
         would take it past its bound: the caller should drop this receiver
         (typically with :meth:`close_with` and a notice).
         """
-        start = False
-        with self._cond:
+        with self._lock:
             if self._closing or self._queued + len(data) > self._max_bytes:
                 return False
             self._chunks.append(data)
             self._queued += len(data)
-            if self._writer is None:
-                self._writer = threading.Thread(
-                    target=self._run, name=f"{self._name}-w", daemon=False
-                )
-                start = True
-            else:
-                self._cond.notify()
-        if start:
+            action = self._kick()
+        self._act(action)
+        return True
+
+    def _kick(self) -> str | None:
+        """Under the lock: what it takes to get the writer going ("start", "wake" or None)."""
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._run, name=f"{self._name}-w",
+                                            daemon=False)
+            return "start"
+        if self._sleeping:
+            self._sleeping = False
+            return "wake"
+        return None
+
+    def _act(self, action: str | None) -> None:
+        if action == "start":
             assert self._writer is not None
             self._writer.start()
-        return True
+        elif action == "wake":
+            self._wake.release()
 
     def close_with(self, final: bytes | None, reason: str, *, keep_queued: bool = False) -> None:
         """Stop accepting data; send what is queued (if ``keep_queued``) and ``final``; shut down.
@@ -112,8 +128,7 @@ class Outbox:
         final flush gets at most ``FINAL_FLUSH_TIMEOUT_S``.  Idempotent: only
         the first call has an effect.
         """
-        start = False
-        with self._cond:
+        with self._lock:
             if self._closing:
                 return
             self._closing = True
@@ -125,16 +140,8 @@ class Outbox:
                 self._chunks.append(final)
                 self._queued += len(final)
             self._stall_timeout = min(self._stall_timeout, self._final_timeout)
-            if self._writer is None:
-                self._writer = threading.Thread(
-                    target=self._run, name=f"{self._name}-w", daemon=False
-                )
-                start = True
-            else:
-                self._cond.notify()
-        if start:
-            assert self._writer is not None
-            self._writer.start()
+            action = self._kick()
+        self._act(action)
 
     def close(self, reason: str = "closed") -> None:
         """Shut down now, dropping anything queued."""
@@ -142,7 +149,7 @@ class Outbox:
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for the writer thread (if any) to finish."""
-        with self._cond:
+        with self._lock:
             writer = self._writer
         if writer is not None and writer is not threading.current_thread():
             writer.join(timeout)
@@ -153,18 +160,19 @@ class Outbox:
         poller = select.poll()
         poller.register(self._sock, select.POLLOUT)
         while True:
-            with self._cond:
-                while not self._chunks and not self._closing:
-                    if not self._cond.wait(WRITER_IDLE_EXIT_S) and not self._chunks:
-                        if self._closing:
-                            break
-                        self._writer = None  # a later put() starts a fresh writer
-                        return
+            with self._lock:
                 chunks = self._chunks
-                self._chunks = []
-                self._queued = 0
                 closing = self._closing
+                if not chunks and not closing:
+                    self._sleeping = True
+                else:
+                    self._chunks = []
+                    self._queued = 0
                 stall_timeout = self._stall_timeout
+            if not chunks and not closing:
+                if not self._sleep():
+                    return
+                continue
             if chunks:
                 data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 try:
@@ -177,11 +185,25 @@ class Outbox:
                     self._give_up(f"send failed: {exc.strerror or exc}")
                     return
             if closing:
-                with self._cond:
+                with self._lock:
                     if self._chunks:  # close_with() raced with our drain
                         continue
                 self._shutdown()
                 return
+
+    def _sleep(self) -> bool:
+        """Wait for a put(); False means "idle too long: this writer thread ends"."""
+        if self._wake.acquire(timeout=WRITER_IDLE_EXIT_S):
+            return True
+        with self._lock:
+            if self._sleeping:  # nobody woke us: retire; a later put() starts a new writer
+                self._sleeping = False
+                self._writer = None
+                return False
+        # A put() cleared _sleeping just as we timed out; it releases _wake right
+        # after its lock, and that release is ours to take.
+        self._wake.acquire()
+        return True
 
     def _send_all(self, data: bytes, poller: select.poll, stall_timeout: float) -> None:
         view = memoryview(data)
@@ -195,7 +217,7 @@ class Outbox:
             view = view[sent:]
 
     def _give_up(self, reason: str) -> None:
-        with self._cond:
+        with self._lock:
             self._closing = True
             if self.close_reason is None:
                 self.close_reason = reason

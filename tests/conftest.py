@@ -65,13 +65,14 @@ class Daemon:
         cmd = [*lanchatd_cmd(), "--port", str(self.requested_port), "--bind", "127.0.0.1",
                "--no-discovery", "--state-dir", self.state_dir, "--socket", self.socket,
                "--nick", self.nick, "--max-rate", "0", *self.extra]
+        offset = len(self.stderr())  # a restart appends: only trust what it writes
         with open(self.stderr_path, "ab") as err:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=err, env=self.env,
                                          cwd=self.workdir)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            match = READY_RE.search(self.stderr())
+            match = READY_RE.search(self.stderr()[offset:])
             if match and self.proc.poll() is None and os.path.exists(self.socket):
                 self.port = int(match.group(2))
                 self.requested_port = self.port  # a restart reuses the same port

@@ -33,7 +33,7 @@ class FakeBackend:
         for sub in list(self.subs):
             if sub.rooms is not None and item.room not in sub.rooms:
                 continue
-            if not sub.deliver(event):
+            if not sub.deliver([event]):
                 self.subs.remove(sub)
                 self.dropped += 1
 
