@@ -559,3 +559,248 @@ def test_link_flap_without_restart_restores_users(make_daemon: Any,
                           + logs(a, b))
     wait_for("B lists alice again",
              lambda: any(u["node"] == na for u in rpc(b, "users")), 3.0)
+
+
+def test_static_dialer_relinks_after_the_peer_restarts(make_daemon: Any) -> None:
+    """B dials A (--peer A); A restarts: B's dialer links again without anyone's help."""
+    a, b, na, nb = pair(make_daemon)
+    wait_linked(a, b, na, nb)
+    a.stop()
+    wait_for("B sees A down", lambda: not linked(b, na), CLEAN_DOWN_WITHIN_S)
+    time.sleep(2.0)  # a few failed redials: the backoff grows
+    a.start()
+    t0 = time.monotonic()
+    wait_linked(a, b, na, nb, timeout=10.0)
+    print(f"\nstatic dialer relinked {time.monotonic() - t0:.2f} s after the peer restarted")
+
+
+def test_direct_message_crosses_the_link_to_its_addressee_only(make_daemon: Any,
+                                                               clients: list[Any]) -> None:
+    a, b, na, nb = pair(make_daemon)
+    wait_linked(a, b, na, nb)
+    carol = TextUser(b.port, "carol")
+    dave = TextUser(b.port, "dave")
+    clients += [carol, dave]
+    wait_for("A lists carol", lambda: any(u["nick"] == "carol" for u in rpc(a, "users")), 3.0)
+    res = a.cli("send", "--to", "carol", "psst carol")
+    assert res.returncode == 0, res.stderr
+    a.cli("send", "everyone")
+    assert "psst carol" in carol.until("psst carol", 3.0)
+    line = dave.until(lambda s: "psst" in s or "everyone" in s, 3.0)
+    assert "everyone" in line and "psst" not in line
+
+
+def test_rooms_cross_the_link(make_daemon: Any) -> None:
+    a, b, na, nb = pair(make_daemon)
+    wait_linked(a, b, na, nb)
+    res = a.cli("send", "--room", "dev", "in dev")
+    assert res.returncode == 0, res.stderr
+    got = wait_for("B has it in #dev", lambda: [m for m in rpc(b, "history", room="dev")
+                                                if m["text"] == "in dev"], 3.0)
+    assert got[0]["room"] == "dev" and got[0]["origin"] == na
+    assert rpc(b, "history", room="lobby") == []
+
+
+def test_a_daemon_with_hundreds_of_users_can_still_link(make_daemon: Any,
+                                                        proxies: Callable[[int], Proxy]) -> None:
+    """The hello carries every roster; with 300 users on one side it is larger than a hub
+    client's frame limit, and the link must still come up."""
+    a = make_daemon("-vv", nick="alice", subdir="a")
+    proxy = proxies(a.port)
+    proxy.cut()
+    b = make_daemon("-vv", "--peer", f"127.0.0.1:{proxy.port}", nick="bob", subdir="b")
+    na, nb = node_of(a), node_of(b)
+    socks = []
+    try:
+        for i in range(300):  # UDP users: one datagram each, no handshake
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            socks.append(s)
+            s.sendto(f"user{i:03d}-{'x' * 20}\n".encode(), ("127.0.0.1", b.port))
+            if i % 25 == 24:
+                time.sleep(0.05)  # paced: a burst would overflow the hub's receive buffer
+        wait_for("300 users on B", lambda: len(rpc(b, "users")) >= 301, 10.0)
+        proxy.heal()
+        wait_linked(a, b, na, nb, timeout=10.0)
+        wait_for("A lists B's 300 users",
+                 lambda: sum(1 for u in rpc(a, "users") if u["node"] == nb) >= 301, 3.0)
+    finally:
+        for s in socks:
+            s.close()
+
+
+# -- the wire, seen by a hand-written peer -------------------------------------------------------
+
+FAKE_NODE = "fa" * 8
+
+
+class FakePeer:
+    """A raw TCP client speaking the link protocol by hand (a daemon we control)."""
+
+    def __init__(self, port: int, *, node: str = FAKE_NODE, cursors: dict[str, int] | None = None,
+                 **over: Any) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5.0)
+        self.buf = b""
+        self.node = node
+        hello = {"type": "hello", "v": 1, "role": "daemon", "node": node, "name": "fake peer",
+                 "host": "fakehost", "port": None, "cursors": cursors or {}, "rosters": []}
+        hello.update(over)
+        self.send(hello)
+
+    def send(self, obj: Any) -> None:
+        self.sock.sendall(json.dumps(obj).encode() + b"\n")
+
+    def frame(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The next JSON frame (the hub's text greeting is skipped); EOFError at close."""
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\n" in self.buf:
+                line, self.buf = self.buf.split(b"\n", 1)
+                if line.lstrip().startswith(b"{"):
+                    obj = json.loads(line)
+                    assert isinstance(obj, dict)
+                    return obj
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("no frame in time")
+            self.sock.settimeout(remaining)
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError("closed")
+            self.buf += data
+
+    def until(self, kind: str, timeout: float = 5.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        seen = []
+        while True:
+            f = self.frame(max(0.01, deadline - time.monotonic()))
+            if f.get("type") == kind:
+                return f
+            seen.append(f.get("type"))
+            if time.monotonic() > deadline or len(seen) > 1000:
+                raise AssertionError(f"no {kind}; saw {seen[-20:]}")
+
+    def closed(self, timeout: float = 5.0) -> bool:
+        try:
+            while True:
+                self.frame(timeout)
+        except EOFError:
+            return True
+        except (TimeoutError, ConnectionResetError):
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def fake_msg(seq: int, text: str = "", origin: str = FAKE_NODE) -> dict[str, Any]:
+    return {"id": f"{origin}:{seq}", "origin": origin, "seq": seq, "ts": 1_700_000_000.0 + seq,
+            "room": "lobby", "nick": "fakenick", "host": "fakehost", "text": text or f"f{seq}"}
+
+
+@pytest.fixture
+def fakes() -> Iterator[list[FakePeer]]:
+    made: list[FakePeer] = []
+    try:
+        yield made
+    finally:
+        for f in made:
+            f.close()
+
+
+def test_handshake_replay_gap_sync_and_ping(daemon: Daemon, fakes: list[FakePeer]) -> None:
+    mine = send_many(daemon, 70, "stored before")   # more than one msgs batch (64)
+    node = node_of(daemon)
+    f = FakePeer(daemon.port, cursors={node: 3})
+    fakes.append(f)
+    welcome = f.until("welcome")
+    assert welcome["node"] == node and welcome["role"] == "daemon"
+    assert welcome["cursors"] == {node: 70}
+    # It sends what we lack, after our cursor, in order, in bounded batches.
+    got: list[str] = []
+    while len(got) < 67:
+        batch = f.until("msgs")["m"]
+        assert 0 < len(batch) <= 64
+        got += [m["id"] for m in batch]
+    assert got == mine[3:]
+    # Our messages are stored and shown; a message beyond a gap is answered with a sync.
+    f.send({"type": "msgs", "m": [fake_msg(1), fake_msg(2)]})
+    wait_for("stored", lambda: {f"{FAKE_NODE}:1", f"{FAKE_NODE}:2"} <= set(history_ids(daemon)),
+             3.0)
+    f.send({"type": "msgs", "m": [fake_msg(5)]})
+    sync = f.until("sync")
+    assert sync["cursors"].get(FAKE_NODE) == 2
+    assert f"{FAKE_NODE}:5" not in history_ids(daemon)   # never stored beyond a gap
+    f.send({"type": "ping"})
+    f.until("pong")
+    # Duplicates are dropped by id.
+    f.send({"type": "msgs", "m": [fake_msg(1), fake_msg(2), fake_msg(3)]})
+    wait_for("3 stored", lambda: f"{FAKE_NODE}:3" in history_ids(daemon), 3.0)
+    assert collections.Counter(history_ids(daemon))[f"{FAKE_NODE}:1"] == 1
+    # Live messages follow; an idle link is pinged.
+    send_many(daemon, 1, "live")
+    live = f.until("msgs")["m"]
+    assert [m["seq"] for m in live] == [71]
+    f.until("ping", timeout=5.0)
+    peers = rpc(daemon, "peers")
+    assert [(p["node"], p["state"]) for p in peers] == [(FAKE_NODE, "linked")]
+
+
+def test_refusals_same_node_duplicate_and_bad_hello(daemon: Daemon,
+                                                    fakes: list[FakePeer]) -> None:
+    node = node_of(daemon)
+    me = FakePeer(daemon.port, node=node)
+    fakes.append(me)
+    err = me.until("error")
+    assert err["code"] == "same-node" and err["fatal"] is True
+    assert me.closed()
+    bad = FakePeer(daemon.port, name="")
+    fakes.append(bad)
+    assert bad.until("error")["code"] == "bad-frame"
+    assert bad.closed()
+    first = FakePeer(daemon.port)
+    fakes.append(first)
+    first.until("welcome")
+    second = FakePeer(daemon.port)
+    fakes.append(second)
+    assert second.until("error")["code"] == "duplicate-link"
+    assert second.closed()
+    first.send({"type": "ping"})
+    first.until("pong")   # the first link is untouched
+
+
+def test_protocol_errors_close_the_link_and_the_daemon_lives_on(
+        daemon: Daemon, fakes: list[FakePeer]) -> None:
+    node = node_of(daemon)
+    for junk in (b"{not json}\n", b'{"type":"warp"}\n', b'{"type":"msgs","m":[{"seq":1}]}\n',
+                 b'{"type":"sync","cursors":{"a1a1a1a1":-1}}\n', b"x" * 70000 + b"\n"):
+        f = FakePeer(daemon.port)
+        fakes.append(f)
+        f.until("welcome")
+        f.sock.sendall(junk)
+        assert f.closed(), junk[:40]
+        wait_for("peer down", lambda: peer_state(daemon, FAKE_NODE) != "linked", 3.0)
+    assert rpc(daemon, "status")["node"] == node
+    assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+def test_a_relayed_roster_is_listed_and_vanishes_with_its_link(
+        daemon: Daemon, fakes: list[FakePeer]) -> None:
+    third = "3d" * 8
+    f = FakePeer(daemon.port, rosters=[
+        {"node": FAKE_NODE, "ver": 1, "name": "fake peer", "host": "fakehost", "gone": False,
+         "users": [{"nick": "fay", "host": "fakehost", "since": 1.0, "room": "lobby",
+                    "via": "tcp"}]}])
+    fakes.append(f)
+    f.until("welcome")
+    f.send({"type": "roster", "roster": {
+        "node": third, "ver": 7, "name": "far away", "host": "far", "gone": False,
+        "users": [{"nick": "zed", "host": "far", "since": 2.0, "room": "lobby", "via": "udp"}]}})
+    users = wait_for("fay and zed listed", lambda: [
+        (u["nick"], u["node"], u["local"]) for u in rpc(daemon, "users")
+        if u["nick"] in ("fay", "zed")] if len([
+            u for u in rpc(daemon, "users") if u["nick"] in ("fay", "zed")]) == 2 else None, 3.0)
+    assert sorted(users) == [("fay", FAKE_NODE, False), ("zed", third, False)]
+    f.send({"type": "bye", "reason": "done"})
+    assert f.closed()
+    wait_for("both gone from users", lambda: not any(
+        u["nick"] in ("fay", "zed") for u in rpc(daemon, "users")), 3.0)
