@@ -220,3 +220,18 @@ def test_any_delivery_order_converges_to_the_newest(
         assert net.get(NODE_B) == newest
         # The join/leave notices add up to the users actually listed.
         assert shown == {u.nick for u in net.users()}
+
+
+def test_a_direct_roster_revives_a_node_marked_gone_at_the_same_version() -> None:
+    """A link that dropped and came back (no restart, no user change) resends the same version:
+    relayed it is old news, but straight from the node it proves the node is back."""
+    net = NetworkRoster(ME)
+    net.apply(roster(NODE_B, 5, "bob"), "link-1")
+    net.mark_gone(NODE_B)
+    assert net.apply(roster(NODE_B, 5, "bob"), "relay") is None
+    assert kinds(net.apply(roster(NODE_B, 5, "bob"), "link-2", direct=True)) == {("join", "bob")}
+    assert net.vouched_by("link-2") == [NODE_B]
+    assert net.apply(roster(NODE_B, 5, "bob"), "link-2", direct=True) is None  # not twice
+    assert net.apply(roster(NODE_B, 4, "old"), "link-2", direct=True) is None  # never older
+    net.mark_gone(NODE_B)
+    assert net.apply(roster(NODE_B, 5, gone=True), "link-2", direct=True) is None
