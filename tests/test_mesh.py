@@ -244,7 +244,11 @@ def test_three_hosts_link_by_themselves_and_chat(lan: netns.Lan, workdir: str) -
                 == [False], f"{d.nick} users: {users}"
 
 
-def test_partition_heals_and_everyone_converges(lan: netns.Lan, workdir: str) -> None:
+@pytest.mark.parametrize("hold", [0.0, 15.0], ids=["brief", "long"])
+def test_partition_heals_and_everyone_converges(lan: netns.Lan, workdir: str,
+                                                hold: float) -> None:
+    """``hold``: seconds the partition lasts after it was noticed (the long one lets the
+    dialers' backoff grow, which is what delays the heal)."""
     ds = start_mesh(lan, workdir, ["ann", "ben", "cat"])
     h1, h2, h3 = ds
     wait_full_mesh(ds, 15.0)
@@ -255,8 +259,13 @@ def test_partition_heals_and_everyone_converges(lan: netns.Lan, workdir: str) ->
              CRASH_DOWN_WITHIN_S + 2, diag=lambda: logs(*ds))
     print(f"\npartition noticed after {time.monotonic() - t_cut:.2f} s")
     assert h1.linked_to(h2) and h2.linked_to(h1)
+    for d in (h1, h2):
+        wait_for(f"{d.nick} no longer lists cat", lambda d=d: all(
+            u["node"] != h3.node for u in d.rpc("users")), 3.0,
+            diag=lambda d=d: f"{d.nick} users: {d.rpc('users')}\n{logs(h1, h2)}")
     sent = h1.send_many(50, "h1 during partition") + h2.send_many(50, "h2 during partition") \
         + h3.send_many(10, "h3 alone")
+    time.sleep(hold)
     t_heal = time.monotonic()
     lan.set_link(h3.host, SUBNET, up=True)
     expected = set(sent)
@@ -295,6 +304,10 @@ def test_crashed_host_is_noticed_and_catches_up(lan: netns.Lan, workdir: str) ->
     wait_for("hosts 1 and 3 see host 2 gone", lambda: not h1.linked_to(h2)
              and not h3.linked_to(h2), CRASH_DOWN_WITHIN_S, diag=lambda: logs(h1, h3))
     print(f"\nSIGKILLed host noticed after {time.monotonic() - t0:.2f} s")
+    for d in (h1, h3):
+        wait_for(f"{d.nick} no longer lists ben", lambda d=d: all(
+            u["node"] != h2.node for u in d.rpc("users")), 3.0,
+            diag=lambda d=d: f"{d.nick} users: {d.rpc('users')}")
     while_down = h1.send_many(20, "ann while ben was down") + h3.send_many(20, "cat too")
     h2.start()
     t1 = time.monotonic()
@@ -303,6 +316,10 @@ def test_crashed_host_is_noticed_and_catches_up(lan: netns.Lan, workdir: str) ->
              diag=lambda: "\n".join(f"{d.nick}: {d.rpc('peers')}" for d in ds) + logs(*ds))
     print(f"restarted host caught up after {time.monotonic() - t1:.2f} s")
     assert_exactly_once_in_order(h2.history_ids(), expected, "ben")
+    wait_full_mesh(ds, 30.0)
+    for d in (h1, h3):
+        wait_for(f"{d.nick} lists ben again", lambda d=d: any(
+            u["node"] == h2.node for u in d.rpc("users")), 5.0)
     mine = [m["text"] for m in h2.rpc("history", limit=1000) if m["origin"] == h2.node]
     assert mine == [f"ben before the crash {i}" for i in range(5)]
 
