@@ -102,8 +102,12 @@ class LinkAcceptor(Protocol):
     """Takes over a connection whose hello says it is another daemon (see :mod:`lanchat.links`)."""
 
     def accept_link(self, sock: socket.socket, address: tuple[Any, ...], hello: Hello,
-                    decoder: LineDecoder) -> None:
-        """Run the link on the calling thread; return when it ends.  Owns ``sock``."""
+                    decoder: LineDecoder, pending: list[bytes]) -> None:
+        """Run the link on the calling thread; return when it ends.  Owns ``sock``.
+
+        ``pending`` holds frames that arrived right behind the hello (already
+        split off ``decoder``), to be read before anything else.
+        """
         ...
 
 
@@ -288,6 +292,7 @@ class _TcpSession(_Session):
         self.thread = threading.Thread(target=self.run, name=f"hub-c{number}", daemon=False)
         self._leave_reason = "connection closed"
         self._protocol_errors = 0
+        self._deadline: float | None = None
 
     def _send(self, data: bytes) -> bool:
         if self.outbox.put(data):
@@ -338,16 +343,17 @@ class _TcpSession(_Session):
             return wire.encode_error(code, text, fatal=True)
         return textmode.error(f"{text} -- disconnecting")
 
-    def _chunks(self, deadline: float | None = None) -> Any:
+    def _chunks(self) -> Any:
         """Yield the frames of each ``recv`` as one list (so a burst is handled as one).
 
-        With ``deadline`` (monotonic), raise TimeoutError when it passes first.
+        While ``self._deadline`` (monotonic) is set -- the nickname prompt --
+        raise TimeoutError when it passes before the next frame.
         """
         poller = select.poll()
         poller.register(self.sock, select.POLLIN)
         while True:
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
+            if self._deadline is not None:
+                remaining = self._deadline - time.monotonic()
                 if remaining <= 0 or not poller.poll(remaining * 1000):
                     raise TimeoutError("no nickname chosen in time")
             data = self.sock.recv(RECV_BYTES)
@@ -360,39 +366,38 @@ class _TcpSession(_Session):
             if frames:
                 yield frames
 
-    def _frames(self, deadline: float | None = None) -> Any:
-        for chunk in self._chunks(deadline):
-            yield from chunk
-
     def _serve(self) -> None:
         self._send(textmode.greeting(self.hub.name))
-        deadline = time.monotonic() + NICK_TIMEOUT_S
-        frames = self._frames(deadline)
+        self._deadline = time.monotonic() + NICK_TIMEOUT_S
+        chunks = self._chunks()
         attempts = 0
         first = True
-        for frame in frames:
-            if first and frame.lstrip().startswith(b"{"):
-                self.mode = "json"
-                self._serve_json(frame)
-                return
-            first = False
-            try:
-                nick = decode_utf8(frame).strip()
-            except RemoteProtocolError:
-                self.error("bad-utf8", "that was not valid UTF-8; choose a nickname:")
-                continue
-            if not nick:
-                self.notice("Choose a nickname:")
-                continue
-            attempts += 1
-            if self.try_join(nick):
-                break
-            if attempts >= MAX_NICK_ATTEMPTS:
-                self.outbox.close_with(textmode.error("too many attempts -- bye"), "no nick")
-                return
-        else:
-            return
-        self._serve_text(self._chunks())
+        for chunk in chunks:
+            for i, frame in enumerate(chunk):
+                rest = itertools.chain([chunk[i + 1:]], chunks)  # what came after this frame
+                if first and frame.lstrip().startswith(b"{"):
+                    self.mode = "json"
+                    self._deadline = None
+                    self._serve_json(frame, chunk[i + 1:], chunks)
+                    return
+                first = False
+                try:
+                    nick = decode_utf8(frame).strip()
+                except RemoteProtocolError:
+                    self.error("bad-utf8", "that was not valid UTF-8; choose a nickname:")
+                    continue
+                if not nick:
+                    self.notice("Choose a nickname:")
+                    continue
+                attempts += 1
+                if self.try_join(nick):
+                    self._deadline = None
+                    self._serve_text(rest)
+                    return
+                if attempts >= MAX_NICK_ATTEMPTS:
+                    self.outbox.close_with(textmode.error("too many attempts -- bye"),
+                                           "no nick")
+                    return
 
     def _serve_text(self, chunks: Any) -> None:
         for chunk in chunks:
@@ -417,7 +422,7 @@ class _TcpSession(_Session):
                     self.error(exc.code, str(exc))
             self._say_many(says)
 
-    def _serve_json(self, first: bytes) -> None:
+    def _serve_json(self, first: bytes, pending: list[bytes], chunks: Any) -> None:
         try:
             hello = wire.parse_hello(first)
         except (RemoteProtocolError, ValidationError) as exc:
@@ -430,7 +435,7 @@ class _TcpSession(_Session):
                     wire.encode_error("no-links", "this hub does not accept daemon links",
                                       fatal=True), "no links")
                 return
-            acceptor.accept_link(self.sock, self.address, hello, self.decoder)
+            acceptor.accept_link(self.sock, self.address, hello, self.decoder, pending)
             return
         if hello.room is not None:
             self.room = hello.room
@@ -443,7 +448,7 @@ class _TcpSession(_Session):
             return
         self.nick = hello.nick
         self.welcome(users)
-        for frame in self._frames():
+        for frame in itertools.chain(pending, itertools.chain.from_iterable(chunks)):
             try:
                 command = wire.parse_command(frame)
                 if not self.handle(command):

@@ -3,13 +3,16 @@
 A link is a TCP connection to the other daemon's hub port, speaking JSON lines
 (the hub's JSON mode, with ``"role": "daemon"`` in the hello):
 
-1. The dialer sends ``hello {v, role: "daemon", node, name, host, port, cursors,
-   rosters}``; the acceptor answers ``welcome`` with the same fields, or a fatal
-   ``error`` (``same-node``, ``duplicate-link``, ``version``).
-2. Each side then sends what the other lacks.  ``cursors`` maps every origin to
-   the highest sequence number held (a node holds each origin's messages 1..n
-   without gaps), so "what you lack" is, per origin, everything after your
-   cursor -- read from history and sent in order as ``msgs {m: [...]}``.
+1. The dialer sends ``hello {v, role: "daemon", node, name, host, port}``; the
+   acceptor answers ``welcome`` with the same fields, or a fatal ``error``
+   (``same-node``, ``duplicate-link``, ``version``).  Both stay small: the first
+   line of a hub connection is held to the hub's frame limit.
+2. Each side's first frame is ``sync {cursors}``: every origin mapped to the
+   highest sequence number it holds (a node holds each origin's messages 1..n
+   without gaps).  On receiving it, each side sends what the other lacks --
+   per origin, everything after its cursor, read from history and sent in
+   order as ``msgs {m: [...]}`` -- and only then live messages.  Rosters of
+   every node known follow as ``roster`` frames.
 3. Live messages follow as ``msgs`` frames too.  A receiver that gets a
    message beyond a gap (it missed something) answers ``sync {cursors}``, and
    the sender replays from there.  Duplicates are dropped by id.
@@ -60,8 +63,6 @@ class PeerHello:
     name: str
     host: str
     port: int | None
-    cursors: dict[str, int]
-    rosters: tuple[NodeRoster, ...]
     version: int = VERSION
 
 
@@ -85,7 +86,6 @@ def parse_peer_hello(frame: Mapping[str, Any]) -> PeerHello:
     """Read a daemon's hello or welcome fields; raises :class:`RemoteProtocolError`."""
     try:
         node = validate_node(frame.get("node"))
-        rosters = tuple(NodeRoster.from_dict(r) for r in frame.get("rosters", []))
     except ValidationError as exc:
         raise RemoteProtocolError(str(exc), code="bad-frame") from None
     name, host, port = frame.get("name"), frame.get("host"), frame.get("port")
@@ -100,14 +100,12 @@ def parse_peer_hello(frame: Mapping[str, Any]) -> PeerHello:
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise RemoteProtocolError("v must be a positive integer", code="bad-frame")
     return PeerHello(node=node, name=name, host=host, port=port,
-                     cursors=parse_cursors(frame.get("cursors", {})), rosters=rosters,
                      version=min(version, VERSION))
 
 
 def _hello_fields(me: PeerHello) -> dict[str, Any]:
     return {"v": VERSION, "role": "daemon", "node": me.node, "name": me.name, "host": me.host,
-            "port": me.port, "cursors": me.cursors,
-            "rosters": [r.to_dict() for r in me.rosters]}
+            "port": me.port}
 
 
 def encode_hello(me: PeerHello) -> bytes:

@@ -59,7 +59,6 @@ class LinkRouter(Protocol):
 
     node: str
 
-    def hello_state(self) -> tuple[dict[str, int], list[NodeRoster]]: ...
     def attach_link(self, link: Any) -> None: ...
     def detach_link(self, link: Any) -> None: ...
     def accept_remote(self, messages: Sequence[Message], *, source: object | None,
@@ -99,10 +98,12 @@ class Link:
     """
 
     def __init__(self, manager: LinkManager, sock: socket.socket, decoder: LineDecoder,
-                 peer: linkproto.PeerHello, *, address: tuple[Any, ...], dialer: str) -> None:
+                 peer: linkproto.PeerHello, *, address: tuple[Any, ...], dialer: str,
+                 pending: Sequence[bytes] = ()) -> None:
         self.manager = manager
         self.sock = sock
         self.decoder = decoder
+        self._pending = list(pending)  # frames that came in right behind the handshake
         self.node = peer.node
         self.name = peer.name
         self.host = peer.host
@@ -115,10 +116,12 @@ class Link:
         self._live: deque[Event] = deque()
         self._rosters: dict[str, NodeRoster] = {}
         self._control: list[bytes] = []
-        self._resync = True  # the first thing the sender does: send what the peer lacks
+        self._resync = False
+        # Until the peer's first sync says what it holds, nothing is sent but
+        # control frames and rosters (live messages wait in _live).
+        self._synced = False
         self._closing = False
-        self._peer_has: dict[str, int] = dict(peer.cursors)
-        self._initial_rosters = peer.rosters
+        self._peer_has: dict[str, int] = {}
         self._sender = threading.Thread(target=self._send_loop, name=f"link-{self.node[:8]}-tx",
                                         daemon=False)
 
@@ -158,8 +161,7 @@ class Link:
         self.decoder.max_frame = linkproto.MAX_LINK_FRAME
         reason = "connection closed"
         try:
-            for roster in self._initial_rosters:
-                router.apply_roster(roster, source=self)
+            self._queue_control(linkproto.encode_sync(router.cursors()))
             self._sender.start()
             for frame in self._frames():
                 self.last_heard = time.time()
@@ -170,6 +172,7 @@ class Link:
                 elif isinstance(frame, linkproto.Sync):
                     with self._cond:
                         self._peer_has = dict(frame.cursors)
+                        self._synced = True
                         self._resync = True
                         self._cond.notify()
                 elif isinstance(frame, linkproto.Ping):
@@ -190,6 +193,10 @@ class Link:
             self._finish(reason)
 
     def _frames(self) -> Any:
+        for line in self._pending:
+            if line.strip():
+                yield linkproto.parse_frame(line)
+        self._pending = []
         while True:
             data = self.sock.recv(262144)
             if not data:
@@ -215,8 +222,8 @@ class Link:
         try:
             while True:
                 with self._cond:
-                    while not (self._live or self._rosters or self._control or self._resync
-                               or self._closing):
+                    while not (self._rosters or self._control or self._closing or (
+                            self._synced and (self._live or self._resync))):
                         if not self._cond.wait(linkproto.HEARTBEAT_S):
                             break
                     if self._closing:
@@ -224,9 +231,11 @@ class Link:
                     control, self._control = self._control, []
                     rosters = list(self._rosters.values())
                     self._rosters.clear()
-                    resync, self._resync = self._resync, False
-                    live = list(self._live)
-                    self._live.clear()
+                    resync = live = None
+                    if self._synced:
+                        resync, self._resync = self._resync, False
+                        live = list(self._live)
+                        self._live.clear()
                 if not (control or rosters or resync or live):
                     control = [linkproto.encode_ping()]
                 out = b"".join(control) + b"".join(linkproto.encode_roster(r) for r in rosters)
@@ -327,14 +336,18 @@ class _Peer:
 class _Dialer:
     """Keeps dialing one address until told to stop: connect, handshake, run, back off."""
 
-    def __init__(self, manager: LinkManager, host: str, port: int, node: str | None) -> None:
+    def __init__(self, manager: LinkManager, hosts: Sequence[str], port: int,
+                 node: str | None) -> None:
         self.manager = manager
-        self.host = host
+        #: Every address the peer advertised (a dual-homed host has several, and
+        #: only some are reachable from here); the one that worked last goes first.
+        self.hosts = list(hosts)
+        self.host = self.hosts[0]
         self.port = port
         self.node = node
         self.stop = threading.Event()
         self.link: Link | None = None
-        self.thread = threading.Thread(target=self._run, name=f"link-dial-{host}:{port}",
+        self.thread = threading.Thread(target=self._run, name=f"link-dial-{self.host}:{port}",
                                        daemon=False)
 
     def _run(self) -> None:
@@ -359,13 +372,12 @@ class _Dialer:
     def _dial_once(self) -> None:
         manager = self.manager
         self.manager._set_state(self, "connecting")
-        sock = socket.create_connection((self.host, self.port), timeout=CONNECT_TIMEOUT_S)
+        sock = self._connect()
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            cursors, rosters = manager.router.hello_state()
-            sock.sendall(linkproto.encode_hello(manager.hello(cursors, rosters)))
+            sock.sendall(linkproto.encode_hello(manager.hello()))
             decoder = LineDecoder(linkproto.MAX_LINK_FRAME)
-            welcome = self._await_welcome(sock, decoder)
+            welcome, pending = self._await_welcome(sock, decoder)
         except BaseException:
             sock.close()
             self.manager._set_state(self, "down")
@@ -375,8 +387,8 @@ class _Dialer:
             self.stop.set()  # we dialed ourselves (our own advertisement or a loop): never again
             raise LinkClosed("that address is this daemon")
         self.node = welcome.node
-        link = Link(manager, sock, decoder, welcome,
-                    address=(self.host, self.port), dialer=manager.me.node)
+        link = Link(manager, sock, decoder, welcome, address=(self.host, self.port),
+                    dialer=manager.me.node, pending=pending)
         if not manager._register(link, self):
             with contextlib.suppress(OSError):
                 sock.sendall(linkproto.encode_bye("duplicate link"))
@@ -387,19 +399,39 @@ class _Dialer:
         link.run()
         self.link = None
 
-    def _await_welcome(self, sock: socket.socket, decoder: LineDecoder) -> linkproto.PeerHello:
+    def _connect(self) -> socket.socket:
+        """Connect to the first of the peer's addresses that answers."""
+        error: OSError | None = None
+        for host in list(self.hosts):
+            try:
+                sock = socket.create_connection((host, self.port), timeout=CONNECT_TIMEOUT_S)
+            except OSError as exc:
+                error = exc
+                continue
+            self.host = host
+            if host in self.hosts:
+                self.hosts.remove(host)
+            self.hosts.insert(0, host)
+            return sock
+        assert error is not None
+        raise error
+
+    def _await_welcome(self, sock: socket.socket,
+                       decoder: LineDecoder) -> tuple[linkproto.PeerHello, list[bytes]]:
+        """The other side's welcome, and the frames that arrived right behind it."""
         deadline = time.monotonic() + CONNECT_TIMEOUT_S
         while True:
             sock.settimeout(max(0.05, deadline - time.monotonic()))
             data = sock.recv(65536)
             if not data:
                 raise LinkClosed("closed before welcome")
-            for line in decoder.feed(data):
+            lines = decoder.feed(data)
+            for i, line in enumerate(lines):
                 if not line.lstrip().startswith(b"{"):
                     continue  # the hub's text greeting
                 frame = linkproto.parse_frame(line)
                 if isinstance(frame, linkproto.Welcome):
-                    return frame.peer
+                    return frame.peer, lines[i + 1:]
                 if isinstance(frame, linkproto.Refused):
                     if frame.code == "same-node":
                         self.stop.set()
@@ -429,7 +461,7 @@ class LinkManager:
         self.me = me
         self._lock = threading.Lock()  # guards: _links, _dialers, _peers, _closed
         self._links: dict[str, Link] = {}
-        self._dialers: dict[tuple[str, int], _Dialer] = {}
+        self._dialers: dict[str, _Dialer] = {}  # key: node id, or "host:port" if unknown
         self._peers: dict[str, _Peer] = {}  # key: node id, or "host:port" before we know it
         self._closed = False
         self._static = list(static_peers)
@@ -437,11 +469,11 @@ class LinkManager:
 
     def start(self) -> None:
         for host, port in self._static:
-            self._dial(host, port, None, static=True)
+            self._dial([host], port, None, static=True)
 
-    def hello(self, cursors: dict[str, int], rosters: list[NodeRoster]) -> linkproto.PeerHello:
+    def hello(self) -> linkproto.PeerHello:
         return linkproto.PeerHello(node=self.me.node, name=self.me.name, host=self.me.host,
-                                   port=self.me.port, cursors=cursors, rosters=tuple(rosters))
+                                   port=self.me.port)
 
     # -- discovery's callbacks ---------------------------------------------------------
 
@@ -457,38 +489,40 @@ class LinkManager:
             else:
                 peer.name, peer.address, peer.port = name, addresses[0], port
         if self.me.node < node:
-            self._dial(addresses[0], port, node)
+            self._dial(list(addresses), port, node)
 
     def peer_lost(self, node: str) -> None:
         """Discovery saw a daemon leave (goodbye): stop dialing it."""
         with self._lock:
-            dialers = [d for key, d in self._dialers.items() if d.node == node
-                       and not self._is_static(key)]
-            for d in dialers:
-                self._dialers.pop((d.host, d.port), None)
-        for d in dialers:
-            d.stop.set()
+            dialer = self._dialers.get(node)
+            if dialer is not None:
+                del self._dialers[node]
+        if dialer is not None:
+            dialer.stop.set()
 
-    def _is_static(self, key: tuple[str, int]) -> bool:
-        return key in self._static
-
-    def _dial(self, host: str, port: int, node: str | None, *, static: bool = False) -> None:
+    def _dial(self, hosts: list[str], port: int, node: str | None, *,
+              static: bool = False) -> None:
+        key = node or f"{hosts[0]}:{port}"
         with self._lock:
-            if self._closed or (host, port) in self._dialers:
+            if self._closed:
+                return
+            existing = self._dialers.get(key)
+            if existing is not None:
+                existing.hosts = list(dict.fromkeys([*existing.hosts, *hosts]))
                 return
             if node is not None and node in self._links:
                 return
-            dialer = _Dialer(self, host, port, node)
-            self._dialers[(host, port)] = dialer
-            key = node or f"{host}:{port}"
+            dialer = _Dialer(self, hosts, port, node)
+            self._dialers[key] = dialer
             if key not in self._peers:
-                self._peers[key] = _Peer(node, f"{host}:{port}", host, port, static=static)
+                self._peers[key] = _Peer(node, f"{hosts[0]}:{port}", hosts[0], port,
+                                         static=static)
         dialer.thread.start()
 
     # -- the hub's LinkAcceptor ----------------------------------------------------------
 
     def accept_link(self, sock: socket.socket, address: tuple[Any, ...], hello: Hello,
-                    decoder: LineDecoder) -> None:
+                    decoder: LineDecoder, pending: Sequence[bytes] = ()) -> None:
         """A daemon dialed us: handshake, then run the link on this (hub) thread."""
         try:
             peer = linkproto.parse_peer_hello(hello.fields)
@@ -501,13 +535,13 @@ class LinkManager:
         if self.linked(peer.node):
             sock.sendall(linkproto.encode_error("duplicate-link", "already linked to you"))
             return
-        link = Link(self, sock, decoder, peer, address=address, dialer=peer.node)
+        link = Link(self, sock, decoder, peer, address=address, dialer=peer.node,
+                    pending=pending)
         if not self._register(link, None):
             sock.sendall(linkproto.encode_error("duplicate-link", "already linked to you"))
             return
-        cursors, rosters = self.router.hello_state()
         try:
-            sock.sendall(linkproto.encode_welcome(self.hello(cursors, rosters)))
+            sock.sendall(linkproto.encode_welcome(self.hello()))
         except OSError:
             self._unregister(link, "welcome not sent")
             return
@@ -544,7 +578,7 @@ class LinkManager:
                 del self._peers[key]
                 peer.static = peer.static or twin.static
                 peer.address, peer.port = twin.address, twin.port
-                waiting = self._dialers.get((twin.address, twin.port))
+                waiting = self._dialers.get(key)
                 if waiting is not None:
                     waiting.node = link.node
             peer.node, peer.name, peer.state = link.node, link.name, "linked"

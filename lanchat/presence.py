@@ -133,6 +133,11 @@ class NetworkRoster:
         self._via[roster.node] = via
         return _diff(old, roster)
 
+    def claim(self, node: str, via: object) -> None:
+        """``via`` is a direct link to ``node``: it vouches for that node from now on."""
+        if node in self._rosters:
+            self._via[node] = via
+
     def vouched_by(self, via: object) -> list[str]:
         """The nodes whose newest roster came through ``via``."""
         return [node for node, v in self._via.items() if v is via]

@@ -277,13 +277,8 @@ class Router:
 
     # -- links -------------------------------------------------------------------
 
-    def hello_state(self) -> tuple[dict[str, int], list[NodeRoster]]:
-        """Our cursors and every roster we know: what a link's hello carries."""
-        return self._call(  # type: ignore[no-any-return]
-            lambda: (dict(self._cursors), [self._own_roster(), *self._roster.snapshot()]))
-
     def attach_link(self, link: LinkPeer) -> None:
-        """Start routing messages and rosters to ``link``.
+        """Start routing messages and rosters to ``link``; hand it every roster we know.
 
         Every message stored from now on is delivered to the link live; the
         link catches the peer up on everything before from history.
@@ -589,6 +584,8 @@ class Router:
     def _do_attach(self, link: LinkPeer) -> None:
         if link not in self._links:
             self._links = (*self._links, link)
+        for roster in (self._own_roster(), *self._roster.snapshot()):
+            link.send_roster(roster)
 
     def _do_detach(self, link: LinkPeer) -> None:
         if link not in self._links:
@@ -609,7 +606,10 @@ class Router:
     def _do_apply_roster(self, roster: NodeRoster, source: LinkPeer) -> None:
         if roster.gone and any(lk.node == roster.node for lk in self._links):
             return  # we hear from that node directly: a relayed "gone" is stale news
-        changes = self._roster.apply(roster, source, direct=roster.node == source.node)
+        direct = roster.node == source.node
+        changes = self._roster.apply(roster, source, direct=direct)
+        if direct:  # the node's own link vouches for it, whichever copy came first
+            self._roster.claim(roster.node, source)
         if changes is None:
             return
         self._show_changes(changes, "quit")

@@ -72,6 +72,7 @@ class Outbox:
         self._wake = threading.Lock()
         self._wake.acquire()
         self._sleeping = False
+        self._sending = False  # a thread (writer or inline) is sending right now
         self._chunks: list[bytes] = []
         self._queued = 0
         self._writer: threading.Thread | None = None
@@ -96,11 +97,42 @@ class Outbox:
         with self._lock:
             if self._closing or self._queued + len(data) > self._max_bytes:
                 return False
-            self._chunks.append(data)
-            self._queued += len(data)
-            action = self._kick()
-        self._act(action)
+            inline = not self._chunks and not self._sending
+            if inline:
+                self._sending = True  # the socket is ours until _send_inline hands it back
+            else:
+                self._chunks.append(data)
+                self._queued += len(data)
+                action = self._kick() if not self._sending else None
+        if inline:
+            self._send_inline(data)
+        else:
+            self._act(action)
         return True
+
+    def _send_inline(self, data: bytes) -> None:
+        """Send on the caller's thread what the socket takes now; queue the rest.
+
+        The fast path for an idle connection: one non-blocking ``send`` and no
+        thread switch.  It never waits: what does not fit goes to the writer.
+        """
+        try:
+            sent = self._sock.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            with self._lock:
+                self._sending = False
+            self._give_up(f"send failed: {exc.strerror or exc}")
+            return
+        with self._lock:
+            self._sending = False
+            if sent < len(data):
+                rest = data[sent:]
+                self._chunks.insert(0, rest)
+                self._queued += len(rest)
+            action = self._kick() if self._chunks or self._closing else None
+        self._act(action)
 
     def _kick(self) -> str | None:
         """Under the lock: what it takes to get the writer going ("start", "wake" or None)."""
@@ -163,13 +195,15 @@ class Outbox:
             with self._lock:
                 chunks = self._chunks
                 closing = self._closing
-                if not chunks and not closing:
+                idle = self._sending or (not chunks and not closing)
+                if idle:  # nothing to do, or an inline send holds the socket
                     self._sleeping = True
                 else:
                     self._chunks = []
                     self._queued = 0
+                    self._sending = True
                 stall_timeout = self._stall_timeout
-            if not chunks and not closing:
+            if idle:
                 if not self._sleep():
                     return
                 continue
@@ -184,6 +218,9 @@ class Outbox:
                 except OSError as exc:
                     self._give_up(f"send failed: {exc.strerror or exc}")
                     return
+                finally:
+                    with self._lock:
+                        self._sending = False
             if closing:
                 with self._lock:
                     if self._chunks:  # close_with() raced with our drain

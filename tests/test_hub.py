@@ -294,3 +294,22 @@ def test_sigterm_says_goodbye_and_exits_cleanly(daemon: Daemon, clients: list[An
 def test_port_zero_picks_a_port_and_says_so(daemon: Daemon) -> None:
     assert daemon.port > 0
     assert f"127.0.0.1:{daemon.port}" in daemon.stderr()
+
+
+def test_frames_pipelined_behind_the_first_line_are_not_lost(daemon: Daemon,
+                                                            clients: list[Any]) -> None:
+    """A client may send its hello and its first messages in one packet (nc < file does)."""
+    alice = TextUser(daemon.port, "alice")
+    clients.append(alice)
+    j = LineClient(daemon.port)
+    clients.append(j)
+    j.send(json.dumps({"type": "hello", "v": 1, "nick": "jay"}) + "\n"
+           + json.dumps({"type": "say", "text": "right behind the hello"}) + "\n")
+    assert alice.line() == "* jay joined #lobby"
+    assert alice.line().endswith("jay: right behind the hello")
+    t = LineClient(daemon.port)
+    clients.append(t)
+    t.send("tom\nfirst words\nsecond words\n")
+    assert alice.line() == "* tom joined #lobby"
+    assert alice.line().endswith("tom: first words")
+    assert alice.line().endswith("tom: second words")

@@ -36,8 +36,7 @@ def roster(node: str = NODE_B, ver: int = 1, *nicks: str, gone: bool = False) ->
 
 
 def hello(**over: Any) -> linkproto.PeerHello:
-    base: dict[str, Any] = dict(node=NODE_A, name="alice on laptop", host="laptop", port=7654,
-                                cursors={NODE_A: 3, NODE_B: 0}, rosters=(roster(NODE_B, 5, "bob"),))
+    base: dict[str, Any] = dict(node=NODE_A, name="alice on laptop", host="laptop", port=7654)
     base.update(over)
     return linkproto.PeerHello(**base)
 
@@ -54,12 +53,15 @@ def fields(data: bytes) -> dict[str, Any]:
 def test_hello_says_daemon_role_and_round_trips() -> None:
     me = hello()
     obj = fields(linkproto.encode_hello(me))
+    # small whatever the network's size: cursors and rosters travel in later frames,
+    # because a hub holds a connection's first line to its client frame limit
+    assert set(obj) == {"type", "v", "role", "node", "name", "host", "port"}
     assert obj["type"] == "hello" and obj["role"] == "daemon" and obj["v"] == linkproto.VERSION
     assert linkproto.parse_peer_hello(obj) == me
 
 
 def test_welcome_round_trips_through_parse_frame() -> None:
-    me = hello(port=None, cursors={}, rosters=())
+    me = hello(port=None)
     frame = linkproto.parse_frame(linkproto.encode_welcome(me))
     assert frame == linkproto.Welcome(me)
 
@@ -76,8 +78,6 @@ def test_newer_version_is_spoken_down_to_ours() -> None:
     {"host": ""}, {"host": None},
     {"port": 0}, {"port": 65536}, {"port": True}, {"port": "7654"},
     {"v": 0}, {"v": True}, {"v": "1"}, {"v": None},
-    {"cursors": []}, {"cursors": {NODE_A: -1}}, {"cursors": {"zz": 1}},
-    {"rosters": [{"node": NODE_B}]}, {"rosters": ["x"]},
 ])
 def test_bad_hello_is_a_protocol_error(change: dict[str, Any]) -> None:
     obj = fields(linkproto.encode_hello(hello()))

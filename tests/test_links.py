@@ -641,10 +641,15 @@ class FakePeer:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=5.0)
         self.buf = b""
         self.node = node
+        rosters = over.pop("rosters", [])
         hello = {"type": "hello", "v": 1, "role": "daemon", "node": node, "name": "fake peer",
-                 "host": "fakehost", "port": None, "cursors": cursors or {}, "rosters": []}
+                 "host": "fakehost", "port": None}
         hello.update(over)
         self.send(hello)
+        # pipelined: our cursors, then the rosters we know, as a daemon's first frames
+        self.send({"type": "sync", "cursors": cursors or {}})
+        for r in rosters:
+            self.send({"type": "roster", "roster": r})
 
     def send(self, obj: Any) -> None:
         self.sock.sendall(json.dumps(obj).encode() + b"\n")
@@ -714,7 +719,7 @@ def test_handshake_replay_gap_sync_and_ping(daemon: Daemon, fakes: list[FakePeer
     fakes.append(f)
     welcome = f.until("welcome")
     assert welcome["node"] == node and welcome["role"] == "daemon"
-    assert welcome["cursors"] == {node: 70}
+    assert f.until("sync")["cursors"] == {node: 70}   # its first frame says what it holds
     # It sends what we lack, after our cursor, in order, in bounded batches.
     got: list[str] = []
     while len(got) < 67:
