@@ -521,7 +521,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``lanchat``; return the exit status."""
     _safe_streams()
     parser = build_parser()
-    args = parser.parse_args(argv)  # exits 2 on a usage error, as argparse does
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if "connect" in raw:
+        # `connect` has its own parser (lanchat.hubclient): hand it everything after
+        # the word, options first or not (`lanchat connect --udp HOST`, `connect --help`).
+        cut = raw.index("connect") + 1
+        args = parser.parse_args(raw[:cut])
+        args.rest = raw[cut:]
+    else:
+        args = parser.parse_args(raw)  # exits 2 on a usage error, as argparse does
     _finish_args(args)
     func: Callable[[argparse.Namespace], int] = args.func
     try:

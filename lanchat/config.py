@@ -692,7 +692,7 @@ def add_daemon_arguments(parser: argparse.ArgumentParser) -> None:
         help="use the system service's paths (/etc, /var/lib, /run)")
     add("-v", "--verbose", action="count", help="log more: -v info, -vv debug")
     add("--check-config", action="store_true",
-        help="validate the configuration, print it and exit (0 = valid, 1 = invalid)")
+        help="validate the configuration, print it and exit (0 = valid, 78 = invalid)")
     add("--version", action="version", version=f"lanchatd {__version__}")
 
 

@@ -139,6 +139,12 @@ class Daemon:
                 self.router.set_nick(new.nick)
             except LanchatError as exc:
                 log.warning("config: cannot change nick to %r: %s", new.nick, exc)
+        if "peers" in changes.apply and self.links is not None:
+            self.links.set_static_peers([config.parse_peer(p) for p in new.peers])
+        if "max_age_days" in changes.apply or "max_messages" in changes.apply:
+            # Read by the next retention pass on the router thread.
+            self.store.max_age_days = new.max_age_days
+            self.store.max_messages = new.max_messages
         self.cfg = new
         log.info("configuration reloaded")
 

@@ -471,6 +471,21 @@ class LinkManager:
         for host, port in self._static:
             self._dial([host], port, None, static=True)
 
+    def set_static_peers(self, peers: Sequence[tuple[str, int]]) -> None:
+        """A reload changed ``peers``: dial the new ones, stop dialing the removed ones."""
+        with self._lock:
+            removed = [p for p in self._static if p not in peers]
+            added = [p for p in peers if p not in self._static]
+            self._static = list(peers)
+            stopping = [self._dialers.pop(f"{h}:{port}") for h, port in removed
+                        if f"{h}:{port}" in self._dialers]
+            for h, port in removed:
+                self._peers.pop(f"{h}:{port}", None)
+        for dialer in stopping:
+            dialer.close()
+        for host, port in added:
+            self._dial([host], port, None, static=True)
+
     def hello(self) -> linkproto.PeerHello:
         return linkproto.PeerHello(node=self.me.node, name=self.me.name, host=self.me.host,
                                    port=self.me.port)
