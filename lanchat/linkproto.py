@@ -16,6 +16,10 @@ A link is a TCP connection to the other daemon's hub port, speaking JSON lines
 3. Live messages follow as ``msgs`` frames too.  A receiver that gets a
    message beyond a gap (it missed something) answers ``sync {cursors}``, and
    the sender replays from there.  Duplicates are dropped by id.
+   When retention has pruned the start of an origin's history, the sender
+   first says ``floor {origin, seq}``: "nobody can get you messages 1..seq of
+   this origin from me"; the receiver moves its cursor there, and what
+   follows extends its prefix again.
 4. ``roster {…}`` carries a node's users (see :mod:`lanchat.presence`).
 5. ``ping``/``pong`` every ``HEARTBEAT_S``; a link silent for ``DEAD_AFTER_S``
    is dead.  ``bye {reason}`` ends a link on purpose.
@@ -133,6 +137,10 @@ def encode_sync(cursors: Mapping[str, int]) -> bytes:
     return dumps_line({"type": "sync", "cursors": dict(cursors)})
 
 
+def encode_floor(origin: str, seq: int) -> bytes:
+    return dumps_line({"type": "floor", "origin": origin, "seq": seq})
+
+
 def encode_ping() -> bytes:
     return dumps_line({"type": "ping"})
 
@@ -165,6 +173,12 @@ class Sync:
 
 
 @dataclass(frozen=True, slots=True)
+class Floor:
+    origin: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
 class Ping:
     pass
 
@@ -190,7 +204,7 @@ class Refused:
     message: str
 
 
-Frame = Msgs | Roster | Sync | Ping | Pong | Bye | Welcome | Refused
+Frame = Msgs | Roster | Sync | Floor | Ping | Pong | Bye | Welcome | Refused
 
 
 def parse_frame(line: bytes) -> Frame:
@@ -208,6 +222,10 @@ def parse_frame(line: bytes) -> Frame:
         return Roster(NodeRoster.from_dict(frame.get("roster")))
     if kind == "sync":
         return Sync(parse_cursors(frame.get("cursors")))
+    if kind == "floor":
+        cursor = parse_cursors({frame.get("origin"): frame.get("seq")})
+        ((origin, seq),) = cursor.items()
+        return Floor(origin, seq)
     if kind == "ping":
         return Ping()
     if kind == "pong":

@@ -65,6 +65,7 @@ class LinkRouter(Protocol):
                       wait: bool = True) -> tuple[list[Message], bool]: ...
     def apply_roster(self, roster: NodeRoster, *, source: Any) -> None: ...
     def cursors(self) -> dict[str, int]: ...
+    def skip_pruned(self, origin: str, seq: int) -> None: ...
 
 
 class History(Protocol):
@@ -175,6 +176,8 @@ class Link:
                         self._synced = True
                         self._resync = True
                         self._cond.notify()
+                elif isinstance(frame, linkproto.Floor):
+                    router.skip_pruned(frame.origin, frame.seq)
                 elif isinstance(frame, linkproto.Ping):
                     self._queue_control(linkproto.encode_pong())
                 elif isinstance(frame, linkproto.Bye):
@@ -261,6 +264,8 @@ class Link:
                 batch = self.manager.history.after(origin, sent, linkproto.MAX_BATCH)
                 if not batch:
                     break
+                if batch[0].seq > sent + 1:  # retention pruned what it lacks
+                    self.sock.sendall(linkproto.encode_floor(origin, batch[0].seq - 1))
                 self.sock.sendall(linkproto.encode_msgs(batch))
                 sent = batch[-1].seq
                 with self._cond:

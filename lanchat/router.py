@@ -81,6 +81,7 @@ class MessageStore(Protocol):
                 before: float | None = None, since: float | None = None) -> list[Message]: ...
     def prune(self, now: float) -> int: ...
     def cursors(self) -> dict[str, int]: ...
+    def advance(self, origin: str, seq: int, ts: float) -> bool: ...
 
 
 #: Called on the router thread once a publish is stored (message) or failed (error).
@@ -294,6 +295,25 @@ class Router:
         """A roster arrived over ``source``: take it if newer, show changes, pass it on."""
         with contextlib.suppress(ClosedError):
             self._inbox.put(_Call(lambda: self._do_apply_roster(roster, source)))
+
+    def skip_pruned(self, origin: str, seq: int) -> None:
+        """A peer has pruned ``origin``'s messages up to ``seq``: stop waiting for them.
+
+        Only moves a cursor that is below ``seq`` (see :meth:`Store.advance`).
+        """
+        with contextlib.suppress(ClosedError):
+            self._inbox.put(_Call(lambda: self._do_skip(origin, seq)))
+
+    def _do_skip(self, origin: str, seq: int) -> None:
+        if origin == self.node or self._cursors.get(origin, 0) >= seq:
+            return  # never skip our own messages, never move back
+        try:
+            if self._store.advance(origin, seq, self._clock()):
+                self._cursors[origin] = seq
+                log.info("history of %s before #%d was pruned everywhere we can reach; "
+                         "continuing after it", origin, seq + 1)
+        except StoreError as exc:
+            log.error("cannot advance the cursor of %s: %s", origin, exc)
 
     def cursors(self) -> dict[str, int]:
         """origin -> highest seq held (what a peer needs to know to fill our gaps)."""

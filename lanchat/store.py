@@ -377,6 +377,24 @@ class Store:
                 stored.append(m)
         return stored
 
+    def advance(self, origin: str, seq: int, ts: float) -> bool:
+        """Move ``origin``'s cursor up to ``seq`` without storing messages 1..seq.
+
+        For history that no longer exists anywhere we can get it from: a peer
+        whose retention pruned an origin's first messages says so, and the
+        messages after that floor then extend our prefix.  Never moves a
+        cursor down.  Returns True if it moved.  Writer thread only.
+        """
+        with self._writing("write") as conn:
+            row = conn.execute("SELECT seq FROM high WHERE origin = ?", (origin,)).fetchone()
+            if row is not None and row[0] >= seq:
+                return False
+            conn.execute(
+                "INSERT INTO high (origin, seq, ts) VALUES (?, ?, ?) ON CONFLICT (origin) "
+                "DO UPDATE SET seq = max(seq, excluded.seq), ts = max(ts, excluded.ts)",
+                (origin, seq, ts))
+        return True
+
     def history(self, *, room: str | None = None, limit: int = 50,
                 before: float | None = None, since: float | None = None) -> list[Message]:
         """A page of history, oldest first, ordered by (ts, origin, seq).
