@@ -13,6 +13,7 @@ count and time.  See bench/README.md for what each scenario measures.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -204,27 +205,48 @@ def sc_cli(srv: servers.Server, a: argparse.Namespace) -> Result:
             "tail_live_send_to_print_ms": round(live_ms, 1) if live_ms else None}
 
 
-def _sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, timeout=20)
+#: The port both daemons of the discovery scenario listen on, as a packaged daemon does.
+DISCOVERY_PORT = 7654
 
 
-def _peers(sock: str) -> list[dict[str, Any]]:
-    p = subprocess.run([sys.executable, "-m", "lanchat", "--socket", sock, "peers", "--json"],
-                       capture_output=True, timeout=10, env=servers._env(), check=False)
-    try:
-        val = json.loads(p.stdout or b"[]")
-    except ValueError:
-        return []
-    return val if isinstance(val, list) else []
+def _ns_peers(host: Any, sock: str) -> subprocess.Popen[bytes]:
+    """Start ``lanchat --socket SOCK peers --json`` inside ``host``'s namespace."""
+    return subprocess.Popen(["ip", "netns", "exec", host.ns, sys.executable, "-m", "lanchat",
+                             "--socket", sock, "peers", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            env=servers._env())
 
 
-def _linked(sock: str) -> bool:
-    return any(isinstance(x, dict) and x.get("state") == "linked" for x in _peers(sock))
+def _linked_states(polls: list[subprocess.Popen[bytes]]) -> list[bool]:
+    """Wait for the ``peers --json`` polls; for each, whether some peer is ``linked``."""
+    out = []
+    for p in polls:
+        try:
+            raw, _ = p.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate(timeout=5)
+            raw = b""
+        try:
+            val = json.loads(raw or b"[]")
+        except ValueError:
+            val = []
+        out.append(isinstance(val, list) and any(
+            isinstance(x, dict) and x.get("state") == "linked" for x in val))
+    return out
 
 
 def sc_discovery(srv: servers.Server | None, a: argparse.Namespace) -> Result:
-    """Two daemons on a private bridge in network namespaces (DESIGN.md, "Testing on a real
-    network, safely"): mDNS never touches this machine's own interfaces."""
+    """Two daemons on a private LAN of network namespaces (tests/netns.py; DESIGN.md, "Testing
+    on a real network, safely"): mDNS never touches this machine's own interfaces.
+
+    ``linked_s``: from starting the second daemon (process start-up included) until both list
+    the other as ``linked`` (control socket polled every 20 ms); ``linked_cli_s``: until
+    ``lanchat peers --json``, run inside each namespace, agrees.  ``lost_s``: from SIGKILLing
+    the second daemon until the first no longer lists a linked peer.  Then a third daemon
+    links (``linked_third_s``) and its cable is pulled: ``lost_unplugged_s`` is how long the
+    first takes to notice a peer whose kernel never closes the connection (heartbeat).
+    """
     daemon = servers.REPO / "lanchat" / "daemon.py"
     disc = servers.REPO / "lanchat" / "discovery.py"
     if not (daemon.exists() and disc.exists() and servers.lanchat_cli_available()):
@@ -232,77 +254,97 @@ def sc_discovery(srv: servers.Server | None, a: argparse.Namespace) -> Result:
                 "why": "not available yet: needs lanchat/daemon.py, discovery.py and the CLI"}
     if os.geteuid() != 0 or shutil.which("ip") is None:
         return {"available": False, "why": "needs root and iproute2 for network namespaces"}
-    tag = f"lcb{os.getpid() % 100000}"
-    sw, hosts = f"{tag}s", [f"{tag}h1", f"{tag}h2"]
-    tmp = tempfile.mkdtemp(prefix="lcd", dir="/tmp")
-    procs: list[subprocess.Popen[bytes]] = []
-    made: list[str] = []
-    try:
-        _sh("ip", "netns", "add", sw)
-        made.append(sw)
-        _sh("ip", "netns", "exec", sw, "ip", "link", "add", "br0", "type", "bridge")
-        _sh("ip", "netns", "exec", sw, "ip", "link", "set", "br0", "up")
-        for i, h in enumerate(hosts, 1):
-            _sh("ip", "netns", "add", h)
-            made.append(h)
-            veth = f"{tag}v{i}"[-15:]
-            _sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", h)
-            _sh("ip", "link", "set", veth, "netns", sw)
-            _sh("ip", "netns", "exec", sw, "ip", "link", "set", veth, "master", "br0", "up")
-            _sh("ip", "netns", "exec", h, "ip", "addr", "add", f"10.77.0.{i}/24", "dev", "eth0")
-            _sh("ip", "netns", "exec", h, "ip", "link", "set", "eth0", "up")
-            _sh("ip", "netns", "exec", h, "ip", "link", "set", "lo", "up")
-        socks = [os.path.join(tmp, f"h{i}.sock") for i in (1, 2)]
+    sys.path.insert(0, str(servers.REPO / "tests"))
+    # tests/netns.py: builds the namespaces and always tears them down (and our processes)
+    netns: Any = importlib.import_module("netns")
 
-        def launch(i: int) -> subprocess.Popen[bytes]:
-            d = os.path.join(tmp, f"s{i}")
-            os.makedirs(d, exist_ok=True)
-            p = subprocess.Popen(
-                ["ip", "netns", "exec", hosts[i], sys.executable, "-c",
-                 "import sys; from lanchat.daemon import main; sys.exit(main())",
-                 "--port", "0", "--nick", f"h{i + 1}", "--state-dir", d, "--socket", socks[i]],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=servers._env())
-            procs.append(p)
-            return p
+    env = servers._env()
+    env.pop("NOTIFY_SOCKET", None)
+    rounds: list[float] = []
+    sys.path.insert(0, str(servers.REPO))
+    client: Any = importlib.import_module("lanchat.client")
+    errors: Any = importlib.import_module("lanchat.errors")
 
-        launch(0)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not os.path.exists(socks[0]):
-            time.sleep(0.05)
-        time.sleep(1.0)  # first daemon settled and advertising
+    def rpc_linked(sock: str) -> bool:
+        """Whether the daemon at ``sock`` lists a linked peer (control socket: a Unix socket,
+        reached through the file system, no network traffic)."""
+        try:
+            with client.ControlClient(sock, timeout=5.0) as c:
+                peers = c.call("peers")
+        except (OSError, errors.LanchatError):
+            return False
+        return isinstance(peers, list) and any(
+            isinstance(x, dict) and x.get("state") == "linked" for x in peers)
+
+    def poll_until(want_linked: bool, pairs: list[tuple[Any, str]],
+                   limit_s: float) -> tuple[float, float] | None:
+        """Seconds from now until every (host, socket) shows a linked peer (or, with
+        ``want_linked`` false, none), as (fine, cli): ``fine`` polls the control socket every
+        20 ms; ``cli`` is the end of the first ``lanchat peers --json`` round, run inside each
+        namespace, that agrees (up to one CLI start-up later).  None if not within limit_s."""
         t = time.monotonic()
-        second = launch(1)
-        linked_s = None
-        while time.monotonic() - t < 30:
-            if os.path.exists(socks[1]) and _linked(socks[0]) and _linked(socks[1]):
-                linked_s = time.monotonic() - t
-                break
+        fine = None
+        while time.monotonic() - t < limit_s:
+            if fine is None:
+                if all(rpc_linked(s) == want_linked for _h, s in pairs):
+                    fine = time.monotonic() - t
+                else:
+                    time.sleep(0.02)
+                    continue
+            r0 = time.monotonic()
+            ok = _linked_states([_ns_peers(h, s) for h, s in pairs])
+            r1 = time.monotonic()
+            rounds.append(r1 - r0)
+            if all(x == want_linked for x in ok):
+                return fine, r1 - t
+            time.sleep(0.02)
+        return None
+
+    with netns.Lan("lcb") as lan:
+        hosts = [lan.add_host(), lan.add_host(), lan.add_host()]
+        socks = [str(lan.tmpdir / f"h{i}.sock") for i in (1, 2, 3)]
+
+        def launch(i: int) -> Any:
+            d = lan.tmpdir / f"s{i}"
+            d.mkdir(exist_ok=True)
+            return hosts[i].run(
+                [sys.executable, "-m", "lanchat.daemon", "--port", str(DISCOVERY_PORT),
+                 "--bind", "0.0.0.0", "--state-dir", str(d), "--socket", socks[i],
+                 "--nick", f"h{i + 1}", "--max-rate", "0"], env=env, cwd=str(d))
+
+        first = launch(0)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not (
+                os.path.exists(socks[0]) and "listening on" in first.err_text()):
+            if first.poll() is not None:
+                return {"available": False, "why": first.err_text()[-500:]}
             time.sleep(0.05)
-        lost_s = None
-        if linked_s is not None:
-            second.kill()  # SIGKILL: no goodbye, no FIN from a clean close of the daemon
-            t = time.monotonic()
-            while time.monotonic() - t < 60:
-                if not _linked(socks[0]):
-                    lost_s = time.monotonic() - t
-                    break
-                time.sleep(0.1)
-        return {"available": True,
-                "linked_s": round(linked_s, 3) if linked_s is not None else None,
-                "lost_s": round(lost_s, 3) if lost_s is not None else None}
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(5)
-        for ns in reversed(made):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20,
-                           check=False)
-        shutil.rmtree(tmp, ignore_errors=True)
+        time.sleep(1.0)  # the first daemon settled and advertising
+        out: Result = {"available": True}
+        second = launch(1)
+        linked = poll_until(True, [(hosts[0], socks[0]), (hosts[1], socks[1])], 30)
+        out["linked_s"] = round(linked[0], 3) if linked else None
+        out["linked_cli_s"] = round(linked[1], 3) if linked else None
+        if linked:
+            second.kill()  # SIGKILL; `ip netns exec` exec'd the daemon: this pid is lanchatd
+            second.wait(10)
+            lost = poll_until(False, [(hosts[0], socks[0])], 30)
+            out["lost_s"] = round(lost[0], 3) if lost else None
+            out["lost_cli_s"] = round(lost[1], 3) if lost else None
+            # A host that vanishes without its kernel closing the connection (cable pulled,
+            # power cut): only the link's heartbeat can notice it.
+            launch(2)
+            relinked = poll_until(True, [(hosts[0], socks[0]), (hosts[2], socks[2])], 30)
+            out["linked_third_s"] = round(relinked[0], 3) if relinked else None
+            if relinked:
+                lan.set_link(hosts[2], netns.DEFAULT_SUBNET, up=False)
+                gone = poll_until(False, [(hosts[0], socks[0])], 60)
+                out["lost_unplugged_s"] = round(gone[0], 3) if gone else None
+                out["lost_unplugged_cli_s"] = round(gone[1], 3) if gone else None
+        out["poll_round_s"] = round(statistics.median(rounds), 3) if rounds else None
+        if None in out.values():
+            out["log_tail"] = first.err_text().splitlines()[-10:]
+        return out
 
 
 SCENARIOS: dict[str, Callable[..., Result]] = {
