@@ -28,6 +28,7 @@ from lanchat import __version__, config, sdnotify
 from lanchat.control import AlreadyRunning, ControlServer
 from lanchat.errors import ConfigError, LanchatError
 from lanchat.hub import Hub
+from lanchat.limits import LINE_TIMEOUT_S, NICK_TIMEOUT_S
 from lanchat.links import Identity, LinkManager
 from lanchat.logsetup import set_level, setup_logging
 from lanchat.model import Draft, Message, User
@@ -82,7 +83,11 @@ class Daemon:
                                          group=self.cfg.socket_group)
             self.control.start()
             self.hub = Hub(self.router, name=self.cfg.name, bind=self.cfg.bind,
-                           port=self.cfg.port, udp=self.cfg.udp)
+                           port=self.cfg.port, udp=self.cfg.udp, max_rate=self.cfg.max_rate,
+                           max_connections=self.cfg.max_connections,
+                           max_connections_per_ip=self.cfg.max_connections_per_ip,
+                           line_timeout=_env_seconds("LANCHAT_LINE_TIMEOUT_S", LINE_TIMEOUT_S),
+                           nick_timeout=_env_seconds("LANCHAT_NICK_TIMEOUT_S", NICK_TIMEOUT_S))
             self.links = LinkManager(
                 self.router, self.store,
                 Identity(node=self.node, name=self.cfg.name, host=self.hostname,
@@ -134,6 +139,8 @@ class Daemon:
             log.warning("config: %s changed; restart lanchatd to apply it", key)
         if "log_level" in changes.apply:
             set_level(new.log_level)
+        if "max_rate" in changes.apply and self.hub is not None:
+            self.hub.set_max_rate(new.max_rate)
         if "nick" in changes.apply:
             try:
                 self.router.set_nick(new.nick)
@@ -194,6 +201,19 @@ class Daemon:
 
     def set_nick(self, nick: str) -> str:
         return self.router.set_nick(nick)
+
+
+def _env_seconds(var: str, default: float) -> float:
+    """An internal knob for tests, not configuration: ``$LANCHAT_LINE_TIMEOUT_S`` and
+    ``$LANCHAT_NICK_TIMEOUT_S`` shorten the hub's reader deadlines so that a test can
+    watch a slow-loris client or a silent nickname prompt being dropped without
+    waiting minutes.  Not a config key and not in the man pages; a bad value is ignored.
+    """
+    try:
+        value = float(os.environ[var])
+    except (KeyError, ValueError):
+        return default
+    return value if 0 < value < float("inf") else default
 
 
 def _raise_fd_limit() -> None:

@@ -14,7 +14,18 @@ one :class:`_Session` class whatever the transport.
 Threads: ``hub-accept`` (accepts TCP connections), one ``hub-c<N>`` per
 connection (reads and handles its commands), the outboxes' writers, and
 ``hub-udp`` (receives datagrams, expires idle UDP clients).  The hub's lock
-guards only its set of connections; no lock is held during socket I/O.
+guards only its set of connections and their counts; no lock is held during
+socket I/O.
+
+Limits (values and reasons in :mod:`lanchat.limits`): every connection has a
+:class:`~lanchat.ratelimit.ConnectionLimiter` (``max_rate`` messages per
+second, a generous fixed rate for other commands, a flooder is disconnected);
+TCP connections are counted in total and per source address, and daemon links
+apart from both, so a flood of clients cannot lock out peers.  A connection
+over a client limit gets LINK_HELLO_GRACE_S to say it is a daemon, then one
+line saying which limit it hit.  The reader drops a connection holding an
+unfinished line for LINE_TIMEOUT_S (slow loris) by polling with that deadline
+before its next ``recv``: no timer threads.  TCP keepalive reaps dead peers.
 """
 
 from __future__ import annotations
@@ -52,16 +63,29 @@ from lanchat.errors import (
     ValidationError,
 )
 from lanchat.events import Event
-from lanchat.framing import LineDecoder, decode_utf8
+from lanchat.framing import LineDecoder, decode_utf8, dumps_line
 from lanchat.limits import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_IP,
+    DEFAULT_MAX_RATE,
+    FLOOD_FACTOR,
+    KEEPALIVE_COUNT,
+    KEEPALIVE_IDLE_S,
+    KEEPALIVE_INTERVAL_S,
+    LINE_TIMEOUT_S,
+    LINK_HELLO_GRACE_S,
+    MAX_DAEMON_LINKS,
     MAX_DATAGRAM_BYTES,
     MAX_FRAME_BYTES,
     MAX_NICK_ATTEMPTS,
+    MAX_PENDING_OVER_LIMIT,
     MAX_UDP_CLIENTS,
+    MAX_UDP_CLIENTS_PER_IP,
     NICK_TIMEOUT_S,
     UDP_IDLE_TIMEOUT_S,
 )
 from lanchat.model import DEFAULT_ROOM, Draft, Message, User
+from lanchat.ratelimit import ConnectionLimiter, Verdict
 from lanchat.stream import RECV_BYTES, Outbox
 
 log = logging.getLogger(__name__)
@@ -115,6 +139,29 @@ def _host_of(address: tuple[Any, ...]) -> str:
     return str(address[0])
 
 
+class _Flooding(Exception):
+    """A client kept sending far past its limit; the text says which limit."""
+
+    code = "flooding"
+
+
+class _TimedOut(Exception):
+    """A reader deadline passed (nickname prompt, unfinished line); the text says which."""
+
+    code = "timeout"
+
+
+def _tune(sock: socket.socket) -> None:
+    """Low latency, and keepalive so a vanished peer is reaped (chat clients may idle for hours)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    # The knobs are Linux's; elsewhere the system's (hours-long) defaults apply.
+    with contextlib.suppress(AttributeError, OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+
+
 class _Session:
     """A hub user, whatever the transport: handles its commands, receives its events.
 
@@ -133,6 +180,7 @@ class _Session:
         self.mode = "text"
         self.nick: str | None = None
         self.room = DEFAULT_ROOM
+        self._limiter: ConnectionLimiter | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.label} {self.nick or '?'}>"
@@ -176,6 +224,65 @@ class _Session:
                                            nick=self.nick, room=self.room, users=users))
         else:
             self._send(textmode.welcome(self.nick, self.room, self._others(users)))
+
+    # limits --------------------------------------------------------------------------
+
+    def admit(self, command: Command, now: float) -> bool:
+        """Apply the flood limits to ``command``: True means carry it out.
+
+        A dropped message or command is answered (see :meth:`_limited`); a
+        client flooding far past its limit raises :class:`_Flooding`.  Quit is
+        never limited.
+        """
+        if isinstance(command, Quit):
+            return True
+        if isinstance(command, Say):
+            return self.admit_message(now, command.ref)
+        return self.admit_command(now)
+
+    def _limits(self) -> ConnectionLimiter:
+        limiter = self._limiter
+        if limiter is None or limiter.rate != self.hub.max_rate:  # new, or max_rate reloaded
+            limiter = self._limiter = ConnectionLimiter(self.hub.max_rate)
+        return limiter
+
+    def admit_message(self, now: float, ref: Any = None) -> bool:
+        limiter = self._limits()
+        if limiter.rate == 0:  # --max-rate 0: the benchmarks' fast path
+            return True
+        verdict = limiter.message(now)
+        if verdict is Verdict.OK:
+            return True
+        rate = limiter.rate
+        if verdict is Verdict.KICK:
+            raise _Flooding(f"flooding: more than {rate * FLOOD_FACTOR:g} messages per second")
+        self._limited(verdict, "rate-limited",
+                      f"rate limit: at most {rate:g} messages per second; message dropped", ref)
+        return False
+
+    def admit_command(self, now: float) -> bool:
+        limiter = self._limits()
+        verdict = limiter.command(now)
+        if verdict is Verdict.OK:
+            return True
+        rate = limiter.command_rate
+        if verdict is Verdict.KICK:
+            raise _Flooding(f"flooding: more than {rate * FLOOD_FACTOR:g} commands per second")
+        self._limited(verdict, "rate-limited",
+                      f"rate limit: at most {rate:g} commands per second; command ignored", None)
+        return False
+
+    def _limited(self, verdict: Verdict, code: str, text: str, ref: Any) -> None:
+        # A JSON client hears about every dropped frame (with its ref, so it knows
+        # which); a person gets one line a second, not one per dropped line.
+        if self.mode == "json":
+            frame: dict[str, Any] = {"type": "error", "code": code, "message": text,
+                                     "fatal": False}
+            if ref is not None:
+                frame["ref"] = ref
+            self._send(dumps_line(frame))
+        elif verdict is Verdict.NOTIFY:
+            self._send(textmode.error(text))
 
     # commands ------------------------------------------------------------------------
 
@@ -280,7 +387,13 @@ class _Session:
 
 
 class _TcpSession(_Session):
-    """A TCP client: one reader thread (:meth:`run`) and an outbox."""
+    """A TCP client: one reader thread (:meth:`run`) and an outbox.
+
+    ``kind`` is how the hub counts it (guarded by the hub's lock): ``"client"``,
+    ``"pending"`` (over a client limit: it may only be a daemon, and is told
+    ``refusal`` otherwise), ``"link"`` once handed to the link acceptor, and
+    ``None`` once forgotten.
+    """
 
     def __init__(self, hub: Hub, sock: socket.socket, address: tuple[Any, ...],
                  number: int) -> None:
@@ -292,7 +405,10 @@ class _TcpSession(_Session):
         self.thread = threading.Thread(target=self.run, name=f"hub-c{number}", daemon=False)
         self._leave_reason = "connection closed"
         self._protocol_errors = 0
-        self._deadline: float | None = None
+        self._deadline: float | None = None  # the nickname prompt's (or a pending hello's)
+        self._deadline_why = ""
+        self.kind: str | None = None
+        self.refusal: tuple[str, str] | None = None  # (code, text) for a "pending" connection
 
     def _send(self, data: bytes) -> bool:
         if self.outbox.put(data):
@@ -320,7 +436,15 @@ class _TcpSession(_Session):
 
     def run(self) -> None:
         try:
-            self._serve()
+            if self.kind == "pending":
+                self._serve_pending()
+            else:
+                self._serve()
+        except (_Flooding, _TimedOut) as exc:
+            self._leave_reason = "flooding" if isinstance(exc, _Flooding) else "timed out"
+            log.info("%r: %s; dropping the connection", self, exc)
+            self.outbox.close_with(self._fatal_bytes(exc.code, str(exc)), str(exc),
+                                   keep_queued=True)
         except FrameTooLong as exc:
             self._leave_reason = "line too long"
             self.outbox.close_with(self._fatal_bytes("frame-too-long", str(exc)), str(exc),
@@ -346,33 +470,77 @@ class _TcpSession(_Session):
     def _chunks(self) -> Any:
         """Yield the frames of each ``recv`` as one list (so a burst is handled as one).
 
-        While ``self._deadline`` (monotonic) is set -- the nickname prompt --
-        raise TimeoutError when it passes before the next frame.
+        Raises :class:`_TimedOut` when ``self._deadline`` (monotonic; the
+        nickname prompt) passes before the next frame, or when an unfinished
+        line has been held for the hub's line timeout (slow loris).  Only then
+        does the reader poll before ``recv``: the common case is one syscall.
         """
         poller = select.poll()
         poller.register(self.sock, select.POLLIN)
+        decoder = self.decoder
+        line_timeout = self.hub.line_timeout
+        line_due: float | None = None  # when the unfinished line in the decoder runs out
         while True:
-            if self._deadline is not None:
-                remaining = self._deadline - time.monotonic()
+            due, why = self._deadline, self._deadline_why
+            if line_due is not None and (due is None or line_due < due):
+                due, why = line_due, f"line not finished within {line_timeout:g} s"
+            if due is not None:
+                remaining = due - time.monotonic()
                 if remaining <= 0 or not poller.poll(remaining * 1000):
-                    raise TimeoutError("no nickname chosen in time")
+                    raise _TimedOut(why)
             data = self.sock.recv(RECV_BYTES)
             if not data:
-                pending = self.decoder.eof()
+                pending = decoder.eof()
                 if pending:
                     log.debug("%r: dropped %d bytes of an unfinished line", self, len(pending))
                 return
-            frames = self.decoder.feed(data)
+            frames = decoder.feed(data)
+            if decoder.pending:
+                if frames or line_due is None:  # a new unfinished line began in this data
+                    line_due = time.monotonic() + line_timeout
+            else:
+                line_due = None
             if frames:
                 yield frames
 
+    def _serve_pending(self) -> None:
+        """Over a client limit: serve a daemon's link, refuse anyone else with one line."""
+        assert self.refusal is not None
+        code, text = self.refusal
+        self._deadline = time.monotonic() + LINK_HELLO_GRACE_S
+        self._deadline_why = "no hello"
+        chunks = self._chunks()
+        try:
+            chunk = next(chunks, None)
+        except _TimedOut:
+            chunk = None
+        first = chunk[0] if chunk else b""
+        if first.lstrip().startswith(b"{"):
+            try:
+                role = wire.parse_hello(first).role
+            except (RemoteProtocolError, ValidationError):
+                role = None
+            if role == "daemon":
+                self.mode = "json"
+                self._deadline = None
+                assert chunk is not None
+                self._serve_json(first, chunk[1:], chunks)
+                return
+            final = wire.encode_error(code, text, fatal=True)
+        else:
+            final = textmode.error(text)
+        log.info("%r: refused: %s", self, text)
+        self.outbox.close_with(final, "refused")
+
     def _serve(self) -> None:
         self._send(textmode.greeting(self.hub.name))
-        self._deadline = time.monotonic() + NICK_TIMEOUT_S
+        self._deadline = time.monotonic() + self.hub.nick_timeout
+        self._deadline_why = f"no nickname chosen within {self.hub.nick_timeout:g} s"
         chunks = self._chunks()
         attempts = 0
         first = True
         for chunk in chunks:
+            now = time.monotonic()
             for i, frame in enumerate(chunk):
                 rest = itertools.chain([chunk[i + 1:]], chunks)  # what came after this frame
                 if first and frame.lstrip().startswith(b"{"):
@@ -381,6 +549,8 @@ class _TcpSession(_Session):
                     self._serve_json(frame, chunk[i + 1:], chunks)
                     return
                 first = False
+                if not self.admit_command(now):  # answers to the prompt are commands too
+                    continue
                 try:
                     nick = decode_utf8(frame).strip()
                 except RemoteProtocolError:
@@ -401,11 +571,12 @@ class _TcpSession(_Session):
 
     def _serve_text(self, chunks: Any) -> None:
         for chunk in chunks:
+            now = time.monotonic()
             says: list[Say] = []
             for frame in chunk:
                 try:
                     command = textmode.parse_line(decode_utf8(frame))
-                    if command is None:
+                    if command is None or not self.admit(command, now):
                         continue
                     if isinstance(command, Say):
                         says.append(command)  # published together: one router operation
@@ -435,6 +606,11 @@ class _TcpSession(_Session):
                     wire.encode_error("no-links", "this hub does not accept daemon links",
                                       fatal=True), "no links")
                 return
+            if not self.hub._become_link(self):
+                self.outbox.close_with(wire.encode_error(
+                    "too-many-links", f"too many daemon links (limit {MAX_DAEMON_LINKS})",
+                    fatal=True), "too many links")
+                return
             acceptor.accept_link(self.sock, self.address, hello, self.decoder, pending)
             return
         if hello.room is not None:
@@ -451,6 +627,8 @@ class _TcpSession(_Session):
         for frame in itertools.chain(pending, itertools.chain.from_iterable(chunks)):
             try:
                 command = wire.parse_command(frame)
+                if not self.admit(command, time.monotonic()):
+                    continue
                 if not self.handle(command):
                     self._leave_reason = command.reason if isinstance(command, Quit) else "quit"
                     self.outbox.close_with(wire.encode_bye("goodbye"), "quit", keep_queued=True)
@@ -497,6 +675,7 @@ class _UdpEndpoint:
         self.hub = hub
         self.sock = sock
         self.clients: dict[tuple[Any, ...], _UdpSession] = {}  # UDP thread only
+        self._per_ip: dict[str, int] = {}  # UDP thread only: registered clients per host
         self.thread = threading.Thread(target=self.run, name="hub-udp", daemon=False)
         self._closing = False
 
@@ -540,8 +719,7 @@ class _UdpEndpoint:
         for address, session in list(self.clients.items()):
             due = session.last_seen + UDP_IDLE_TIMEOUT_S
             if due <= now:
-                del self.clients[address]
-                self.hub.backend.leave(session, "timed out")
+                self._forget(address, "timed out")
                 self.send(textmode.notice("you were silent too long and have been forgotten"),
                           address)
             elif next_due is None or due < next_due:
@@ -561,30 +739,54 @@ class _UdpEndpoint:
         if session is None:
             self._register(lines[0].strip(), address)
             return
-        session.last_seen = time.monotonic()
+        now = session.last_seen = time.monotonic()
         for text in lines:
             try:
                 command = textmode.parse_line(text)
                 if command is None:
                     continue  # an empty datagram is a keepalive
+                if not session.admit(command, now):
+                    continue
                 if not session.handle(command):
-                    del self.clients[address]
-                    self.hub.backend.leave(session, "quit")
+                    self._forget(address, "quit")
                     session.notice("Bye!")
                     return
             except (ValidationError, RemoteProtocolError) as exc:
                 session.error(exc.code, str(exc))
+            except _Flooding as exc:
+                log.info("%r: %s; forgetting it", session, exc)
+                self._forget(address, "flooding")
+                self.send(textmode.error(f"{exc} -- disconnecting"), address)
+                return
 
     def _register(self, nick: str, address: tuple[Any, ...]) -> None:
         if not nick or nick.startswith("/"):
             self.send(textmode.greeting(self.hub.name), address)
             return
         if len(self.clients) >= MAX_UDP_CLIENTS:
-            self.send(textmode.error("too many UDP clients; try TCP"), address)
+            self.send(textmode.error(f"too many UDP clients (limit {MAX_UDP_CLIENTS}); try TCP"),
+                      address)
+            return
+        host = _host_of(address)
+        if self._per_ip.get(host, 0) >= MAX_UDP_CLIENTS_PER_IP:
+            self.send(textmode.error("too many UDP clients from your address "
+                                     f"(limit {MAX_UDP_CLIENTS_PER_IP})"), address)
             return
         session = _UdpSession(self.hub, self, address)
         if session.try_join(nick):
             self.clients[address] = session
+            self._per_ip[host] = self._per_ip.get(host, 0) + 1
+
+    def _forget(self, address: tuple[Any, ...], reason: str) -> None:
+        """Unregister the client at ``address`` and tell the router it left."""
+        session = self.clients.pop(address)
+        host = _host_of(address)
+        left = self._per_ip.get(host, 1) - 1
+        if left > 0:
+            self._per_ip[host] = left
+        else:
+            self._per_ip.pop(host, None)
+        self.hub.backend.leave(session, reason)
 
     def close(self) -> None:
         self._closing = True
@@ -600,17 +802,41 @@ class Hub:
     endpoint binds the same port number.  ``link_acceptor`` receives
     connections that introduce themselves as daemons.  :meth:`close` says
     goodbye to every client, joins every thread, and is idempotent.
+
+    Limits: ``max_rate`` messages per second per connection (0 = unlimited;
+    :meth:`set_max_rate` changes it for every connection, e.g. on SIGHUP),
+    ``max_connections`` chat clients over TCP, ``max_connections_per_ip`` of
+    them from one address (0 = unlimited); ``line_timeout`` and
+    ``nick_timeout`` are the reader's deadlines (seconds).
     """
 
     def __init__(self, backend: HubBackend, *, name: str, bind: str = "0.0.0.0",
                  port: int = 0, udp: bool = True,
-                 link_acceptor: LinkAcceptor | None = None) -> None:
+                 link_acceptor: LinkAcceptor | None = None,
+                 max_rate: float = DEFAULT_MAX_RATE,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP,
+                 line_timeout: float = LINE_TIMEOUT_S,
+                 nick_timeout: float = NICK_TIMEOUT_S) -> None:
+        if max_rate < 0 or max_connections < 1 or max_connections_per_ip < 0:
+            raise ValueError("max_rate and max_connections_per_ip must be >= 0, "
+                             "max_connections >= 1")
         self.backend = backend
         self.name = name
         self.link_acceptor = link_acceptor
-        self._lock = threading.Lock()  # guards: _sessions, _closed
+        self.max_rate = float(max_rate)  # read by every reader; a float store is atomic
+        self.max_connections = max_connections
+        self.max_connections_per_ip = max_connections_per_ip
+        self.line_timeout = line_timeout
+        self.nick_timeout = nick_timeout
+        # guards: _sessions, _closed, the counts below and each session's ``kind``
+        self._lock = threading.Lock()
         self._sessions: set[_TcpSession] = set()
         self._closed = False
+        self._clients = 0                   # sessions of kind "client"
+        self._per_ip: dict[str, int] = {}   # "client" sessions per source address
+        self._pending = 0                   # sessions of kind "pending"
+        self._links = 0                     # sessions of kind "link"
         self._counter = itertools.count(1)
         family = socket.AF_INET6 if ":" in bind else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
@@ -644,6 +870,12 @@ class Hub:
         with self._lock:
             return len(self._sessions)
 
+    def set_max_rate(self, rate: float) -> None:
+        """Change the per-connection message rate (0 = unlimited) for every connection."""
+        if rate < 0:
+            raise ValueError("max_rate must be >= 0")
+        self.max_rate = float(rate)
+
     def start(self) -> None:
         self._accept_thread.start()
         if self._udp is not None:
@@ -660,13 +892,24 @@ class Hub:
                     log.warning("cannot accept connections: %s; retrying", exc.strerror)
                     time.sleep(ACCEPT_BACKOFF_S)
                 continue
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                _tune(sock)
+            except OSError as exc:  # reset before we got to it
+                log.debug("accepted %s but could not set it up: %s", address, exc)
+                sock.close()
+                continue
             session = _TcpSession(self, sock, address, next(self._counter))
             with self._lock:
                 if self._closed:
                     sock.close()
                     return
-                self._sessions.add(session)
+                refusal = self._count_in(session)
+                if session.kind is not None:
+                    self._sessions.add(session)
+            if session.kind is None:
+                assert refusal is not None
+                self._refuse_now(sock, address, refusal)
+                continue
             try:
                 session.thread.start()
             except RuntimeError as exc:  # can't start a new thread: refuse this one
@@ -674,9 +917,71 @@ class Hub:
                 self._forget(session)
                 sock.close()
 
+    def _count_in(self, session: _TcpSession) -> str | None:
+        """Under the lock: give a new connection its kind; the refusal text if over a limit.
+
+        Over a client limit it becomes "pending" (it may yet be a daemon) while
+        there is room for that; otherwise its kind stays None: refuse it now.
+        """
+        host = session.host
+        per_ip = self.max_connections_per_ip
+        if self._clients >= self.max_connections:
+            session.refusal = ("server-full",
+                               f"server full (limit {self.max_connections} connections)")
+        elif per_ip and self._per_ip.get(host, 0) >= per_ip:
+            session.refusal = ("too-many-connections",
+                               f"too many connections from your address (limit {per_ip})")
+        else:
+            session.kind = "client"
+            self._clients += 1
+            self._per_ip[host] = self._per_ip.get(host, 0) + 1
+            return None
+        if self._pending < MAX_PENDING_OVER_LIMIT and self._links < MAX_DAEMON_LINKS:
+            session.kind = "pending"
+            self._pending += 1
+        return session.refusal[1]
+
+    def _count_out(self, session: _TcpSession) -> None:
+        """Under the lock: undo :meth:`_count_in` (or :meth:`_become_link`)."""
+        if session.kind == "client":
+            self._clients -= 1
+            left = self._per_ip.get(session.host, 1) - 1
+            if left > 0:
+                self._per_ip[session.host] = left
+            else:
+                self._per_ip.pop(session.host, None)
+        elif session.kind == "pending":
+            self._pending -= 1
+        elif session.kind == "link":
+            self._links -= 1
+        session.kind = None
+
+    def _become_link(self, session: _TcpSession) -> bool:
+        """Count ``session`` as a daemon link instead of a client; False if links are full."""
+        with self._lock:
+            if session.kind == "link":
+                return True
+            if self._links >= MAX_DAEMON_LINKS:
+                return False
+            self._count_out(session)
+            session.kind = "link"
+            self._links += 1
+            return True
+
+    @staticmethod
+    def _refuse_now(sock: socket.socket, address: tuple[Any, ...], text: str) -> None:
+        """One line and close, without ever blocking the accept loop."""
+        log.info("refused a connection from %s: %s", address[0], text)
+        with contextlib.suppress(OSError):
+            sock.send(textmode.error(text), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+
     def _forget(self, session: _TcpSession) -> None:
         with self._lock:
-            self._sessions.discard(session)
+            if session in self._sessions:
+                self._sessions.discard(session)
+                self._count_out(session)
 
     def close(self, reason: str = "server shutting down") -> None:
         """Stop accepting, say goodbye to everyone, and join all threads."""

@@ -67,3 +67,77 @@ NICK_TIMEOUT_S = 120.0
 
 #: Attempts a text-mode client gets to choose a valid, free nickname.
 MAX_NICK_ATTEMPTS = 10
+
+# -- flood limits (the hub's per-connection rates; see lanchat.ratelimit) -------------
+
+#: Messages per second per hub connection unless ``max_rate`` / ``--max-rate`` says
+#: otherwise (0 = unlimited): faster than anyone types, too slow to drown a room.
+DEFAULT_MAX_RATE = 20.0
+
+#: A connection's message burst is MESSAGE_BURST_S seconds of its rate, and at least
+#: MIN_MESSAGE_BURST messages: a short paste goes through whole.
+MESSAGE_BURST_S = 2.0
+MIN_MESSAGE_BURST = 10
+
+#: Seconds between two "rate limit" notices to one client: it learns which limit it
+#: hit without the notices themselves becoming a flood.
+RATE_NOTICE_INTERVAL_S = 1.0
+
+#: A client that keeps sending more than FLOOD_FACTOR times its limit for about
+#: FLOOD_GRACE_S seconds (beyond its burst) is not typing: it is disconnected.
+FLOOD_FACTOR = 10.0
+FLOOD_GRACE_S = 5.0
+
+#: Commands other than messages (/users, /help, /nick, ping ...) per second per
+#: connection, and their burst.  Cheap, but each costs a reply: a ``/users`` flood
+#: must not burn the hub's CPU.  Generous, and not affected by ``max_rate``.
+COMMAND_RATE = 50.0
+COMMAND_BURST = 200.0
+
+#: Messages per second a daemon link may push at us, and its burst.  A link carries
+#: a whole network's traffic and replays backlogs, so the bound is generous; it
+#: throttles (stops reading) rather than drops, because links must lose nothing.
+LINK_MAX_RATE = 10_000.0
+LINK_BURST = 100_000.0
+
+# -- connection limits ------------------------------------------------------------------
+
+#: Hub connections (TCP chat clients) at once unless ``max_connections`` says
+#: otherwise: each costs a thread and a socket.
+DEFAULT_MAX_CONNECTIONS = 1024
+
+#: Hub connections from one source address unless ``max_connections_per_ip`` says
+#: otherwise (0 = unlimited): one host cannot take every slot.
+DEFAULT_MAX_CONNECTIONS_PER_IP = 64
+
+#: Daemon links accepted at once.  Counted apart from chat clients, so that a flood
+#: of clients cannot lock out peers; a LAN rarely has more daemons than this.
+MAX_DAEMON_LINKS = 64
+
+#: Connections over a client limit held at once while we wait to see whether they
+#: are daemons (which do not count as clients); any more are refused at once.
+MAX_PENDING_OVER_LIMIT = 16
+
+#: Seconds a connection over a client limit has to introduce itself as a daemon
+#: before it is refused: a dialing daemon sends its hello as soon as it connects.
+LINK_HELLO_GRACE_S = 1.0
+
+#: UDP clients from one source address: at most half of MAX_UDP_CLIENTS, so one
+#: host (or one spoofed address) cannot take every UDP slot.
+MAX_UDP_CLIENTS_PER_IP = MAX_UDP_CLIENTS // 2
+
+# -- timeouts ---------------------------------------------------------------------------
+
+#: Seconds a connection may hold an unfinished line (bytes without their newline)
+#: before it is dropped: a "slow loris" trickling a line that never ends would
+#: otherwise hold a thread and a buffer forever.  No one types for 30 s without
+#: Enter in ``nc`` -- a terminal sends the line only on Enter.
+LINE_TIMEOUT_S = 30.0
+
+#: There is no idle timeout for chat clients: people stay connected, silent, for
+#: hours.  Dead peers are reaped by TCP keepalive instead: a peer silent for
+#: KEEPALIVE_IDLE_S is probed every KEEPALIVE_INTERVAL_S, and dropped after
+#: KEEPALIVE_COUNT unanswered probes (about ten minutes in all).
+KEEPALIVE_IDLE_S = 300
+KEEPALIVE_INTERVAL_S = 60
+KEEPALIVE_COUNT = 5

@@ -38,8 +38,10 @@ from lanchat.commands import Hello
 from lanchat.errors import LanchatError, RemoteProtocolError, ValidationError
 from lanchat.events import Event
 from lanchat.framing import LineDecoder
+from lanchat.limits import LINK_BURST, LINK_MAX_RATE
 from lanchat.model import Message
 from lanchat.presence import NodeRoster
+from lanchat.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +166,15 @@ class Link:
         try:
             self._queue_control(linkproto.encode_sync(router.cursors()))
             self._sender.start()
+            # Generous, and a throttle rather than a filter: a link must lose nothing, so
+            # a peer past LINK_MAX_RATE is simply read more slowly (TCP pushes back).
+            throttle = TokenBucket(LINK_MAX_RATE, LINK_BURST)
             for frame in self._frames():
                 self.last_heard = time.time()
+                pause = throttle.consume(time.monotonic(), max(
+                    1, len(frame.messages) if isinstance(frame, linkproto.Msgs) else 1))
+                if pause > 0:
+                    time.sleep(pause)  # at most one frame's worth: MAX_BATCH * 4 / LINK_MAX_RATE
                 if isinstance(frame, linkproto.Msgs):
                     self._received(frame.messages)
                 elif isinstance(frame, linkproto.Roster):

@@ -1,0 +1,163 @@
+"""Token buckets and the per-connection flood policy built from them.
+
+Pure: the time is passed in (``now``, seconds on any monotonic clock), so the
+policy is tested without sleeping.  The hub owns one :class:`ConnectionLimiter`
+per client; daemon links use a bare :class:`TokenBucket` as a throttle.
+
+A :class:`TokenBucket` holds up to ``burst`` tokens and gains ``rate`` of them
+per second; an action costs one token.  Rate 0 means unlimited: every
+:meth:`~TokenBucket.take` succeeds and nothing is ever owed.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+
+from lanchat.limits import (
+    COMMAND_BURST,
+    COMMAND_RATE,
+    FLOOD_FACTOR,
+    FLOOD_GRACE_S,
+    MESSAGE_BURST_S,
+    MIN_MESSAGE_BURST,
+    RATE_NOTICE_INTERVAL_S,
+)
+
+
+def default_burst(rate: float) -> float:
+    """The burst that goes with ``rate``: a short paste, at least MIN_MESSAGE_BURST."""
+    return max(float(MIN_MESSAGE_BURST), MESSAGE_BURST_S * rate)
+
+
+class TokenBucket:
+    """``rate`` tokens per second, at most ``burst`` saved up; starts full.
+
+    Not thread-safe: each bucket belongs to one reader (one connection).
+    ``now`` must not go backwards; if it does, the bucket simply gains nothing.
+    """
+
+    __slots__ = ("_stamp", "_tokens", "burst", "rate")
+
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        if rate < 0 or math.isnan(rate):
+            raise ValueError("rate must be 0 (unlimited) or positive")
+        self.rate = float(rate)
+        self.burst = default_burst(rate) if burst is None else float(burst)
+        if self.burst < 1:
+            raise ValueError("burst must be at least 1")
+        self._tokens = self.burst
+        self._stamp: float | None = None
+
+    @property
+    def unlimited(self) -> bool:
+        return self.rate == 0
+
+    def _refill(self, now: float) -> None:
+        if self._stamp is not None and now > self._stamp:
+            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        if self._stamp is None or now > self._stamp:
+            self._stamp = now
+
+    def take(self, now: float, n: float = 1) -> bool:
+        """Spend ``n`` tokens if the bucket holds them; False (spending nothing) if not."""
+        if self.rate == 0:
+            return True
+        self._refill(now)
+        if self._tokens >= n:
+            self._tokens -= n
+            return True
+        return False
+
+    def wait_time(self, now: float, n: float = 1) -> float:
+        """Seconds until ``n`` tokens are there (0.0 = now; ``inf`` if ``n`` > burst)."""
+        if self.rate == 0:
+            return 0.0
+        self._refill(now)
+        if self._tokens >= n:
+            return 0.0
+        if n > self.burst:
+            return math.inf
+        return (n - self._tokens) / self.rate
+
+    def consume(self, now: float, n: float = 1) -> float:
+        """Spend ``n`` tokens even if that runs into debt; return the seconds to pause.
+
+        For throttling rather than dropping (daemon links must lose nothing):
+        the caller sleeps the returned time before reading more, which pushes
+        back on the sender through TCP flow control.
+        """
+        if self.rate == 0:
+            return 0.0
+        self._refill(now)
+        self._tokens -= n
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+
+
+class Verdict(enum.Enum):
+    """What to do with one message or command."""
+
+    OK = "ok"          #: carry it out
+    DROP = "drop"      #: drop it silently (the client was told less than a second ago)
+    NOTIFY = "notify"  #: drop it and tell the client which limit it hit
+    KICK = "kick"      #: the client keeps flooding far past its rate: disconnect it
+
+
+class _Limit:
+    """One kind of action: its bucket, a flood guard, and a notice throttle."""
+
+    __slots__ = ("_flood", "_next_notice", "bucket")
+
+    def __init__(self, rate: float, burst: float | None) -> None:
+        self.bucket = TokenBucket(rate, burst)
+        # Every attempt (kept or dropped) counts against the flood guard: sustaining
+        # FLOOD_FACTOR x the rate for FLOOD_GRACE_S beyond the burst is no accident.
+        flood_rate = rate * FLOOD_FACTOR
+        self._flood = TokenBucket(flood_rate, max(self.bucket.burst, flood_rate * FLOOD_GRACE_S)
+                                  if rate else None)
+        self._next_notice = -math.inf
+
+    def check(self, now: float) -> Verdict:
+        if self.bucket.rate == 0:
+            return Verdict.OK
+        if not self._flood.take(now):
+            return Verdict.KICK
+        if self.bucket.take(now):
+            return Verdict.OK
+        if now >= self._next_notice:
+            self._next_notice = now + RATE_NOTICE_INTERVAL_S
+            return Verdict.NOTIFY
+        return Verdict.DROP
+
+
+class ConnectionLimiter:
+    """The flood policy for one hub connection.
+
+    Messages (say, ``/me``, ``/msg``) get ``rate`` per second with a burst of
+    :func:`default_burst` (``rate`` 0 = unlimited); other commands get the fixed,
+    generous COMMAND_RATE so that a ``/users`` flood cannot burn CPU.  Past its
+    limit an action is dropped, with a :attr:`Verdict.NOTIFY` at most once per
+    RATE_NOTICE_INTERVAL_S; a client that sustains FLOOD_FACTOR times the limit
+    gets :attr:`Verdict.KICK`.  Not thread-safe (one per reader).
+    """
+
+    __slots__ = ("_commands", "_messages", "rate")
+
+    def __init__(self, rate: float, *, burst: float | None = None,
+                 command_rate: float = COMMAND_RATE,
+                 command_burst: float = COMMAND_BURST) -> None:
+        self.rate = float(rate)
+        self._messages = _Limit(rate, burst)
+        self._commands = _Limit(command_rate, command_burst)
+
+    @property
+    def command_rate(self) -> float:
+        return self._commands.bucket.rate
+
+    def message(self, now: float) -> Verdict:
+        """Verdict on one chat message sent at ``now``."""
+        return self._messages.check(now)
+
+    def command(self, now: float) -> Verdict:
+        """Verdict on one command other than a message (or quit, which is never limited)."""
+        return self._commands.check(now)
