@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import resource
+import select
 import signal
 import socket
 import sys
@@ -257,12 +258,19 @@ def main(argv: list[str] | None = None) -> int:
 
     stop = threading.Event()
     reload_wanted = threading.Event()
-    wake = threading.Event()  # set by every signal, so the main loop reacts at once
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         (reload_wanted if signum == signal.SIGHUP else stop).set()
-        wake.set()
 
+    # A signal sent to the process may be delivered to any of its threads; CPython
+    # then runs the handler in the main thread only when that thread next runs
+    # Python code -- a main thread asleep in a wait would sleep on.  The wakeup fd
+    # gets a byte for every signal whichever thread took it, and the main loop
+    # sleeps in select() on it.
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_signal)
 
@@ -293,8 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         while not stop.is_set():
             now = time.monotonic()
             timeout = min(watchdog if watchdog else PRUNE_INTERVAL_S, max(0.0, next_prune - now))
-            wake.wait(timeout)
-            wake.clear()
+            select.select([wake_r], [], [], timeout)
+            with contextlib.suppress(BlockingIOError):
+                wake_r.recv(4096)  # the signal numbers; the handlers already ran
             if stop.is_set():
                 break
             if reload_wanted.is_set():
@@ -317,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
         sdnotify.notify("STOPPING=1")
         log.info("shutting down")
         daemon.close()
+        signal.set_wakeup_fd(-1)
+        wake_r.close()
+        wake_w.close()
     return 0
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import platform
 import signal
 import time
 from typing import Any
 
+import pytest
 from conftest import Daemon
 
 
@@ -48,3 +51,27 @@ def test_connect_takes_its_options_before_or_after_the_host(daemon: Daemon) -> N
     for args in (["--help"], ["--udp", "--help"]):
         out = daemon.cli("connect", *args)
         assert out.returncode == 0 and b"usage: lanchat connect" in out.stdout
+
+
+def _tgkill(pid: int, tid: int, sig: int) -> None:
+    """Send ``sig`` to one thread of another process (Linux tgkill)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    sys_tgkill = 234  # x86_64
+    if libc.syscall(sys_tgkill, pid, tid, sig) != 0:
+        raise OSError(ctypes.get_errno(), "tgkill failed")
+
+
+def test_sigterm_delivered_to_any_thread_stops_the_daemon_at_once(daemon: Daemon) -> None:
+    """The kernel may hand a process's SIGTERM to any thread; shutdown must not wait for
+    the main thread to wake up by itself."""
+    if platform.machine() != "x86_64":
+        pytest.skip("the tgkill syscall number used here is x86_64's")
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    others = [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]
+    assert others, "the daemon runs several threads"
+    started = time.monotonic()
+    _tgkill(pid, others[-1], signal.SIGTERM)
+    assert daemon.proc.wait(5) == 0
+    assert time.monotonic() - started < 3
+    assert "Traceback" not in daemon.stderr()
