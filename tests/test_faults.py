@@ -1,0 +1,429 @@
+"""Faults and injection against real lanchatd processes on loopback (discovery off).
+
+- a peer (daemon link or hub client) that vanishes in the middle of a frame, with a RST;
+- a state directory that fills up (a 4 MiB tmpfs mounted for the test) -- sends fail with a
+  clear error, the daemon keeps serving, nothing acknowledged is lost, sends work again once
+  there is room; and one that is read-only when the daemon starts (a tmpfs cannot be made
+  read-only while SQLite holds files open for writing: the kernel says EBUSY);
+- SIGKILL of one of three linked daemons under traffic -- after its restart all three converge
+  to the same history, each message exactly once, every acknowledged message present;
+- injection: escape sequences, CR, newlines, NULs and bidi controls from clients and peers
+  never break the text protocol's framing, a terminal, or the daemon's log lines.
+
+The tmpfs tests need root (``mount``); they are skipped otherwise.  Every mount is undone in
+teardown, pass or fail.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from lanchat.client import ControlClient
+from lanchat.errors import LanchatError
+
+try:
+    from tests.conftest import Daemon, LineClient, TextUser
+    from tests.test_links import (
+        FAKE_NODE,
+        FakePeer,
+        assert_exactly_once_in_order,
+        fake_msg,
+        history_ids,
+        linked,
+        logs,
+        node_of,
+        rpc,
+        wait_for,
+    )
+except ImportError:                      # tests/ is on sys.path itself (no tests/__init__.py)
+    from conftest import Daemon, LineClient, TextUser  # type: ignore[no-redef]
+    from test_links import (  # type: ignore[no-redef]
+        FAKE_NODE,
+        FakePeer,
+        assert_exactly_once_in_order,
+        fake_msg,
+        history_ids,
+        linked,
+        logs,
+        node_of,
+        rpc,
+        wait_for,
+    )
+
+RST = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # struct linger {on, 0 s}: close() sends a RST
+MESSAGE_RE = re.compile(r"^\[\d\d:\d\d:\d\d\] ")
+
+
+def rst_close(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RST)
+    sock.close()
+
+
+def alive(d: Daemon) -> bool:
+    return d.proc is not None and d.proc.poll() is None
+
+
+# -- a peer that vanishes mid-frame -------------------------------------------------------------
+
+def test_link_peer_vanishing_mid_frame_stores_nothing_half_and_relinks(daemon: Daemon) -> None:
+    node = node_of(daemon)
+    f = FakePeer(daemon.port, cursors={node: 0})
+    try:
+        f.until("welcome")
+        f.send({"type": "msgs", "m": [fake_msg(1)]})
+        wait_for("1 stored", lambda: f"{FAKE_NODE}:1" in history_ids(daemon), 5.0)
+        whole = json.dumps({"type": "msgs", "m": [fake_msg(2), fake_msg(3)]}).encode()
+        f.sock.sendall(whole[: len(whole) // 2])  # half a frame, then the peer is gone
+        time.sleep(0.2)
+    finally:
+        rst_close(f.sock)
+    wait_for("link dropped", lambda: not linked(daemon, FAKE_NODE), 10.0,
+             diag=lambda: logs(daemon))
+    assert alive(daemon)
+    ids = history_ids(daemon)
+    assert f"{FAKE_NODE}:2" not in ids and f"{FAKE_NODE}:3" not in ids
+    # the same peer comes back: it is asked for what we lack, and the link works again
+    g = FakePeer(daemon.port, cursors={node: 0})
+    try:
+        g.until("welcome")
+        assert g.until("sync")["cursors"].get(FAKE_NODE) == 1
+        g.send({"type": "msgs", "m": [fake_msg(2), fake_msg(3)]})
+        wait_for("2, 3 stored", lambda: {f"{FAKE_NODE}:2", f"{FAKE_NODE}:3"}
+                 <= set(history_ids(daemon)), 5.0)
+    finally:
+        g.close()
+    assert collections.Counter(history_ids(daemon))[f"{FAKE_NODE}:2"] == 1
+    assert "Traceback" not in daemon.stderr()
+
+
+def test_hub_clients_vanishing_mid_frame(daemon: Daemon, clients: list[Any]) -> None:
+    watcher = TextUser(daemon.port, "watcher")
+    clients.append(watcher)
+    for i in range(20):
+        if i % 2:
+            s = socket.create_connection(("127.0.0.1", daemon.port), timeout=5)
+            s.sendall(json.dumps({"type": "hello", "v": 1, "nick": f"j{i}"}).encode() + b"\n"
+                      + b'{"type":"say","text":"never fin')
+        else:
+            s = socket.create_connection(("127.0.0.1", daemon.port), timeout=5)
+            s.sendall(f"t{i}\nhalf a li".encode())
+        watcher.until(f"{'j' if i % 2 else 't'}{i} joined")
+        rst_close(s)
+        line = watcher.until(f"{'j' if i % 2 else 't'}{i} left")
+        assert "connection" in line
+    watcher.send("/users\n")
+    assert watcher.until("* In #lobby") == "* In #lobby (2): owner, watcher"
+    history = [m["text"] for m in rpc(daemon, "history", limit=100)]
+    assert not any("never fin" in t or "half a li" in t for t in history)
+    assert alive(daemon) and "Traceback" not in daemon.stderr()
+
+
+# -- a full or read-only state directory ------------------------------------------------------
+
+@pytest.fixture
+def tmpfs_state(workdir: str) -> Iterator[str]:
+    """``workdir/state`` as a 4 MiB tmpfs (root only), unmounted at the end."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    path = os.path.join(workdir, "state")
+    os.makedirs(path)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", path],
+                   check=True, capture_output=True)
+    try:
+        yield path
+    finally:
+        for _ in range(50):
+            r = subprocess.run(["umount", path], capture_output=True, check=False)
+            if r.returncode == 0:
+                break
+            time.sleep(0.1)  # a daemon still exiting holds its files
+        else:
+            subprocess.run(["umount", "-l", path], capture_output=True, check=False)
+
+
+def fill(path: str) -> str:
+    """Fill the filesystem holding ``path`` to the last byte; return the filler's name."""
+    filler = os.path.join(path, "filler")
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for size in (65536, 4096, 64, 1):  # big steps, then the last crumbs
+            for _ in range(20_000):  # bounded whatever the tmpfs size
+                try:
+                    os.write(fd, b"\0" * size)
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC, exc
+                    break
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_disk_full_sends_fail_clearly_and_nothing_acked_is_lost(
+        tmpfs_state: str, make_daemon: Any, clients: list[Any]) -> None:
+    daemon: Daemon = make_daemon()
+    alice = TextUser(daemon.port, "alice")
+    bob = TextUser(daemon.port, "bob")
+    j = LineClient(daemon.port)
+    clients += [alice, bob, j]
+    j.send(json.dumps({"type": "hello", "v": 1, "nick": "jay"}) + "\n")
+    j.until('"welcome"')
+    acked: list[str] = []
+    with ControlClient(daemon.socket, timeout=10) as c:
+        for i in range(50):
+            acked.append(c.call("send", text=f"before {i} " + "x" * 200)["id"])
+    filler = fill(tmpfs_state)
+    # the control socket: lanchat send exits 1 with one clear line
+    failures = 0
+    for i in range(20):  # a few may still fit in pages SQLite already holds
+        r = daemon.cli("send", f"while full {i} " + "y" * 3000)
+        if r.returncode == 0:
+            acked.append(f"(cli {i})")
+            continue
+        failures += 1
+        err = r.stderr.decode()
+        assert r.returncode == 1, err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert "store" in err.lower() or "disk" in err.lower() or "full" in err.lower(), err
+    assert failures >= 10, "sends kept succeeding on a full disk"
+    # a text client is told its message was not sent; a JSON client gets an error, not `sent`
+    alice.send("a line that cannot be stored " + "z" * 3000 + "\n")
+    line = alice.until(lambda s: s.startswith("! "), timeout=10)
+    assert line.startswith("! your message was not sent:"), line
+    j.send(json.dumps({"type": "say", "text": "json while full " + "w" * 3000, "ref": 1}) + "\n")
+    reply = json.loads(j.until(lambda s: '"error"' in s or '"sent"' in s, timeout=10))
+    assert reply["type"] == "error" and reply["fatal"] is False, reply
+    # the daemon keeps serving: status, users, history, every client still connected
+    with ControlClient(daemon.socket, timeout=10) as c:
+        assert c.call("status")["node"]
+        assert {u["nick"] for u in c.call("users")} >= {"alice", "bob", "jay"}
+        have = [m["id"] for m in c.call("history", limit=1000)]
+    assert [i for i in acked if not i.startswith("(")] == [
+        i for i in have if i in set(acked)], "an acknowledged message went missing"
+    bob.send("/users\n")
+    assert bob.until("* In #lobby").startswith("* In #lobby (4)")
+    # room again: sends work, and everything acknowledged before is intact
+    os.unlink(filler)
+    deadline = time.monotonic() + 10
+    while True:
+        r = daemon.cli("send", "after the disk was freed")
+        if r.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert r.returncode == 0, r.stderr.decode()
+    alice.send("alice after\n")
+    bob.until("alice: alice after", timeout=10)
+    with ControlClient(daemon.socket, timeout=10) as c:
+        texts = {m["id"]: m["text"] for m in c.call("history", limit=1000)}
+    for i, mid in enumerate(acked[:50]):
+        assert texts.get(mid) == f"before {i} " + "x" * 200, mid
+    assert "after the disk was freed" in texts.values()
+    assert alive(daemon) and "Traceback" not in daemon.stderr(), daemon.stderr()[-3000:]
+    daemon.stop()
+    # and the database is sound after a restart
+    daemon.start()
+    with ControlClient(daemon.socket, timeout=10) as c:
+        after = {m["id"] for m in c.call("history", limit=1000)}
+    assert set(acked[:50]) <= after
+
+
+def test_read_only_state_dir_at_start_is_a_clear_error_and_history_survives(
+        tmpfs_state: str, make_daemon: Any) -> None:
+    daemon: Daemon = make_daemon()
+    with ControlClient(daemon.socket, timeout=10) as c:
+        acked = [c.call("send", text=f"kept {i}")["id"] for i in range(10)]
+    assert daemon.stop() == 0
+    subprocess.run(["mount", "-o", "remount,ro", tmpfs_state], check=True, capture_output=True)
+    try:
+        offset = len(daemon.stderr())
+        with pytest.raises(RuntimeError):
+            daemon.start(timeout=10)
+        err = daemon.stderr()[offset:]
+        assert daemon.proc is None or daemon.proc.poll() not in (None, 0)
+        assert "Traceback" not in err, err
+        low = err.lower()
+        assert "read-only" in low or "readonly" in low or "state" in low, err
+    finally:
+        if daemon.proc is not None:
+            daemon.stop()
+        subprocess.run(["mount", "-o", "remount,rw", tmpfs_state], check=True,
+                       capture_output=True)
+    daemon.start()
+    assert [m for m in history_ids(daemon) if m in set(acked)] == acked
+
+
+# -- SIGKILL under mesh traffic ---------------------------------------------------------------
+
+def test_sigkill_under_mesh_traffic_converges_exactly_once(make_daemon: Any) -> None:
+    a = make_daemon("-vv", nick="alice", subdir="a")
+    b = make_daemon("-vv", "--peer", f"127.0.0.1:{a.port}", nick="bob", subdir="b")
+    c = make_daemon("-vv", "--peer", f"127.0.0.1:{a.port}", "--peer", f"127.0.0.1:{b.port}",
+                    nick="carol", subdir="c")
+    daemons = {"a": a, "b": b, "c": c}
+    nodes = {k: node_of(d) for k, d in daemons.items()}
+    wait_for("all linked", lambda: all(linked(d, nodes[o]) for k, d in daemons.items()
+                                       for o in daemons if o != k), 10.0,
+             diag=lambda: logs(a, b, c))
+    per_sender = 250
+    acked: dict[str, list[str]] = {k: [] for k in daemons}
+    stop = threading.Event()
+
+    def sender(key: str) -> None:
+        d = daemons[key]
+        sent = 0
+        deadline = time.monotonic() + 60
+        while sent < per_sender and time.monotonic() < deadline and not stop.is_set():
+            try:
+                with ControlClient(d.socket, timeout=10) as cl:
+                    while sent < per_sender and not stop.is_set():
+                        acked[key].append(cl.call("send", text=f"{key} {sent}")["id"])
+                        sent += 1
+            except (OSError, LanchatError):
+                time.sleep(0.1)  # the daemon is down: try again until it is back
+
+    threads = [threading.Thread(target=sender, args=(k,), name=f"send-{k}") for k in daemons]
+    for t in threads:
+        t.start()
+    try:
+        wait_for("b under traffic", lambda: len(acked["b"]) >= 60 and len(acked["a"]) >= 60,
+                 30.0)
+        b.stop(signal.SIGKILL)
+        time.sleep(1.0)  # a and c keep sending while b is dead
+        b.start()
+    finally:
+        for t in threads:
+            t.join(90)
+        stop.set()
+    assert all(len(v) == per_sender for v in acked.values()), {k: len(v) for k, v in
+                                                                acked.items()}
+    expected = {i for v in acked.values() for i in v}
+
+    def converged() -> bool:
+        got = [set(history_ids(d)) for d in daemons.values()]
+        return all(g >= expected for g in got) and got[0] == got[1] == got[2]
+
+    t0 = time.monotonic()
+    wait_for("three histories converge", converged, 60.0, poll=0.5,
+             diag=lambda: logs(a, b, c) + "\n" + str({k: len(set(history_ids(d)) & expected)
+                                                      for k, d in daemons.items()}))
+    print(f"\nconverged {time.monotonic() - t0:.1f} s after the restart; "
+          f"{len(expected)} messages")
+    for d in daemons.values():
+        ids = history_ids(d)
+        assert_exactly_once_in_order(ids, set(ids))
+        assert set(ids) >= expected
+        assert not any("Traceback" in line for line in d.stderr().splitlines()), logs(d)
+
+
+# -- injection --------------------------------------------------------------------------------
+
+HOSTILE_TEXTS = [
+    "title \x1b]0;pwned\x07 clear \x1b[2J\x1b[H done",
+    "carriage\rreturn overwrites the line",
+    "one\n[12:00:00] bob: a fake message\n* bob left #lobby (fake)",
+    "bidi \u202etxt.exe\u202c and \u2066isolate\u2069",
+    "C1 \x9b31m csi and \x85 nel and \u2028 line sep",
+    "bell\x07 backspace\x08\x08 del\x7f tab\tend",
+]
+_RAW_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def test_injection_through_json_and_text_mode_cannot_break_framing(
+        make_daemon: Any, clients: list[Any]) -> None:
+    daemon: Daemon = make_daemon("-vv")
+    reader = LineClient(daemon.port)
+    clients.append(reader)
+    reader.line(), reader.line()
+    reader.send("reader\n")
+    reader.line()
+    raw_lines: list[bytes] = []
+    j = LineClient(daemon.port)
+    clients.append(j)
+    j.send(json.dumps({"type": "hello", "v": 1, "nick": "jay"}) + "\n")
+    j.until('"welcome"')
+    reader.until("jay joined")
+    for i, text in enumerate(HOSTILE_TEXTS):
+        j.send(json.dumps({"type": "say", "text": text, "ref": i}) + "\n")
+        assert json.loads(j.until('"sent"'))["message"]["text"] == text  # stored as sent
+    # NULs are refused, in JSON mode and in text mode
+    j.send(json.dumps({"type": "say", "text": "nul \x00 here"}) + "\n")
+    assert json.loads(j.until('"error"'))["code"] == "bad-text"
+    t = TextUser(daemon.port, "tex")
+    clients.append(t)
+    t.send(b"text \x1b[31mred\x1b[0m and a bell \x07 and \x00 nul\n")
+    assert t.line().startswith("! text may not contain NUL")
+    t.send(b"text \x1b[31mred\x1b[0m and cr\r in the middle\r\n")
+    # hostile nicks are refused at the door
+    for nick in ("\x1b[2Jx", "a\u202eb", "bad\rnick", "[12:00:00]"):
+        n = LineClient(daemon.port)
+        clients.append(n)
+        n.send(json.dumps({"type": "hello", "v": 1, "nick": nick}) + "\n")
+        assert json.loads(n.until(lambda s: s.startswith("{")))["type"] == "error"
+    # the text-mode reader: what it saw, byte for byte
+    deadline = time.monotonic() + 10
+    buf = b""
+    reader.sock.settimeout(0.5)
+    while time.monotonic() < deadline and buf.count(b"tex: ") < 1:
+        with contextlib.suppress(TimeoutError):
+            buf += reader.sock.recv(65536)
+    raw_lines = buf.split(b"\n")
+    for raw in raw_lines:
+        line = raw.decode("utf-8")
+        assert not _RAW_CONTROL.search(line), f"raw control character reached a client: {line!r}"
+    lines = [raw.decode() for raw in raw_lines if raw]
+    # each hostile text is one message line plus indented continuation lines, never a line
+    # that poses as another message or a notice
+    messages = [x for x in lines if MESSAGE_RE.match(x)]
+    assert len(messages) == len(HOSTILE_TEXTS) + 1, lines
+    for x in lines:
+        assert MESSAGE_RE.match(x) or x.startswith("  ") or x.startswith("* "), x
+        if x.startswith("* "):
+            assert "(fake)" not in x, x
+    assert any("^[]0;pwned^G" in x for x in lines), lines
+    # the daemon's log: no raw escape, CR or NUL from any client reached it
+    err = daemon.stderr()
+    for bad in ("\x1b", "\r", "\x00", "\x07", "\u202e"):
+        assert bad not in err, f"{bad!r} reached the log: " + repr(
+            [x for x in err.splitlines() if bad in x][:3])
+
+
+def test_link_peer_name_cannot_inject_into_logs_or_peers(make_daemon: Any) -> None:
+    """A daemon's hello carries its name and host; they reach ``lanchat peers`` and the log
+    ("linked to NAME ..."). An escape sequence or a newline there must not reach either raw:
+    a forged log line is how an intruder hides."""
+    daemon: Daemon = make_daemon("-vv")  # info and debug lines too
+    evil_name = "evil\x1b[2J\r\n2030-01-01 00:00:00 lanchatd[1] INFO: forged line"
+    f = FakePeer(daemon.port, name=evil_name, host="evilhost")
+    try:
+        first = f.frame()
+        if first.get("type") == "error":
+            # refusing a name with control characters is also fine
+            assert first["fatal"] is True
+            print(f"\npeer name with control characters refused: {first}")
+            return
+        assert first["type"] == "welcome"
+        wait_for("linked", lambda: linked(daemon, FAKE_NODE), 5.0)
+        res = daemon.cli("peers")
+        assert res.returncode == 0
+        print(f"\npeer name with control characters linked; lanchat peers shows {res.stdout!r}")
+        assert b"\x1b" not in res.stdout and b"\r" not in res.stdout
+    finally:
+        f.close()
+    time.sleep(0.5)
+    err = daemon.stderr()
+    assert "\x1b" not in err and "\r" not in err, repr(
+        [x for x in err.splitlines() if "evil" in x][:3])
+    assert not any(x.startswith("2030-01-01") for x in err.splitlines()), "a forged log line"
