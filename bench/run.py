@@ -47,6 +47,30 @@ PRIMARY: dict[str, tuple[str, bool]] = {
 }
 
 
+def _loadavg() -> float:
+    """The machine's 1-minute load average (/proc/loadavg)."""
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def _busy_pct(sample_s: float = 1.0) -> float:
+    """Percent of the machine's CPU (all cores) busy over the next ``sample_s`` seconds."""
+    m0, t0 = servers.machine_cpu_s(), time.monotonic()
+    time.sleep(sample_s)
+    m1, t1 = servers.machine_cpu_s(), time.monotonic()
+    return 100 * (m1 - m0) / ((t1 - t0) * (os.cpu_count() or 1))
+
+
+def _wait_quiet(max_s: float, below_pct: float) -> Result:
+    """Wait (at most ``max_s``) until the machine is less than ``below_pct`` busy over one
+    second: the machine is shared, and a run beside someone else's load measures both."""
+    t0 = time.monotonic()
+    busy = _busy_pct()
+    while busy >= below_pct and time.monotonic() - t0 < max_s:
+        busy = _busy_pct()
+    return {"busy_before_pct": round(busy, 1), "quiet_wait_s": round(time.monotonic() - t0, 1),
+            "loadavg_1m_before": _loadavg()}
+
+
 def _measure(srv: servers.Server, spec: loadgen.LoadSpec) -> tuple[Result, Result]:
     """Connect, run, and return (merged generator report, resource figures)."""
     fleet = loadgen.Fleet(spec)
@@ -67,6 +91,9 @@ def _measure(srv: servers.Server, spec: loadgen.LoadSpec) -> tuple[Result, Resul
             "server_cpu_s": round(cpu1 - cpu0, 3),
             "gen_cpu_s": round(rep["gen_cpu_s"], 3),
             "machine_busy_cpu_s": round(mach1 - mach0, 3),
+            # busy CPU of everything but this server and the generator's workers (other
+            # people's work on a shared machine, plus our coordinator): how quiet the run was
+            "other_busy_cpu_s": round((mach1 - mach0) - (cpu1 - cpu0) - rep["gen_cpu_s"], 3),
             "wall_s": round(wall, 3),
         }
         return rep, res
@@ -383,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle", type=int, default=5000, help="scale: idle connections")
     ap.add_argument("--runs", type=int, default=20, help="cli: lanchat send runs")
     ap.add_argument("--max-run-s", type=float, default=120.0)
+    ap.add_argument("--quiet-wait", type=float, default=0.0,
+                    help="before each run, wait up to this many seconds for a quiet machine")
+    ap.add_argument("--quiet-below", type=float, default=15.0,
+                    help="quiet = less than this %% of all cores busy over one second")
     a = ap.parse_args(argv)
     table: dict[str, dict[str, Any]] = {
         "fanout": dict(clients=100, senders=10, pad=16),
@@ -420,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind in kinds:
         runs: list[Result] = []
         for _ in range(a.repeat):
+            quiet = _wait_quiet(a.quiet_wait, a.quiet_below) if a.quiet_wait > 0 else {}
             try:
                 srv = servers.start(kind)
             except RuntimeError as exc:
@@ -429,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                 saved_mode = a.mode
                 if "json" not in srv.modes:
                     a.mode = "text"
-                runs.append(fn(srv, a))
+                runs.append({**fn(srv, a), **quiet})
                 a.mode = saved_mode
             finally:
                 srv.stop()

@@ -4,8 +4,9 @@
 
 - ``classic``: ``bench/classic_server.py`` (thread per client, global lock), text mode only.
 - ``lanchat``: ``lanchatd --port 0 --no-discovery --bind 127.0.0.1 --state-dir DIR --socket
-  PATH`` (``--max-rate 0`` too once the daemon has the flag), from this checkout; the port is
-  read from its stderr log.
+  PATH`` (``--max-rate 0`` too once the daemon has the flag), from this checkout, with
+  ``LANCHAT_MAX_CONNECTIONS=10000 LANCHAT_MAX_CONNECTIONS_PER_IP=0`` in its environment
+  (``LANCHATD_BENCH_ENV``); the port is read from its stderr log.
 - anything else: a shell command containing ``{port}``, run as given on a free port chosen
   here (for ngircd or another reference server).
 
@@ -83,6 +84,20 @@ def _env() -> dict[str, str]:
     return env
 
 
+#: lanchatd's connection limits for the benchmarks, set through its environment: every
+#: generated client comes from 127.0.0.1, so the per-address limit (default 64) would refuse
+#: all but 64 of them, and the scale scenario needs 5,100 connections (default limit 1,024).
+LANCHATD_BENCH_ENV = {"LANCHAT_MAX_CONNECTIONS": "10000", "LANCHAT_MAX_CONNECTIONS_PER_IP": "0"}
+
+
+def lanchatd_env() -> dict[str, str]:
+    env = _env()
+    env.pop("NOTIFY_SOCKET", None)
+    env.pop("LANCHAT_CONFIG", None)
+    env.update(LANCHATD_BENCH_ENV)
+    return env
+
+
 def lanchatd_help() -> str:
     out = subprocess.run(
         [sys.executable, "-c", "import sys; from lanchat.daemon import main; sys.exit(main())",
@@ -148,7 +163,7 @@ def start(kind: str, extra_args: list[str] | None = None) -> Server:
         proc = subprocess.Popen(
             [sys.executable, "-c",
              "import sys; from lanchat.daemon import main; sys.exit(main())", *args, *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(), cwd=tmp)
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=lanchatd_env(), cwd=tmp)
         try:
             port = _wait_port(proc, "stderr", lines)
         except RuntimeError:
