@@ -642,6 +642,8 @@ class _TcpSession(_Session):
                 self.error(exc.code, str(exc))
 
     def _teardown(self) -> None:
+        # Free the connection slot first: once the others see "left", it can be taken.
+        self.hub._release(self)
         if self.outbox.stalled:
             self._leave_reason = "too slow"
         if self.nick is not None:
@@ -977,11 +979,15 @@ class Hub:
             sock.shutdown(socket.SHUT_RDWR)
         sock.close()
 
+    def _release(self, session: _TcpSession) -> None:
+        """Stop counting ``session`` against any limit (its reader is ending)."""
+        with self._lock:
+            self._count_out(session)
+
     def _forget(self, session: _TcpSession) -> None:
         with self._lock:
-            if session in self._sessions:
-                self._sessions.discard(session)
-                self._count_out(session)
+            self._sessions.discard(session)
+            self._count_out(session)
 
     def close(self, reason: str = "server shutting down") -> None:
         """Stop accepting, say goodbye to everyone, and join all threads."""

@@ -1,0 +1,368 @@
+"""Flood and connection limits, end to end: a real lanchatd, real TCP/UDP clients on loopback.
+
+conftest starts every daemon with ``--max-rate 0``; a test that wants a rate passes
+``--max-rate N`` again (argparse keeps the last).  Connection limits are config keys without
+flags, so they come from the environment (``LANCHAT_MAX_CONNECTIONS[_PER_IP]``); the reader
+timeouts from lanchatd's internal test knobs ``LANCHAT_LINE_TIMEOUT_S`` /
+``LANCHAT_NICK_TIMEOUT_S``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from conftest import Daemon, LineClient, TextUser
+
+from lanchat.client import ControlClient
+from lanchat.limits import COMMAND_BURST, COMMAND_RATE, MAX_DATAGRAM_BYTES
+
+pytestmark = pytest.mark.timeout(40)
+
+MESSAGE_RE = re.compile(r"^\[\d\d:\d\d:\d\d\] (\S+): (.*)$")
+RATE_NOTICE = "! rate limit: at most {} messages per second; message dropped"
+
+
+def wait_for(what: str, fn: Callable[[], Any], timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def drain(client: LineClient, quiet: float = 0.5, limit: int = 100_000) -> list[str]:
+    """Every line until the client has heard nothing for ``quiet`` seconds."""
+    lines: list[str] = []
+    for _ in range(limit):
+        try:
+            lines.append(client.line(quiet))
+        except TimeoutError:
+            break
+    return lines
+
+
+def texts_from(lines: list[str], nick: str) -> list[str]:
+    return [m.group(2) for m in map(MESSAGE_RE.match, lines) if m and m.group(1) == nick]
+
+
+class JsonClient(LineClient):
+    def __init__(self, port: int, nick: str) -> None:
+        super().__init__(port)
+        self.send(json.dumps({"type": "hello", "v": 1, "nick": nick}) + "\n")
+        self.welcome = self.frame()
+
+    def frame(self, timeout: float | None = None) -> dict[str, Any]:
+        while True:
+            line = self.line(timeout)
+            if line.startswith("{"):
+                frame: dict[str, Any] = json.loads(line)
+                return frame
+
+
+# -- message rate ------------------------------------------------------------------------
+
+
+def test_text_flood_is_cut_to_the_rate_with_a_notice_and_others_stay_fast(
+        make_daemon: Any, clients: list[Any]) -> None:
+    d = make_daemon("--max-rate", "5")
+    watcher = TextUser(d.port, "watcher")
+    flooder = TextUser(d.port, "flooder")
+    carol = TextUser(d.port, "carol")
+    clients += [watcher, flooder, carol]
+    drain(watcher, 0.3)
+
+    stop = threading.Event()
+
+    def flood() -> None:  # 50 messages a second for 2 s: ten times the rate
+        for i in range(100):
+            if stop.is_set():
+                return
+            flooder.send(f"flood {i}\n")
+            time.sleep(0.02)
+
+    seen: list[str] = []
+    sender = threading.Thread(target=flood, name="test-flooder")
+    sender.start()
+    try:
+        time.sleep(0.5)  # well into the flood: the flooder is past its burst
+        latencies = []
+        for k in range(3):
+            t0 = time.monotonic()
+            carol.send(f"carol {k}\n")
+            for _ in range(1000):
+                line = watcher.line(2.0)
+                seen.append(line)
+                if line.endswith(f"carol: carol {k}"):
+                    break
+            latencies.append(time.monotonic() - t0)
+            time.sleep(0.3)
+    finally:
+        stop.set()
+        sender.join(10)
+    seen += drain(watcher, 0.7)
+
+    # Others are not slowed by the flood: their lines arrive at once.
+    assert max(latencies) < 0.5, latencies
+    # The flooder got its burst (10) and then 5 a second: about 20 of its 100 in 2 s.
+    got = texts_from(seen, "flooder")
+    assert 14 <= len(got) <= 26, len(got)
+    assert got == sorted(got, key=lambda t: int(t.split()[1]))  # what passes keeps its order
+    assert texts_from(seen, "carol") == ["carol 0", "carol 1", "carol 2"]
+    # The flooder is told which limit it hit -- once a second, not once per dropped line.
+    notices = [line for line in drain(flooder, 0.5) if line.startswith("!")]
+    assert notices and set(notices) == {RATE_NOTICE.format(5)}
+    assert 1 <= len(notices) <= 3, notices
+
+
+def test_a_sustained_flood_far_past_the_rate_is_disconnected(make_daemon: Any,
+                                                             clients: list[Any]) -> None:
+    d = make_daemon("--max-rate", "5")
+    watcher = TextUser(d.port, "watcher")
+    flooder = TextUser(d.port, "flooder")
+    clients += [watcher, flooder]
+    watcher.line()  # flooder joined
+    flooder.send("".join(f"spam {i}\n" for i in range(600)))  # a burst far past 10 x 5 / s
+    flooder.until("! flooding: more than 50 messages per second -- disconnecting")
+    assert flooder.closed()
+    watcher.until("* flooder left #lobby (flooding)")
+    assert d.proc is not None and d.proc.poll() is None
+
+
+def test_json_client_gets_rate_limited_errors_with_its_refs(make_daemon: Any,
+                                                            clients: list[Any]) -> None:
+    d = make_daemon("--max-rate", "2")
+    j = JsonClient(d.port, "jay")
+    clients.append(j)
+    assert j.welcome["type"] == "welcome"
+    j.send("".join(json.dumps({"type": "say", "text": f"m{i}", "ref": i}) + "\n"
+                   for i in range(20)))
+    sent: list[int] = []
+    limited: list[int] = []
+    for _ in range(20):
+        f = j.frame(5.0)
+        if f["type"] == "sent":
+            sent.append(f["ref"])
+        else:
+            assert f["type"] == "error" and f["code"] == "rate-limited", f
+            assert f["fatal"] is False
+            assert f["message"] == "rate limit: at most 2 messages per second; message dropped"
+            limited.append(f["ref"])
+    assert 10 <= len(sent) <= 11  # the burst: max(10, 2 s x 2/s)
+    assert sorted(sent + limited) == list(range(20))
+    assert sent == list(range(len(sent)))  # the first ones pass, the rest are refused
+
+
+def test_udp_client_is_rate_limited_with_a_datagram(make_daemon: Any,
+                                                    clients: list[Any]) -> None:
+    d = make_daemon("--max-rate", "2")
+    watcher = TextUser(d.port, "watcher")
+    clients.append(watcher)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.settimeout(5)
+    try:
+        udp.sendto(b"udpflood\n", ("127.0.0.1", d.port))
+        assert b"Welcome, udpflood!" in udp.recvfrom(MAX_DATAGRAM_BYTES)[0]
+        watcher.line()  # joined
+        for i in range(30):
+            udp.sendto(f"u{i}".encode(), ("127.0.0.1", d.port))
+        data, _ = udp.recvfrom(MAX_DATAGRAM_BYTES)
+        assert data.decode() == RATE_NOTICE.format(2) + "\n"
+        got = texts_from(drain(watcher, 0.7), "udpflood")
+        assert 10 <= len(got) <= 12, got
+    finally:
+        udp.close()
+
+
+def test_max_rate_zero_is_unlimited(daemon: Daemon, clients: list[Any]) -> None:
+    watcher = TextUser(daemon.port, "watcher")
+    fast = TextUser(daemon.port, "fast")
+    clients += [watcher, fast]
+    watcher.line()
+    fast.send("".join(f"n{i}\n" for i in range(1000)))
+    got: list[str] = []
+    for _ in range(2000):
+        got += texts_from([watcher.line(5.0)], "fast")
+        if len(got) == 1000:
+            break
+    assert got == [f"n{i}" for i in range(1000)]
+    assert not [line for line in drain(fast, 0.3) if line.startswith("!")]
+
+
+def test_control_socket_sends_are_never_rate_limited(make_daemon: Any) -> None:
+    d = make_daemon("--max-rate", "1")
+    with ControlClient(d.socket) as c:
+        for i in range(500):
+            c.call("send", text=f"local {i}", room="lobby")
+    for i in range(5):
+        p = d.cli("send", f"cli {i}")
+        assert p.returncode == 0, p.stderr
+    with ControlClient(d.socket) as c:
+        history = c.call("history", room="lobby", limit=1000)
+    texts = [m["text"] for m in history]
+    assert texts == [f"local {i}" for i in range(500)] + [f"cli {i}" for i in range(5)]
+
+
+def test_other_commands_are_bounded_separately_and_generously(make_daemon: Any,
+                                                              clients: list[Any]) -> None:
+    d = make_daemon("--max-rate", "1")
+    busy = TextUser(d.port, "busy")
+    watcher = TextUser(d.port, "watcher")
+    clients += [busy, watcher]
+    busy.line()  # watcher joined
+    busy.send("/users\n" * 300)
+    lines = drain(busy, 0.5)
+    answers = sum(1 for line in lines if line.startswith("* In #lobby"))
+    refused = [line for line in lines if line.startswith("!")]
+    # the burst, less the one token the nickname answer took (answers to the prompt count)
+    assert COMMAND_BURST - 1 <= answers <= COMMAND_BURST + COMMAND_RATE, answers
+    assert refused and set(refused) == {
+        f"! rate limit: at most {COMMAND_RATE:g} commands per second; command ignored"}
+    busy.send("still here\n")  # messages have their own bucket, and busy was not cut off
+    assert watcher.until("busy:").endswith("busy: still here")
+
+
+# -- connections -----------------------------------------------------------------------------
+
+
+def test_connections_per_address_are_limited(make_daemon: Any, clients: list[Any]) -> None:
+    d = make_daemon(env={"LANCHAT_MAX_CONNECTIONS_PER_IP": "3"})
+    users = [TextUser(d.port, f"u{i}") for i in range(3)]
+    clients += users
+    extra = LineClient(d.port)
+    clients.append(extra)
+    t0 = time.monotonic()
+    assert extra.line() == "! too many connections from your address (limit 3)"
+    assert extra.closed()
+    assert time.monotonic() - t0 < 3.0
+    # A JSON client is told in JSON.
+    j = LineClient(d.port)
+    clients.append(j)
+    j.send(json.dumps({"type": "hello", "v": 1, "nick": "jay"}) + "\n")
+    err = json.loads(j.line())
+    assert err == {"type": "error", "code": "too-many-connections", "fatal": True,
+                   "message": "too many connections from your address (limit 3)"}
+    assert j.closed()
+    # A slot freed is a slot to take.
+    users[0].send("/quit\n")
+    assert users[0].closed()
+    users[1].until("* u0 left #lobby")
+    again = TextUser(d.port, "again")
+    clients.append(again)
+    assert "Welcome, again!" in again.welcome
+
+
+def test_total_connections_are_limited_and_refusals_cost_no_slot(make_daemon: Any,
+                                                                 clients: list[Any]) -> None:
+    d = make_daemon(env={"LANCHAT_MAX_CONNECTIONS": "2"})
+    a, b = TextUser(d.port, "a"), TextUser(d.port, "b")
+    clients += [a, b]
+    refused = [LineClient(d.port) for _ in range(5)]
+    clients += refused
+    for r in refused:
+        assert r.line() == "! server full (limit 2 connections)"
+        assert r.closed()
+    a.send("still chatting\n")
+    assert b.until("a:").endswith("a: still chatting")
+    b.send("/quit\n")
+    assert b.closed()
+    a.until("* b left #lobby")
+    c = TextUser(d.port, "c")
+    clients.append(c)
+    assert "Welcome, c!" in c.welcome
+
+
+def test_a_full_hub_still_accepts_a_daemon_link(make_daemon: Any, clients: list[Any]) -> None:
+    a = make_daemon(nick="alice", subdir="a", env={"LANCHAT_MAX_CONNECTIONS": "1"})
+    user = TextUser(a.port, "user")
+    clients.append(user)
+    b = make_daemon("--peer", f"127.0.0.1:{a.port}", nick="bob", subdir="b")
+
+    def linked() -> bool:
+        with ControlClient(a.socket) as c:
+            return any(p.get("state") == "linked" for p in c.call("peers"))
+
+    wait_for("B linked to the full hub A", linked, 10.0)
+    with ControlClient(b.socket) as c:
+        c.call("send", text="over the link", room="lobby")
+    assert user.until("bob:").endswith("bob: over the link")
+    late = LineClient(a.port)  # the link took no client slot, and gave none away
+    clients.append(late)
+    assert late.line() == "! server full (limit 1 connections)"
+
+
+# -- timeouts --------------------------------------------------------------------------------
+
+
+def test_slow_loris_is_dropped_after_the_line_timeout(make_daemon: Any,
+                                                      clients: list[Any]) -> None:
+    d = make_daemon(env={"LANCHAT_LINE_TIMEOUT_S": "1.5"})
+    idle = TextUser(d.port, "idle")  # sends nothing at all: that is fine
+    slow = TextUser(d.port, "slow")  # finishes its line, slowly but in time: also fine
+    loris = TextUser(d.port, "loris")
+    clients += [idle, slow, loris]
+    drain(idle, 0.3)
+    slow.send("hel")
+    t0 = time.monotonic()
+    loris.send("never")
+    time.sleep(0.8)
+    slow.send("lo\n")
+    notices: list[str] = []
+    for _ in range(40):  # a byte every 0.3 s: a trickle that never ends the line
+        try:
+            line = loris.line(0.3)
+        except TimeoutError:
+            loris.send("x")
+            continue
+        if line.startswith("!"):
+            notices.append(line)
+            break
+    elapsed = time.monotonic() - t0
+    assert notices == ["! line not finished within 1.5 s -- disconnecting"]
+    assert 1.3 <= elapsed <= 3.5, elapsed
+    assert loris.closed()
+    seen = drain(idle, 0.5)
+    assert "* loris left #lobby (timed out)" in seen
+    assert texts_from(seen, "slow") == ["hello"]
+    time.sleep(1.0)  # well past the line timeout: the idle user is still welcome
+    idle.send("/users\n")
+    assert idle.line().startswith("* In #lobby (3): ")
+
+
+def test_nickname_prompt_times_out(make_daemon: Any, clients: list[Any]) -> None:
+    d = make_daemon(env={"LANCHAT_NICK_TIMEOUT_S": "1"})
+    c = LineClient(d.port)
+    clients.append(c)
+    t0 = time.monotonic()
+    assert "welcome" in c.line().lower()
+    assert "nickname" in c.line().lower()
+    assert c.line(5.0) == "! no nickname chosen within 1 s -- disconnecting"
+    assert 0.8 <= time.monotonic() - t0 <= 3.0
+    assert c.closed()
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
+def test_hub_sockets_have_keepalive(daemon: Daemon, clients: list[Any]) -> None:
+    user = TextUser(daemon.port, "kept")
+    clients.append(user)
+
+    def keepalive_timer() -> str | None:
+        # ss shows one timer per socket: a retransmit timer hides the keepalive for a moment
+        out = subprocess.run(["ss", "-tnoH", "state", "established",
+                              f"( sport = :{daemon.port} )"],
+                             capture_output=True, text=True, timeout=10, check=False).stdout
+        return out if "timer:(keepalive," in out else None
+
+    out = wait_for("a keepalive timer on the hub's side of the connection", keepalive_timer, 5.0)
+    # KEEPALIVE_IDLE_S is 300 s: the first probe is minutes away, not the kernel's two hours
+    assert re.search(r"timer:\(keepalive,[45]min", out), out
