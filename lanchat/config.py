@@ -87,6 +87,7 @@ class Config:
     max_connections_per_ip: int = 64
     secret: str | None = None
     secret_file: str | None = None
+    plain_clients: bool = False
     system: bool = False
     config_file: str | None = None
 
@@ -330,6 +331,7 @@ _VALIDATORS: dict[str, Callable[[object, bool], Any]] = {
     "max_connections": lambda v, e: _int(v, e, 1, 1_000_000),
     "max_connections_per_ip": lambda v, e: _int(v, e, 0, 1_000_000),
     "secret": _optional_str,
+    "plain_clients": _bool,
     "system": _bool,
 }
 _PATH_KEYS = ("state_dir", "socket", "secret_file")

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from lanchat import __version__, config, sdnotify
+from lanchat import __version__, auth, config, sdnotify
 from lanchat.control import AlreadyRunning, ControlServer
 from lanchat.errors import ConfigError, LanchatError
 from lanchat.hub import Hub
@@ -62,10 +62,13 @@ class Daemon:
         self.cfg = cfg
         self.hostname = socket.gethostname() or "localhost"
         self.started = time.time()
+        self.key = _read_secret(cfg)  # first: a bad secret_file fails before anything opens
         self.store = Store(Path(cfg.state_dir) / "history.db",
                            max_age_days=cfg.max_age_days, max_messages=cfg.max_messages)
+        key = self.key
         self.router = Router(self.store, node=self.store.node_id, host=self.hostname,
-                             nick=cfg.nick, name=cfg.name)
+                             nick=cfg.nick, name=cfg.name,
+                             sign=(lambda m: auth.message_mac(key, m)) if key else None)
         self.hub: Hub | None = None
         self.control: ControlServer | None = None
         self.links: LinkManager | None = None
@@ -88,12 +91,13 @@ class Daemon:
                            max_connections=self.cfg.max_connections,
                            max_connections_per_ip=self.cfg.max_connections_per_ip,
                            line_timeout=_env_seconds("LANCHAT_LINE_TIMEOUT_S", LINE_TIMEOUT_S),
-                           nick_timeout=_env_seconds("LANCHAT_NICK_TIMEOUT_S", NICK_TIMEOUT_S))
+                           nick_timeout=_env_seconds("LANCHAT_NICK_TIMEOUT_S", NICK_TIMEOUT_S),
+                           key=self.key, plain_clients=self.cfg.plain_clients)
             self.links = LinkManager(
                 self.router, self.store,
                 Identity(node=self.node, name=self.cfg.name, host=self.hostname,
                          port=self.hub.port),
-                static_peers=[config.parse_peer(p) for p in self.cfg.peers])
+                static_peers=[config.parse_peer(p) for p in self.cfg.peers], key=self.key)
             self.hub.link_acceptor = self.links
             self.hub.start()
             self.links.start()
@@ -117,7 +121,7 @@ class Daemon:
             node_id=self.node, name=self.cfg.name, port=self.hub.port,
             udp_port=self.hub.udp_port, interfaces=list(self.cfg.interfaces) or None,
             ip_version=self.cfg.ip_version,  # type: ignore[arg-type]
-            on_found=found, on_lost=links.peer_lost)
+            on_found=found, on_lost=links.peer_lost, auth=self.key is not None)
         self.discovery.start()
 
     def close(self) -> None:
@@ -217,6 +221,22 @@ def _env_seconds(var: str, default: float) -> float:
     return value if 0 < value < float("inf") else default
 
 
+def _read_secret(cfg: config.Config) -> bytes | None:
+    """The shared secret's key, from ``secret`` or ``secret_file``; None when unset."""
+    if cfg.secret:
+        return auth.load_secret(cfg.secret)
+    if cfg.secret_file:
+        try:
+            with open(cfg.secret_file, encoding="utf-8") as f:
+                text = f.read(65536)
+        except OSError as exc:
+            raise ConfigError(f"secret_file {cfg.secret_file}: {exc.strerror or exc}") from None
+        if not text.strip():
+            raise ConfigError(f"secret_file {cfg.secret_file}: the file is empty")
+        return auth.load_secret(text)
+    return None
+
+
 def _raise_fd_limit() -> None:
     """Allow as many open files as the hard limit permits: every chat client is one."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -280,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     except AlreadyRunning as exc:
         print(f"lanchatd: {exc}", file=sys.stderr)
         return 1
+    except ConfigError as exc:
+        print(f"lanchatd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except LanchatError as exc:
         print(f"lanchatd: {exc}", file=sys.stderr)
         return 1

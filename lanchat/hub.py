@@ -34,6 +34,7 @@ import contextlib
 import errno
 import itertools
 import logging
+import secrets
 import select
 import socket
 import threading
@@ -41,7 +42,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from lanchat import textmode, wire
+from lanchat import auth, textmode, wire
 from lanchat.commands import (
     Command,
     Hello,
@@ -63,7 +64,7 @@ from lanchat.errors import (
     ValidationError,
 )
 from lanchat.events import Event
-from lanchat.framing import LineDecoder, decode_utf8, dumps_line
+from lanchat.framing import LineDecoder, decode_utf8, dumps_line, loads_line
 from lanchat.limits import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_CONNECTIONS_PER_IP,
@@ -98,6 +99,10 @@ MAX_PROTOCOL_ERRORS = 20
 #: Seconds the accept loop waits after running out of file descriptors (EMFILE)
 #: before it tries again, instead of spinning on the error.
 ACCEPT_BACKOFF_S = 0.1
+
+#: What a text-mode or UDP client is told by a hub that requires the shared secret.
+SECRET_REQUIRED = ("this hub requires the shared secret: join with "
+                   "lanchat connect --secret-file FILE HOST -- bye")
 
 #: Seconds a clean shutdown waits for each client's goodbye to leave.
 SHUTDOWN_FLUSH_S = 2.0
@@ -549,6 +554,10 @@ class _TcpSession(_Session):
                     self._serve_json(frame, chunk[i + 1:], chunks)
                     return
                 first = False
+                if self.hub.key is not None and not self.hub.plain_clients:
+                    self.outbox.close_with(textmode.error(SECRET_REQUIRED), "no secret",
+                                           keep_queued=True)
+                    return
                 if not self.admit_command(now):  # answers to the prompt are commands too
                     continue
                 try:
@@ -616,6 +625,9 @@ class _TcpSession(_Session):
         if hello.room is not None:
             self.room = hello.room
         assert hello.nick is not None
+        frames = itertools.chain(pending, itertools.chain.from_iterable(chunks))
+        if self.hub.key is not None and not self._authenticated(hello.nick, frames):
+            return
         try:
             users = self.hub.backend.join(self, nick=hello.nick, host=self.host, via="json",
                                           room=self.room)
@@ -624,7 +636,7 @@ class _TcpSession(_Session):
             return
         self.nick = hello.nick
         self.welcome(users)
-        for frame in itertools.chain(pending, itertools.chain.from_iterable(chunks)):
+        for frame in frames:
             try:
                 command = wire.parse_command(frame)
                 if not self.admit(command, time.monotonic()):
@@ -640,6 +652,28 @@ class _TcpSession(_Session):
                         "too-many-errors", "too many protocol errors", fatal=True), "errors")
                     return
                 self.error(exc.code, str(exc))
+
+    def _authenticated(self, nick: str, frames: Any) -> bool:
+        """Challenge a JSON client for the shared secret; False (and closed) if it fails."""
+        assert self.hub.key is not None
+        nonce = secrets.token_hex(auth.NONCE_BYTES)
+        self._send(wire.encode_challenge(nonce))
+        self._deadline = time.monotonic() + self.hub.nick_timeout
+        self._deadline_why = "no answer to the challenge in time"
+        frame = next(frames, None)
+        self._deadline = None
+        given = None
+        if frame is not None:
+            with contextlib.suppress(RemoteProtocolError):
+                answer = loads_line(frame)
+                if isinstance(answer, dict) and answer.get("type") == "auth":
+                    given = answer.get("proof")
+        if auth.check_proof(self.hub.key, given, "client", nonce, nick):
+            return True
+        log.warning("%s: refused a client that cannot prove the shared secret", self.host)
+        self.outbox.close_with(wire.encode_error(
+            "auth-failed", "this hub requires the shared secret", fatal=True), "auth failed")
+        return False
 
     def _teardown(self) -> None:
         # Free the connection slot first: once the others see "left", it can be taken.
@@ -762,6 +796,9 @@ class _UdpEndpoint:
                 return
 
     def _register(self, nick: str, address: tuple[Any, ...]) -> None:
+        if self.hub.key is not None and not self.hub.plain_clients:
+            self.send(textmode.error(SECRET_REQUIRED), address)
+            return
         if not nick or nick.startswith("/"):
             self.send(textmode.greeting(self.hub.name), address)
             return
@@ -819,12 +856,17 @@ class Hub:
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
                  max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP,
                  line_timeout: float = LINE_TIMEOUT_S,
-                 nick_timeout: float = NICK_TIMEOUT_S) -> None:
+                 nick_timeout: float = NICK_TIMEOUT_S,
+                 key: bytes | None = None, plain_clients: bool = False) -> None:
         if max_rate < 0 or max_connections < 1 or max_connections_per_ip < 0:
             raise ValueError("max_rate and max_connections_per_ip must be >= 0, "
                              "max_connections >= 1")
         self.backend = backend
         self.name = name
+        #: The shared secret (lanchat.auth): JSON clients must prove it, and text-mode
+        #: and UDP clients -- who cannot -- are refused unless ``plain_clients``.
+        self.key = key
+        self.plain_clients = plain_clients
         self.link_acceptor = link_acceptor
         self.max_rate = float(max_rate)  # read by every reader; a float store is atomic
         self.max_connections = max_connections

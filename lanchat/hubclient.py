@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TextIO
 
+from lanchat import auth
 from lanchat.commands import Command, Help, Join, ListUsers, Nick, Ping, Quit, Say, Unknown
 from lanchat.config import DEFAULT_PORT, default_nick, sanitize_nick
 from lanchat.errors import LanchatError, RemoteProtocolError, ValidationError
@@ -289,7 +290,8 @@ class TcpSession:
     """One JSON-mode connection to a hub.  :meth:`run` drives it to an exit status."""
 
     def __init__(self, host: str, port: int, nick: str, printer: _Printer,
-                 room: str | None = None) -> None:
+                 room: str | None = None, *, key: bytes | None = None) -> None:
+        self.key = key
         self.host = host
         self.port = port
         self.nick = nick
@@ -366,9 +368,15 @@ class TcpSession:
         except RemoteProtocolError as exc:
             raise ConnectError(f"{self.where} is not speaking the lanchat protocol: "
                                f"{neutralise(str(exc))}") from None
+        if frame is not None and frame.get("type") == "challenge":
+            frame = self._answer(frame)
         if frame is None:
             raise ConnectError(f"connection to {self.where} closed by the server")
         kind = frame.get("type")
+        if kind == "error" and frame.get("code") == "auth-failed":
+            raise ConnectError(f"{self.where} requires the network's shared secret; "
+                               "give it with --secret-file FILE" if self.key is None else
+                               f"{self.where} did not accept our shared secret")
         if kind == "error":
             if frame.get("code") == "nick-taken":
                 raise ConnectError(f"the nick {neutralise(self.nick)} is taken on {self.where};"
@@ -383,6 +391,18 @@ class TcpSession:
                  ] if isinstance(users, list) else []
         return _Welcome(name=str(frame.get("name", "?")), nick=str(frame.get("nick", self.nick)),
                         room=str(frame.get("room", "lobby")), users=names)
+
+    def _answer(self, challenge: dict[str, Any]) -> dict[str, Any] | None:
+        """Prove the shared secret for a hub's challenge; return the frame after it."""
+        assert self.sock is not None
+        nonce = challenge.get("nonce")
+        if self.key is not None and isinstance(nonce, str):
+            self.sock.sendall(dumps_line({"type": "auth",
+                                          "proof": auth.proof(self.key, "client", nonce,
+                                                              self.nick)}))
+        else:
+            self.sock.sendall(dumps_line({"type": "auth", "proof": ""}))
+        return self._frame(time.monotonic() + CONNECT_TIMEOUT_S)
 
     # receiving ------------------------------------------------------------------------------
 
@@ -691,6 +711,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nick", metavar="NAME", help="your nickname (default: login name)")
     parser.add_argument("--room", metavar="ROOM", help="room to start in (default: lobby)")
     parser.add_argument("--udp", action="store_true", help="speak UDP text mode instead of TCP")
+    parser.add_argument("--secret-file", metavar="FILE",
+                        help="prove the network's shared secret (a hub with a secret requires it)")
     return parser
 
 
@@ -707,6 +729,19 @@ def _find_hub(printer: _Printer) -> tuple[str, int]:
         raise ConnectError(f"cannot look for hubs on the network: {exc.strerror or exc}; "
                            "give one: lanchat connect HOST[:PORT]") from None
     return choose_hub(hubs, _ask_tty if sys.stdin.isatty() else None)
+
+
+def _secret(path: str | None) -> bytes | None:
+    """The key from ``--secret-file``; ConnectError if it cannot be read."""
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(65536)
+    except OSError as exc:
+        raise ConnectError(f"cannot read the secret file {path}: {exc.strerror or exc}",
+                           EXIT_USAGE) from None
+    return auth.load_secret(text)
 
 
 def _ask_tty(prompt: str) -> str:
@@ -742,7 +777,8 @@ def main(args: list[str]) -> int:
                 raise ConnectError("--room needs TCP; with --udp type /join ROOM", EXIT_USAGE)
             session = UdpSession(host, port, nick, printer)
         else:
-            session = TcpSession(host, port, nick, printer, room=parsed.room)
+            session = TcpSession(host, port, nick, printer, room=parsed.room,
+                                 key=_secret(parsed.secret_file))
         return session.run(sys.stdin.fileno())
     except ConnectError as exc:
         printer.error(str(exc))

@@ -21,6 +21,12 @@ A link is a TCP connection to the other daemon's hub port, speaking JSON lines
    this origin from me"; the receiver moves its cursor there, and what
    follows extends its prefix again.
 4. ``roster {…}`` carries a node's users (see :mod:`lanchat.presence`).
+With a shared secret (:mod:`lanchat.auth`) the hello carries a ``nonce``; the
+welcome carries the acceptor's own ``nonce`` and a ``proof`` answering the
+dialer's; the dialer's first frame is then ``auth {proof}`` answering the
+acceptor's.  Either side that cannot check the other's proof closes the link,
+and every message's ``mac`` is checked before it is stored.
+
 5. ``ping``/``pong`` every ``HEARTBEAT_S``; a link silent for ``DEAD_AFTER_S``
    is dead.  ``bye {reason}`` ends a link on purpose.
 
@@ -68,6 +74,10 @@ class PeerHello:
     host: str
     port: int | None
     version: int = VERSION
+    #: With a shared secret: this side's challenge for the other, and (in a
+    #: welcome) the proof that answers the dialer's challenge.
+    nonce: str | None = None
+    proof: str | None = None
 
 
 def parse_cursors(raw: object) -> dict[str, int]:
@@ -103,13 +113,23 @@ def parse_peer_hello(frame: Mapping[str, Any]) -> PeerHello:
     version = frame.get("v")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise RemoteProtocolError("v must be a positive integer", code="bad-frame")
+    nonce, proof = frame.get("nonce"), frame.get("proof")
+    for value, what in ((nonce, "nonce"), (proof, "proof")):
+        if value is not None and (not isinstance(value, str) or not 16 <= len(value) <= 128
+                                  or not value.isalnum()):
+            raise RemoteProtocolError(f"{what} must be a short hex string", code="bad-frame")
     return PeerHello(node=node, name=name, host=host, port=port,
-                     version=min(version, VERSION))
+                     version=min(version, VERSION), nonce=nonce, proof=proof)
 
 
 def _hello_fields(me: PeerHello) -> dict[str, Any]:
-    return {"v": VERSION, "role": "daemon", "node": me.node, "name": me.name, "host": me.host,
-            "port": me.port}
+    fields: dict[str, Any] = {"v": VERSION, "role": "daemon", "node": me.node, "name": me.name,
+                              "host": me.host, "port": me.port}
+    if me.nonce is not None:
+        fields["nonce"] = me.nonce
+    if me.proof is not None:
+        fields["proof"] = me.proof
+    return fields
 
 
 def encode_hello(me: PeerHello) -> bytes:
@@ -135,6 +155,10 @@ def encode_roster(roster: NodeRoster) -> bytes:
 
 def encode_sync(cursors: Mapping[str, int]) -> bytes:
     return dumps_line({"type": "sync", "cursors": dict(cursors)})
+
+
+def encode_auth(proof: str) -> bytes:
+    return dumps_line({"type": "auth", "proof": proof})
 
 
 def encode_floor(origin: str, seq: int) -> bytes:
@@ -173,6 +197,11 @@ class Sync:
 
 
 @dataclass(frozen=True, slots=True)
+class Auth:
+    proof: str
+
+
+@dataclass(frozen=True, slots=True)
 class Floor:
     origin: str
     seq: int
@@ -204,7 +233,7 @@ class Refused:
     message: str
 
 
-Frame = Msgs | Roster | Sync | Floor | Ping | Pong | Bye | Welcome | Refused
+Frame = Msgs | Roster | Sync | Floor | Auth | Ping | Pong | Bye | Welcome | Refused
 
 
 def parse_frame(line: bytes) -> Frame:
@@ -222,6 +251,11 @@ def parse_frame(line: bytes) -> Frame:
         return Roster(NodeRoster.from_dict(frame.get("roster")))
     if kind == "sync":
         return Sync(parse_cursors(frame.get("cursors")))
+    if kind == "auth":
+        proof = frame.get("proof")
+        if not isinstance(proof, str) or len(proof) > 128:
+            raise RemoteProtocolError("auth needs a proof", code="bad-frame")
+        return Auth(proof)
     if kind == "floor":
         cursor = parse_cursors({frame.get("origin"): frame.get("seq")})
         ((origin, seq),) = cursor.items()

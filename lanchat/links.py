@@ -25,6 +25,7 @@ import contextlib
 import itertools
 import logging
 import random
+import secrets
 import socket
 import threading
 import time
@@ -33,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from lanchat import linkproto
+from lanchat import auth, linkproto
 from lanchat.commands import Hello
 from lanchat.errors import LanchatError, RemoteProtocolError, ValidationError
 from lanchat.events import Event
@@ -218,6 +219,12 @@ class Link:
                     yield linkproto.parse_frame(line)
 
     def _received(self, messages: tuple[Message, ...]) -> None:
+        key = self.manager.key
+        if key is not None:
+            good = tuple(m for m in messages if auth.check_message(key, m))
+            if len(good) < len(messages):
+                self.manager.forged(self, len(messages) - len(good))
+                messages = good
         if not messages:
             return
         with self._cond:
@@ -389,17 +396,27 @@ class _Dialer:
         sock = self._connect()
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.sendall(linkproto.encode_hello(manager.hello()))
+            challenge = secrets.token_hex(auth.NONCE_BYTES) if manager.key else None
+            sock.sendall(linkproto.encode_hello(manager.hello(nonce=challenge)))
             decoder = LineDecoder(linkproto.MAX_LINK_FRAME)
             welcome, pending = self._await_welcome(sock, decoder)
+            if welcome.node == manager.me.node:
+                self.stop.set()  # we dialed ourselves (our own advertisement, a loop): never again
+                raise LinkClosed("that address is this daemon")
+            if manager.key is not None:
+                assert challenge is not None
+                if not (welcome.nonce and auth.check_proof(
+                        manager.key, welcome.proof, "link-welcome", challenge,
+                        welcome.node, manager.me.node)):
+                    log.warning("link to %s:%d refused: it cannot prove the shared secret",
+                                self.host, self.port)
+                    raise LinkClosed("the peer does not know the shared secret")
+                sock.sendall(linkproto.encode_auth(auth.proof(
+                    manager.key, "link-hello", welcome.nonce, manager.me.node, welcome.node)))
         except BaseException:
             sock.close()
             self.manager._set_state(self, "down")
             raise
-        if welcome.node == manager.me.node:
-            sock.close()
-            self.stop.set()  # we dialed ourselves (our own advertisement or a loop): never again
-            raise LinkClosed("that address is this daemon")
         self.node = welcome.node
         link = Link(manager, sock, decoder, welcome, address=(self.host, self.port),
                     dialer=manager.me.node, pending=pending)
@@ -469,8 +486,12 @@ class LinkManager:
     """
 
     def __init__(self, router: LinkRouter, history: History, me: Identity,
-                 static_peers: Sequence[tuple[str, int]] = ()) -> None:
+                 static_peers: Sequence[tuple[str, int]] = (), *,
+                 key: bytes | None = None) -> None:
         self.router = router
+        #: The shared secret: links must prove it, messages must carry its tag.
+        self.key = key
+        self._forged = 0
         self.history = history
         self.me = me
         self._lock = threading.Lock()  # guards: _links, _dialers, _peers, _closed
@@ -484,6 +505,15 @@ class LinkManager:
     def start(self) -> None:
         for host, port in self._static:
             self._dial([host], port, None, static=True)
+
+    def forged(self, link: Link, count: int) -> None:
+        """``link`` sent messages without a valid tag: they were dropped.  Log it, sparingly."""
+        with self._lock:
+            self._forged += count
+            total = self._forged
+        if total == count or total % 1000 < count:
+            log.warning("dropped %d message(s) from %s with no valid tag of the shared secret "
+                        "(%d so far)", count, link.name, total)
 
     def set_static_peers(self, peers: Sequence[tuple[str, int]]) -> None:
         """A reload changed ``peers``: dial the new ones, stop dialing the removed ones."""
@@ -500,9 +530,10 @@ class LinkManager:
         for host, port in added:
             self._dial([host], port, None, static=True)
 
-    def hello(self) -> linkproto.PeerHello:
+    def hello(self, *, nonce: str | None = None,
+              proof: str | None = None) -> linkproto.PeerHello:
         return linkproto.PeerHello(node=self.me.node, name=self.me.name, host=self.me.host,
-                                   port=self.me.port)
+                                   port=self.me.port, nonce=nonce, proof=proof)
 
     # -- discovery's callbacks ---------------------------------------------------------
 
@@ -564,17 +595,53 @@ class LinkManager:
         if self.linked(peer.node):
             sock.sendall(linkproto.encode_error("duplicate-link", "already linked to you"))
             return
+        if self.key is None:
+            welcome = self.hello()
+        elif peer.nonce is None:
+            log.warning("refused a link from %s: it does not use the shared secret", address[0])
+            sock.sendall(linkproto.encode_error("auth-required",
+                                                "this daemon requires the shared secret"))
+            return
+        else:
+            welcome = self.hello(nonce=secrets.token_hex(auth.NONCE_BYTES),
+                                 proof=auth.proof(self.key, "link-welcome", peer.nonce,
+                                                  self.me.node, peer.node))
+        sock.sendall(linkproto.encode_welcome(welcome))
+        rest = list(pending)
+        if self.key is not None:
+            assert welcome.nonce is not None
+            if not self._check_auth(sock, decoder, rest, welcome.nonce, peer.node):
+                log.warning("refused a link from %s (%s): wrong proof of the shared secret",
+                            address[0], peer.node)
+                with contextlib.suppress(OSError):
+                    sock.sendall(linkproto.encode_error("auth-failed", "wrong proof"))
+                return
         link = Link(self, sock, decoder, peer, address=address, dialer=peer.node,
-                    pending=pending)
+                    pending=rest)
         if not self._register(link, None):
             sock.sendall(linkproto.encode_error("duplicate-link", "already linked to you"))
             return
-        try:
-            sock.sendall(linkproto.encode_welcome(self.hello()))
-        except OSError:
-            self._unregister(link, "welcome not sent")
-            return
         link.run()
+
+    def _check_auth(self, sock: socket.socket, decoder: LineDecoder, rest: list[bytes],
+                    nonce: str, peer: str) -> bool:
+        """Read the dialer's first frame (from ``rest`` or the socket): a valid ``auth``?
+
+        Consumes that frame from ``rest``; frames after it stay there.
+        """
+        assert self.key is not None
+        sock.settimeout(CONNECT_TIMEOUT_S)
+        try:
+            while not rest:
+                data = sock.recv(65536)
+                if not data:
+                    return False
+                rest.extend(decoder.feed(data))
+            frame = linkproto.parse_frame(rest.pop(0))
+        except (OSError, RemoteProtocolError, ValidationError):
+            return False
+        return isinstance(frame, linkproto.Auth) and auth.check_proof(
+            self.key, frame.proof, "link-hello", nonce, peer, self.me.node)
 
     # -- the table of links ----------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from lanchat.errors import ValidationError
@@ -30,6 +30,7 @@ _ROOM_RE = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 #: Characters that would make a nick look like a command, notice or error line in text mode.
 _NICK_BAD_START = "/*!#["
 _NICK_BAD_CHARS = frozenset(":,")
+_MAC_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def validate_nick(nick: object) -> str:
@@ -161,9 +162,14 @@ class Message:
     text: str
     to: str | None = None
     id: str = field(default="")
+    #: The origin's authentication tag (see :mod:`lanchat.auth`), when a secret is set.
+    mac: str | None = None
 
     def __post_init__(self) -> None:
         validate_node(self.origin)
+        if self.mac is not None and not (isinstance(self.mac, str)
+                                         and _MAC_RE.fullmatch(self.mac)):
+            raise ValidationError("mac must be 64 lowercase hex digits", code="bad-mac")
         _validate_seq(self.seq)
         object.__setattr__(self, "ts", _validate_ts(self.ts))
         object.__setattr__(self, "room", validate_room(self.room))
@@ -193,7 +199,7 @@ class Message:
         for name, value in (("origin", origin), ("seq", seq), ("ts", _validate_ts(ts)),
                             ("room", draft.room), ("nick", draft.nick), ("host", draft.host),
                             ("text", draft.text), ("to", draft.to),
-                            ("id", message_id(origin, seq))):
+                            ("id", message_id(origin, seq)), ("mac", None)):
             object.__setattr__(msg, name, value)
         return msg
 
@@ -205,7 +211,13 @@ class Message:
         }
         if self.to is not None:
             d["to"] = self.to
+        if self.mac is not None:
+            d["mac"] = self.mac
         return d
+
+    def signed(self, mac: str) -> Message:
+        """This message with its origin's authentication tag."""
+        return replace(self, mac=mac)
 
     @classmethod
     def from_dict(cls, d: object) -> Message:
@@ -216,7 +228,7 @@ class Message:
             return cls(
                 origin=d["origin"], seq=d["seq"], ts=d["ts"], room=d["room"],
                 nick=d["nick"], host=d["host"], text=d["text"], to=d.get("to"),
-                id=d.get("id", ""),
+                id=d.get("id", ""), mac=d.get("mac"),
             )
         except KeyError as exc:
             raise ValidationError(f"message lacks field {exc.args[0]!r}",

@@ -75,7 +75,8 @@ class LinkPeer(Protocol):
 class MessageStore(Protocol):
     """What the router needs of the history store (see :mod:`lanchat.store`)."""
 
-    def append_local(self, drafts: Sequence[Draft], *, ts: float) -> list[Message]: ...
+    def append_local(self, drafts: Sequence[Draft], *, ts: float,
+                     sign: Callable[[Message], str] | None = None) -> list[Message]: ...
     def insert_remote(self, messages: Sequence[Message]) -> list[Message]: ...
     def history(self, *, room: str | None = None, limit: int = 50,
                 before: float | None = None, since: float | None = None) -> list[Message]: ...
@@ -187,8 +188,11 @@ class Router:
     """
 
     def __init__(self, store: MessageStore, *, node: str, host: str, nick: str,
-                 name: str | None = None, clock: Callable[[], float] = time.time) -> None:
+                 name: str | None = None, clock: Callable[[], float] = time.time,
+                 sign: Callable[[Message], str] | None = None) -> None:
         self._store = store
+        #: Tags our own messages with the shared secret (lanchat.auth), when one is set.
+        self._sign = sign
         self.node = node
         self.host = host
         self.name = name or f"{nick} on {host}"
@@ -413,7 +417,8 @@ class Router:
 
     def _commit(self, batch: list[_Publish]) -> None:
         try:
-            messages = self._store.append_local([p.draft for p in batch], ts=self._clock())
+            messages = self._store.append_local([p.draft for p in batch], ts=self._clock(),
+                                                sign=self._sign)
         except StoreError as exc:
             log.error("cannot store %d message(s): %s", len(batch), exc)
             for p in batch:

@@ -45,7 +45,7 @@ import secrets
 import sqlite3
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -104,21 +104,25 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
                 SET seq = max(seq, excluded.seq), ts = max(ts, excluded.ts);
         END""",
     ),
+    # 2: the origin's authentication tag, relayed with the message (lanchat.auth).
+    (
+        "ALTER TABLE messages ADD COLUMN mac TEXT",
+    ),
 )
 
-_COLUMNS = 'id, origin, seq, ts, room, nick, host, text, "to"'
+_COLUMNS = 'id, origin, seq, ts, room, nick, host, text, "to", mac'
 _INSERT = (
-    'INSERT INTO messages (id, origin, seq, ts, room, nick, host, text, "to", uid) '
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    'INSERT INTO messages (id, origin, seq, ts, room, nick, host, text, "to", uid, mac) '
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
-_Row = tuple[str, str, int, float, str, str, str, str, str | None]
+_Row = tuple[str, str, int, float, str, str, str, str, str | None, str | None]
 
 
 def _message(row: _Row) -> Message:
-    mid, origin, seq, ts, room, nick, host, text, to = row
+    mid, origin, seq, ts, room, nick, host, text, to, mac = row
     return Message(origin=origin, seq=seq, ts=ts, room=room, nick=nick, host=host,
-                   text=text, to=to, id=mid)
+                   text=text, to=to, id=mid, mac=mac)
 
 
 class _Reader:
@@ -323,7 +327,8 @@ class Store:
         """This node's id: 16 random lowercase hex digits, created once, kept forever."""
         return self._node_id
 
-    def append_local(self, drafts: Iterable[Draft], *, ts: float) -> list[Message]:
+    def append_local(self, drafts: Iterable[Draft], *, ts: float,
+                     sign: Callable[[Message], str] | None = None) -> list[Message]:
         """Stamp ``drafts`` as our own messages with the next seqs, in one transaction.
 
         Every message gets ``max(ts, the latest ts of our origin)``, so history
@@ -343,8 +348,11 @@ class Store:
             stamp = max(float(ts), last_ts)
             messages = [Message.stamp(d, origin=origin, seq=last_seq + i, ts=stamp)
                         for i, d in enumerate(drafts, start=1)]
+            if sign is not None:  # the origin's tag, so every relay can check it
+                messages = [m.signed(sign(m)) for m in messages]
             conn.executemany(_INSERT, [
-                (m.id, m.origin, m.seq, m.ts, m.room, m.nick, m.host, m.text, m.to, d.uid)
+                (m.id, m.origin, m.seq, m.ts, m.room, m.nick, m.host, m.text, m.to, d.uid,
+                 m.mac)
                 for m, d in zip(messages, drafts, strict=True)
             ])
         return messages
@@ -372,7 +380,7 @@ class Store:
                 if m.seq != high[m.origin] + 1:
                     continue
                 conn.execute(_INSERT, (m.id, m.origin, m.seq, m.ts, m.room, m.nick, m.host,
-                                       m.text, m.to, None))
+                                       m.text, m.to, None, m.mac))
                 high[m.origin] = m.seq
                 stored.append(m)
         return stored

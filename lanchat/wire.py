@@ -137,6 +137,11 @@ def encode_error(code: str, message: str, *, fatal: bool = False) -> bytes:
     return dumps_line({"type": "error", "code": code, "message": message, "fatal": fatal})
 
 
+def encode_challenge(nonce: str) -> bytes:
+    """A hub with a shared secret asks a JSON client to prove it (answer: ``auth {proof}``)."""
+    return dumps_line({"type": "challenge", "nonce": nonce})
+
+
 def encode_bye(reason: str) -> bytes:
     return dumps_line({"type": "bye", "reason": reason})
 

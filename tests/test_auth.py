@@ -1,0 +1,215 @@
+"""The optional shared secret: who can link, who can chat, what can be injected."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import Daemon, LineClient
+from test_links import FAKE_NODE, FakePeer, fake_msg, history_ids, linked, node_of, wait_for
+
+from lanchat import auth
+from lanchat.model import Message
+
+KEY = auth.load_secret("correct horse battery staple\n")
+
+
+@pytest.fixture
+def fakes() -> Iterator[list[FakePeer]]:
+    made: list[FakePeer] = []
+    try:
+        yield made
+    finally:
+        for f in made:
+            f.close()
+
+
+class SecretPeer(FakePeer):
+    """A hand-written daemon that knows the secret: hello with a nonce, nothing else yet."""
+
+    def __init__(self, port: int, nonce: str) -> None:  # no super(): no pipelined sync
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5.0)
+        self.buf = b""
+        self.node = FAKE_NODE
+        self.send({"type": "hello", "v": 1, "role": "daemon", "node": FAKE_NODE,
+                   "name": "fake peer", "host": "fakehost", "port": None, "nonce": nonce})
+
+
+def _config(workdir: str, name: str, **keys: Any) -> str:
+    path = os.path.join(workdir, f"{name}.toml")
+    with open(path, "w") as f:
+        for k, v in keys.items():
+            f.write(f"{k} = {json.dumps(v)}\n")
+    return path
+
+
+def _secret_file(workdir: str, text: str = "correct horse battery staple") -> str:
+    path = os.path.join(workdir, "secret")
+    with open(path, "w") as f:
+        f.write(text + "\n")
+    os.chmod(path, 0o600)
+    return path
+
+
+# -- the pure floor ---------------------------------------------------------------------------
+
+def test_proofs_are_bound_to_nonce_parties_and_purpose() -> None:
+    p = auth.proof(KEY, "link-hello", "ab" * 16, "n1", "n2")
+    assert auth.check_proof(KEY, p, "link-hello", "ab" * 16, "n1", "n2")
+    assert not auth.check_proof(KEY, p, "link-welcome", "ab" * 16, "n1", "n2")  # purpose
+    assert not auth.check_proof(KEY, p, "link-hello", "cd" * 16, "n1", "n2")    # nonce
+    assert not auth.check_proof(KEY, p, "link-hello", "ab" * 16, "n2", "n1")    # parties
+    assert not auth.check_proof(b"other", p, "link-hello", "ab" * 16, "n1", "n2")
+    assert not auth.check_proof(KEY, None, "link-hello", "ab" * 16, "n1", "n2")
+
+
+def test_message_tags_cover_every_field() -> None:
+    msg = Message.from_dict(fake_msg(1, "hello"))
+    signed = msg.signed(auth.message_mac(KEY, msg))
+    assert auth.check_message(KEY, signed)
+    assert Message.from_dict(signed.to_dict()) == signed  # the tag travels with it
+    for change in ({"text": "hellO"}, {"nick": "mallory"}, {"room": "dev"}, {"ts": 1.5},
+                   {"to": "bob"}):
+        forged = Message.from_dict({**signed.to_dict(), **change})
+        assert not auth.check_message(KEY, forged), change
+    assert not auth.check_message(KEY, msg)  # untagged
+
+
+# -- daemons ----------------------------------------------------------------------------------
+
+def test_daemons_with_the_secret_link_and_tag_every_message(make_daemon: Any,
+                                                           workdir: str) -> None:
+    secret = _secret_file(workdir)
+    a = make_daemon("--config", _config(workdir, "a", secret_file=secret), nick="alice",
+                    subdir="a")
+    b = make_daemon("--config", _config(workdir, "b", secret_file=secret,
+                                        peers=[f"127.0.0.1:{a.port}"]), nick="bob", subdir="b")
+    na, nb = node_of(a), node_of(b)
+    wait_for("linked", lambda: linked(a, nb) and linked(b, na), 10.0)
+    assert a.cli("send", "from alice").returncode == 0
+    wait_for("relayed", lambda: any(i.startswith(na) for i in history_ids(b)), 5.0)
+    got = [json.loads(line) for line in b.cli("history", "--json").stdout.splitlines()]
+    assert got and all(auth.check_message(KEY, Message.from_dict(m)) for m in got)
+
+
+@pytest.mark.parametrize("who_has_it", ["acceptor", "dialer"])
+def test_a_daemon_without_the_secret_cannot_link(make_daemon: Any, workdir: str,
+                                                 who_has_it: str) -> None:
+    secret = _secret_file(workdir)
+    with_secret = {"secret_file": secret}
+    a = make_daemon("--config", _config(workdir, "a", **(
+        with_secret if who_has_it == "acceptor" else {})), "-v", nick="alice", subdir="a")
+    b = make_daemon("--config", _config(workdir, "b", peers=[f"127.0.0.1:{a.port}"], **(
+        with_secret if who_has_it == "dialer" else {})), "-v", nick="bob", subdir="b")
+    time.sleep(2.0)  # several dial attempts
+    assert not linked(a, node_of(b)) and not linked(b, node_of(a))
+    assert "shared secret" in (a.stderr() + b.stderr())
+
+
+def test_an_intruder_can_neither_link_nor_inject(make_daemon: Any, workdir: str,
+                                                 fakes: list[FakePeer]) -> None:
+    d = make_daemon("--config", _config(workdir, "d", secret_file=_secret_file(workdir)))
+    plain = FakePeer(d.port)  # no nonce: does not even try
+    fakes.append(plain)
+    assert plain.until("error")["code"] == "auth-required"
+    assert plain.closed()
+    guesser = FakePeer(d.port, nonce="00" * 16)  # tries, but cannot answer the welcome
+    fakes.append(guesser)
+    welcome = guesser.until("welcome")
+    assert "proof" in welcome and "nonce" in welcome
+    guesser.send({"type": "auth", "proof": "11" * 32})
+    guesser.send({"type": "msgs", "m": [fake_msg(1, "injected")]})
+    assert guesser.closed()
+    time.sleep(0.3)
+    assert f"{FAKE_NODE}:1" not in history_ids(d)
+
+
+def test_a_linked_peer_cannot_forge_messages(make_daemon: Any, workdir: str,
+                                             fakes: list[FakePeer]) -> None:
+    d = make_daemon("--config", _config(workdir, "d", secret_file=_secret_file(workdir)), "-v")
+    node = node_of(d)
+    mine = "ab" * 16
+    f = SecretPeer(d.port, mine)
+    fakes.append(f)
+    welcome = f.until("welcome")
+    assert auth.check_proof(KEY, welcome["proof"], "link-welcome", mine, node, FAKE_NODE)
+    f.send({"type": "auth", "proof": auth.proof(KEY, "link-hello", welcome["nonce"],
+                                                 FAKE_NODE, node)})
+    f.send({"type": "sync", "cursors": {}})
+    good = Message.from_dict(fake_msg(1, "honest"))
+    f.send({"type": "msgs", "m": [good.signed(auth.message_mac(KEY, good)).to_dict()]})
+    wait_for("the tagged message is stored", lambda: f"{FAKE_NODE}:1" in history_ids(d), 3.0)
+    forged = {**fake_msg(2, "forged"), "mac": "00" * 32}
+    f.send({"type": "msgs", "m": [forged, fake_msg(3, "untagged")]})
+    f.send({"type": "ping"})
+    f.until("pong")
+    time.sleep(0.2)
+    ids = history_ids(d)
+    assert f"{FAKE_NODE}:2" not in ids and f"{FAKE_NODE}:3" not in ids
+    assert "no valid tag of the shared secret" in d.stderr()
+
+
+# -- clients ----------------------------------------------------------------------------------
+
+def test_plain_clients_are_refused_unless_allowed(make_daemon: Any, workdir: str,
+                                                  clients: list[Any]) -> None:
+    secret = _secret_file(workdir)
+    d = make_daemon("--config", _config(workdir, "d", secret_file=secret), subdir="d")
+    text = LineClient(d.port)
+    clients.append(text)
+    text.line(), text.line()
+    text.send("alice\n")
+    assert "requires the shared secret" in text.line()
+    assert text.closed()
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.settimeout(5)
+    try:
+        udp.sendto(b"udpuser\n", ("127.0.0.1", d.port))
+        assert b"requires the shared secret" in udp.recvfrom(8192)[0]
+    finally:
+        udp.close()
+    j = LineClient(d.port)
+    clients.append(j)
+    j.send(json.dumps({"type": "hello", "v": 1, "nick": "jay"}) + "\n")
+    challenge = json.loads(j.until(lambda s: s.startswith("{")))
+    assert challenge["type"] == "challenge"
+    j.send(json.dumps({"type": "auth", "proof": "00" * 32}) + "\n")
+    err = json.loads(j.line())
+    assert err["type"] == "error" and err["code"] == "auth-failed" and err["fatal"]
+    relaxed = make_daemon("--config", _config(workdir, "r", secret_file=secret,
+                                              plain_clients=True), subdir="r")
+    ok = LineClient(relaxed.port)
+    clients.append(ok)
+    ok.line(), ok.line()
+    ok.send("alice\n")
+    assert "Welcome, alice!" in ok.line()
+
+
+def test_lanchat_connect_proves_the_secret(make_daemon: Any, workdir: str) -> None:
+    secret = _secret_file(workdir)
+    d = make_daemon("--config", _config(workdir, "d", secret_file=secret))
+    cmd = [sys.executable, "-m", "lanchat", "connect", "--nick", "carol",
+           f"127.0.0.1:{d.port}"]
+    without = subprocess.run(cmd, input=b"", capture_output=True, timeout=20, check=False)
+    assert without.returncode == 1 and b"--secret-file" in without.stderr
+    with_it = subprocess.run([*cmd[:4], "--secret-file", secret, *cmd[4:]],
+                             input=b"hello with the secret\n/quit\n", capture_output=True,
+                             timeout=20, check=False)
+    assert with_it.returncode == 0, with_it.stderr
+    wait_for("stored", lambda: any(
+        json.loads(line)["text"] == "hello with the secret"
+        for line in d.cli("history", "--json").stdout.splitlines()), 5.0)
+
+
+def test_a_missing_secret_file_is_a_config_error(workdir: str) -> None:
+    d = Daemon(workdir, "--config", _config(workdir, "d", secret_file="/nonexistent/secret"))
+    with pytest.raises(RuntimeError, match="secret_file"):
+        d.start(timeout=10)
+    assert d.proc is not None and d.proc.returncode == 78
