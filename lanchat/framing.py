@@ -103,11 +103,21 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 overflows to inf: as bad as a literal Infinity
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
 def loads_line(line: bytes | str) -> Any:
-    """Parse one JSON frame strictly (UTF-8, no NaN/Infinity); raise RemoteProtocolError."""
+    """Parse one JSON frame strictly (UTF-8, no NaN/Infinity, no overflowing numbers).
+
+    Raises :class:`RemoteProtocolError`.
+    """
     text = decode_utf8(line) if isinstance(line, bytes) else line
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as exc:
         raise RemoteProtocolError(f"invalid JSON: {exc}", code="bad-json") from None
 

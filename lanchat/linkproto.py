@@ -103,10 +103,12 @@ def parse_peer_hello(frame: Mapping[str, Any]) -> PeerHello:
     except ValidationError as exc:
         raise RemoteProtocolError(str(exc), code="bad-frame") from None
     name, host, port = frame.get("name"), frame.get("host"), frame.get("port")
-    if not isinstance(name, str) or not name or len(name) > 253:
-        raise RemoteProtocolError("a daemon must say its name", code="bad-frame")
-    if not isinstance(host, str) or not host or len(host) > 253:
-        raise RemoteProtocolError("a daemon must say its host", code="bad-frame")
+    # Printable only: names end up in logs, tables and notices.
+    if not isinstance(name, str) or not name or len(name) > 253 or not name.isprintable():
+        raise RemoteProtocolError("a daemon must say its name (printable)", code="bad-frame")
+    if (not isinstance(host, str) or not host or len(host) > 253 or not host.isprintable()
+            or any(c.isspace() for c in host)):
+        raise RemoteProtocolError("a daemon must say its host (printable)", code="bad-frame")
     if port is not None and (isinstance(port, bool) or not isinstance(port, int)
                              or not 0 < port < 65536):
         raise RemoteProtocolError("port must be 1-65535", code="bad-frame")

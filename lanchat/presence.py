@@ -17,6 +17,7 @@ Pure: no I/O, no clock (versions and times are passed in).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -78,8 +79,8 @@ def _user_from(d: object, node: str) -> User:
     if not isinstance(d, dict):
         raise ValidationError("roster user must be an object", code="bad-roster")
     since = d.get("since")
-    if isinstance(since, bool) or not isinstance(since, int | float):
-        raise ValidationError("user since must be a number", code="bad-roster")
+    if isinstance(since, bool) or not isinstance(since, int | float) or not math.isfinite(since):
+        raise ValidationError("user since must be a finite number", code="bad-roster")
     via = d.get("via", "tcp")
     if not isinstance(via, str) or len(via) > 16:
         raise ValidationError("user via must be a short string", code="bad-roster")

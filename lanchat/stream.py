@@ -135,21 +135,24 @@ class Outbox:
         self._act(action)
 
     def _kick(self) -> str | None:
-        """Under the lock: what it takes to get the writer going ("start", "wake" or None)."""
+        """Under the lock: get the writer going; returns "wake" if the caller must wake it.
+
+        A new writer is started right here, under the lock, so that no one can
+        see (and try to join) a writer that is not started yet.  That is safe:
+        ``Thread.start`` only waits for the thread to begin, not for our lock.
+        """
         if self._writer is None:
             self._writer = threading.Thread(target=self._run, name=f"{self._name}-w",
                                             daemon=False)
-            return "start"
+            self._writer.start()
+            return None
         if self._sleeping:
             self._sleeping = False
             return "wake"
         return None
 
     def _act(self, action: str | None) -> None:
-        if action == "start":
-            assert self._writer is not None
-            self._writer.start()
-        elif action == "wake":
+        if action == "wake":
             self._wake.release()
 
     def close_with(self, final: bytes | None, reason: str, *, keep_queued: bool = False) -> None:
@@ -172,8 +175,13 @@ class Outbox:
                 self._chunks.append(final)
                 self._queued += len(final)
             self._stall_timeout = min(self._stall_timeout, self._final_timeout)
-            action = self._kick()
-        self._act(action)
+            action: str | None = "shutdown"
+            if self._chunks or self._writer is not None or self._sending:
+                action = self._kick()  # else: nothing to flush, no thread needed to close
+        if action == "shutdown":
+            self._shutdown()
+        else:
+            self._act(action)
 
     def close(self, reason: str = "closed") -> None:
         """Shut down now, dropping anything queued."""
@@ -190,7 +198,14 @@ class Outbox:
 
     def _run(self) -> None:
         poller = select.poll()
-        poller.register(self._sock, select.POLLOUT)
+        try:
+            poller.register(self._sock, select.POLLOUT)
+        except (ValueError, OSError):  # the socket was closed under us: nothing to send to
+            with self._lock:
+                self._closing = True
+                self._chunks.clear()
+                self._queued = 0
+            return
         while True:
             with self._lock:
                 chunks = self._chunks
