@@ -485,15 +485,8 @@ class TcpSession:
 
     def _typed(self, line: str) -> bool:
         """Handle one typed line; False to leave."""
-        try:
-            command = parse_line(line)
-        except ValidationError as exc:
-            self.printer.note(f"! {exc}")
-            return True
+        command = _parse_typed(line, self.printer)
         if command is None:
-            return True
-        if isinstance(command, Help):
-            _help(self.printer)
             return True
         if isinstance(command, Unknown):
             self.printer.note(neutralise(f"! unknown command /{command.name} -- type /help"))
@@ -645,15 +638,8 @@ class UdpSession:
                 os.write(self._wake_w, b"x")
 
     def _typed(self, line: str) -> bool:
-        try:
-            command = parse_line(line)
-        except ValidationError as exc:
-            self.printer.note(f"! {exc}")
-            return True
+        command = _parse_typed(line, self.printer)
         if command is None:
-            return True
-        if isinstance(command, Help):
-            _help(self.printer)
             return True
         if isinstance(command, Quit):
             return False
@@ -696,6 +682,19 @@ class UdpSession:
 def text_forgotten(data: bytes) -> bool:
     """True for the hub's notice that it forgot a silent UDP client."""
     return b"have been forgotten" in data
+
+
+def _parse_typed(line: str, printer: _Printer) -> Command | None:
+    """Parse a typed line; None when there is nothing to send (blank, an error shown, /help)."""
+    try:
+        command = parse_line(line)
+    except ValidationError as exc:
+        printer.note(f"! {exc}")
+        return None
+    if isinstance(command, Help):
+        _help(printer)
+        return None
+    return command
 
 
 # -- entry point --------------------------------------------------------------------------------

@@ -139,13 +139,7 @@ class _Inbox:
         self._closed = False
 
     def put(self, item: object) -> None:
-        with self._lock:
-            while len(self._items) >= self._maxsize and not self._closed:
-                self._not_full.wait()
-            if self._closed:
-                raise ClosedError("the daemon is shutting down")
-            self._items.append(item)
-            self._not_empty.notify()
+        self.put_many([item])
 
     def put_many(self, items: list[object]) -> None:
         with self._lock:

@@ -18,11 +18,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
+
+from lanchat.errors import LanchatError
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_RE = re.compile(r"listening on (\S+):(\d+)")
@@ -128,6 +130,31 @@ class Daemon:
         return subprocess.run([*lanchat_cmd(), "--socket", self.socket, *args], input=input,
                               capture_output=True, timeout=timeout,
                               env=dict(os.environ, **(env or {})), check=False)
+
+
+T = TypeVar("T")
+
+
+def wait_for(what: str, fn: Callable[[], T | None], timeout: float, *, poll: float = 0.05,
+             diag: Callable[[], str] | None = None) -> T:
+    """Poll ``fn`` until it returns something truthy; AssertionError (with ``diag()``) on timeout.
+
+    An OSError, RuntimeError or LanchatError from ``fn`` counts as "not yet" (a daemon
+    restarting); the last value or error is shown in the failure.
+    """
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = fn()
+        except (OSError, RuntimeError, LanchatError) as exc:
+            last = exc
+        if last and not isinstance(last, Exception):
+            return last  # type: ignore[no-any-return]
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not within {timeout} s (last: {last!r})"
+                                 + (f"\n{diag()}" if diag else ""))
+        time.sleep(poll)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,16 +18,6 @@ from lanchat import auth
 from lanchat.model import Message
 
 KEY = auth.load_secret("correct horse battery staple\n")
-
-
-@pytest.fixture
-def fakes() -> Iterator[list[FakePeer]]:
-    made: list[FakePeer] = []
-    try:
-        yield made
-    finally:
-        for f in made:
-            f.close()
 
 
 class SecretPeer(FakePeer):
@@ -114,14 +103,14 @@ def test_a_daemon_without_the_secret_cannot_link(make_daemon: Any, workdir: str,
 
 
 def test_an_intruder_can_neither_link_nor_inject(make_daemon: Any, workdir: str,
-                                                 fakes: list[FakePeer]) -> None:
+                                                 clients: list[Any]) -> None:
     d = make_daemon("--config", _config(workdir, "d", secret_file=_secret_file(workdir)))
     plain = FakePeer(d.port)  # no nonce: does not even try
-    fakes.append(plain)
+    clients.append(plain)
     assert plain.until("error")["code"] == "auth-required"
     assert plain.closed()
     guesser = FakePeer(d.port, nonce="00" * 16)  # tries, but cannot answer the welcome
-    fakes.append(guesser)
+    clients.append(guesser)
     welcome = guesser.until("welcome")
     assert "proof" in welcome and "nonce" in welcome
     guesser.send({"type": "auth", "proof": "11" * 32})
@@ -132,12 +121,12 @@ def test_an_intruder_can_neither_link_nor_inject(make_daemon: Any, workdir: str,
 
 
 def test_a_linked_peer_cannot_forge_messages(make_daemon: Any, workdir: str,
-                                             fakes: list[FakePeer]) -> None:
+                                             clients: list[Any]) -> None:
     d = make_daemon("--config", _config(workdir, "d", secret_file=_secret_file(workdir)), "-v")
     node = node_of(d)
     mine = "ab" * 16
     f = SecretPeer(d.port, mine)
-    fakes.append(f)
+    clients.append(f)
     welcome = f.until("welcome")
     assert auth.check_proof(KEY, welcome["proof"], "link-welcome", mine, node, FAKE_NODE)
     f.send({"type": "auth", "proof": auth.proof(KEY, "link-hello", welcome["nonce"],

@@ -22,18 +22,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from conftest import Daemon, TextUser, wait_for
 
 from lanchat.client import ControlClient
-
-try:
-    from tests.conftest import Daemon, TextUser
-except ImportError:                      # tests/ is on sys.path itself (no tests/__init__.py)
-    from conftest import Daemon, TextUser  # type: ignore[no-redef]
-
-T = TypeVar("T")
 
 #: A static link comes up this fast after both daemons run (the issue's bound).
 LINK_WITHIN_S = 3.0
@@ -44,23 +38,6 @@ CRASH_DOWN_WITHIN_S = 10.0
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-def wait_for(what: str, fn: Callable[[], T | None], timeout: float, *, poll: float = 0.05,
-             diag: Callable[[], str] | None = None) -> T:
-    """Poll ``fn`` until it returns something truthy; AssertionError (with ``diag``) on timeout."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = fn()
-        except (OSError, RuntimeError) as exc:  # a daemon restarting: try again
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last  # type: ignore[no-any-return]
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what}: not within {timeout} s (last: {last!r})"
-                                 + (f"\n{diag()}" if diag else ""))
-        time.sleep(poll)
 
 
 def rpc(d: Daemon, method: str, **params: Any) -> Any:

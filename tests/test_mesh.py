@@ -22,14 +22,14 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from conftest import wait_for
 
 from lanchat.client import ControlClient
-from lanchat.errors import LanchatError
 
 try:
     from tests import netns
@@ -50,24 +50,6 @@ CLEAN_DOWN_WITHIN_S = 2.0
 CRASH_DOWN_WITHIN_S = 10.0
 #: Links redial with backoff up to 30 s; more than this after a heal is a bug.
 HEAL_WITHIN_S = 40.0
-
-
-def wait_for(what: str, fn: Callable[[], T | None], timeout: float, *, poll: float = 0.1,
-             diag: Callable[[], str] | None = None) -> T:
-    """Poll ``fn`` until truthy; AssertionError with ``diag()`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = fn()
-        except (OSError, LanchatError) as exc:  # a daemon (re)starting
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last  # type: ignore[no-any-return]
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what}: not within {timeout} s (last: {last!r})"
-                                 + (f"\n{diag()}" if diag else ""))
-        time.sleep(poll)
 
 
 class NsDaemon:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from typing import Any
 
-import pytest
 from conftest import Daemon
 from test_links import FAKE_NODE, FakePeer, fake_msg, history_ids, wait_for
 
@@ -13,16 +12,6 @@ from lanchat.model import Message
 from lanchat.store import Store
 
 FAR = "fa12" * 4  # an origin whose first messages were pruned
-
-
-@pytest.fixture
-def fakes() -> Iterator[list[FakePeer]]:
-    made: list[FakePeer] = []
-    try:
-        yield made
-    finally:
-        for f in made:
-            f.close()
 
 
 def _pruned_history(state_dir: str) -> None:
@@ -36,13 +25,13 @@ def _pruned_history(state_dir: str) -> None:
 
 
 def test_a_peer_learns_the_floor_instead_of_asking_forever(workdir: str,
-                                                           fakes: list[FakePeer]) -> None:
+                                                           clients: list[Any]) -> None:
     d = Daemon(workdir)
     _pruned_history(d.state_dir)
     d.start()
     try:
         f = FakePeer(d.port, cursors={})
-        fakes.append(f)
+        clients.append(f)
         f.until("welcome")
         floor = f.until("floor")
         assert floor["origin"] == FAR and floor["seq"] == 5
@@ -52,9 +41,9 @@ def test_a_peer_learns_the_floor_instead_of_asking_forever(workdir: str,
         d.stop()
 
 
-def test_a_floor_from_a_peer_lets_the_rest_in(daemon: Daemon, fakes: list[FakePeer]) -> None:
+def test_a_floor_from_a_peer_lets_the_rest_in(daemon: Daemon, clients: list[Any]) -> None:
     f = FakePeer(daemon.port)
-    fakes.append(f)
+    clients.append(f)
     f.until("welcome")
     f.send({"type": "msgs", "m": [fake_msg(8)]})  # beyond a gap: refused, a sync asks
     assert f.until("sync")["cursors"].get(FAKE_NODE, 0) == 0
