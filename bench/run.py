@@ -168,9 +168,17 @@ def sc_slowconsumer(srv: servers.Server, a: argparse.Namespace) -> Result:
     tl = [t for t in rep["timeline"] if t["s"] < a.duration]
     ratios = [round(t["delivered"] / t["offered"], 3) if t["offered"] else None for t in tl]
     full = [r for r in ratios[1:] if r is not None]  # second 0 includes the ramp
+    slow = rep["slow"]
+    # Cut: the server hung up during the run, or the slow client, reading everything after
+    # the run, reached EOF (with its receive window full the FIN cannot arrive earlier).
+    cut = bool(slow) and all(s["cut_after_s"] is not None or (s["reason"] or "").startswith(
+        ("eof", "recv:", "server hung up")) for s in slow)
+    notice = bool(slow) and all(any(ln.startswith("! ") or '"error"' in ln
+                                    for ln in s["last_lines"]) for s in slow)
     return {"others_min_ratio": min(full) if full else 0.0,
             "others_total_ratio": round(rep["deliveries"] / max(1, rep["expected_deliveries"]), 4),
-            "per_second_ratio": ratios, "slow": rep["slow"], **res, **_quality(rep),
+            "per_second_ratio": ratios, "slow_cut": cut, "slow_got_notice": notice,
+            "slow": slow, **res, **_quality(rep),
             **_lat_figures(rep)}
 
 
