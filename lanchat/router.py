@@ -43,6 +43,9 @@ from lanchat.presence import Change, NetworkRoster, NodeRoster
 
 log = logging.getLogger(__name__)
 
+#: Seconds between two announcements of our users to the links (at most).
+ROSTER_EVERY_S = 0.2
+
 
 class Subscriber(Protocol):
     """Anything that receives routed events: a hub client, a ``tail``, a daemon link."""
@@ -158,11 +161,15 @@ class _Inbox:
             self._not_empty.notify()
             self._not_full.notify_all()
 
-    def take(self) -> list[object]:
-        """Block for the next item; if it is a publish, also take the publishes right after it."""
+    def take(self, timeout: float | None = None) -> list[object]:
+        """Block for the next item; if it is a publish, also take the publishes right after it.
+
+        Returns ``[]`` if ``timeout`` seconds pass with nothing to take.
+        """
         with self._lock:
             while not self._items:
-                self._not_empty.wait()
+                if not self._not_empty.wait(timeout) and not self._items:
+                    return []
             first = self._items.popleft()
             batch = [first]
             if isinstance(first, _Publish):
@@ -206,10 +213,17 @@ class Router:
         #: that gap detection costs no query.  Router thread only.
         self._cursors: dict[str, int] = store.cursors()
         self._roster = NetworkRoster(node)
-        self._roster_ver = 0
-        # Published by the router thread, read by anyone (immutable snapshot).
-        self._users: tuple[User, ...] = ()
-        self._publish_users()
+        # Microseconds of the clock: newer than any version we announced before a restart.
+        self._roster_ver = int(clock() * 1_000_000)
+        # Who is connected: kept per connection, changed one entry at a time by
+        # the router thread (a join costs the same with 5 or 5,000 users), and
+        # read by anyone -- a dict copy is atomic under the GIL, sorting happens
+        # on the reader's side.  _me and _remote are replaced, never mutated.
+        self._local_users: dict[Subscriber, User] = {}
+        self._remote_users: tuple[User, ...] = ()
+        self._me = self._own_user()
+        self._roster_dirty = False  # our roster changed since links last heard it
+        self._roster_sent_at = 0.0  # monotonic
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -367,10 +381,20 @@ class Router:
 
     def users(self, room: str | None = None) -> list[User]:
         """Everyone connected (this daemon's user first), optionally only in ``room``."""
-        snapshot = self._users
-        if room is None:
-            return list(snapshot)
-        return [u for u in snapshot if u.room == room or u.via == "daemon"]
+        local = list(self._local_users.values())
+        remote = self._remote_users
+        if room is not None:
+            local = [u for u in local if u.room == room]
+            remote = tuple(u for u in remote if u.room == room)
+        local.sort(key=lambda u: u.nick.casefold())
+        return [self._me, *local, *sorted(remote, key=lambda u: (u.nick.casefold(), u.node))]
+
+    def _room_users(self, room: str, exclude: Subscriber | None = None) -> list[User]:
+        """Who is in ``room`` (router thread: uses the room index, not a scan of everyone)."""
+        local = [self._local_users[s] for s in self._room_subs.get(room, ())
+                 if s is not exclude and s in self._local_users]
+        remote = [u for u in self._remote_users if u.room == room]
+        return [self._me, *local, *remote]
 
     def history(self, *, room: str | None = None, limit: int = 50,
                 before: float | None = None, since: float | None = None) -> list[Message]:
@@ -386,7 +410,11 @@ class Router:
 
     def _run(self) -> None:
         while True:
-            batch = self._inbox.take()
+            batch = self._inbox.take(ROSTER_EVERY_S if self._roster_dirty else None)
+            if self._roster_dirty:
+                self._flush_roster()
+            if not batch:
+                continue
             first = batch[0]
             if first is _STOP:
                 return
@@ -525,11 +553,11 @@ class Router:
             raise NickInUse("already joined")
         self._check_nick_free(nick, None)
         member = _Member(sub, nick, host, room, via, self._clock())
-        others = self.users(room)
+        others = self._room_users(room)
         self._members[sub] = member
         self._nicks[nick.casefold()] = member
         self._add_to_room(sub, room)
-        self._publish_users()
+        self._user_changed(member)
         self._presence("join", member, room)
         return others
 
@@ -538,13 +566,13 @@ class Router:
         if member is None:
             raise ClosedError("not joined")
         if member.room == room:
-            return [u for u in self.users(room) if u.nick != member.nick]
+            return self._room_users(room, exclude=sub)
         self._presence("leave", member, member.room, reason=f"moved to #{room}")
         self._remove_from_room(sub, member.room)
-        others = self.users(room)
+        others = self._room_users(room)
         member.room = room
         self._add_to_room(sub, room)
-        self._publish_users()
+        self._user_changed(member)
         self._presence("join", member, room)
         return others
 
@@ -558,7 +586,7 @@ class Router:
         del self._nicks[old.casefold()]
         member.nick = nick
         self._nicks[nick.casefold()] = member
-        self._publish_users()
+        self._user_changed(member)
         self._presence("nick", member, member.room, old=old)
 
     def _do_leave(self, sub: Subscriber, reason: str) -> None:
@@ -568,7 +596,8 @@ class Router:
             return
         self._nicks.pop(member.nick.casefold(), None)
         self._remove_from_room(sub, member.room)
-        self._publish_users()
+        self._local_users.pop(sub, None)
+        self._roster_dirty = True
         self._presence("leave", member, member.room, reason=reason)
 
     def _do_set_nick(self, nick: str) -> str:
@@ -577,7 +606,8 @@ class Router:
         if holder is not None:
             raise NickInUse(f"the nick {nick} is taken")
         self._nick = nick
-        self._publish_users()
+        self._me = self._own_user()
+        self._roster_dirty = True
         return nick
 
     def _do_subscribe(self, sub: Subscriber, backlog: int,
@@ -620,7 +650,7 @@ class Router:
                 self._show_changes(changes, "unreachable")
                 for other in self._links:
                     other.send_roster(gone)
-        self._publish_users(bump=False)
+        self._remote_users = tuple(self._roster.users())
 
     def _do_apply_roster(self, roster: NodeRoster, source: LinkPeer) -> None:
         if roster.gone and any(lk.node == roster.node for lk in self._links):
@@ -635,7 +665,7 @@ class Router:
         for link in self._links:
             if link is not source:
                 link.send_roster(roster)
-        self._publish_users(bump=False)
+        self._remote_users = tuple(self._roster.users())
 
     def _show_changes(self, changes: list[Change], reason: str) -> None:
         now = self._clock()
@@ -650,23 +680,35 @@ class Router:
             self._fanout(events)
 
     def _own_roster(self) -> NodeRoster:
-        mine = tuple(u for u in self._users if u.node == self.node)
+        mine = (self._me, *self._local_users.values())
         return NodeRoster(node=self.node, ver=self._roster_ver, name=self.name,
                           host=self.host, users=mine)
 
-    def _publish_users(self, bump: bool = True) -> None:
-        me = User(nick=self._nick, host=self.host, node=self.node, local=True,
-                  since=self._started_at, room=DEFAULT_ROOM, via="daemon")
-        others = sorted(self._members.values(), key=lambda m: m.nick.casefold())
-        remote = sorted(self._roster.users(), key=lambda u: (u.nick.casefold(), u.node))
-        self._users = (me, *(
-            User(nick=m.nick, host=m.host, node=self.node, local=True, since=m.since,
-                 room=m.room, via=m.via) for m in others), *remote)
-        if bump:
-            # Versions only grow, also across restarts: microseconds of the clock,
-            # or one more than the last version if the clock stepped back.
-            self._roster_ver = max(self._roster_ver + 1, int(self._clock() * 1_000_000))
-            if self._links:
-                roster = self._own_roster()
-                for link in self._links:
-                    link.send_roster(roster)
+    def _own_user(self) -> User:
+        return User(nick=self._nick, host=self.host, node=self.node, local=True,
+                    since=self._started_at, room=DEFAULT_ROOM, via="daemon")
+
+    def _user_changed(self, member: _Member) -> None:
+        self._local_users[member.sub] = User(
+            nick=member.nick, host=member.host, node=self.node, local=True,
+            since=member.since, room=member.room, via=member.via)
+        self._roster_dirty = True
+
+    def _flush_roster(self) -> None:
+        """Tell links about our users: at most every ROSTER_EVERY_S, however busy the hub.
+
+        A roster is all our users, so sending one per join would cost links
+        the square of the users during a rush of joins.
+        """
+        now = time.monotonic()
+        if now - self._roster_sent_at < ROSTER_EVERY_S:
+            return
+        self._roster_dirty = False
+        self._roster_sent_at = now
+        # Versions only grow, also across restarts: microseconds of the clock,
+        # or one more than the last version if the clock stepped back.
+        self._roster_ver = max(self._roster_ver + 1, int(self._clock() * 1_000_000))
+        if self._links:
+            roster = self._own_roster()
+            for link in self._links:
+                link.send_roster(roster)

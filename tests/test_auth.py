@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -109,12 +110,13 @@ def test_an_intruder_can_neither_link_nor_inject(make_daemon: Any, workdir: str,
     clients.append(plain)
     assert plain.until("error")["code"] == "auth-required"
     assert plain.closed()
-    guesser = FakePeer(d.port, nonce="00" * 16)  # tries, but cannot answer the welcome
+    guesser = SecretPeer(d.port, "00" * 16)  # tries, but cannot answer the welcome
     clients.append(guesser)
     welcome = guesser.until("welcome")
     assert "proof" in welcome and "nonce" in welcome
     guesser.send({"type": "auth", "proof": "11" * 32})
-    guesser.send({"type": "msgs", "m": [fake_msg(1, "injected")]})
+    with contextlib.suppress(OSError):  # the daemon may hang up before this arrives
+        guesser.send({"type": "msgs", "m": [fake_msg(1, "injected")]})
     assert guesser.closed()
     time.sleep(0.3)
     assert f"{FAKE_NODE}:1" not in history_ids(d)
