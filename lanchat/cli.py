@@ -237,30 +237,31 @@ def cmd_history(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_users(args: argparse.Namespace) -> int:
+def _list_command(args: argparse.Namespace, method: str, headers: list[str],
+                  row: Callable[[dict[str, Any]], list[str]]) -> int:
+    """Call a method that returns a list; print it as JSON or as a table of ``row``s."""
     with _client(args) as client:
-        users = client.call("users")
+        items = client.call(method)
     if args.json:
-        _json(users)
-        return EXIT_OK
-    rows = [[str(u.get("nick", "")), str(u.get("host", "")), "#" + str(u.get("room", "")),
-             "local" if u.get("local") else str(u.get("node", "")), str(u.get("via", "")),
-             _when(u.get("since"))] for u in users if isinstance(u, dict)]
-    _table(["NICK", "HOST", "ROOM", "NODE", "VIA", "SINCE"], rows)
+        _json(items)
+    else:
+        _table(headers, [row(item) for item in items if isinstance(item, dict)])
     return EXIT_OK
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    return _list_command(args, "users", ["NICK", "HOST", "ROOM", "NODE", "VIA", "SINCE"],
+                         lambda u: [str(u.get("nick", "")), str(u.get("host", "")),
+                                    "#" + str(u.get("room", "")),
+                                    "local" if u.get("local") else str(u.get("node", "")),
+                                    str(u.get("via", "")), _when(u.get("since"))])
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        peers = client.call("peers")
-    if args.json:
-        _json(peers)
-        return EXIT_OK
-    rows = [[str(p.get("node", "")), str(p.get("name", "")), str(p.get("address", "")),
-             str(p.get("port", "")), str(p.get("state", "")), _when(p.get("last_seen"))]
-            for p in peers if isinstance(p, dict)]
-    _table(["NODE", "NAME", "ADDRESS", "PORT", "STATE", "LAST SEEN"], rows)
-    return EXIT_OK
+    return _list_command(args, "peers", ["NODE", "NAME", "ADDRESS", "PORT", "STATE", "LAST SEEN"],
+                         lambda p: [str(p.get("node", "")), str(p.get("name", "")),
+                                    str(p.get("address", "")), str(p.get("port", "")),
+                                    str(p.get("state", "")), _when(p.get("last_seen"))])
 
 
 def cmd_status(args: argparse.Namespace) -> int:

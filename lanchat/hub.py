@@ -255,39 +255,33 @@ class _Session:
         limiter = self._limits()
         if limiter.rate == 0:  # --max-rate 0: the benchmarks' fast path
             return True
-        verdict = limiter.message(now)
-        if verdict is Verdict.OK:
-            return True
-        rate = limiter.rate
-        if verdict is Verdict.KICK:
-            raise _Flooding(f"flooding: more than {rate * FLOOD_FACTOR:g} messages per second")
-        self._limited(verdict, "rate-limited",
-                      f"rate limit: at most {rate:g} messages per second; message dropped", ref)
-        return False
+        return self._admitted(limiter.message(now), limiter.rate, "messages", "message dropped",
+                              ref)
 
     def admit_command(self, now: float) -> bool:
         limiter = self._limits()
-        verdict = limiter.command(now)
+        return self._admitted(limiter.command(now), limiter.command_rate, "commands",
+                              "command ignored", None)
+
+    def _admitted(self, verdict: Verdict, rate: float, what: str, consequence: str,
+                  ref: Any) -> bool:
+        """Turn a bucket's verdict into an answer: pass, a notice (or error frame), or a kick."""
         if verdict is Verdict.OK:
             return True
-        rate = limiter.command_rate
         if verdict is Verdict.KICK:
-            raise _Flooding(f"flooding: more than {rate * FLOOD_FACTOR:g} commands per second")
-        self._limited(verdict, "rate-limited",
-                      f"rate limit: at most {rate:g} commands per second; command ignored", None)
-        return False
-
-    def _limited(self, verdict: Verdict, code: str, text: str, ref: Any) -> None:
+            raise _Flooding(f"flooding: more than {rate * FLOOD_FACTOR:g} {what} per second")
+        text = f"rate limit: at most {rate:g} {what} per second; {consequence}"
         # A JSON client hears about every dropped frame (with its ref, so it knows
         # which); a person gets one line a second, not one per dropped line.
         if self.mode == "json":
-            frame: dict[str, Any] = {"type": "error", "code": code, "message": text,
+            frame: dict[str, Any] = {"type": "error", "code": "rate-limited", "message": text,
                                      "fatal": False}
             if ref is not None:
                 frame["ref"] = ref
             self._send(dumps_line(frame))
         elif verdict is Verdict.NOTIFY:
             self._send(textmode.error(text))
+        return False
 
     # commands ------------------------------------------------------------------------
 

@@ -286,26 +286,24 @@ class _Welcome:
     users: list[str]
 
 
-class TcpSession:
-    """One JSON-mode connection to a hub.  :meth:`run` drives it to an exit status."""
+class _Session:
+    """What both kinds of session share: the socket, the wake-up pipe, the typing loop.
 
-    def __init__(self, host: str, port: int, nick: str, printer: _Printer,
-                 room: str | None = None, *, key: bytes | None = None) -> None:
-        self.key = key
+    Threads: the main thread reads stdin (:meth:`_pump`) and sends; a receiver
+    thread prints what arrives and, when the stream ends, sets ``gone`` and
+    writes to the wake-up pipe so the main thread stops waiting on stdin.
+    """
+
+    def __init__(self, host: str, port: int, nick: str, printer: _Printer) -> None:
         self.host = host
         self.port = port
         self.nick = nick
-        self.room = room
         self.where = hostport(host, port)
         self.printer = printer
         self.sock: socket.socket | None = None
-        self.decoder = LineDecoder(MAX_HUB_LINE_BYTES)
         self.closing = threading.Event()   # set by the main thread when we leave on purpose
         self.gone = threading.Event()      # set by the receiver when the stream ended
         self._wake_r, self._wake_w = os.pipe()
-        self._pending: list[bytes] = []
-        self._quit_reason = "quit"
-        self._send_failed = False  # main thread only
 
     def close(self) -> None:
         if self.sock is not None:
@@ -314,6 +312,41 @@ class TcpSession:
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+    def _typed(self, line: str) -> bool:
+        """Handle one typed line; False to leave."""
+        raise NotImplementedError
+
+    def _pump(self, stdin_fd: int) -> None:
+        """Hand typed lines to :meth:`_typed` until EOF, a quit, or the stream ends."""
+        reader = _Stdin(stdin_fd, self._wake_r)
+        while True:
+            lines = reader.lines()
+            if lines is None or not all(self._typed(line) for line in lines):
+                return
+
+    def _stop(self, receiver: threading.Thread) -> None:
+        """Stop the receiver: shutdown() wakes its recv/select (TCP and, on Linux, UDP)."""
+        self.closing.set()
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+        if receiver.ident is not None:
+            receiver.join(5.0)
+
+
+class TcpSession(_Session):
+    """One JSON-mode connection to a hub.  :meth:`run` drives it to an exit status."""
+
+    def __init__(self, host: str, port: int, nick: str, printer: _Printer,
+                 room: str | None = None, *, key: bytes | None = None) -> None:
+        super().__init__(host, port, nick, printer)
+        self.key = key
+        self.room = room
+        self.decoder = LineDecoder(MAX_HUB_LINE_BYTES)
+        self._pending: list[bytes] = []
+        self._quit_reason = "quit"
+        self._send_failed = False  # main thread only
 
     # handshake ------------------------------------------------------------------------------
 
@@ -484,7 +517,6 @@ class TcpSession:
         return True
 
     def _typed(self, line: str) -> bool:
-        """Handle one typed line; False to leave."""
         command = _parse_typed(line, self.printer)
         if command is None:
             return True
@@ -519,23 +551,13 @@ class TcpSession:
         try:
             # Started inside the try: a Ctrl-C at any moment from here on still stops it.
             receiver.start()
-            reader = _Stdin(stdin_fd, self._wake_r)
-            while True:
-                lines = reader.lines()
-                if lines is None:
-                    break
-                if not all(self._typed(line) for line in lines):
-                    break
+            self._pump(stdin_fd)
             if self.gone.is_set() or self._send_failed:
                 status = EXIT_ERROR
             else:
                 self._leave()
         finally:
-            self.closing.set()
-            with contextlib.suppress(OSError):
-                self.sock.shutdown(socket.SHUT_RDWR)
-            if receiver.ident is not None:
-                receiver.join(5.0)
+            self._stop(receiver)
         if status != EXIT_OK:
             self.printer.error(f"connection to {self.where} closed by the server")
         return status
@@ -543,28 +565,12 @@ class TcpSession:
 
 # -- UDP (text mode) ----------------------------------------------------------------------------
 
-class UdpSession:
+class UdpSession(_Session):
     """A UDP text-mode registration with a hub.  :meth:`run` drives it to an exit status."""
 
     def __init__(self, host: str, port: int, nick: str, printer: _Printer) -> None:
-        self.host = host
-        self.port = port
-        self.nick = nick
-        self.where = hostport(host, port)
-        self.printer = printer
-        self.sock: socket.socket | None = None
-        self.closing = threading.Event()
-        self.gone = threading.Event()
+        super().__init__(host, port, nick, printer)
         self.bye = threading.Event()       # the hub answered our /quit
-        self._wake_r, self._wake_w = os.pipe()
-
-    def close(self) -> None:
-        if self.sock is not None:
-            with contextlib.suppress(OSError):
-                self.sock.close()
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
     def _open(self) -> None:
         try:
@@ -656,23 +662,12 @@ class UdpSession:
         receiver = threading.Thread(target=self._receive, name="hubclient-udp-receiver")
         try:
             receiver.start()
-            reader = _Stdin(stdin_fd, self._wake_r)
-            while True:
-                lines = reader.lines()
-                if lines is None:
-                    break
-                if not all(self._typed(line) for line in lines):
-                    break
+            self._pump(stdin_fd)
             if not self.gone.is_set():
                 self._send("/quit")
                 self.bye.wait(BYE_WAIT_S)
         finally:
-            self.closing.set()
-            # shutdown() on a UDP socket wakes the receiver's select on Linux.
-            with contextlib.suppress(OSError):
-                self.sock.shutdown(socket.SHUT_RDWR)
-            if receiver.ident is not None:
-                receiver.join(5.0)
+            self._stop(receiver)
         if self.gone.is_set():
             self.printer.error(f"connection to {self.where} closed by the server")
             return EXIT_ERROR

@@ -283,6 +283,10 @@ def missing(ours: Mapping[str, int], theirs: Mapping[str, int]) -> dict[str, int
             if high > theirs.get(origin, 0)}
 
 
-def keeps(my_node: str, dialer_of_existing: str, dialer_of_new: str) -> bool:
-    """Of two links to one node, keep the new one?  The lower dialer's link wins."""
+def keeps(dialer_of_existing: str, dialer_of_new: str) -> bool:
+    """Of two links to one node, keep the new one?  The lower dialer's link wins.
+
+    The answer depends only on who dialed each link, so both ends of the pair
+    make the same choice.
+    """
     return dialer_of_new < dialer_of_existing

@@ -22,7 +22,6 @@ for as long, is dead.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import random
 import secrets
@@ -64,8 +63,8 @@ class LinkRouter(Protocol):
 
     def attach_link(self, link: Any) -> None: ...
     def detach_link(self, link: Any) -> None: ...
-    def accept_remote(self, messages: Sequence[Message], *, source: object | None,
-                      wait: bool = True) -> tuple[list[Message], bool]: ...
+    def accept_remote(self, messages: Sequence[Message], *,
+                      source: object | None) -> tuple[list[Message], bool]: ...
     def apply_roster(self, roster: NodeRoster, *, source: Any) -> None: ...
     def cursors(self) -> dict[str, int]: ...
     def skip_pruned(self, origin: str, seq: int) -> None: ...
@@ -500,7 +499,6 @@ class LinkManager:
         self._peers: dict[str, _Peer] = {}  # key: node id, or "host:port" before we know it
         self._closed = False
         self._static = list(static_peers)
-        self._accepted = itertools.count(1)
 
     def start(self) -> None:
         for host, port in self._static:
@@ -657,7 +655,7 @@ class LinkManager:
                 return False
             existing = self._links.get(link.node)
             if existing is not None:
-                if not linkproto.keeps(self.me.node, existing.dialer, link.dialer):
+                if not linkproto.keeps(existing.dialer, link.dialer):
                     return False
                 loser = existing
             self._links[link.node] = link

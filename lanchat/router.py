@@ -121,7 +121,7 @@ class _Call:
 class _Remote:
     messages: Sequence[Message]
     source: object | None
-    future: Future[tuple[list[Message], bool]] | None
+    future: Future[tuple[list[Message], bool]]
 
 
 _STOP = object()
@@ -242,10 +242,6 @@ class Router:
         """This daemon's own user's nick."""
         return self._nick
 
-    @property
-    def uptime_s(self) -> float:
-        return self._clock() - self._started_at
-
     # -- publishing ------------------------------------------------------------
 
     def publish(self, draft: Draft, *, source: object | None = None,
@@ -276,17 +272,16 @@ class Router:
         self.publish(draft, done=done)
         return future.result(timeout)
 
-    def accept_remote(self, messages: Sequence[Message], *, source: object | None,
-                      wait: bool = True) -> tuple[list[Message], bool]:
+    def accept_remote(self, messages: Sequence[Message], *,
+                      source: object | None) -> tuple[list[Message], bool]:
         """Store messages from another daemon (dedup by id) and fan out the new ones.
 
         Returns the messages that were new and whether any message lay beyond
-        a gap (the sender should replay from our cursors).  Without ``wait``
-        returns ``([], False)`` at once and the work happens later.
+        a gap (the sender should replay from our cursors).
         """
-        future: Future[tuple[list[Message], bool]] | None = Future() if wait else None
+        future: Future[tuple[list[Message], bool]] = Future()
         self._inbox.put(_Remote(messages, source, future))
-        return future.result() if future is not None else ([], False)
+        return future.result()
 
     # -- links -------------------------------------------------------------------
 
@@ -461,16 +456,14 @@ class Router:
             new = self._store.insert_remote(fresh) if fresh else []
         except StoreError as exc:
             log.error("cannot store %d message(s) from a peer: %s", len(fresh), exc)
-            if item.future is not None:
-                item.future.set_exception(exc)
+            item.future.set_exception(exc)
             return
         for msg in new:
             cursors[msg.origin] = msg.seq
         gap = any(m.seq > cursors.get(m.origin, 0) for m in fresh)
         if new:
             self._fanout([Event(msg, item.source) for msg in new])
-        if item.future is not None:
-            item.future.set_result((new, gap))
+        item.future.set_result((new, gap))
 
     def _fanout(self, events: list[Event]) -> None:
         """Hand events to everyone who should see them.  Router thread only.
@@ -490,22 +483,14 @@ class Router:
                     if member is None or member.nick.casefold() not in (
                             to, item.nick.casefold()):
                         continue
-                batch = batches.get(sub)
-                if batch is None:
-                    batches[sub] = [event]
-                else:
-                    batch.append(event)
+                batches.setdefault(sub, []).append(event)
             for sub in self._watchers:
                 if sub is source:
                     continue
                 rooms = self._watcher_rooms.get(sub)
                 if rooms is not None and item.room not in rooms:
                     continue
-                batch = batches.get(sub)
-                if batch is None:
-                    batches[sub] = [event]
-                else:
-                    batch.append(event)
+                batches.setdefault(sub, []).append(event)
         dead = [sub for sub, batch in batches.items() if not sub.deliver(batch)]
         for link in self._links:
             mine = [e for e in events if isinstance(e.item, Message) and e.source is not link]

@@ -25,7 +25,7 @@ import logging
 import select
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from lanchat.framing import LineDecoder
 from lanchat.limits import MAX_OUTBOX_BYTES, SEND_STALL_TIMEOUT_S, WRITER_IDLE_EXIT_S
@@ -56,13 +56,11 @@ class Outbox:
         name: str,
         max_bytes: int = MAX_OUTBOX_BYTES,
         stall_timeout: float = SEND_STALL_TIMEOUT_S,
-        on_close: Callable[[str], None] | None = None,
     ) -> None:
         self._sock = sock
         self._name = name
         self._max_bytes = max_bytes
         self._stall_timeout = stall_timeout
-        self._on_close = on_close
         # guards: _chunks, _queued, _writer, _closing, _sleeping, close_reason.
         # A plain lock, not a Condition: put() runs once per receiver per fan-out,
         # so its cost is the hub's cost.  A sleeping writer waits on ``_wake``, a
@@ -81,11 +79,6 @@ class Outbox:
         self.close_reason: str | None = None
         #: True once the peer was cut off for not reading (a send stalled).
         self.stalled = False
-
-    @property
-    def queued_bytes(self) -> int:
-        """Bytes waiting to be sent (a snapshot)."""
-        return self._queued
 
     def put(self, data: bytes) -> bool:
         """Queue ``data`` for sending.  Never blocks on the network.
@@ -282,8 +275,6 @@ class Outbox:
         # Already shut down or reset by the peer: then there is nothing left to wake.
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
-        if self._on_close is not None:
-            self._on_close(self.close_reason or "closed")
 
 
 def read_frames(sock: socket.socket, decoder: LineDecoder) -> Iterator[bytes]:
