@@ -157,6 +157,35 @@ def wait_for(what: str, fn: Callable[[], T | None], timeout: float, *, poll: flo
         time.sleep(poll)
 
 
+def assert_exactly_once_in_order(ids: list[str], expected: set[str], who: str = "") -> None:
+    """Every expected message id once, nothing else, and each origin's seqs ascending."""
+    where = f"{who}: " if who else ""
+    counts = collections.Counter(ids)
+    dups = [i for i, n in counts.items() if n > 1]
+    assert not dups, f"{where}duplicated {dups[:10]}"
+    assert set(ids) == expected, (f"{where}missing {sorted(expected - set(ids))[:10]}, "
+                                  f"extra {sorted(set(ids) - expected)[:10]}")
+    per_origin: dict[str, list[int]] = collections.defaultdict(list)
+    for i in ids:
+        origin, seq = i.split(":")
+        per_origin[origin].append(int(seq))
+    for origin, seqs in per_origin.items():
+        assert seqs == sorted(seqs), f"{where}{origin} out of order"
+
+
+def python_for_uid(uid: int) -> str | None:
+    """A Python >= 3.11 that user ``uid`` may run (the venv under /root may be closed to it)."""
+    for exe in ("/usr/bin/python3", sys.executable):
+        try:
+            r = subprocess.run([exe, "-c", "import sys; assert sys.version_info >= (3, 11)"],
+                               user=uid, capture_output=True, timeout=20, check=False, cwd="/")
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if r.returncode == 0:
+            return exe
+    return None
+
+
 @pytest.fixture
 def workdir() -> Iterator[str]:
     path = short_tmpdir()

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import python_for_uid
 from control_fake import NODE, FakeBackend
 
 from lanchat.cli import parse_since
@@ -112,22 +113,10 @@ def test_stale_socket_exit_3(tmp_short: str) -> None:
     assert r.returncode == 3 and path in r.stderr
 
 
-def _python_for(uid: int) -> str | None:
-    for exe in (sys.executable, "/usr/bin/python3"):
-        try:
-            r = subprocess.run([exe, "-c", "import sys; assert sys.version_info >= (3, 11)"],
-                               user=uid, capture_output=True, timeout=20, check=False)
-        except (OSError, subprocess.SubprocessError):
-            continue
-        if r.returncode == 0:
-            return exe
-    return None
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the CLI as another uid")
 def test_permission_denied_exit_4(tmp_short: str) -> None:
     nobody = 65534
-    exe = _python_for(nobody)
+    exe = python_for_uid(nobody)
     if exe is None:
         pytest.skip("no Python 3.11 that uid 65534 may run")
     os.chmod(tmp_short, 0o755)  # searchable by everyone; the 0600 socket is not writable

@@ -12,7 +12,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -20,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import ROOT, Daemon, TextUser, lanchat_cmd, lanchatd_cmd
+from conftest import ROOT, Daemon, TextUser, lanchat_cmd, lanchatd_cmd, python_for_uid
 
 from lanchat.client import ControlClient, DaemonNotRunning
 from lanchat.errors import LanchatError
@@ -346,22 +345,10 @@ def test_no_daemon_exit_3_names_socket_and_how_to_start(workdir: str) -> None:
     assert err.count("\n") == 1 and path in err and "lanchatd" in err and "Start it" in err
 
 
-def _python_for(uid: int) -> str | None:
-    for exe in ("/usr/bin/python3", sys.executable):
-        try:
-            r = subprocess.run([exe, "-c", "import sys; assert sys.version_info >= (3, 11)"],
-                               user=uid, capture_output=True, timeout=20, check=False, cwd="/")
-        except (OSError, subprocess.SubprocessError):
-            continue
-        if r.returncode == 0:
-            return exe
-    return None
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the CLI as another uid")
 def test_another_users_socket_exit_4(make_daemon: Any) -> None:
     nobody = 65534
-    exe = _python_for(nobody)
+    exe = python_for_uid(nobody)
     if exe is None:
         pytest.skip("no Python 3.11 that uid 65534 may run")
     tree = tempfile.mkdtemp(prefix="lc-", dir="/tmp")

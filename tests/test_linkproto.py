@@ -238,15 +238,12 @@ def test_sync_round_trip_property(cursors: dict[str, int]) -> None:
 
 def test_tie_break_keeps_the_link_dialed_by_the_lower_node() -> None:
     low, high = sorted([NODE_A, NODE_B])
-    # On either end, an existing link dialed by the higher node loses to one dialed by the lower.
-    assert linkproto.keeps(low, high, low) is True
-    assert linkproto.keeps(high, high, low) is True
+    # An existing link dialed by the higher node loses to one dialed by the lower ...
+    assert linkproto.keeps(high, low) is True
     # ... and a new link dialed by the higher node never replaces one dialed by the lower.
-    assert linkproto.keeps(low, low, high) is False
-    assert linkproto.keeps(high, low, high) is False
-    # Both ends of the pair reach the same verdict.
-    for existing, new in [(low, high), (high, low)]:
-        assert linkproto.keeps(low, existing, new) == linkproto.keeps(high, existing, new)
+    assert linkproto.keeps(low, high) is False
+    # The verdict takes no "which end am I" input, so both ends of the pair reach the same one.
+    assert "my_node" not in linkproto.keeps.__code__.co_varnames
 
 
 def test_backoff_and_heartbeat_constants_are_consistent() -> None:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import Daemon, TextUser, wait_for
+from conftest import Daemon, TextUser, assert_exactly_once_in_order, wait_for
 
 from lanchat.client import ControlClient
 
@@ -95,21 +95,6 @@ def logs(*daemons: Daemon) -> str:
         lines = [x for x in d.stderr().splitlines() if "DEBUG: control-" not in x]
         out.append(f"--- {d.nick} stderr (tail) ---\n" + "\n".join(lines[-60:]))
     return "\n".join(out)
-
-
-def assert_exactly_once_in_order(ids: list[str], expected: set[str]) -> None:
-    """Every expected id once, nothing else, and each origin's seqs ascending."""
-    counts = collections.Counter(ids)
-    dups = [i for i, n in counts.items() if n > 1]
-    assert not dups, f"duplicated: {dups[:10]}"
-    assert set(ids) == expected, (f"missing {sorted(expected - set(ids))[:10]}, "
-                                  f"extra {sorted(set(ids) - expected)[:10]}")
-    per_origin: dict[str, list[int]] = collections.defaultdict(list)
-    for i in ids:
-        origin, seq = i.split(":")
-        per_origin[origin].append(int(seq))
-    for origin, seqs in per_origin.items():
-        assert seqs == sorted(seqs), f"{origin}: out of order"
 
 
 class Proxy:

@@ -14,7 +14,6 @@ convergence after a partition heals.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import os
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from conftest import wait_for
+from conftest import assert_exactly_once_in_order, wait_for
 
 from lanchat.client import ControlClient
 
@@ -156,20 +155,6 @@ def workdir() -> Iterator[str]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def assert_exactly_once_in_order(ids: list[str], expected: set[str], who: str) -> None:
-    counts = collections.Counter(ids)
-    dups = [i for i, n in counts.items() if n > 1]
-    assert not dups, f"{who}: duplicated {dups[:10]}"
-    assert set(ids) == expected, (f"{who}: missing {sorted(expected - set(ids))[:10]}, "
-                                  f"extra {sorted(set(ids) - expected)[:10]}")
-    per_origin: dict[str, list[int]] = collections.defaultdict(list)
-    for i in ids:
-        origin, seq = i.split(":")
-        per_origin[origin].append(int(seq))
-    for origin, seqs in per_origin.items():
-        assert seqs == sorted(seqs), f"{who}: {origin} out of order"
 
 
 def start_mesh(lan: netns.Lan, workdir: str, nicks: list[str],
