@@ -6,9 +6,11 @@ Durability
     any method here returns.  So a committed message survives the daemon
     being killed (SIGKILL, OOM killer, a crash): the data is in the kernel's
     page cache and reaches the disk even though the process is gone.  Only a
-    power loss or kernel crash can lose the last few committed transactions
-    (the WAL is fsynced at checkpoints, not at every commit); the database is
-    never corrupted by one.  That is the trade SQLite recommends for WAL.
+    power loss, a kernel crash or a file system error that stops write-back
+    (ext4 with ``errors=remount-ro`` aborts its journal) can lose the last few
+    committed transactions (the WAL is fsynced at checkpoints, not at every
+    commit); the database is never corrupted by one.  That is the trade SQLite
+    recommends for WAL.
 
 The per-origin prefix invariant
     For every origin, the store holds messages 1..n and nothing beyond a gap
@@ -33,12 +35,18 @@ Thread model
 Errors
     Every ``sqlite3`` or file-system failure becomes :class:`StoreError` with a
     sentence naming the file (``cannot write history to /p: database or disk
-    is full``).  A failed write leaves nothing behind: no row, no consumed seq.
+    is full``).  SQLite says only "disk I/O error" when the file system turns
+    read-only under an open database; a failed write then also names what the
+    kernel says about the directory (``... (/p: Read-only file system)``).  A
+    failed write leaves nothing behind: no row, no consumed seq.  The store
+    stays usable: reads keep working, and writes work again once the file
+    system takes them.
     Using the store after :meth:`Store.close` raises :class:`ClosedError`.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
@@ -60,6 +68,13 @@ log = logging.getLogger(__name__)
 BUSY_TIMEOUT_MS = 5000
 
 _SECONDS_PER_DAY = 86400.0
+
+#: SQLite's primary result codes behind which a file system's refusal hides
+#: (SQLITE_READONLY, SQLITE_IOERR, SQLITE_CANTOPEN): worth asking the kernel why.
+_FS_RESULT_CODES = frozenset({8, 10, 14})
+#: The kernel's answers that explain such a failure.
+_FS_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
+_O_TMPFILE: int = getattr(os, "O_TMPFILE", 0)  # Linux only
 
 #: The schema, as the list of migrations that build it.  Migration ``i`` takes
 #: the database from ``PRAGMA user_version`` ``i`` to ``i + 1``; each runs in
@@ -248,7 +263,28 @@ class Store:
         try:
             yield
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot {verb} history at {self.path}: {exc}") from exc
+            why = str(exc) if verb == "read" else f"{exc}{self._file_system_says(exc)}"
+            raise StoreError(f"cannot {verb} history at {self.path}: {why}") from exc
+
+    def _file_system_says(self, exc: sqlite3.Error) -> str:
+        """`` (<dir>: <strerror>)`` if the kernel refuses writes in the store's directory.
+
+        SQLite does not pass on the errno behind SQLITE_IOERR: a file system that
+        turned read-only under our open files (ext4 after an error) is just "disk
+        I/O error".  So ask the kernel the same question with a probe that leaves
+        nothing behind: an unnamed file (O_TMPFILE) in the directory, closed at
+        once.  Only on a failed write (rare); never opens the database file
+        itself, since closing any descriptor of it would drop SQLite's locks.
+        """
+        code = getattr(exc, "sqlite_errorcode", None)
+        if not _O_TMPFILE or not isinstance(code, int) or code & 0xFF not in _FS_RESULT_CODES:
+            return ""
+        try:
+            os.close(os.open(self.path.parent, _O_TMPFILE | os.O_WRONLY, 0o600))
+        except OSError as err:
+            if err.errno in _FS_ERRNOS:
+                return f" ({self.path.parent}: {err.strerror})"
+        return ""
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,16 +46,18 @@ def short_tmpdir() -> str:
 class Daemon:
     """A lanchatd subprocess on 127.0.0.1 with discovery off.
 
-    ``start()`` waits for its "listening on" line and reads the port from it.
+    ``start()`` waits for its "listening on" line and reads the port from it.  ``prefix``
+    is a command the daemon runs under (it must exec the daemon, so that ``proc`` is it).
     """
 
     def __init__(self, workdir: str, *extra: str, nick: str = "owner",
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, prefix: Sequence[str] = ()) -> None:
         self.workdir = workdir
         self.state_dir = os.path.join(workdir, "state")
         self.socket = os.path.join(workdir, "control.sock")
         self.stderr_path = os.path.join(workdir, f"lanchatd-{id(self)}.err")
         self.extra = list(extra)
+        self.prefix = list(prefix)
         self.nick = nick
         self.env = dict(os.environ, **(env or {}))
         self.env.pop("NOTIFY_SOCKET", None)
@@ -64,9 +66,9 @@ class Daemon:
         self.requested_port = 0
 
     def start(self, timeout: float = 15.0) -> Daemon:
-        cmd = [*lanchatd_cmd(), "--port", str(self.requested_port), "--bind", "127.0.0.1",
-               "--no-discovery", "--state-dir", self.state_dir, "--socket", self.socket,
-               "--nick", self.nick, "--max-rate", "0", *self.extra]
+        cmd = [*self.prefix, *lanchatd_cmd(), "--port", str(self.requested_port),
+               "--bind", "127.0.0.1", "--no-discovery", "--state-dir", self.state_dir,
+               "--socket", self.socket, "--nick", self.nick, "--max-rate", "0", *self.extra]
         offset = len(self.stderr())  # a restart appends: only trust what it writes
         with open(self.stderr_path, "ab") as err:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
@@ -201,10 +203,10 @@ def make_daemon(workdir: str) -> Iterator[Any]:
     started: list[Daemon] = []
 
     def make(*extra: str, nick: str = "owner", subdir: str | None = None,
-             env: dict[str, str] | None = None) -> Daemon:
+             env: dict[str, str] | None = None, prefix: Sequence[str] = ()) -> Daemon:
         where = os.path.join(workdir, subdir) if subdir else workdir
         os.makedirs(where, exist_ok=True)
-        daemon = Daemon(where, *extra, nick=nick, env=env)
+        daemon = Daemon(where, *extra, nick=nick, env=env, prefix=prefix)
         started.append(daemon)
         return daemon.start()
 

@@ -5,13 +5,17 @@
   clear error, the daemon keeps serving, nothing acknowledged is lost, sends work again once
   there is room; and one that is read-only when the daemon starts (a tmpfs cannot be made
   read-only while SQLite holds files open for writing: the kernel says EBUSY);
+- a state directory whose file system turns read-only under the running daemon, as ext4 does
+  on an error (an ext4 image mounted in the daemon's own mount namespace): sends fail saying
+  so, the daemon keeps serving, and after a repair and a restart every acknowledged message
+  is there exactly once;
 - SIGKILL of one of three linked daemons under traffic -- after its restart all three converge
   to the same history, each message exactly once, every acknowledged message present;
 - injection: escape sequences, CR, newlines, NULs and bidi controls from clients and peers
   never break the text protocol's framing, a terminal, or the daemon's log lines.
 
-The tmpfs tests need root (``mount``); they are skipped otherwise.  Every mount is undone in
-teardown, pass or fail.
+The tmpfs and ext4 tests need root (``mount``); they are skipped otherwise.  Every mount is
+undone in teardown, pass or fail (the ext4 one exists only in the daemon's mount namespace).
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ import errno
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -263,6 +269,177 @@ def test_read_only_state_dir_at_start_is_a_clear_error_and_history_survives(
                        capture_output=True)
     daemon.start()
     assert [m for m in history_ids(daemon) if m in set(acked)] == acked
+
+
+class Ext4State:
+    """An ext4 image mounted on the state directory inside the daemon's own mount namespace.
+
+    ``prefix`` runs the daemon under ``unshare --mount --propagation private``, which mounts
+    the image (loop, ``errors=remount-ro``) and then execs the daemon: the host never sees the
+    mount, and it goes away with the daemon's namespace when the daemon exits, pass or fail
+    (the loop device detaches itself then: ``mount -o loop`` sets autoclear).
+    """
+
+    def __init__(self, workdir: str) -> None:
+        self.image = os.path.join(workdir, "state.img")
+        self.state = os.path.join(workdir, "state")
+        self.prefix = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                       'mount -o loop,errors=remount-ro -- "$1" "$2" && shift 2 && exec "$@"',
+                       "sh", self.image, self.state]
+
+    def loop_devices(self) -> list[str]:
+        r = subprocess.run(["losetup", "--noheadings", "--output", "NAME", "--associated",
+                            self.image], capture_output=True, text=True, timeout=10, check=True)
+        return r.stdout.split()
+
+    def turn_read_only(self) -> None:
+        """What ext4 does when it finds an error, with ``errors=remount-ro``: it aborts its
+        journal and from then on every write fails with EROFS, through descriptors opened
+        before too (dmesg: "Remounting filesystem read-only").  It stays so until unmounted."""
+        (dev,) = self.loop_devices()
+        trigger = f"/sys/fs/ext4/{os.path.basename(dev)}/trigger_fs_error"
+        if not os.path.exists(trigger):
+            pytest.skip("this kernel's ext4 has no trigger_fs_error")
+        with open(trigger, "w") as f:
+            f.write("lanchat test: the state directory's file system fails\n")
+
+    def repair(self) -> None:
+        """What an administrator does next: once the file system is unmounted (the daemon
+        and its namespace are gone), e2fsck."""
+        wait_for("state file system unmounted", lambda: not self.loop_devices(), 10.0)
+        r = subprocess.run(["e2fsck", "-f", "-y", self.image], capture_output=True, text=True,
+                           timeout=60, check=False)
+        assert r.returncode in (0, 1), r.stdout + r.stderr  # 1: errors found and corrected
+
+
+@pytest.fixture
+def ext4_state(workdir: str) -> Iterator[Ext4State]:
+    """``workdir/state`` as a 32 MiB ext4 image for daemons run under ``.prefix`` (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a loop device needs root")
+    for tool in ("unshare", "mkfs.ext4", "e2fsck", "losetup"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+    if not os.path.exists("/dev/loop-control"):
+        pytest.skip("no loop devices")
+    fs = Ext4State(workdir)
+    os.makedirs(fs.state)
+    with open(fs.image, "wb") as f:
+        f.truncate(32 * 1024 * 1024)
+    subprocess.run(["mkfs.ext4", "-q", "-F", fs.image], check=True, capture_output=True,
+                   timeout=60)
+    try:
+        yield fs
+    finally:
+        # The daemons are stopped by now (make_daemon is torn down first); should a loop
+        # device still hold the image, have it detach once its last user is gone.
+        with contextlib.suppress(AssertionError):
+            wait_for("loop device released", lambda: not fs.loop_devices(), 10.0)
+        for dev in fs.loop_devices():
+            subprocess.run(["losetup", "--detach", dev], capture_output=True, timeout=10,
+                           check=False)
+
+
+def test_state_file_system_turning_read_only_under_the_daemon(
+        ext4_state: Ext4State, make_daemon: Any, clients: list[Any]) -> None:
+    """The state directory's file system turns read-only while the daemon runs, as ext4 does
+    on an error: writes through the daemon's open files fail with EROFS.  (A chmod would not
+    do: the daemon's open descriptors keep writing; a read-only bind remount is refused with
+    EBUSY while files are open for writing on it.)"""
+    daemon: Daemon = make_daemon(prefix=ext4_state.prefix)
+    node = node_of(daemon)
+    alice = TextUser(daemon.port, "alice")
+    bob = TextUser(daemon.port, "bob")
+    j = LineClient(daemon.port)
+    clients += [alice, bob, j]
+    j.send(json.dumps({"type": "hello", "v": 1, "nick": "jay"}) + "\n")
+    j.until('"welcome"')
+    acked: list[str] = []
+    with ControlClient(daemon.socket, timeout=10) as c:
+        for i in range(40):
+            acked.append(c.call("send", text=f"before {i}")["id"])
+    for i in range(10):
+        j.send(json.dumps({"type": "say", "text": f"json before {i}", "ref": i}) + "\n")
+        acked.append(json.loads(j.until('"sent"'))["message"]["id"])
+    # Acknowledged means committed to the WAL in the page cache (lanchat.store: durable
+    # against a daemon crash, not against a file system that stops write-back, as an aborted
+    # ext4 journal does).  The kernel writes them back within seconds; do it now, so that
+    # what follows checks the daemon's part: its reaction to the fault loses nothing.
+    assert daemon.proc is not None
+    subprocess.run(["sync", "-f", f"/proc/{daemon.proc.pid}/root{ext4_state.state}"],
+                   check=True, capture_output=True, timeout=30)
+    ext4_state.turn_read_only()
+
+    # lanchat send: exit 1 with one line that names the file and says why
+    for i in range(5):
+        r = daemon.cli("send", f"while read-only {i}")
+        err = r.stderr.decode()
+        assert r.returncode == 1 and r.stdout == b"", err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert "history.db" in err and "read-only file system" in err.lower(), err
+    # under it, the documented JSON-RPC error: code 1, data {"code": "store"}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(daemon.socket)
+        s.sendall(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "send",
+                              "params": {"text": "rpc while read-only"}}).encode() + b"\n")
+        with s.makefile("rb") as f:
+            error = json.loads(f.readline())["error"]
+    assert error["code"] == 1 and error["data"]["code"] == "store", error
+    # a text client is told its line was not sent; a JSON client gets an error, not `sent`
+    alice.send("alice while read-only\n")
+    line = alice.until(lambda s: s.startswith("! "), timeout=10)
+    assert line.startswith("! your message was not sent:") and "read-only" in line.lower(), line
+    j.send(json.dumps({"type": "say", "text": "json while read-only", "ref": 99}) + "\n")
+    reply = json.loads(j.until(lambda s: '"error"' in s or '"sent"' in s, timeout=10))
+    assert reply["type"] == "error" and reply["fatal"] is False, reply
+    assert reply["code"] == "store" and "read-only" in reply["message"].lower(), reply
+
+    # the daemon keeps serving: status, users, history (read from the read-only file system),
+    # every client still connected, newcomers welcome; nobody saw an unsent message
+    assert daemon.cli("status").returncode == 0
+    r = daemon.cli("users")
+    assert r.returncode == 0 and all(n in r.stdout.decode() for n in ("alice", "bob", "jay"))
+    carol = TextUser(daemon.port, "carol")
+    clients.append(carol)
+    bob.send("/users\n")
+    seen = [bob.line(10)]  # everything bob got since he joined, up to the answer to /users
+    while not seen[-1].startswith("* In #lobby") and len(seen) < 1000:
+        seen.append(bob.line(10))
+    assert seen[-1] == "* In #lobby (5): owner, alice, bob, carol, jay", seen
+    assert any("carol joined" in s for s in seen), seen
+    assert not any("while read-only" in s for s in seen), seen
+    ids = history_ids(daemon)
+    assert_exactly_once_in_order(ids, set(acked))
+    assert ids == acked
+    assert alive(daemon) and "Traceback" not in daemon.stderr(), daemon.stderr()[-3000:]
+
+    # it stops cleanly (its last checkpoint cannot be written: nothing is lost by that)
+    assert daemon.stop() == 0, daemon.stderr()[-3000:]
+    assert "Traceback" not in daemon.stderr()
+    # the administrator repairs the file system; the daemon comes back as the same node with
+    # every acknowledged message exactly once, and the failed sends consumed no seq
+    ext4_state.repair()
+    daemon.start()
+    assert node_of(daemon) == node
+    ids = history_ids(daemon)
+    assert_exactly_once_in_order(ids, set(acked))
+    assert ids == acked
+    with ControlClient(daemon.socket, timeout=10) as c:
+        after = c.call("send", text="after the repair")
+    assert after["origin"] == node and after["seq"] == len(acked) + 1, after
+    assert daemon.stop() == 0
+    # and the file is sound
+    check = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+             "print(c.execute('PRAGMA integrity_check').fetchone()[0], "
+             "c.execute('SELECT count(*) FROM messages').fetchone()[0])")
+    wait_for("state file system unmounted", lambda: not ext4_state.loop_devices(), 10.0)
+    r = subprocess.run([*ext4_state.prefix, sys.executable, "-c", check,
+                        os.path.join(ext4_state.state, "history.db")],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0 and r.stdout.split() == ["ok", str(len(acked) + 1)], r
+    print(f"\n{len(acked)} acknowledged before the file system turned read-only; "
+          f"{len(acked)} held after it, after a restart, and in the checked file")
 
 
 # -- SIGKILL under mesh traffic ---------------------------------------------------------------
