@@ -10,22 +10,20 @@ prints its message), 2 usage, 3 daemon not reachable, 4 permission denied on
 the socket, 130 interrupted.
 
 Imports stay light (conventions.md §6.6): no zeroconf, sqlite3 or daemon
-module is loaded, so ``lanchat send`` starts fast.
+module is loaded, so ``lanchat send`` starts fast.  What only other commands
+need (the message model, ``datetime``, ``threading``, ``signal``) is imported
+inside them; ``tests/test_cli_unit.py`` lists what ``send`` may not load.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import re
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
 
 from lanchat import __version__
 from lanchat.client import (
@@ -37,10 +35,14 @@ from lanchat.client import (
     RpcError,
 )
 from lanchat.errors import LanchatError, ValidationError
+from lanchat.fields import validate_text
 from lanchat.limits import MAX_TEXT_BYTES
-from lanchat.model import Message, Presence, validate_text
 from lanchat.paths import socket_path
 from lanchat.render import format_message, format_presence, neutralise
+
+TYPE_CHECKING = False  # not typing's: importing typing costs `lanchat send` ~3 ms (HACKING.md)
+if TYPE_CHECKING:
+    from typing import Any
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -96,6 +98,8 @@ def _when(ts: Any) -> str:
 
 def _print_item(method: str, params: Any, *, show_room: bool) -> None:
     """Print one notification's item for humans; skip (with a note) anything malformed."""
+    from lanchat.model import Message, Presence  # dataclasses: ~10 ms that `send` does not need
+
     try:
         if method == "message":
             _out(format_message(Message.from_dict(params), show_room=show_room))
@@ -115,14 +119,16 @@ def _print_messages(messages: Iterable[Any], *, as_json: bool, show_room: bool) 
 
 # -- argument parsing helpers ------------------------------------------------------------
 
-_AGO = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_AGO = r"(\d+(?:\.\d+)?)\s*([smhdw])"  # compiled on first use (re caches it), not at import
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def parse_since(value: str, now: float) -> float:
     """``--since``: ``10m``/``2h``/``1d`` ago, an ISO time (local if no zone), or epoch seconds."""
+    import datetime as _dt
+
     v = value.strip()
-    m = _AGO.fullmatch(v)
+    m = re.fullmatch(_AGO, v)
     if m:
         return now - float(m.group(1)) * _UNITS[m.group(2)]
     try:
@@ -301,6 +307,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     on its own (the daemon went away), the printer wakes this thread out of its
     blocking read with SIGUSR1.
     """
+    import signal
+    import threading
+
     room = args.room
     closing = threading.Event()
     gone: list[str] = []

@@ -14,11 +14,14 @@ converted with :func:`time.localtime` (or a given ``tzinfo``); no I/O.
 
 from __future__ import annotations
 
-import datetime as _dt
 import re
 import time
 
-from lanchat.model import Message, Presence
+TYPE_CHECKING = False  # not typing's: importing typing costs `lanchat send` ~3 ms (HACKING.md)
+if TYPE_CHECKING:
+    import datetime as _dt
+
+    from lanchat.model import Message, Presence
 
 #: Characters a terminal may interpret: C0 controls (tab handled apart), DEL,
 #: C1 controls (``\\x9b`` is a one-byte CSI on some terminals), Unicode bidi
@@ -60,6 +63,8 @@ def clock(ts: float, tz: _dt.tzinfo | None = None) -> str:
     """``HH:MM:SS`` of ``ts`` in local time (or in ``tz``)."""
     if tz is None:
         return time.strftime("%H:%M:%S", time.localtime(ts))
+    import datetime as _dt  # only for an explicit zone: keeps datetime off `lanchat send`
+
     return _dt.datetime.fromtimestamp(ts, tz).strftime("%H:%M:%S")
 
 

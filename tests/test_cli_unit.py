@@ -348,6 +348,31 @@ def test_cli_import_is_light() -> None:
     assert r.stdout.strip() == "[]"
 
 
+#: What ``lanchat send`` must not load: the daemon's pieces, and what only other commands
+#: need (the message model and its dataclasses/inspect, datetime, threading, signal, typing).
+#: Each costs start-up time (HACKING.md, "Start-up of lanchat send").
+SEND_MUST_NOT_LOAD = (
+    "zeroconf", "sqlite3", "asyncio", "pathlib", "dataclasses", "inspect", "typing",
+    "datetime", "threading", "signal", "lanchat.model", "lanchat.stream", "lanchat.hubclient",
+    "lanchat.store", "lanchat.router", "lanchat.hub", "lanchat.control", "lanchat.daemon",
+)
+
+
+def test_send_path_loads_only_what_it_needs(daemon: Daemon) -> None:
+    # A whole `send` (parse, connect, call, print the reply); -S so that what site and an
+    # editable install's finder load does not hide what lanchat itself loads.
+    code = ("import json, sys; from lanchat.cli import main; "
+            f"status = main(['--socket', {daemon.path!r}, 'send', '--json', 'hi']); "
+            f"print(json.dumps([status, [m for m in {SEND_MUST_NOT_LOAD!r} "
+            "if m in sys.modules]]))")
+    r = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                       env=ENV, cwd=ROOT, timeout=20, check=False)
+    assert r.returncode == 0, r.stderr
+    sent, (status, loaded) = r.stdout.splitlines()[0], json.loads(r.stdout.splitlines()[-1])
+    assert status == 0 and json.loads(sent)["text"] == "hi"
+    assert loaded == []
+
+
 # -- pure helpers --------------------------------------------------------------------------
 
 def test_parse_since() -> None:

@@ -1,0 +1,115 @@
+"""Validation of the message model's fields: nick, room, text, node, host, ts, seq.
+
+Each ``validate_*`` returns the (canonical) value or raises
+:class:`~lanchat.errors.ValidationError`.  :mod:`lanchat.model` builds its
+objects with these; they live apart from it because they need no
+``dataclasses``, so ``lanchat send`` can check its text without loading the
+model (``dataclasses`` brings ``inspect``, about 10 ms of start-up).  Pure: no
+I/O, clock or randomness.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from lanchat.errors import ValidationError
+from lanchat.limits import MAX_HOST_CHARS, MAX_NICK_CHARS, MAX_ROOM_CHARS, MAX_TEXT_BYTES
+
+#: Node ids are random lowercase hex (16 digits by default); peers may use up to 64.
+_NODE_RE = re.compile(r"[0-9a-f]{8,64}")
+#: Rooms: lowercase, digits, ``-``, ``_`` and ``.``; a leading ``#`` is accepted and dropped.
+_ROOM_RE = re.compile(r"[a-z0-9][a-z0-9_.-]*")
+#: Characters that would make a nick look like a command, notice or error line in text mode.
+_NICK_BAD_START = "/*!#["
+_NICK_BAD_CHARS = frozenset(":,")
+
+
+def validate_nick(nick: object) -> str:
+    """Return ``nick`` if it is a valid nickname, else raise :class:`ValidationError`.
+
+    A nick is 1-32 printable characters with no white space, no ``:`` or ``,``
+    (they would make ``[12:00:00] nick: text`` ambiguous) and not starting with
+    a character that text mode uses for commands or notices.
+    """
+    if not isinstance(nick, str):
+        raise ValidationError("nick must be a string", code="bad-nick")
+    if not 1 <= len(nick) <= MAX_NICK_CHARS:
+        raise ValidationError(f"nick must be 1-{MAX_NICK_CHARS} characters", code="bad-nick")
+    if not nick.isprintable() or any(c.isspace() for c in nick):
+        raise ValidationError(
+            "nick must be printable characters without spaces", code="bad-nick"
+        )
+    if nick[0] in _NICK_BAD_START or _NICK_BAD_CHARS.intersection(nick):
+        raise ValidationError(
+            f"nick may not start with any of {_NICK_BAD_START} or contain ':' or ','",
+            code="bad-nick",
+        )
+    return nick
+
+
+def validate_room(room: object) -> str:
+    """Return the canonical room name (lowercase, no leading ``#``) or raise."""
+    if not isinstance(room, str):
+        raise ValidationError("room must be a string", code="bad-room")
+    name = room[1:] if room.startswith("#") else room
+    name = name.lower()
+    if not 1 <= len(name) <= MAX_ROOM_CHARS or not _ROOM_RE.fullmatch(name):
+        raise ValidationError(
+            f"room must be 1-{MAX_ROOM_CHARS} of a-z, 0-9, '-', '_', '.'", code="bad-room"
+        )
+    return name
+
+
+def validate_text(text: object) -> str:
+    """Return ``text`` if it is valid chat text, else raise.
+
+    Text is 1 to 4 KiB of UTF-8 with no NUL.  Other control characters (and
+    escape sequences) are *kept*: history and ``--json`` show exactly what was
+    sent, and every renderer neutralises them (see :mod:`lanchat.render`).
+    """
+    if not isinstance(text, str):
+        raise ValidationError("text must be a string", code="bad-text")
+    if not text:
+        raise ValidationError("text is empty", code="bad-text")
+    if "\x00" in text:
+        raise ValidationError("text may not contain NUL bytes", code="bad-text")
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:  # lone surrogates smuggled in through JSON \ud800 escapes
+        raise ValidationError("text is not valid Unicode", code="bad-text") from None
+    if size > MAX_TEXT_BYTES:
+        raise ValidationError(
+            f"text is {size} bytes; the limit is {MAX_TEXT_BYTES}", code="text-too-long"
+        )
+    return text
+
+
+def validate_node(node: object) -> str:
+    """Return ``node`` if it looks like a node id (lowercase hex, 8-64 digits)."""
+    if not isinstance(node, str) or not _NODE_RE.fullmatch(node):
+        raise ValidationError("node id must be 8-64 lowercase hex digits", code="bad-node")
+    return node
+
+
+def validate_host(host: object) -> str:
+    """Return ``host`` if it is a printable host name of sane length."""
+    if not isinstance(host, str) or not 1 <= len(host) <= MAX_HOST_CHARS:
+        raise ValidationError("host must be 1-253 characters", code="bad-host")
+    if not host.isprintable() or any(c.isspace() for c in host):
+        raise ValidationError("host must be printable without spaces", code="bad-host")
+    return host
+
+
+def validate_ts(ts: object) -> float:
+    if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts):
+        raise ValidationError("ts must be a finite number of seconds", code="bad-ts")
+    if ts < 0:
+        raise ValidationError("ts must not be negative", code="bad-ts")
+    return float(ts)
+
+
+def validate_seq(seq: object) -> int:
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 1 <= seq < 2**63:
+        raise ValidationError("seq must be a positive integer", code="bad-seq")
+    return seq
