@@ -57,7 +57,7 @@ MAX_PENDING_CONNECTS = 200
 RECV_CHUNK = 256 * 1024
 
 # client states
-CONNECTING, GREETING, WELCOMING, READY, CLOSED = range(5)
+CONNECTING, GREETING, WELCOMING, JOINING, READY, CLOSED = range(6)
 
 
 @dataclass
@@ -207,9 +207,14 @@ class Worker:
             self._send_now(c, f"lg{c.spec.cid}\n".encode())
             c.state = WELCOMING
         elif c.state == WELCOMING and line.startswith(b"* Welcome"):
-            c.state = READY
-            if c.spec.room:
+            if c.spec.room:  # ready once the server confirms the move, not before
+                c.state = JOINING
                 self._send_now(c, f"/join {c.spec.room}\n".encode())
+            else:
+                c.state = READY
+        elif c.state == JOINING and line.startswith(b"* You ") and (
+                f"#{c.spec.room}".encode() in line):
+            c.state = READY
         elif line.startswith(b"! "):
             self._close(c, "nick refused: " + line[:120].decode("utf-8", "replace"))
 
