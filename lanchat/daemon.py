@@ -32,6 +32,7 @@ from lanchat.hub import Hub
 from lanchat.limits import LINE_TIMEOUT_S, NICK_TIMEOUT_S
 from lanchat.links import Identity, LinkManager
 from lanchat.logsetup import set_level, setup_logging
+from lanchat.memtrim import Trimmer
 from lanchat.model import Draft, Message, User
 from lanchat.router import Router, Subscriber
 from lanchat.store import Store
@@ -40,6 +41,10 @@ log = logging.getLogger("lanchatd")
 
 #: Seconds between two retention passes over the history.
 PRUNE_INTERVAL_S = 3600.0
+
+#: Seconds between the main loop's looks at the connection count, to give memory
+#: back after a crowd has left (lanchat.memtrim).
+TRIM_CHECK_S = 5.0
 
 #: Stack size for every thread the daemon starts.  The default (8 MiB of
 #: address space) is far more than a reader or writer loop needs; small stacks
@@ -320,10 +325,12 @@ def main(argv: list[str] | None = None) -> int:
 
     watchdog = sdnotify.watchdog_interval(os.environ, os.getpid())
     next_prune = time.monotonic() + 60.0
+    trimmer = Trimmer()
     try:
         while not stop.is_set():
             now = time.monotonic()
-            timeout = min(watchdog if watchdog else PRUNE_INTERVAL_S, max(0.0, next_prune - now))
+            timeout = min(watchdog if watchdog else TRIM_CHECK_S, TRIM_CHECK_S,
+                          max(0.0, next_prune - now))
             select.select([wake_r], [], [], timeout)
             with contextlib.suppress(BlockingIOError):
                 wake_r.recv(4096)  # the signal numbers; the handlers already ran
@@ -337,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                     log.error("reload refused, keeping the running configuration: %s", exc)
             if watchdog:
                 sdnotify.notify("WATCHDOG=1")
+            trimmer.check(daemon.hub.client_count)
             if time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + PRUNE_INTERVAL_S
                 try:

@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from lanchat.client import ControlClient
+from lanchat.daemon import TRIM_CHECK_S
 from lanchat.limits import WRITER_IDLE_EXIT_S
 
 try:
@@ -238,7 +239,21 @@ def drain(user: TextUser) -> int:
     return got
 
 
-def run_churn(make_daemon: Any, clients: list[Any], seconds: float, min_done: int) -> None:
+#: RSS the daemon may keep above its baseline once a storm is over: the allocators'
+#: fragmentation (pymalloc arenas pinned by a few long-lived objects, glibc heaps
+#: trimmed by lanchat.memtrim down to their live chunks).  Measured: +23 MiB after
+#: 10 s, +32 MiB after 60 s, from a peak of +60..90 MiB.
+RSS_KEPT_KIB = 40 * 1024
+
+#: Client sessions (text /quit or JSON welcome) that must complete per second of churn.
+MIN_DONE_PER_S = 50
+
+#: What a second storm may add to what the first left behind: none of it is a leak.
+RSS_RATCHET_KIB = 8 * 1024
+
+
+def run_churn(make_daemon: Any, clients: list[Any], rounds: list[float]) -> None:
+    """Churn for each of ``rounds`` seconds in turn; check the daemon after every round."""
     daemon: Daemon = make_daemon(env={"LANCHAT_MAX_CONNECTIONS": str(SLOTS + 500)})
     assert daemon.proc is not None
     pid = daemon.proc.pid
@@ -246,6 +261,26 @@ def run_churn(make_daemon: Any, clients: list[Any], seconds: float, min_done: in
     clients.append(watcher)
     time.sleep(WRITER_IDLE_EXIT_S + 0.5)  # the watcher's writer thread idles out
     base = proc_stats(pid)
+    afters = []
+    for seconds in rounds:
+        afters.append(churn_round(daemon, watcher, base, seconds))
+    # no ratchet: a later storm leaves no more behind than the first did
+    assert afters[-1]["rss_kib"] <= afters[0]["rss_kib"] + RSS_RATCHET_KIB, afters
+    # and it still serves: the watcher is still there, a new user chats with it
+    fresh = TextUser(daemon.port, "fresh")
+    clients.append(fresh)
+    watcher.until("fresh joined", timeout=30, limit=10_000_000)
+    fresh.send("after the storm\n")
+    assert watcher.until("fresh:", timeout=30, limit=10_000_000).endswith("fresh: after the storm")
+    with ControlClient(daemon.socket, timeout=10) as c:
+        users = {u["nick"] for u in c.call("users")}
+    assert users == {"owner", "watcher", "fresh"}, users
+
+
+def churn_round(daemon: Daemon, watcher: TextUser, base: dict[str, int],
+                seconds: float) -> dict[str, int]:
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
     peak = dict(base)
 
     def sample() -> None:
@@ -271,7 +306,8 @@ def run_churn(make_daemon: Any, clients: list[Any], seconds: float, min_done: in
             break
         drain(watcher)
         time.sleep(0.5)
-    time.sleep(1)
+    # the daemon gives freed memory back within a trim check of the crowd leaving
+    time.sleep(TRIM_CHECK_S + 1)
     after = proc_stats(pid)
     stats = dict(sorted(churn.stats.items()))
     print(f"\nchurn (seed {seed}) {SLOTS} slots for {took:.1f} s: {stats}\n"
@@ -279,30 +315,23 @@ def run_churn(make_daemon: Any, clients: list[Any], seconds: float, min_done: in
     assert daemon.proc.poll() is None, daemon.stderr()[-3000:]
     assert "Traceback" not in daemon.stderr(), daemon.stderr()[-4000:]
     done = stats.get("text-quit", 0) + stats.get("json-welcomed", 0)
-    assert done >= min_done, f"only {done} clients completed a session: {stats}"
-    # bounded during: a reader and at most one writer thread per connection, one fd each
+    assert done >= MIN_DONE_PER_S * seconds, f"only {done} clients completed a session: {stats}"
+    # bounded during: a reader and at most one writer thread per connection, one fd
+    # each (plus sockets whose peer just left and whose reader is tearing down)
     assert peak["threads"] <= base["threads"] + 2 * SLOTS + 64, (base, peak)
-    assert peak["fds"] <= base["fds"] + SLOTS + 64, (base, peak)
-    # back near the baseline after
+    assert peak["fds"] <= base["fds"] + SLOTS + 256, (base, peak)
+    # back to the baseline after (memory: near it)
     assert after["threads"] <= base["threads"] + 2, (base, after)
     assert after["fds"] <= base["fds"] + 4, (base, after)
-    assert after["rss_kib"] <= base["rss_kib"] + 64 * 1024, (base, after)
-    # and it still serves: the watcher is still there, a new user chats with it
-    fresh = TextUser(daemon.port, "fresh")
-    clients.append(fresh)
-    watcher.until("fresh joined", timeout=30, limit=10_000_000)
-    fresh.send("after the storm\n")
-    assert watcher.until("fresh:", timeout=30, limit=10_000_000).endswith("fresh: after the storm")
-    with ControlClient(daemon.socket, timeout=10) as c:
-        users = {u["nick"] for u in c.call("users")}
-    assert users == {"owner", "watcher", "fresh"}, users
+    assert after["rss_kib"] <= base["rss_kib"] + RSS_KEPT_KIB, (base, after)
+    return after
 
 
 def test_churn_2000_clients_short(make_daemon: Any, clients: list[Any]) -> None:
-    run_churn(make_daemon, clients, 10.0, min_done=500)
+    run_churn(make_daemon, clients, [10.0])
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_churn_2000_clients_one_minute(make_daemon: Any, clients: list[Any]) -> None:
-    run_churn(make_daemon, clients, 60.0, min_done=SLOTS)
+    run_churn(make_daemon, clients, [60.0, 20.0])

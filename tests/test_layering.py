@@ -18,7 +18,7 @@ IO_MODULES = {"socket", "threading", "sqlite3", "zeroconf", "select", "selectors
               "subprocess", "asyncio", "ifaddr", "multiprocessing", "signal"}
 #: Adapters: each owns one kind of I/O and imports only the pure floor (and ``stream``).
 ADAPTERS = {"stream", "store", "hub", "control", "client", "hubclient", "discovery", "links",
-            "sdnotify", "logsetup"}
+            "sdnotify", "logsetup", "memtrim"}
 ENTRY_POINTS = {"daemon", "cli", "__main__"}
 
 
