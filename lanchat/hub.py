@@ -66,6 +66,7 @@ from lanchat.errors import (
 from lanchat.events import Event
 from lanchat.framing import LineDecoder, decode_utf8, dumps_line, loads_line
 from lanchat.limits import (
+    CUT_NOTICE_GRACE_S,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_CONNECTIONS_PER_IP,
     DEFAULT_MAX_RATE,
@@ -87,7 +88,7 @@ from lanchat.limits import (
 )
 from lanchat.model import DEFAULT_ROOM, Draft, Message, User
 from lanchat.ratelimit import ConnectionLimiter, Verdict
-from lanchat.stream import RECV_BYTES, Outbox
+from lanchat.stream import RECV_BYTES, RECV_IDLE_BYTES, Outbox
 
 log = logging.getLogger(__name__)
 
@@ -422,7 +423,7 @@ class _TcpSession(_Session):
             final = wire.encode_error("too-slow", reason, fatal=True)
         else:
             final = textmode.error(f"disconnected: {reason}")
-        self.outbox.close_with(final, "too slow")
+        self.outbox.close_with(final, "too slow", grace=CUT_NOTICE_GRACE_S)
 
     def goodbye(self, reason: str) -> None:
         """Say goodbye and close once it is sent (server shutdown)."""
@@ -479,6 +480,7 @@ class _TcpSession(_Session):
         decoder = self.decoder
         line_timeout = self.hub.line_timeout
         line_due: float | None = None  # when the unfinished line in the decoder runs out
+        size = RECV_IDLE_BYTES
         while True:
             due, why = self._deadline, self._deadline_why
             if line_due is not None and (due is None or line_due < due):
@@ -487,7 +489,8 @@ class _TcpSession(_Session):
                 remaining = due - time.monotonic()
                 if remaining <= 0 or not poller.poll(remaining * 1000):
                     raise _TimedOut(why)
-            data = self.sock.recv(RECV_BYTES)
+            data = self.sock.recv(size)
+            size = RECV_BYTES if len(data) == size else RECV_IDLE_BYTES  # a burst: read big
             if not data:
                 pending = decoder.eof()
                 if pending:

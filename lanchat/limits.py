@@ -37,6 +37,12 @@ MAX_OUTBOX_BYTES = 512 * 1024
 #: off as stalled (its kernel buffer is full and it is not reading).
 SEND_STALL_TIMEOUT_S = 10.0
 
+#: Seconds a receiver cut off for not reading keeps its connection, the notice
+#: saying why queued behind what its kernel buffer still holds: a client that was
+#: only paused (a suspended laptop, a stuck UI) reads on and learns why it was
+#: dropped, instead of finding the connection simply gone.
+CUT_NOTICE_GRACE_S = 30.0
+
 #: Seconds an idle writer thread lingers before exiting; it is restarted on the
 #: next delivery.  Keeps idle connections at one thread each.
 WRITER_IDLE_EXIT_S = 5.0

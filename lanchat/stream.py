@@ -28,7 +28,11 @@ import threading
 from collections.abc import Iterator
 
 from lanchat.framing import LineDecoder
-from lanchat.limits import MAX_OUTBOX_BYTES, SEND_STALL_TIMEOUT_S, WRITER_IDLE_EXIT_S
+from lanchat.limits import (
+    MAX_OUTBOX_BYTES,
+    SEND_STALL_TIMEOUT_S,
+    WRITER_IDLE_EXIT_S,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +40,19 @@ log = logging.getLogger(__name__)
 #: lines in one call, small enough not to matter per connection.
 RECV_BYTES = 65536
 
-#: Seconds a final notice (goodbye, "too slow") may take to leave before the
-#: socket is shut down anyway.
+#: What the hub's readers ask for while a connection is quiet.  ``recv(n)``
+#: allocates its n-byte result before it blocks, so thousands of idle readers
+#: would each hold (and touch) a 64 KiB buffer; a read that fills this one
+#: switches the next read to RECV_BYTES.
+RECV_IDLE_BYTES = 4096
+
+#: Seconds a final notice (goodbye, error) may take to leave before the socket
+#: is shut down anyway.
 FINAL_FLUSH_TIMEOUT_S = 2.0
+
+#: How often a writer blocked on a full socket looks whether it was cut off
+#: meanwhile (then what it was sending is dropped backlog: the notice goes next).
+CUT_CHECK_S = 0.25
 
 
 class Outbox:
@@ -76,6 +90,10 @@ class Outbox:
         self._writer: threading.Thread | None = None
         self._closing = False
         self._final_timeout = FINAL_FLUSH_TIMEOUT_S
+        # A cut (close_with without keep_queued) drops the batch in flight too; the
+        # writer then starts the notice on a line of its own if it stopped mid-line.
+        self._cut = False
+        self._at_line_start = True  # the last byte sent ended a line
         self.close_reason: str | None = None
         #: True once the peer was cut off for not reading (a send stalled).
         self.stalled = False
@@ -118,6 +136,8 @@ class Outbox:
                 self._sending = False
             self._give_up(f"send failed: {exc.strerror or exc}")
             return
+        if sent:
+            self._at_line_start = data[sent - 1] == 0x0A
         with self._lock:
             self._sending = False
             if sent < len(data):
@@ -148,13 +168,15 @@ class Outbox:
         if action == "wake":
             self._wake.release()
 
-    def close_with(self, final: bytes | None, reason: str, *, keep_queued: bool = False) -> None:
+    def close_with(self, final: bytes | None, reason: str, *, keep_queued: bool = False,
+                   grace: float | None = None) -> None:
         """Stop accepting data; send what is queued (if ``keep_queued``) and ``final``; shut down.
 
         Used for goodbyes (``keep_queued=True``) and for cutting off a slow
-        receiver (its backlog is dropped so the notice goes out first).  The
-        final flush gets at most ``FINAL_FLUSH_TIMEOUT_S``.  Idempotent: only
-        the first call has an effect.
+        receiver: its backlog, including a batch stalled part-way, is dropped so
+        the notice goes out next.  The final flush may wait ``grace`` seconds for
+        the peer to make room (default ``FINAL_FLUSH_TIMEOUT_S``).  Idempotent:
+        only the first call has an effect.
         """
         with self._lock:
             if self._closing:
@@ -164,10 +186,12 @@ class Outbox:
             if not keep_queued:
                 self._chunks.clear()
                 self._queued = 0
+                self._cut = True
             if final:
                 self._chunks.append(final)
                 self._queued += len(final)
-            self._stall_timeout = min(self._stall_timeout, self._final_timeout)
+            self._stall_timeout = (grace if grace is not None
+                                   else min(self._stall_timeout, self._final_timeout))
             action: str | None = "shutdown"
             if self._chunks or self._writer is not None or self._sending:
                 action = self._kick()  # else: nothing to flush, no thread needed to close
@@ -210,6 +234,10 @@ class Outbox:
                     self._chunks = []
                     self._queued = 0
                     self._sending = True
+                    if self._cut and chunks and not self._at_line_start:
+                        chunks.insert(0, b"\n")  # a cut stopped a line part-way
+                        self._at_line_start = True
+                droppable = not self._cut  # backlog now; dropped if a cut comes mid-send
                 stall_timeout = self._stall_timeout
             if idle:
                 if not self._sleep():
@@ -218,7 +246,7 @@ class Outbox:
             if chunks:
                 data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 try:
-                    self._send_all(data, poller, stall_timeout)
+                    self._send_all(data, poller, stall_timeout, droppable)
                 except TimeoutError:
                     self.stalled = True
                     self._give_up(f"stalled: nothing could be sent for {stall_timeout:g} s")
@@ -250,15 +278,28 @@ class Outbox:
         self._wake.acquire()
         return True
 
-    def _send_all(self, data: bytes, poller: select.poll, stall_timeout: float) -> None:
+    def _send_all(self, data: bytes, poller: select.poll, stall_timeout: float,
+                  droppable: bool) -> None:
+        """Send all of ``data``; stop early if it is ``droppable`` and a cut came.
+
+        Raises ``TimeoutError`` once nothing could be sent for ``stall_timeout``.
+        """
         view = memoryview(data)
+        waited = 0.0
         while view:
             try:
                 sent = self._sock.send(view, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
             except BlockingIOError:
-                if not poller.poll(stall_timeout * 1000):
+                if droppable and self._cut:
+                    return  # dropped backlog: the cut's notice is next
+                if waited >= stall_timeout:
                     raise TimeoutError from None
+                step = min(CUT_CHECK_S, stall_timeout - waited)
+                if not poller.poll(step * 1000):
+                    waited += step
                 continue
+            waited = 0.0
+            self._at_line_start = view[sent - 1] == 0x0A
             view = view[sent:]
 
     def _give_up(self, reason: str) -> None:

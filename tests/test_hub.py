@@ -12,6 +12,8 @@ from typing import Any
 
 from conftest import Daemon, LineClient, TextUser
 
+from lanchat.limits import SEND_STALL_TIMEOUT_S
+
 MESSAGE_RE = re.compile(r"^\[\d\d:\d\d:\d\d\] (\S+): (.*)$")
 
 
@@ -223,8 +225,21 @@ def test_stalled_client_does_not_stall_others(daemon: Daemon, clients: list[Any]
     assert elapsed < 30, f"10,000 messages took {elapsed:.1f} s"
     # the stalled client's queue overflowed: the hub cut it off and told the others
     sender.until("stalled left #lobby (too slow)", timeout=15)
+    cut_seen = time.monotonic()
     # memory stayed bounded: 10 MB of traffic for a reader that never reads is not kept
     assert daemon.rss_kib() - rss_before < 40 * 1024
+    # the stalled client wakes up after the hub's send-stall timeout: it reads what its
+    # buffers held, then the reason it was dropped, then the end of the connection
+    time.sleep(max(0.0, cut_seen + SEND_STALL_TIMEOUT_S + 1 - time.monotonic()))
+    tail = b""
+    stalled.sock.settimeout(10)
+    for _ in range(100_000):
+        data = stalled.sock.recv(1 << 20)
+        if not data:
+            break
+        tail = (tail + data)[-4096:]
+    last = tail.rstrip(b"\n").split(b"\n")[-1].decode()
+    assert last == "! disconnected: too slow: your queue of unsent messages was full", last
 
 
 def test_bad_input_gets_an_error_and_the_hub_keeps_serving(daemon: Daemon,
