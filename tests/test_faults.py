@@ -178,19 +178,28 @@ def fill(path: str) -> str:
     return filler
 
 
-def test_disk_full_sends_fail_clearly_and_nothing_acked_is_lost(
-        tmpfs_state: str, make_daemon: Any, clients: list[Any]) -> None:
-    daemon: Daemon = make_daemon()
+def chatters(daemon: Daemon, clients: list[Any]) -> tuple[TextUser, TextUser, LineClient]:
+    """Two text users (alice, bob) and a JSON client (jay), all welcomed."""
     alice = TextUser(daemon.port, "alice")
     bob = TextUser(daemon.port, "bob")
     j = LineClient(daemon.port)
     clients += [alice, bob, j]
     j.send(json.dumps({"type": "hello", "v": 1, "nick": "jay"}) + "\n")
     j.until('"welcome"')
-    acked: list[str] = []
+    return alice, bob, j
+
+
+def send_acked(daemon: Daemon, texts: list[str]) -> list[str]:
+    """Send ``texts`` through the control socket; the ids it acknowledged."""
     with ControlClient(daemon.socket, timeout=10) as c:
-        for i in range(50):
-            acked.append(c.call("send", text=f"before {i} " + "x" * 200)["id"])
+        return [c.call("send", text=text)["id"] for text in texts]
+
+
+def test_disk_full_sends_fail_clearly_and_nothing_acked_is_lost(
+        tmpfs_state: str, make_daemon: Any, clients: list[Any]) -> None:
+    daemon: Daemon = make_daemon()
+    alice, bob, j = chatters(daemon, clients)
+    acked = send_acked(daemon, [f"before {i} " + "x" * 200 for i in range(50)])
     filler = fill(tmpfs_state)
     # the control socket: lanchat send exits 1 with one clear line
     failures = 0
@@ -348,16 +357,8 @@ def test_state_file_system_turning_read_only_under_the_daemon(
     EBUSY while files are open for writing on it.)"""
     daemon: Daemon = make_daemon(prefix=ext4_state.prefix)
     node = node_of(daemon)
-    alice = TextUser(daemon.port, "alice")
-    bob = TextUser(daemon.port, "bob")
-    j = LineClient(daemon.port)
-    clients += [alice, bob, j]
-    j.send(json.dumps({"type": "hello", "v": 1, "nick": "jay"}) + "\n")
-    j.until('"welcome"')
-    acked: list[str] = []
-    with ControlClient(daemon.socket, timeout=10) as c:
-        for i in range(40):
-            acked.append(c.call("send", text=f"before {i}")["id"])
+    alice, bob, j = chatters(daemon, clients)
+    acked = send_acked(daemon, [f"before {i}" for i in range(40)])
     for i in range(10):
         j.send(json.dumps({"type": "say", "text": f"json before {i}", "ref": i}) + "\n")
         acked.append(json.loads(j.until('"sent"'))["message"]["id"])
