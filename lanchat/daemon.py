@@ -329,8 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         while not stop.is_set():
             now = time.monotonic()
-            timeout = min(watchdog if watchdog else TRIM_CHECK_S, TRIM_CHECK_S,
-                          max(0.0, next_prune - now))
+            timeout = min(watchdog or TRIM_CHECK_S, TRIM_CHECK_S, max(0.0, next_prune - now))
             select.select([wake_r], [], [], timeout)
             with contextlib.suppress(BlockingIOError):
                 wake_r.recv(4096)  # the signal numbers; the handlers already ran

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import gc
 import logging
 from collections.abc import Callable
 
@@ -68,7 +67,4 @@ class Trimmer:
         log.debug("%d connection(s) left since the peak of %d: trimming the heap",
                   self._peak - connections, self._peak)
         self._peak = connections
-        # Sessions, threads and sockets form reference cycles that only a full
-        # collection frees; until then they pin whole pymalloc arenas.
-        gc.collect()
         return trim()

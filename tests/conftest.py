@@ -222,6 +222,20 @@ def daemon(make_daemon: Any) -> Daemon:
     return make_daemon()  # type: ignore[no-any-return]
 
 
+def read_until(line: Callable[[float], str], predicate: Any, timeout: float, limit: int) -> str:
+    """Read lines with ``line(timeout)`` until one satisfies ``predicate`` (substring or callable).
+
+    Bounded twice: by ``timeout`` seconds in all and by ``limit`` lines.
+    """
+    check = predicate if callable(predicate) else (lambda s: predicate in s)
+    deadline = time.monotonic() + timeout
+    for _ in range(limit):
+        got = line(max(0.01, deadline - time.monotonic()))
+        if check(got):
+            return got
+    raise AssertionError(f"no matching line in {limit} lines")
+
+
 class LineClient:
     """A TCP client of the hub that reads lines with a timeout (what ``nc`` shows)."""
 
@@ -254,13 +268,7 @@ class LineClient:
 
     def until(self, predicate: Any, timeout: float | None = None, limit: int = 10_000) -> str:
         """Read lines until one satisfies ``predicate`` (a substring or a callable)."""
-        check = predicate if callable(predicate) else (lambda s: predicate in s)
-        deadline = time.monotonic() + (timeout or self.timeout)
-        for _ in range(limit):
-            line = self.line(max(0.01, deadline - time.monotonic()))
-            if check(line):
-                return line
-        raise AssertionError(f"no matching line in {limit} lines")
+        return read_until(self.line, predicate, timeout or self.timeout, limit)
 
     def closed(self, timeout: float = 5.0) -> bool:
         """True once the server has closed the connection (draining what is left)."""

@@ -25,17 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from conftest import Daemon, TextUser
+from test_fuzz import proc_stats
 
 from lanchat.client import ControlClient
 from lanchat.daemon import TRIM_CHECK_S
 from lanchat.limits import WRITER_IDLE_EXIT_S
-
-try:
-    from tests.conftest import Daemon, TextUser
-    from tests.test_fuzz import proc_stats
-except ImportError:                      # tests/ is on sys.path itself (no tests/__init__.py)
-    from conftest import Daemon, TextUser  # type: ignore[no-redef]
-    from test_fuzz import proc_stats  # type: ignore[no-redef]
 
 SLOTS = 2000
 SOURCES = [f"127.0.1.{i}" for i in range(1, 65)]

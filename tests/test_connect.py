@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from conftest import Daemon, TextUser, lanchat_cmd
+from conftest import Daemon, TextUser, lanchat_cmd, read_until
 
 from lanchat import hubclient
 from lanchat.commands import Join, ListUsers, Nick, Ping, Quit, Say
@@ -73,13 +73,7 @@ class Connect:
         return self._line(self.proc.stderr, timeout)
 
     def until(self, predicate: Any, timeout: float | None = None, limit: int = 1000) -> str:
-        check = predicate if callable(predicate) else (lambda s: predicate in s)
-        deadline = time.monotonic() + (timeout or self.timeout)
-        for _ in range(limit):
-            line = self.line(max(0.01, deadline - time.monotonic()))
-            if check(line):
-                return line
-        raise AssertionError("no matching line")
+        return read_until(self.line, predicate, timeout or self.timeout, limit)
 
     def finish(self, timeout: float = 10.0) -> tuple[int, bytes, bytes]:
         """Close stdin, wait for the exit; return (status, rest of stdout, rest of stderr)."""

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import netns
 import pytest
 from zeroconf import ServiceInfo
 
@@ -33,11 +34,6 @@ from lanchat.discovery import (
     peer_from_txt,
 )
 from lanchat.errors import ValidationError
-
-try:
-    from tests import netns
-except ImportError:                      # tests/ is on sys.path itself (no tests/__init__.py)
-    import netns  # type: ignore[no-redef]
 
 PROBE = str(Path(__file__).with_name("discovery_probe.py"))
 SUBNET = netns.DEFAULT_SUBNET

@@ -37,38 +37,22 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from conftest import Daemon, LineClient, TextUser
+from test_links import (
+    FAKE_NODE,
+    FakePeer,
+    assert_exactly_once_in_order,
+    fake_msg,
+    history_ids,
+    linked,
+    logs,
+    node_of,
+    rpc,
+    wait_for,
+)
 
 from lanchat.client import ControlClient
 from lanchat.errors import LanchatError
-
-try:
-    from tests.conftest import Daemon, LineClient, TextUser
-    from tests.test_links import (
-        FAKE_NODE,
-        FakePeer,
-        assert_exactly_once_in_order,
-        fake_msg,
-        history_ids,
-        linked,
-        logs,
-        node_of,
-        rpc,
-        wait_for,
-    )
-except ImportError:                      # tests/ is on sys.path itself (no tests/__init__.py)
-    from conftest import Daemon, LineClient, TextUser  # type: ignore[no-redef]
-    from test_links import (  # type: ignore[no-redef]
-        FAKE_NODE,
-        FakePeer,
-        assert_exactly_once_in_order,
-        fake_msg,
-        history_ids,
-        linked,
-        logs,
-        node_of,
-        rpc,
-        wait_for,
-    )
 
 RST = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # struct linger {on, 0 s}: close() sends a RST
 MESSAGE_RE = re.compile(r"^\[\d\d:\d\d:\d\d\] ")

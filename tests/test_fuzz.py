@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Daemon, LineClient, TextUser
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -39,11 +40,6 @@ from lanchat.framing import LineDecoder, dumps_line, loads_line
 from lanchat.limits import MAX_FRAME_BYTES, WRITER_IDLE_EXIT_S
 from lanchat.model import Message, Presence
 from lanchat.presence import NetworkRoster, NodeRoster
-
-try:
-    from tests.conftest import Daemon, LineClient, TextUser
-except ImportError:                      # tests/ is on sys.path itself (no tests/__init__.py)
-    from conftest import Daemon, LineClient, TextUser  # type: ignore[no-redef]
 
 FUZZ_SHORT = 200
 FUZZ_LONG = 20_000

@@ -25,15 +25,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import netns
 import pytest
 from conftest import assert_exactly_once_in_order, wait_for
 
 from lanchat.client import ControlClient
-
-try:
-    from tests import netns
-except ImportError:                      # tests/ is on sys.path itself (no tests/__init__.py)
-    import netns  # type: ignore[no-redef]
 
 pytestmark = pytest.mark.netns
 
