@@ -468,36 +468,46 @@ class Router:
     def _fanout(self, events: list[Event]) -> None:
         """Hand events to everyone who should see them.  Router thread only.
 
-        Each receiver gets its share of ``events`` in one :meth:`Subscriber.deliver`.
+        Each receiver gets its share of ``events`` in one :meth:`Subscriber.deliver`
+        (one ``send`` per receiver per batch).  A single event -- what a quiet
+        hub routes -- is handed to all its receivers as the same list.
         """
-        batches: dict[Subscriber, list[Event]] = {}
-        for event in events:
-            item = event.item
-            source = event.source
-            to = item.to.casefold() if isinstance(item, Message) and item.to else None
-            for sub in self._room_subs.get(item.room, ()):
-                if sub is source:
-                    continue
-                if to is not None:
-                    member = self._members.get(sub)
-                    if member is None or member.nick.casefold() not in (
-                            to, item.nick.casefold()):
-                        continue
-                batches.setdefault(sub, []).append(event)
-            for sub in self._watchers:
-                if sub is source:
-                    continue
-                rooms = self._watcher_rooms.get(sub)
-                if rooms is not None and item.room not in rooms:
-                    continue
-                batches.setdefault(sub, []).append(event)
-        dead = [sub for sub, batch in batches.items() if not sub.deliver(batch)]
+        if len(events) == 1:
+            dead = [sub for sub in self._receivers(events[0]) if not sub.deliver(events)]
+        else:
+            batches: dict[Subscriber, list[Event]] = {}
+            for event in events:
+                for sub in self._receivers(event):
+                    batch = batches.get(sub)
+                    if batch is None:
+                        batches[sub] = [event]
+                    else:
+                        batch.append(event)
+            dead = [sub for sub, batch in batches.items() if not sub.deliver(batch)]
         for link in self._links:
             mine = [e for e in events if isinstance(e.item, Message) and e.source is not link]
             if mine:
                 link.deliver(mine)
         for sub in dead:
             self._drop(sub)
+
+    def _receivers(self, event: Event) -> list[Subscriber]:
+        """Who gets ``event``: its room (a direct message: only its two ends) and the watchers."""
+        item = event.item
+        source = event.source
+        subs = [sub for sub in self._room_subs.get(item.room, ()) if sub is not source]
+        if isinstance(item, Message) and item.to:
+            ends = (item.to.casefold(), item.nick.casefold())
+            members = self._members
+            subs = [sub for sub in subs
+                    if (m := members.get(sub)) is not None and m.nick.casefold() in ends]
+        for sub in self._watchers:
+            if sub is source:
+                continue
+            rooms = self._watcher_rooms.get(sub)
+            if rooms is None or item.room in rooms:
+                subs.append(sub)
+        return subs
 
     def _drop(self, sub: Subscriber) -> None:
         log.info("dropping a subscriber whose queue is full: %r", sub)
