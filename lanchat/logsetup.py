@@ -97,6 +97,9 @@ def setup_logging(
             f"%(asctime)s {prog}[%(process)d] %(levelname)s: %(message)s",
             datefmt="%Y-%m-%d %H:%M:%S",
         ))
+    # Neither format shows thread names, and asking for one in a hub reader (a
+    # LightThread, not a threading.Thread) would make threading invent a stand-in.
+    logging.logThreads = False
     root = logging.getLogger()
     if _handler is not None:
         root.removeHandler(_handler)
