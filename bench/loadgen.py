@@ -71,7 +71,7 @@ class ClientSpec:
 
 @dataclass
 class LoadSpec:
-    """Everything one run needs.  ``mode``: ``text`` or ``json``."""
+    """Everything one run needs.  ``mode``: ``text``, ``json`` or ``irc`` (a reference server)."""
 
     host: str
     port: int
@@ -119,6 +119,8 @@ class Client:
 
 
 def _hello(spec: LoadSpec, c: ClientSpec) -> bytes:
+    if spec.mode == "irc":  # registration; the channel is joined after the 001 welcome
+        return f"NICK lg{c.cid}\r\nUSER lg{c.cid} 0 * :lanchat bench\r\n".encode()
     if spec.mode == "json":
         hello: dict[str, Any] = {"type": "hello", "v": 1, "nick": f"lg{c.cid}"}
         if c.room:
@@ -197,6 +199,9 @@ class Worker:
             self.sel.modify(c.sock, ev, c)
 
     def _handshake_line(self, c: Client, line: bytes) -> None:
+        if self.spec.mode == "irc":
+            self._irc_handshake_line(c, line)
+            return
         if self.spec.mode == "json":
             if line.startswith(b"{") and b'"welcome"' in line:
                 c.state = READY
@@ -218,6 +223,20 @@ class Worker:
         elif line.startswith(b"! "):
             self._close(c, "nick refused: " + line[:120].decode("utf-8", "replace"))
 
+    def _irc_handshake_line(self, c: Client, line: bytes) -> None:
+        """IRC (a reference server such as ngircd): 001 welcome, JOIN, ready at 366 (NAMES end)."""
+        words = line.split(b" ", 3)
+        code = words[1] if len(words) > 1 else b""
+        if line.startswith(b"PING"):
+            self._send_now(c, b"PONG" + line[4:] + b"\r\n")
+        elif c.state == WELCOMING and code == b"001":
+            c.state = JOINING
+            self._send_now(c, f"JOIN #{c.spec.room or 'lobby'}\r\n".encode())
+        elif c.state == JOINING and code == b"366":
+            c.state = READY
+        elif line.startswith(b"ERROR") or (code.isdigit() and code[:1] in (b"4", b"5")):
+            self._close(c, "irc refused: " + line[:120].decode("utf-8", "replace"))
+
     def connect_all(self, deadline: float) -> None:
         todo = list(reversed(self.mine))
         pending = 0
@@ -235,7 +254,7 @@ class Worker:
                         continue
                     c.state = GREETING
                     self.sel.modify(c.sock, selectors.EVENT_READ, c)
-                    if self.spec.mode == "json":
+                    if self.spec.mode in ("json", "irc"):
                         c.state = WELCOMING
                         self._send_now(c, _hello(self.spec, c.spec))
                     continue
@@ -335,6 +354,9 @@ class Worker:
     # --- send -------------------------------------------------------------------------
     def _payload(self, c: Client, seq: int, pad: str) -> bytes:
         t = time.monotonic_ns()
+        if self.spec.mode == "irc":
+            return b"PRIVMSG #%s :@lg %d %d %d %s\r\n" % (
+                (c.spec.room or "lobby").encode(), c.spec.cid, seq, t, pad.encode())
         if self.spec.mode == "json":
             return b'{"type":"say","text":"@lg %d %d %d %s"}\n' % (
                 c.spec.cid, seq, t, pad.encode())

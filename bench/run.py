@@ -467,8 +467,8 @@ def main(argv: list[str] | None = None) -> int:
                 break
             try:
                 saved_mode = a.mode
-                if "json" not in srv.modes:
-                    a.mode = "text"
+                if a.mode not in srv.modes:  # classic: text only; ngircd: IRC only
+                    a.mode = srv.modes[0]
                 runs.append({**fn(srv, a), **quiet})
                 a.mode = saved_mode
             finally:

@@ -7,8 +7,10 @@
   PATH`` (``--max-rate 0`` too once the daemon has the flag), from this checkout, with
   ``LANCHAT_MAX_CONNECTIONS=10000 LANCHAT_MAX_CONNECTIONS_PER_IP=0`` in its environment
   (``LANCHATD_BENCH_ENV``); the port is read from its stderr log.
+- ``ngircd``: the C IRC server (Debian package ``ngircd``), on a free port, with the config
+  in ``NGIRCD_CONF`` (flood penalties off); IRC only (the generator's ``irc`` mode).
 - anything else: a shell command containing ``{port}``, run as given on a free port chosen
-  here (for ngircd or another reference server).
+  here (another reference server).
 
 Every server is started by us, stopped by its pid (SIGTERM, then SIGKILL), and its temporary
 directory removed.
@@ -43,7 +45,7 @@ class Server:
     kind: str
     proc: subprocess.Popen[bytes]
     port: int
-    modes: tuple[str, ...]  # wire modes it speaks: "text", "json"
+    modes: tuple[str, ...]  # wire modes it speaks: "text", "json", "irc"
     tmpdir: str | None = None
     socket_path: str | None = None
     log_lines: list[bytes] = field(default_factory=list)
@@ -171,6 +173,8 @@ def start(kind: str, extra_args: list[str] | None = None) -> Server:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return Server("lanchat", proc, port, ("text", "json"), tmp, sock, lines)
+    if kind == "ngircd":
+        return _start_ngircd(extra)
     # a command template, e.g. "ngircd -n -f /tmp/x.conf" with {port} in it
     port = free_port()
     proc = subprocess.Popen(shlex.split(kind.format(port=port)) + extra,
@@ -183,6 +187,53 @@ def start(kind: str, extra_args: list[str] | None = None) -> Server:
         time.sleep(0.05)
     _kill(proc)
     raise RuntimeError(f"{kind!r} did not listen on port {port}")
+
+
+#: ngircd 26 for the benchmarks: loopback only, no DNS/ident lookups, no connection limits,
+#: and MaxPenaltyTime = 0, which turns off its flood penalties (ngircd >= 26).
+NGIRCD_CONF = """\
+[Global]
+Name = bench.lanchat.invalid
+Info = lanchat benchmark reference
+Listen = 127.0.0.1
+Ports = {port}
+MotdPhrase = bench
+PidFile = {tmp}/ngircd.pid
+[Limits]
+MaxConnections = 0
+MaxConnectionsIP = 0
+MaxJoins = 0
+MaxPenaltyTime = 0
+PingTimeout = 600
+PongTimeout = 60
+[Options]
+DNS = no
+Ident = no
+PAM = no
+"""
+
+
+def _start_ngircd(extra: list[str]) -> Server:
+    """ngircd (Debian package ``ngircd``), the C reference server; it speaks IRC only."""
+    binary = shutil.which("ngircd") or "/usr/sbin/ngircd"
+    if not os.path.exists(binary):
+        raise RuntimeError("ngircd is not installed (apt-get install ngircd)")
+    tmp = tempfile.mkdtemp(prefix="lcbirc", dir="/tmp")
+    os.chmod(tmp, 0o755)  # ngircd drops to an unprivileged user when started as root
+    port = free_port()
+    conf = os.path.join(tmp, "ngircd.conf")
+    Path(conf).write_text(NGIRCD_CONF.format(port=port, tmp=tmp))
+    proc = subprocess.Popen([binary, "--nodaemon", "--config", conf, *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline and proc.poll() is None:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return Server("ngircd", proc, port, ("irc",), tmp)
+        time.sleep(0.05)
+    _kill(proc)
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise RuntimeError(f"ngircd did not listen on port {port}")
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:

@@ -1,4 +1,4 @@
-"""Smoke run of the benchmark kit against the classic baseline server.
+"""Smoke run of the benchmark kit against the classic baseline server (and ngircd, if installed).
 
 Keeps ``bench/`` from rotting: a tiny fan-out (5 clients x 50 messages) and a tiny rate run go
 through the real generator, real worker processes and a real server on 127.0.0.1, print one
@@ -8,6 +8,7 @@ JSON line, and every message reaches every other client exactly once, in order.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,15 @@ def test_latency_smoke_rate_mode() -> None:
     assert run["lost"] == 0 and run["dups"] == 0
     assert run["samples"] == run["deliveries"] > 0
     assert 0 < run["p50_ms"] <= run["p99_ms"] <= run["max_ms"]
+
+
+@pytest.mark.skipif(not (shutil.which("ngircd") or Path("/usr/sbin/ngircd").exists()),
+                    reason="ngircd (the optional C reference server) is not installed")
+def test_ngircd_reference_speaks_irc() -> None:
+    """The generator's IRC mode against ngircd: registration, JOIN, every PRIVMSG delivered."""
+    out = _run("fanout", "--server", "ngircd", "--repeat", "1", "--clients", "5",
+               "--senders", "5", "--messages", "50", "--window", "8")
+    run = out["results"]["ngircd"]["runs"][0]  # type: ignore[index]
+    assert run["ready"] == 5, run
+    assert run["deliveries"] == run["expected_deliveries"] == 1000
+    assert (run["lost"], run["dups"], run["reorders"]) == (0, 0, 0)
