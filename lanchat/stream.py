@@ -3,10 +3,12 @@
 Every connection that the daemon writes to -- hub clients, control-socket
 clients, daemon links -- gets an :class:`Outbox`.  Whoever produces data (the
 router thread fanning out a message, a reader thread answering a command) calls
-:meth:`Outbox.put`, which only appends to a list and never touches the socket,
-so a broadcast never waits on a slow or dead receiver.  The outbox's writer
-thread drains *everything* queued into one ``send`` -- under load a writer wakes
-once for many messages, which is where the hub's throughput comes from.
+:meth:`Outbox.put`, which never blocks: with nothing queued it makes one
+non-blocking ``send`` (the common case, and no thread switch), otherwise it
+appends to a list, so a broadcast never waits on a slow or dead receiver.  The
+outbox's writer thread drains *everything* queued into one ``send`` -- under
+load a writer wakes once for many messages, which is where the hub's throughput
+comes from.
 
 The writer thread is started on demand and exits after
 ``WRITER_IDLE_EXIT_S`` without work, so thousands of idle connections cost one
