@@ -90,7 +90,7 @@ from lanchat.limits import (
 )
 from lanchat.model import DEFAULT_ROOM, Draft, Message, User
 from lanchat.ratelimit import ConnectionLimiter, Verdict
-from lanchat.stream import RECV_BYTES, SEND_FLAGS, Outbox
+from lanchat.stream import RECV_BYTES, RECV_SMALL_BYTES, SEND_FLAGS, Outbox
 
 log = logging.getLogger(__name__)
 
@@ -480,16 +480,18 @@ class _TcpSession(_Session):
 
         The reader waits in ``poll``, not in ``recv``: ``recv(n)`` allocates its
         n-byte result before it blocks, and thousands of idle readers each holding
-        a buffer were 3.4 KiB of every idle connection's memory (measured with
-        4 KiB buffers; 64 KiB ones cost more).  The extra syscall per read is
-        skipped after a read that filled the buffer (a burst: more is waiting).
+        a 4 KiB buffer were 3.4 KiB of every idle connection's memory.  The extra
+        syscall per read is skipped after a read that filled the buffer.
         """
         poller = select.poll()
         poller.register(self.sock, select.POLLIN)
         decoder = self.decoder
         line_timeout = self.hub.line_timeout
         line_due: float | None = None  # when the unfinished line in the decoder runs out
-        burst = False  # the last read filled its buffer: more is waiting, read at once
+        # A quiet connection reads 4 KiB at a time (a 64 KiB malloc per line read
+        # by thousands of threads fragments the heap: +8 MiB kept after the churn
+        # test); a read that fills its buffer means a burst: read big, at once.
+        size = RECV_SMALL_BYTES
         while True:
             due, why = self._deadline, self._deadline_why
             if line_due is not None and (due is None or line_due < due):
@@ -498,10 +500,10 @@ class _TcpSession(_Session):
                 remaining = due - time.monotonic()
                 if remaining <= 0 or not poller.poll(remaining * 1000):
                     raise _TimedOut(why)
-            elif not burst:
+            elif size == RECV_SMALL_BYTES:
                 poller.poll()  # wait holding no buffer: recv allocates its result first
-            data = self.sock.recv(RECV_BYTES)
-            burst = len(data) == RECV_BYTES
+            data = self.sock.recv(size)
+            size = RECV_BYTES if len(data) == size else RECV_SMALL_BYTES  # full: a burst
             if not data:
                 pending = decoder.eof()
                 if pending:

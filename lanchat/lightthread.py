@@ -11,7 +11,11 @@ connections, for features the hub never uses.  :class:`LightThread` is a
 What it gives up: it is not listed by :func:`threading.enumerate` (a debugger
 shows it unnamed), the interpreter does not wait for it at exit (the hub joins
 its readers itself when it closes), and :func:`threading.current_thread` in it
-returns a stand-in "Dummy" thread, so log lines should not show thread names.
+returns a stand-in "Dummy" thread that threading keeps for good (one per thread
+stack address: 1,700 of them, 2.5 KiB each, after a churn of 2,000 clients,
+when readers joined writers with ``Thread.join``, which calls it).  So nothing
+that runs in a LightThread may call it: log lines show no thread names, and a
+reader waits for its writer with :meth:`join` here -- writers are LightThreads.
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ from collections.abc import Callable
 class LightThread:
     """Runs ``target()`` on a new thread once :meth:`start` is called."""
 
-    __slots__ = ("_done", "_target", "name")
+    __slots__ = ("_done", "_target", "ident", "name")
 
     def __init__(self, target: Callable[[], object], name: str) -> None:
-        self._target = target
+        self._target: Callable[[], object] | None = target
         self.name = name
+        self.ident: int | None = None  # the thread's, once it runs (threading.get_ident())
         self._done = _thread.allocate_lock()  # held from start() until target returns
 
     def __repr__(self) -> str:
@@ -43,9 +48,15 @@ class LightThread:
             raise
 
     def _run(self) -> None:
+        self.ident = _thread.get_ident()
+        assert self._target is not None  # start() runs a LightThread once
         try:
             self._target()
         finally:
+            # The target is usually a bound method of the object that holds this
+            # thread: a reference cycle, which would keep a finished connection's
+            # objects until the cyclic GC happens to run (7 MiB after 2,000 left).
+            self._target = None
             self._done.release()
 
     def join(self, timeout: float | None = None) -> None:

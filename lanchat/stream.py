@@ -30,6 +30,7 @@ import threading
 from collections.abc import Iterator
 
 from lanchat.framing import LineDecoder
+from lanchat.lightthread import LightThread
 from lanchat.limits import (
     MAX_OUTBOX_BYTES,
     SEND_STALL_TIMEOUT_S,
@@ -41,6 +42,10 @@ log = logging.getLogger(__name__)
 #: Bytes asked of ``recv`` at a time: large enough to take a burst of pipelined
 #: lines in one call, small enough not to matter per connection.
 RECV_BYTES = 65536
+
+#: What a hub reader asks for while its connection is quiet (a read that fills
+#: it switches the next one to RECV_BYTES).
+RECV_SMALL_BYTES = 4096
 
 #: ``send`` flags: never block, no SIGPIPE.  A plain int: or-ing the IntFlag
 #: members costs 1.4 us each time, as much as the rest of a delivery's bookkeeping.
@@ -87,7 +92,7 @@ class Outbox:
         self._sending = False  # the writer thread is sending right now (outside the lock)
         self._chunks: list[bytes] = []
         self._queued = 0
-        self._writer: threading.Thread | None = None
+        self._writer: LightThread | None = None
         self._closing = False
         self._final_timeout = FINAL_FLUSH_TIMEOUT_S
         # A cut (close_with without keep_queued) drops the batch in flight too; the
@@ -150,8 +155,7 @@ class Outbox:
         ``Thread.start`` only waits for the thread to begin, not for our lock.
         """
         if self._writer is None:
-            self._writer = threading.Thread(target=self._run, name=f"{self._name}-w",
-                                            daemon=False)
+            self._writer = LightThread(self._run, name=f"{self._name}-w")
             self._writer.start()
             return None
         if self._sleeping:
@@ -203,7 +207,7 @@ class Outbox:
         """Wait for the writer thread (if any) to finish."""
         with self._lock:
             writer = self._writer
-        if writer is not None and writer is not threading.current_thread():
+        if writer is not None and writer.ident != threading.get_ident():
             writer.join(timeout)
 
     # -- the writer thread -------------------------------------------------

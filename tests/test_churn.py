@@ -22,6 +22,7 @@ import selectors
 import socket
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -247,6 +248,13 @@ MIN_DONE_PER_S = 50
 RSS_RATCHET_KIB = 8 * 1024
 
 
+def udp_receive_drops() -> int:
+    """Datagrams this network namespace dropped for a full socket receive buffer."""
+    text = Path("/proc/net/snmp").read_text()
+    lines = [ln.split() for ln in text.splitlines() if ln.startswith("Udp:")]
+    return int(lines[1][lines[0].index("RcvbufErrors")])
+
+
 def run_churn(make_daemon: Any, clients: list[Any], rounds: list[float]) -> None:
     """Churn for each of ``rounds`` seconds in turn; check the daemon after every round."""
     daemon: Daemon = make_daemon(env={"LANCHAT_MAX_CONNECTIONS": str(SLOTS + 500)})
@@ -256,6 +264,7 @@ def run_churn(make_daemon: Any, clients: list[Any], rounds: list[float]) -> None
     clients.append(watcher)
     time.sleep(WRITER_IDLE_EXIT_S + 0.5)  # the watcher's writer thread idles out
     base = proc_stats(pid)
+    drops_before = udp_receive_drops()
     afters = []
     for seconds in rounds:
         afters.append(churn_round(daemon, watcher, base, seconds))
@@ -269,7 +278,13 @@ def run_churn(make_daemon: Any, clients: list[Any], rounds: list[float]) -> None
     assert watcher.until("fresh:", timeout=30, limit=10_000_000).endswith("fresh: after the storm")
     with ControlClient(daemon.socket, timeout=10) as c:
         users = {u["nick"] for u in c.call("users")}
-    assert users == {"owner", "watcher", "fresh"}, users
+    # Every TCP client is gone.  A UDP client whose "/quit" datagram was dropped
+    # (the hub's receive buffer overflows under the storm's datagrams) stays
+    # until its idle timeout, as UDP clients do: no more of them than were dropped.
+    stale = users - {"owner", "watcher", "fresh"}
+    assert {"owner", "watcher", "fresh"} <= users, users
+    assert all(nick.startswith("u") for nick in stale), stale
+    assert len(stale) <= udp_receive_drops() - drops_before, (stale, "no UDP drops to explain")
 
 
 def churn_round(daemon: Daemon, watcher: TextUser, base: dict[str, int],
