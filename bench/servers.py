@@ -179,12 +179,8 @@ def start(kind: str, extra_args: list[str] | None = None) -> Server:
     port = free_port()
     proc = subprocess.Popen(shlex.split(kind.format(port=port)) + extra,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return Server(kind, proc, port, ("text",))
-        time.sleep(0.05)
+    if _listening(proc, port):
+        return Server(kind, proc, port, ("text",))
     _kill(proc)
     raise RuntimeError(f"{kind!r} did not listen on port {port}")
 
@@ -225,15 +221,22 @@ def _start_ngircd(extra: list[str]) -> Server:
     Path(conf).write_text(NGIRCD_CONF.format(port=port, tmp=tmp))
     proc = subprocess.Popen([binary, "--nodaemon", "--config", conf, *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if _listening(proc, port):
+        return Server("ngircd", proc, port, ("irc",), tmp)
+    _kill(proc)
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise RuntimeError(f"ngircd did not listen on port {port}")
+
+
+def _listening(proc: subprocess.Popen[bytes], port: int) -> bool:
+    """Wait until 127.0.0.1:``port`` accepts; False if ``proc`` died or time ran out."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline and proc.poll() is None:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
-                return Server("ngircd", proc, port, ("irc",), tmp)
+                return True
         time.sleep(0.05)
-    _kill(proc)
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise RuntimeError(f"ngircd did not listen on port {port}")
+    return False
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:

@@ -488,10 +488,7 @@ class _TcpSession(_Session):
         decoder = self.decoder
         line_timeout = self.hub.line_timeout
         line_due: float | None = None  # when the unfinished line in the decoder runs out
-        # A quiet connection reads 4 KiB at a time (a 64 KiB malloc per line read
-        # by thousands of threads fragments the heap: +8 MiB kept after the churn
-        # test); a read that fills its buffer means a burst: read big, at once.
-        size = RECV_SMALL_BYTES
+        size = RECV_SMALL_BYTES  # a read that fills it means a burst: RECV_BYTES next
         while True:
             due, why = self._deadline, self._deadline_why
             if line_due is not None and (due is None or line_due < due):

@@ -192,7 +192,7 @@ class Outbox:
             self._stall_timeout = (grace if grace is not None
                                    else min(self._stall_timeout, self._final_timeout))
             action: str | None = "shutdown"
-            if self._chunks or self._writer is not None or self._sending:
+            if self._chunks or self._writer is not None:  # a writer (even mid-send) closes it
                 action = self._kick()  # else: nothing to flush, no thread needed to close
         if action == "shutdown":
             self._shutdown()
