@@ -7,7 +7,13 @@ another room, reports ready, and waits for a common start time.
 
 Payload.  Every chat text is ``@lg SENDER SEQ T_NS PAD`` where ``T_NS`` is
 ``time.monotonic_ns()`` just before the ``send`` call.  CLOCK_MONOTONIC is one clock for every
-process on the machine, so receive time minus ``T_NS`` is the one-way latency.  Receivers find
+process on the machine, so receive time minus ``T_NS`` is the one-way latency.  Two receive
+times are kept: when the generator read the bytes (``lat``: what a client sees, including the
+generator's own delay in getting to the socket) and when they reached the receiving socket
+(``net_lat``: the kernel's receive timestamp, ``SO_TIMESTAMPNS``, of the last segment the read
+returned -- what the server is answerable for).  The kernel stamps in CLOCK_REALTIME; each
+worker converts with the REALTIME - MONOTONIC offset it measures at the start and reports how
+far that offset drifted by the end (``clock_drift_us``).  Receivers find
 payloads with one compiled regex over each received chunk (C speed), so the same parser reads
 text mode (``[12:00:00] lg3: @lg 3 17 ...``), JSON mode (``"text":"@lg 3 17 ..."``) and IRC.
 
@@ -44,6 +50,7 @@ import resource
 import select
 import selectors
 import socket
+import struct
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -55,6 +62,10 @@ MAX_OUTBUF = 256 * 1024
 #: Handshakes a worker keeps in progress at once (the server's accept backlog is finite).
 MAX_PENDING_CONNECTS = 200
 RECV_CHUNK = 256 * 1024
+#: Linux ``SO_TIMESTAMPNS`` (the socket module does not name it): a ``struct timespec`` of
+#: CLOCK_REALTIME with every read, the time the data reached the socket.
+SO_TIMESTAMPNS = 35
+ANC_BUF = socket.CMSG_SPACE(16)
 
 # client states
 CONNECTING, GREETING, WELCOMING, JOINING, READY, CLOSED = range(6)
@@ -89,6 +100,7 @@ class LoadSpec:
     slow_rcvbuf: int = 64 * 1024  # SO_RCVBUF of a "slow" client (fills quickly)
     record_latency: bool = True
     latency_every: int = 1  # record the latency of every Nth sequence number
+    cpus: tuple[int, ...] | None = None  # CPUs the worker processes run on (None: any)
 
 
 @dataclass
@@ -141,6 +153,9 @@ class Worker:
         self.slow_poll = select.poll()
         self.slow: list[Client] = []
         self.lat = array.array("q")
+        self.net_lat = array.array("q")
+        self.clock_offset = _realtime_offset_ns()
+        self.net_now = 0  # the last read's kernel receive time, on CLOCK_MONOTONIC
         self.t0 = 0
         self.buckets_deliv: dict[int, int] = {}
         self.buckets_expect: dict[int, float] = {}
@@ -157,6 +172,8 @@ class Worker:
     def _open(self, cs: ClientSpec) -> None:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if cs.role in ("send", "recv"):
+            s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         if cs.role == "slow":
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.spec.slow_rcvbuf)
         s.setblocking(False)
@@ -280,7 +297,7 @@ class Worker:
     # --- receive ----------------------------------------------------------------------
     def _read(self, c: Client, handshake: bool = False) -> None:
         try:
-            data = c.sock.recv(RECV_CHUNK)
+            data, anc, _flags, _addr = c.sock.recvmsg(RECV_CHUNK, ANC_BUF)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -290,6 +307,11 @@ class Worker:
             self._close(c, "eof")
             return
         now = time.monotonic_ns()
+        self.net_now = now
+        for level, kind, stamp in anc:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(stamp) >= 16:
+                sec, nsec = struct.unpack_from("qq", stamp)
+                self.net_now = sec * 1_000_000_000 + nsec - self.clock_offset
         buf = c.inbuf + data if c.inbuf else data
         end = buf.rfind(b"\n") + 1
         c.inbuf = buf[end:]
@@ -312,6 +334,8 @@ class Worker:
         own = c.own_b
         n = self.spec.msgs_per_sender + 2
         lat = self.lat if self.spec.record_latency else None
+        net_lat = self.net_lat
+        net_now = self.net_now
         every = self.spec.latency_every
         state = c.rx
         got = 0
@@ -337,7 +361,9 @@ class Worker:
             else:
                 st[1] = seq
             if lat is not None and seq % every == 0:
-                lat.append(now - int(t_b))
+                t_sent = int(t_b)
+                lat.append(now - t_sent)
+                net_lat.append(net_now - t_sent)
         c.unique += got
         if c.spec.role not in ("send", "recv"):
             return
@@ -509,6 +535,8 @@ class Worker:
             "selfs": sum(c.selfs for c in measured),
             "notices": [n for c in measured for n in c.notices][:10],
             "lat": self.lat.tobytes(),
+            "net_lat": self.net_lat.tobytes(),
+            "clock_drift_us": abs(_realtime_offset_ns() - self.clock_offset) / 1000,
             "buckets_deliv": self.buckets_deliv,
             "buckets_expect": self.buckets_expect,
             "max_lag_ms": self.max_lag_ns / 1e6,
@@ -536,6 +564,19 @@ def _count(items: Any) -> dict[str, int]:
     return out
 
 
+def _realtime_offset_ns() -> int:
+    """CLOCK_REALTIME minus CLOCK_MONOTONIC, the smaller of a few tries (the tightest pair)."""
+    best = None
+    for _ in range(5):
+        m0 = time.monotonic_ns()
+        r = time.time_ns()
+        m1 = time.monotonic_ns()
+        if best is None or m1 - m0 < best[0]:
+            best = (m1 - m0, r - (m0 + m1) // 2)
+    assert best is not None
+    return best[1]
+
+
 def _cpu_s() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
@@ -543,6 +584,8 @@ def _cpu_s() -> float:
 
 def _worker_main(conn: Connection, spec: LoadSpec, cids: list[int]) -> None:
     raise_nofile()
+    if spec.cpus:
+        os.sched_setaffinity(0, spec.cpus)
     w = Worker(spec, cids)
     w.connect_all(time.monotonic() + spec.connect_timeout_s)
     conn.send(("ready", sum(1 for c in w.clients.values() if c.state == READY)))
@@ -664,6 +707,10 @@ def merge(spec: LoadSpec, reps: list[dict[str, Any]], t0: int) -> dict[str, Any]
     for r in reps:
         lat.frombytes(r["lat"])
     lat_sorted = sorted(lat)
+    net = array.array("q")
+    for r in reps:
+        net.frombytes(r["net_lat"])
+    net_sorted = sorted(net)
     end_ns = max(r["end_ns"] for r in reps)
     # the last delivery: the last non-empty second bucket is coarse; use the per-run end
     deliv: dict[int, int] = {}
@@ -686,13 +733,9 @@ def merge(spec: LoadSpec, reps: list[dict[str, Any]], t0: int) -> dict[str, Any]
         "reorders": sum(r["reorders"] for r in reps),
         "self_echoes": sum(r["selfs"] for r in reps),
         "run_s": (end_ns - t0) / 1e9,
-        "latency_ms": {
-            "n": len(lat_sorted),
-            "p50": percentile(lat_sorted, 50) / 1e6,
-            "p90": percentile(lat_sorted, 90) / 1e6,
-            "p99": percentile(lat_sorted, 99) / 1e6,
-            "max": (lat_sorted[-1] / 1e6) if lat_sorted else float("nan"),
-        },
+        "latency_ms": _summary(lat_sorted),
+        "net_latency_ms": _summary(net_sorted),
+        "clock_drift_us": max(r["clock_drift_us"] for r in reps),
         "last_delivery_s": (max(r["last_delivery_ns"] for r in reps) - t0) / 1e9,
         "timeline": [{"s": k, "delivered": deliv.get(k, 0), "offered": int(expect.get(k, 0))}
                      for k in range(0, max([*deliv, *expect, 0]) + 1)],
@@ -703,6 +746,14 @@ def merge(spec: LoadSpec, reps: list[dict[str, Any]], t0: int) -> dict[str, Any]
         "notices": [n for r in reps for n in r["notices"]][:5],
         "slow": [s for r in reps for s in r["slow"]],
     }
+
+
+def _summary(sorted_ns: list[int]) -> dict[str, float]:
+    return {"n": len(sorted_ns),
+            "p50": percentile(sorted_ns, 50) / 1e6,
+            "p90": percentile(sorted_ns, 90) / 1e6,
+            "p99": percentile(sorted_ns, 99) / 1e6,
+            "max": (sorted_ns[-1] / 1e6) if sorted_ns else float("nan")}
 
 
 def _merge_counts(ds: Any) -> dict[str, int]:

@@ -35,6 +35,11 @@ import servers
 
 Result = dict[str, Any]
 
+#: Scenarios that offer a fixed load and measure latency: with --pin auto the server and the
+#: generator run on different cores there (the generator needs less than one core for them).
+#: Throughput scenarios are not pinned: there the generator needs every core it can get.
+PINNED_BY_DEFAULT = ("latency", "scale", "slowconsumer")
+
 #: The figure each scenario is judged by, and whether bigger is better.
 PRIMARY: dict[str, tuple[str, bool]] = {
     "fanout": ("deliveries_per_s", True),
@@ -119,7 +124,8 @@ def _quality(rep: Result) -> Result:
 def sc_fanout(srv: servers.Server, a: argparse.Namespace) -> Result:
     spec = loadgen.LoadSpec("127.0.0.1", srv.port, a.mode, _clients(a.clients, a.senders),
                             msgs_per_sender=a.messages, window=a.window, pad=a.pad,
-                            workers=a.workers, max_run_s=a.max_run_s, latency_every=16)
+                            workers=a.workers, max_run_s=a.max_run_s, latency_every=16,
+                            cpus=a.gen_cpus)
     rep, res = _measure(srv, spec)
     lat = rep["last_delivery_s"]
     return {"deliveries_per_s": round(rep["deliveries"] / lat) if lat > 0 else 0,
@@ -134,14 +140,18 @@ def _latency_spec(srv: servers.Server, a: argparse.Namespace,
         "127.0.0.1", srv.port, a.mode, _clients(a.clients, a.senders, extra),
         msgs_per_sender=int(rate_each * a.duration) + 2, rate_per_sender=rate_each,
         pad=a.pad, workers=a.workers, duration_s=a.duration, drain_s=3.0,
-        max_run_s=a.duration + 10, connect_timeout_s=120)
+        max_run_s=a.duration + 10, connect_timeout_s=120, cpus=a.gen_cpus)
 
 
 def _lat_figures(rep: Result) -> Result:
-    lat = rep["latency_ms"]
+    """Latency until the client read it (``p*_ms``) and until it reached its socket (``net_*``)."""
+    lat, net = rep["latency_ms"], rep["net_latency_ms"]
     return {"p50_ms": round(lat["p50"], 3), "p90_ms": round(lat["p90"], 3),
             "p99_ms": round(lat["p99"], 3), "max_ms": round(lat["max"], 3),
-            "samples": lat["n"], "gen_max_send_lag_ms": round(rep["gen_max_send_lag_ms"], 3)}
+            "net_p50_ms": round(net["p50"], 3), "net_p90_ms": round(net["p90"], 3),
+            "net_p99_ms": round(net["p99"], 3), "net_max_ms": round(net["max"], 3),
+            "samples": lat["n"], "gen_max_send_lag_ms": round(rep["gen_max_send_lag_ms"], 3),
+            "clock_drift_us": round(rep["clock_drift_us"], 1)}
 
 
 def sc_latency(srv: servers.Server, a: argparse.Namespace) -> Result:
@@ -163,7 +173,7 @@ def sc_slowconsumer(srv: servers.Server, a: argparse.Namespace) -> Result:
         "127.0.0.1", srv.port, a.mode, _clients(a.clients, a.senders, slow=1),
         msgs_per_sender=int(rate_each * a.duration) + 2, rate_per_sender=rate_each,
         pad=a.pad, workers=a.workers, duration_s=a.duration, drain_s=3.0,
-        max_run_s=a.duration + 10)
+        max_run_s=a.duration + 10, cpus=a.gen_cpus)
     rep, res = _measure(srv, spec)
     tl = [t for t in rep["timeline"] if t["s"] < a.duration]
     ratios = [round(t["delivered"] / t["offered"], 3) if t["offered"] else None for t in tl]
@@ -398,11 +408,20 @@ def _median_figures(runs: list[Result]) -> Result:
     return out
 
 
+def _cpu_split(pin: str, scenario: str) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
+    """(server CPUs, generator CPUs): the first CPU we may use for the server, the rest for
+    the generator -- or (None, None), unpinned."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if pin == "off" or len(cpus) < 2 or (pin == "auto" and scenario not in PINNED_BY_DEFAULT):
+        return None, None
+    return (cpus[0],), tuple(cpus[1:])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="lanchat benchmarks (loopback only)")
     ap.add_argument("scenario", choices=[*SCENARIOS, "discovery"])
     ap.add_argument("--server", default=None,
-                    help="comma list: classic, lanchat, or a command with {port} "
+                    help="comma list: classic, floor, lanchat, ngircd, or a command with {port} "
                          "(default: classic plus lanchat when it exists)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--mode", choices=["text", "json"], default="text",
@@ -418,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle", type=int, default=5000, help="scale: idle connections")
     ap.add_argument("--runs", type=int, default=20, help="cli: lanchat send runs")
     ap.add_argument("--max-run-s", type=float, default=120.0)
+    ap.add_argument("--pin", choices=["auto", "on", "off"], default="auto",
+                    help="run the server on CPU 0 and the generator on the others (auto: in "
+                         f"{', '.join(PINNED_BY_DEFAULT)}, on a machine of 2 CPUs or more)")
     ap.add_argument("--quiet-wait", type=float, default=0.0,
                     help="before each run, wait up to this many seconds for a quiet machine")
     ap.add_argument("--quiet-below", type=float, default=15.0,
@@ -435,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
+    a.server_cpus, a.gen_cpus = _cpu_split(a.pin, a.scenario)
     loadgen.raise_nofile()
     # SIGTERM (e.g. from timeout(1)) unwinds through the finally blocks, so servers, daemons
     # and network namespaces this run made are removed.
@@ -461,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(a.repeat):
             quiet = _wait_quiet(a.quiet_wait, a.quiet_below) if a.quiet_wait > 0 else {}
             try:
-                srv = servers.start(kind)
+                srv = servers.start(kind, cpus=a.server_cpus)
             except RuntimeError as exc:
                 runs.append({"available": False, "why": str(exc)})
                 break

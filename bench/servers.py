@@ -3,6 +3,8 @@
 ``start(kind)`` returns a ``Server`` (pid, port, how to stop it).  Kinds:
 
 - ``classic``: ``bench/classic_server.py`` (thread per client, global lock), text mode only.
+- ``floor``: ``bench/floor_server.py`` (one thread, epoll, nothing stored), text mode only: what
+  the machine and the generator allow any Python server.
 - ``lanchat``: ``lanchatd --port 0 --no-discovery --bind 127.0.0.1 --state-dir DIR --socket
   PATH`` (``--max-rate 0`` too once the daemon has the flag), from this checkout, with
   ``LANCHAT_MAX_CONNECTIONS=10000 LANCHAT_MAX_CONNECTIONS_PER_IP=0`` in its environment
@@ -13,7 +15,9 @@
   here (another reference server).
 
 Every server is started by us, stopped by its pid (SIGTERM, then SIGKILL), and its temporary
-directory removed.
+directory removed.  ``start(..., cpus=(0,))`` runs it on those CPUs only (``taskset``, so every
+thread it ever starts inherits the mask): the scenarios keep the server and the load generator
+on different cores where they measure latency.
 """
 
 from __future__ import annotations
@@ -140,19 +144,31 @@ def free_port() -> int:
         return port
 
 
-def start(kind: str, extra_args: list[str] | None = None) -> Server:
+def _on_cpus(cmd: list[str], cpus: tuple[int, ...] | None) -> list[str]:
+    """``cmd`` run on ``cpus`` only (None: wherever the scheduler likes)."""
+    if not cpus:
+        return cmd
+    return ["taskset", "--cpu-list", ",".join(map(str, cpus)), *cmd]
+
+
+#: The Python reference servers in bench/, text mode only.
+SCRIPTS = {"classic": "classic_server.py", "floor": "floor_server.py"}
+
+
+def start(kind: str, extra_args: list[str] | None = None,
+          cpus: tuple[int, ...] | None = None) -> Server:
     extra = extra_args or []
     lines: list[bytes] = []
-    if kind == "classic":
+    if kind in SCRIPTS:
         proc = subprocess.Popen(
-            [sys.executable, str(BENCH / "classic_server.py"), "--port", "0", *extra],
+            _on_cpus([sys.executable, str(BENCH / SCRIPTS[kind]), "--port", "0", *extra], cpus),
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         try:
             port = _wait_port(proc, "stdout", lines)
         except RuntimeError:
             _kill(proc)
             raise
-        return Server("classic", proc, port, ("text",), log_lines=lines)
+        return Server(kind, proc, port, ("text",), log_lines=lines)
     if kind == "lanchat":
         if not lanchatd_available():
             raise RuntimeError("lanchatd not available yet (no lanchat/daemon.py)")
@@ -163,8 +179,9 @@ def start(kind: str, extra_args: list[str] | None = None) -> Server:
         if "--max-rate" in lanchatd_help():
             args += ["--max-rate", "0"]
         proc = subprocess.Popen(
-            [sys.executable, "-c",
-             "import sys; from lanchat.daemon import main; sys.exit(main())", *args, *extra],
+            _on_cpus([sys.executable, "-c",
+                      "import sys; from lanchat.daemon import main; sys.exit(main())",
+                      *args, *extra], cpus),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=lanchatd_env(), cwd=tmp)
         try:
             port = _wait_port(proc, "stderr", lines)
@@ -174,10 +191,10 @@ def start(kind: str, extra_args: list[str] | None = None) -> Server:
             raise
         return Server("lanchat", proc, port, ("text", "json"), tmp, sock, lines)
     if kind == "ngircd":
-        return _start_ngircd(extra)
+        return _start_ngircd(extra, cpus)
     # a command template, e.g. "ngircd -n -f /tmp/x.conf" with {port} in it
     port = free_port()
-    proc = subprocess.Popen(shlex.split(kind.format(port=port)) + extra,
+    proc = subprocess.Popen(_on_cpus(shlex.split(kind.format(port=port)) + extra, cpus),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if _listening(proc, port):
         return Server(kind, proc, port, ("text",))
@@ -209,7 +226,7 @@ PAM = no
 """
 
 
-def _start_ngircd(extra: list[str]) -> Server:
+def _start_ngircd(extra: list[str], cpus: tuple[int, ...] | None) -> Server:
     """ngircd (Debian package ``ngircd``), the C reference server; it speaks IRC only."""
     binary = shutil.which("ngircd") or "/usr/sbin/ngircd"
     if not os.path.exists(binary):
@@ -219,7 +236,7 @@ def _start_ngircd(extra: list[str]) -> Server:
     port = free_port()
     conf = os.path.join(tmp, "ngircd.conf")
     Path(conf).write_text(NGIRCD_CONF.format(port=port, tmp=tmp))
-    proc = subprocess.Popen([binary, "--nodaemon", "--config", conf, *extra],
+    proc = subprocess.Popen(_on_cpus([binary, "--nodaemon", "--config", conf, *extra], cpus),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if _listening(proc, port):
         return Server("ngircd", proc, port, ("irc",), tmp)

@@ -1,0 +1,153 @@
+"""The floor: the least a chat server written in Python can do per message on this machine.
+
+One thread, one ``epoll``, non-blocking sockets, no storage, no locks, no queues: read a line,
+``send`` it to every other client in the room, next.  It is not a design to ship (a client that
+stops reading loses messages, nothing is kept, one slow step stalls everyone), but it shows what
+the machine and the load generator allow: a latency that even this server cannot reach here is
+a limit of the machine, not of a server's design.
+
+It speaks the same text mode as ``classic_server.py`` (``* Choose a nickname:``, ``* Welcome,
+NICK! ...``, ``[HH:MM:SS] nick: text``, ``/join ROOM`` answered with ``* You joined #ROOM``,
+``/quit``), with TCP_NODELAY on every socket.
+
+Run: ``python bench/floor_server.py --port 0``; prints ``listening on 127.0.0.1:PORT``.
+Loopback only by default; a benchmark reference, not a server to expose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import select
+import signal
+import socket
+import sys
+import time
+
+from classic_server import raise_nofile
+
+#: Longest line accepted from a client; a longer one drops the client.
+MAX_LINE_BYTES = 32 * 1024
+SEND_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+
+
+class Conn:
+    """One client: its socket, the unfinished line, its nick (empty until chosen), its room."""
+
+    __slots__ = ("nick", "pending", "room", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.pending = b""
+        self.nick = ""
+        self.room = "lobby"
+
+
+class FloorServer:
+    def __init__(self, listener: socket.socket) -> None:
+        self.listener = listener
+        self.epoll = select.epoll()
+        self.conns: dict[int, Conn] = {}
+        self.rooms: dict[str, dict[int, Conn]] = {}
+
+    def serve_forever(self) -> None:
+        self.listener.setblocking(False)
+        self.epoll.register(self.listener.fileno(), select.EPOLLIN)
+        lfd = self.listener.fileno()
+        while True:
+            for fd, _ev in self.epoll.poll():
+                if fd == lfd:
+                    self._accept()
+                else:
+                    self._readable(fd)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _addr = self.listener.accept()
+            except BlockingIOError:
+                return
+            except OSError:  # EMFILE and friends: try again on the next readiness
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.conns[sock.fileno()] = Conn(sock)
+            self.epoll.register(sock.fileno(), select.EPOLLIN)
+            self._send(sock, b"* floor chat server -- welcome!\n* Choose a nickname:\n")
+
+    @staticmethod
+    def _send(sock: socket.socket, data: bytes) -> None:
+        with contextlib.suppress(OSError):  # full or gone: dropped (the floor keeps no queue)
+            sock.send(data, SEND_FLAGS)
+
+    def _drop(self, fd: int) -> None:
+        conn = self.conns.pop(fd)
+        self.rooms.get(conn.room, {}).pop(fd, None)
+        self.epoll.unregister(fd)
+        conn.sock.close()
+
+    def _readable(self, fd: int) -> None:
+        conn = self.conns.get(fd)
+        if conn is None:
+            return
+        try:
+            data = conn.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(fd)
+            return
+        *lines, conn.pending = (conn.pending + data).split(b"\n")
+        if len(conn.pending) > MAX_LINE_BYTES:
+            self._drop(fd)
+            return
+        for raw in lines:
+            if not self._line(fd, conn, raw.rstrip(b"\r").decode("utf-8", "replace")):
+                self._drop(fd)
+                return
+
+    def _line(self, fd: int, conn: Conn, text: str) -> bool:
+        if not conn.nick:
+            if not text.strip():
+                return False
+            conn.nick = text.strip()
+            self.rooms.setdefault(conn.room, {})[fd] = conn
+            self._send(conn.sock, f"* Welcome, {conn.nick}! You are in #{conn.room}.\n".encode())
+        elif text == "/quit":
+            return False
+        elif text.startswith("/join "):
+            self.rooms.get(conn.room, {}).pop(fd, None)
+            conn.room = text[6:].strip() or "lobby"
+            self.rooms.setdefault(conn.room, {})[fd] = conn
+            self._send(conn.sock, f"* You joined #{conn.room}\n".encode())
+        else:
+            line = f"[{time.strftime('%H:%M:%S')}] {conn.nick}: {text}\n".encode()
+            for other_fd, other in self.rooms[conn.room].items():
+                if other_fd != fd:
+                    self._send(other.sock, line)
+        return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bind", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    args = ap.parse_args(argv)
+    raise_nofile()
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((args.bind, args.port))
+    listener.listen(4096)
+    host, port = listener.getsockname()
+    sys.stdout.write(f"listening on {host}:{port}\n")
+    sys.stdout.flush()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with contextlib.suppress(KeyboardInterrupt):
+        FloorServer(listener).serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
