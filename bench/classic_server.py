@@ -128,6 +128,21 @@ def raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def open_listener(bind: str, port: int) -> socket.socket:
+    """A reference server's start: file limit raised, listening, its port printed on stdout
+    (``listening on HOST:PORT``, what bench/servers.py waits for), SIGTERM exits."""
+    raise_nofile()
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((bind, port))
+    listener.listen(4096)
+    host, port = listener.getsockname()
+    sys.stdout.write(f"listening on {host}:{port}\n")
+    sys.stdout.flush()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    return listener
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bind", default="127.0.0.1")
@@ -135,16 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nagle", action="store_true",
                     help="leave Nagle's algorithm on (the textbook default; slow on small lines)")
     args = ap.parse_args(argv)
-    raise_nofile()
     threading.stack_size(256 * 1024)  # 5,000 threads: keep the address space modest
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((args.bind, args.port))
-    listener.listen(4096)
-    host, port = listener.getsockname()
-    sys.stdout.write(f"listening on {host}:{port}\n")
-    sys.stdout.flush()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    listener = open_listener(args.bind, args.port)
     with contextlib.suppress(KeyboardInterrupt):
         ClassicServer(listener, nodelay=not args.nagle).serve_forever()
     return 0

@@ -19,12 +19,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import select
-import signal
 import socket
-import sys
 import time
 
-from classic_server import raise_nofile
+from classic_server import open_listener
 
 #: Longest line accepted from a client; a longer one drops the client.
 MAX_LINE_BYTES = 32 * 1024
@@ -135,15 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bind", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     args = ap.parse_args(argv)
-    raise_nofile()
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((args.bind, args.port))
-    listener.listen(4096)
-    host, port = listener.getsockname()
-    sys.stdout.write(f"listening on {host}:{port}\n")
-    sys.stdout.flush()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    listener = open_listener(args.bind, args.port)
     with contextlib.suppress(KeyboardInterrupt):
         FloorServer(listener).serve_forever()
     return 0

@@ -155,7 +155,6 @@ class Worker:
         self.lat = array.array("q")
         self.net_lat = array.array("q")
         self.clock_offset = _realtime_offset_ns()
-        self.net_now = 0  # the last read's kernel receive time, on CLOCK_MONOTONIC
         self.t0 = 0
         self.buckets_deliv: dict[int, int] = {}
         self.buckets_expect: dict[int, float] = {}
@@ -307,11 +306,11 @@ class Worker:
             self._close(c, "eof")
             return
         now = time.monotonic_ns()
-        self.net_now = now
+        net_now = now  # when the bytes reached the socket (kernel stamp), on CLOCK_MONOTONIC
         for level, kind, stamp in anc:
             if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(stamp) >= 16:
                 sec, nsec = struct.unpack_from("qq", stamp)
-                self.net_now = sec * 1_000_000_000 + nsec - self.clock_offset
+                net_now = sec * 1_000_000_000 + nsec - self.clock_offset
         buf = c.inbuf + data if c.inbuf else data
         end = buf.rfind(b"\n") + 1
         c.inbuf = buf[end:]
@@ -326,16 +325,15 @@ class Worker:
                     self._handshake_line(c, line.rstrip(b"\r"))
             if c.state != READY:
                 return
-        self._account(c, buf, end, now)
+        self._account(c, buf, end, now, net_now)
 
-    def _account(self, c: Client, buf: bytes, end: int, now: int) -> None:
+    def _account(self, c: Client, buf: bytes, end: int, now: int, net_now: int) -> None:
         # The hot loop of the generator: about 2 million iterations in the fan-out scenario,
         # so it keys by the sender id's bytes and converts the timestamp only when sampled.
         own = c.own_b
         n = self.spec.msgs_per_sender + 2
         lat = self.lat if self.spec.record_latency else None
         net_lat = self.net_lat
-        net_now = self.net_now
         every = self.spec.latency_every
         state = c.rx
         got = 0
@@ -703,14 +701,6 @@ def merge(spec: LoadSpec, reps: list[dict[str, Any]], t0: int) -> dict[str, Any]
                 unique += got
                 lost += max(0, n_sent - got)
     reporting = sum(len(r["per_rx"]) for r in reps)
-    lat = array.array("q")
-    for r in reps:
-        lat.frombytes(r["lat"])
-    lat_sorted = sorted(lat)
-    net = array.array("q")
-    for r in reps:
-        net.frombytes(r["net_lat"])
-    net_sorted = sorted(net)
     end_ns = max(r["end_ns"] for r in reps)
     # the last delivery: the last non-empty second bucket is coarse; use the per-run end
     deliv: dict[int, int] = {}
@@ -733,8 +723,8 @@ def merge(spec: LoadSpec, reps: list[dict[str, Any]], t0: int) -> dict[str, Any]
         "reorders": sum(r["reorders"] for r in reps),
         "self_echoes": sum(r["selfs"] for r in reps),
         "run_s": (end_ns - t0) / 1e9,
-        "latency_ms": _summary(lat_sorted),
-        "net_latency_ms": _summary(net_sorted),
+        "latency_ms": _summary(reps, "lat"),
+        "net_latency_ms": _summary(reps, "net_lat"),
         "clock_drift_us": max(r["clock_drift_us"] for r in reps),
         "last_delivery_s": (max(r["last_delivery_ns"] for r in reps) - t0) / 1e9,
         "timeline": [{"s": k, "delivered": deliv.get(k, 0), "offered": int(expect.get(k, 0))}
@@ -748,7 +738,12 @@ def merge(spec: LoadSpec, reps: list[dict[str, Any]], t0: int) -> dict[str, Any]
     }
 
 
-def _summary(sorted_ns: list[int]) -> dict[str, float]:
+def _summary(reps: list[dict[str, Any]], key: str) -> dict[str, float]:
+    """Percentiles (ms) of the nanosecond samples the workers reported under ``key``."""
+    samples = array.array("q")
+    for r in reps:
+        samples.frombytes(r[key])
+    sorted_ns = sorted(samples)
     return {"n": len(sorted_ns),
             "p50": percentile(sorted_ns, 50) / 1e6,
             "p90": percentile(sorted_ns, 90) / 1e6,

@@ -276,9 +276,14 @@ def _linked_states(polls: list[subprocess.Popen[bytes]]) -> list[bool]:
             val = json.loads(raw or b"[]")
         except ValueError:
             val = []
-        out.append(isinstance(val, list) and any(
-            isinstance(x, dict) and x.get("state") == "linked" for x in val))
+        out.append(_any_linked(val))
     return out
+
+
+def _any_linked(peers: object) -> bool:
+    """Whether a ``peers`` result (RPC or ``--json``) lists a linked peer."""
+    return isinstance(peers, list) and any(
+        isinstance(x, dict) and x.get("state") == "linked" for x in peers)
 
 
 def sc_discovery(srv: servers.Server | None, a: argparse.Namespace) -> Result:
@@ -303,8 +308,7 @@ def sc_discovery(srv: servers.Server | None, a: argparse.Namespace) -> Result:
     # tests/netns.py: builds the namespaces and always tears them down (and our processes)
     netns: Any = importlib.import_module("netns")
 
-    env = servers._env()
-    env.pop("NOTIFY_SOCKET", None)
+    env = servers.lanchatd_env()
     rounds: list[float] = []
     sys.path.insert(0, str(servers.REPO))
     client: Any = importlib.import_module("lanchat.client")
@@ -318,8 +322,7 @@ def sc_discovery(srv: servers.Server | None, a: argparse.Namespace) -> Result:
                 peers = c.call("peers")
         except (OSError, errors.LanchatError):
             return False
-        return isinstance(peers, list) and any(
-            isinstance(x, dict) and x.get("state") == "linked" for x in peers)
+        return _any_linked(peers)
 
     def poll_until(want_linked: bool, pairs: list[tuple[Any, str]],
                    limit_s: float) -> tuple[float, float] | None:
@@ -438,8 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=20, help="cli: lanchat send runs")
     ap.add_argument("--max-run-s", type=float, default=120.0)
     ap.add_argument("--pin", choices=["auto", "on", "off"], default="auto",
-                    help="run the server on CPU 0 and the generator on the others (auto: in "
-                         f"{', '.join(PINNED_BY_DEFAULT)}, on a machine of 2 CPUs or more)")
+                    help="run the server on the first CPU and the generator on the others "
+                         f"(auto: in {', '.join(PINNED_BY_DEFAULT)}, with 2 CPUs or more)")
     ap.add_argument("--quiet-wait", type=float, default=0.0,
                     help="before each run, wait up to this many seconds for a quiet machine")
     ap.add_argument("--quiet-below", type=float, default=15.0,

@@ -38,8 +38,13 @@ def proof(key: bytes, label: str, nonce: str, *who: str) -> str:
 
 
 def check_proof(key: bytes, given: object, label: str, nonce: str, *who: str) -> bool:
-    """True if ``given`` is the right proof; constant-time."""
-    return isinstance(given, str) and hmac.compare_digest(given, proof(key, label, nonce, *who))
+    """True if ``given`` is the right proof; constant-time.
+
+    Anything but an ASCII string is simply wrong: ``compare_digest`` raises
+    TypeError on non-ASCII text, which would reach the caller as a crash.
+    """
+    return (isinstance(given, str) and given.isascii()
+            and hmac.compare_digest(given, proof(key, label, nonce, *who)))
 
 
 def message_mac(key: bytes, msg: Message) -> str:
@@ -56,3 +61,20 @@ def check_message(key: bytes, msg: Message) -> bool:
 def load_secret(text: str) -> bytes:
     """The key for a configured secret (a file's content loses its final newline)."""
     return text.rstrip("\r\n").encode("utf-8")
+
+
+#: Bytes read of a secret file: a secret is a line, not a document.
+MAX_SECRET_FILE_BYTES = 65536
+
+
+def read_secret_file(path: str) -> bytes:
+    """The key in the file at ``path`` (daemon and client alike).
+
+    Raises OSError if it cannot be read and ValueError if it holds no secret:
+    an empty key would be a secret everyone knows.
+    """
+    with open(path, encoding="utf-8") as f:
+        text = f.read(MAX_SECRET_FILE_BYTES)
+    if not text.strip():
+        raise ValueError("the file is empty")
+    return load_secret(text)

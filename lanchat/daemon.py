@@ -232,13 +232,11 @@ def _read_secret(cfg: config.Config) -> bytes | None:
         return auth.load_secret(cfg.secret)
     if cfg.secret_file:
         try:
-            with open(cfg.secret_file, encoding="utf-8") as f:
-                text = f.read(65536)
+            return auth.read_secret_file(cfg.secret_file)
         except OSError as exc:
             raise ConfigError(f"secret_file {cfg.secret_file}: {exc.strerror or exc}") from None
-        if not text.strip():
-            raise ConfigError(f"secret_file {cfg.secret_file}: the file is empty")
-        return auth.load_secret(text)
+        except ValueError as exc:
+            raise ConfigError(f"secret_file {cfg.secret_file}: {exc}") from None
     return None
 
 

@@ -65,7 +65,7 @@ from lanchat.errors import (
     ValidationError,
 )
 from lanchat.events import Event
-from lanchat.framing import LineDecoder, decode_utf8, dumps_line, loads_line
+from lanchat.framing import LineDecoder, decode_utf8, loads_line
 from lanchat.lightthread import LightThread
 from lanchat.limits import (
     CUT_NOTICE_GRACE_S,
@@ -277,11 +277,7 @@ class _Session:
         # A JSON client hears about every dropped frame (with its ref, so it knows
         # which); a person gets one line a second, not one per dropped line.
         if self.mode == "json":
-            frame: dict[str, Any] = {"type": "error", "code": "rate-limited", "message": text,
-                                     "fatal": False}
-            if ref is not None:
-                frame["ref"] = ref
-            self._send(dumps_line(frame))
+            self._send(wire.encode_error("rate-limited", text, ref=ref))
         elif verdict is Verdict.NOTIFY:
             self._send(textmode.error(text))
         return False

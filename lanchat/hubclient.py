@@ -45,7 +45,7 @@ from lanchat.limits import MAX_DATAGRAM_BYTES, MAX_RPC_LINE_BYTES, UDP_IDLE_TIME
 from lanchat.model import Message, Presence, validate_nick
 from lanchat.render import format_message, format_presence, neutralise
 from lanchat.textmode import HELP_LINES, parse_line
-from lanchat.wire import VERSION
+from lanchat.wire import VERSION, encode_auth
 
 log = logging.getLogger(__name__)
 
@@ -394,6 +394,8 @@ class TcpSession(_Session):
         try:
             self.sock.sendall(encode_hello(self.nick, self.room))
             frame = self._frame(time.monotonic() + CONNECT_TIMEOUT_S)
+            if frame is not None and frame.get("type") == "challenge":
+                frame = self._answer(frame)
         except (ConnectionError, OSError) as exc:
             if isinstance(exc, ConnectError):
                 raise
@@ -401,8 +403,6 @@ class TcpSession(_Session):
         except RemoteProtocolError as exc:
             raise ConnectError(f"{self.where} is not speaking the lanchat protocol: "
                                f"{neutralise(str(exc))}") from None
-        if frame is not None and frame.get("type") == "challenge":
-            frame = self._answer(frame)
         if frame is None:
             raise ConnectError(f"connection to {self.where} closed by the server")
         kind = frame.get("type")
@@ -429,12 +429,9 @@ class TcpSession(_Session):
         """Prove the shared secret for a hub's challenge; return the frame after it."""
         assert self.sock is not None
         nonce = challenge.get("nonce")
-        if self.key is not None and isinstance(nonce, str):
-            self.sock.sendall(dumps_line({"type": "auth",
-                                          "proof": auth.proof(self.key, "client", nonce,
-                                                              self.nick)}))
-        else:
-            self.sock.sendall(dumps_line({"type": "auth", "proof": ""}))
+        proof = (auth.proof(self.key, "client", nonce, self.nick)
+                 if self.key is not None and isinstance(nonce, str) else "")
+        self.sock.sendall(encode_auth(proof))
         return self._frame(time.monotonic() + CONNECT_TIMEOUT_S)
 
     # receiving ------------------------------------------------------------------------------
@@ -730,12 +727,12 @@ def _secret(path: str | None) -> bytes | None:
     if path is None:
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read(65536)
+        return auth.read_secret_file(path)
     except OSError as exc:
         raise ConnectError(f"cannot read the secret file {path}: {exc.strerror or exc}",
                            EXIT_USAGE) from None
-    return auth.load_secret(text)
+    except ValueError as exc:
+        raise ConnectError(f"the secret file {path}: {exc}", EXIT_USAGE) from None
 
 
 def _ask_tty(prompt: str) -> str:

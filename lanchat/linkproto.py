@@ -46,7 +46,8 @@ from typing import Any
 
 from lanchat.errors import RemoteProtocolError, ValidationError
 from lanchat.framing import dumps_line, loads_line
-from lanchat.model import Message, validate_node
+from lanchat.limits import MAX_HOST_CHARS
+from lanchat.model import Message, validate_host, validate_node
 from lanchat.presence import MAX_NODES, NodeRoster
 
 VERSION = 1
@@ -100,15 +101,14 @@ def parse_peer_hello(frame: Mapping[str, Any]) -> PeerHello:
     """Read a daemon's hello or welcome fields; raises :class:`RemoteProtocolError`."""
     try:
         node = validate_node(frame.get("node"))
+        host = validate_host(frame.get("host"))
     except ValidationError as exc:
         raise RemoteProtocolError(str(exc), code="bad-frame") from None
-    name, host, port = frame.get("name"), frame.get("host"), frame.get("port")
+    name, port = frame.get("name"), frame.get("port")
     # Printable only: names end up in logs, tables and notices.
-    if not isinstance(name, str) or not name or len(name) > 253 or not name.isprintable():
+    if (not isinstance(name, str) or not name or len(name) > MAX_HOST_CHARS
+            or not name.isprintable()):
         raise RemoteProtocolError("a daemon must say its name (printable)", code="bad-frame")
-    if (not isinstance(host, str) or not host or len(host) > 253 or not host.isprintable()
-            or any(c.isspace() for c in host)):
-        raise RemoteProtocolError("a daemon must say its host (printable)", code="bad-frame")
     if port is not None and (isinstance(port, bool) or not isinstance(port, int)
                              or not 0 < port < 65536):
         raise RemoteProtocolError("port must be 1-65535", code="bad-frame")
@@ -157,10 +157,6 @@ def encode_roster(roster: NodeRoster) -> bytes:
 
 def encode_sync(cursors: Mapping[str, int]) -> bytes:
     return dumps_line({"type": "sync", "cursors": dict(cursors)})
-
-
-def encode_auth(proof: str) -> bytes:
-    return dumps_line({"type": "auth", "proof": proof})
 
 
 def encode_floor(origin: str, seq: int) -> bytes:

@@ -42,6 +42,7 @@ from lanchat.limits import LINK_BURST, LINK_MAX_RATE
 from lanchat.model import Message
 from lanchat.presence import NodeRoster
 from lanchat.ratelimit import TokenBucket
+from lanchat.wire import encode_auth
 
 log = logging.getLogger(__name__)
 
@@ -410,7 +411,7 @@ class _Dialer:
                     log.warning("link to %s:%d refused: it cannot prove the shared secret",
                                 self.host, self.port)
                     raise LinkClosed("the peer does not know the shared secret")
-                sock.sendall(linkproto.encode_auth(auth.proof(
+                sock.sendall(encode_auth(auth.proof(
                     manager.key, "link-hello", welcome.nonce, manager.me.node, welcome.node)))
         except BaseException:
             sock.close()

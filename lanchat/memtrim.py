@@ -16,7 +16,6 @@ where trimming would only make malloc ask the kernel again.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 from collections.abc import Callable
 
@@ -27,11 +26,10 @@ TRIM_AFTER_DROP = 200
 
 
 def _load_malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
+    # The process's own symbols (the C library is loaded already): no
+    # ctypes.util.find_library, which runs ldconfig in a subprocess.
     try:
-        fn = ctypes.CDLL(name).malloc_trim
+        fn = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):  # not glibc
         return None
     fn.argtypes = [ctypes.c_size_t]

@@ -14,6 +14,7 @@ and ``seq`` counts that node's messages 1, 2, 3 … without gaps.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -113,11 +114,13 @@ class Message:
             )
 
     @classmethod
-    def stamp(cls, draft: Draft, *, origin: str, seq: int, ts: float) -> Message:
+    def stamp(cls, draft: Draft, *, origin: str, seq: int, ts: float,
+              sign: Callable[[Message], str] | None = None) -> Message:
         """Turn a draft into the message that node ``origin`` accepted as number ``seq``.
 
         The draft validated its fields when it was built; only what is new here
         (origin, seq, ts) is checked, which keeps the hub's hot path short.
+        ``sign`` makes the origin's tag (``mac``) over the finished message.
         """
         validate_node(origin)
         validate_seq(seq)
@@ -127,6 +130,8 @@ class Message:
                             ("text", draft.text), ("to", draft.to),
                             ("id", message_id(origin, seq)), ("mac", None)):
             object.__setattr__(msg, name, value)
+        if sign is not None:
+            object.__setattr__(msg, "mac", sign(msg))
         return msg
 
     def to_dict(self) -> dict[str, Any]:

@@ -381,10 +381,9 @@ class Store:
                                (origin,)).fetchone()
             last_seq, last_ts = (row[0], row[1]) if row is not None else (0, 0.0)
             stamp = max(float(ts), last_ts)
-            messages = [Message.stamp(d, origin=origin, seq=last_seq + i, ts=stamp)
+            # sign: the origin's tag, so every relay can check it
+            messages = [Message.stamp(d, origin=origin, seq=last_seq + i, ts=stamp, sign=sign)
                         for i, d in enumerate(drafts, start=1)]
-            if sign is not None:  # the origin's tag, so every relay can check it
-                messages = [m.signed(sign(m)) for m in messages]
             conn.executemany(_INSERT, [
                 (m.id, m.origin, m.seq, m.ts, m.room, m.nick, m.host, m.text, m.to, d.uid,
                  m.mac)

@@ -293,7 +293,9 @@ class Outbox:
                     return  # dropped backlog: the cut's notice is next
                 if waited >= stall_timeout:
                     raise TimeoutError from None
-                step = min(CUT_CHECK_S, stall_timeout - waited)
+                # only a droppable batch has a reason to look for a cut meanwhile
+                rest = stall_timeout - waited
+                step = min(CUT_CHECK_S, rest) if droppable else rest
                 if not poller.poll(step * 1000):
                     waited += step
                 continue

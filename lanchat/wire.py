@@ -133,8 +133,17 @@ def encode_pong(token: Any) -> bytes:
     return dumps_line({"type": "pong", "t": token})
 
 
-def encode_error(code: str, message: str, *, fatal: bool = False) -> bytes:
-    return dumps_line({"type": "error", "code": code, "message": message, "fatal": fatal})
+def encode_error(code: str, message: str, *, fatal: bool = False, ref: Any = None) -> bytes:
+    """An error frame; ``ref`` (when given) names the client's frame it answers."""
+    frame: dict[str, Any] = {"type": "error", "code": code, "message": message, "fatal": fatal}
+    if ref is not None:
+        frame["ref"] = ref
+    return dumps_line(frame)
+
+
+def encode_auth(proof: str) -> bytes:
+    """The answer to a challenge (client connections and daemon links alike)."""
+    return dumps_line({"type": "auth", "proof": proof})
 
 
 def encode_challenge(nonce: str) -> bytes:

@@ -58,6 +58,19 @@ def test_proofs_are_bound_to_nonce_parties_and_purpose() -> None:
     assert not auth.check_proof(KEY, p, "link-hello", "ab" * 16, "n2", "n1")    # parties
     assert not auth.check_proof(b"other", p, "link-hello", "ab" * 16, "n1", "n2")
     assert not auth.check_proof(KEY, None, "link-hello", "ab" * 16, "n1", "n2")
+    # a non-ASCII "proof" is wrong, not a crash (compare_digest raises TypeError on it)
+    assert not auth.check_proof(KEY, "\u00e9" * 64, "link-hello", "ab" * 16, "n1", "n2")
+
+
+def test_secret_file_empty_is_refused_not_an_empty_key(tmp_path: Any) -> None:
+    """Daemon and client read a secret file the same way: an empty one is an error."""
+    (tmp_path / "empty").write_text("\n")
+    (tmp_path / "good").write_text("s3cret\n")
+    with pytest.raises(ValueError, match="empty"):
+        auth.read_secret_file(str(tmp_path / "empty"))
+    assert auth.read_secret_file(str(tmp_path / "good")) == b"s3cret"
+    with pytest.raises(OSError):
+        auth.read_secret_file(str(tmp_path / "missing"))
 
 
 def test_message_tags_cover_every_field() -> None:

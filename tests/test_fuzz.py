@@ -522,7 +522,6 @@ def socket_fuzz(daemon: Daemon, *, connections: int, seconds: float, seed: int) 
     rng = random.Random(seed)
     payloads = _hostile_payloads(rng)
     counts: collections.Counter[str] = collections.Counter()
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp_many = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(20)]
     deadline = time.monotonic() + seconds
     try:
@@ -556,7 +555,6 @@ def socket_fuzz(daemon: Daemon, *, connections: int, seconds: float, seed: int) 
                 _fuzz_control_once(daemon.socket, _rpc_junk(rng))
                 counts["control"] += 1
     finally:
-        udp.close()
         for s in udp_many:
             with contextlib.suppress(OSError):
                 s.sendto(b"/quit", ("127.0.0.1", daemon.port))

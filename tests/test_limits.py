@@ -16,11 +16,10 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import Daemon, LineClient, TextUser
+from conftest import Daemon, LineClient, TextUser, wait_for
 
 from lanchat.client import ControlClient
 from lanchat.limits import COMMAND_BURST, COMMAND_RATE, MAX_DATAGRAM_BYTES
@@ -29,16 +28,6 @@ pytestmark = pytest.mark.timeout(40)
 
 MESSAGE_RE = re.compile(r"^\[\d\d:\d\d:\d\d\] (\S+): (.*)$")
 RATE_NOTICE = "! rate limit: at most {} messages per second; message dropped"
-
-
-def wait_for(what: str, fn: Callable[[], Any], timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def drain(client: LineClient, quiet: float = 0.5, limit: int = 100_000) -> list[str]:
