@@ -32,7 +32,12 @@ from typing import Any
 
 from lanchat import __version__
 from lanchat.errors import ConfigError, ValidationError
-from lanchat.limits import MAX_NICK_CHARS
+from lanchat.limits import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_IP,
+    DEFAULT_MAX_RATE,
+    MAX_NICK_CHARS,
+)
 from lanchat.model import validate_nick
 
 DEFAULT_PORT = 7654
@@ -82,9 +87,9 @@ class Config:
     max_age_days: float | None = None
     max_messages: int | None = None
     log_level: str = "warning"
-    max_rate: float = 20.0
-    max_connections: int = 1024
-    max_connections_per_ip: int = 64
+    max_rate: float = DEFAULT_MAX_RATE
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP
     secret: str | None = None
     secret_file: str | None = None
     plain_clients: bool = False
