@@ -48,10 +48,13 @@ class Daemon:
 
     ``start()`` waits for its "listening on" line and reads the port from it.  ``prefix``
     is a command the daemon runs under (it must exec the daemon, so that ``proc`` is it).
+    ``nick`` and ``max_rate`` become ``--nick`` and ``--max-rate``; None leaves the flag
+    out, so that the configuration file decides (a flag outranks the file, also on SIGHUP).
     """
 
-    def __init__(self, workdir: str, *extra: str, nick: str = "owner",
-                 env: dict[str, str] | None = None, prefix: Sequence[str] = ()) -> None:
+    def __init__(self, workdir: str, *extra: str, nick: str | None = "owner",
+                 max_rate: float | None = 0, env: dict[str, str] | None = None,
+                 prefix: Sequence[str] = ()) -> None:
         self.workdir = workdir
         self.state_dir = os.path.join(workdir, "state")
         self.socket = os.path.join(workdir, "control.sock")
@@ -59,6 +62,7 @@ class Daemon:
         self.extra = list(extra)
         self.prefix = list(prefix)
         self.nick = nick
+        self.max_rate = max_rate
         self.env = dict(os.environ, **(env or {}))
         self.env.pop("NOTIFY_SOCKET", None)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -68,7 +72,10 @@ class Daemon:
     def start(self, timeout: float = 15.0) -> Daemon:
         cmd = [*self.prefix, *lanchatd_cmd(), "--port", str(self.requested_port),
                "--bind", "127.0.0.1", "--no-discovery", "--state-dir", self.state_dir,
-               "--socket", self.socket, "--nick", self.nick, "--max-rate", "0", *self.extra]
+               "--socket", self.socket,
+               *(["--nick", self.nick] if self.nick is not None else []),
+               *(["--max-rate", f"{self.max_rate:g}"] if self.max_rate is not None else []),
+               *self.extra]
         offset = len(self.stderr())  # a restart appends: only trust what it writes
         with open(self.stderr_path, "ab") as err:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
@@ -199,14 +206,15 @@ def workdir() -> Iterator[str]:
 
 @pytest.fixture
 def make_daemon(workdir: str) -> Iterator[Any]:
-    """Factory: ``make_daemon(*flags, nick=...)`` returns a started :class:`Daemon`."""
+    """Factory: ``make_daemon(*flags, nick=..., max_rate=...)`` returns a started Daemon."""
     started: list[Daemon] = []
 
-    def make(*extra: str, nick: str = "owner", subdir: str | None = None,
-             env: dict[str, str] | None = None, prefix: Sequence[str] = ()) -> Daemon:
+    def make(*extra: str, nick: str | None = "owner", max_rate: float | None = 0,
+             subdir: str | None = None, env: dict[str, str] | None = None,
+             prefix: Sequence[str] = ()) -> Daemon:
         where = os.path.join(workdir, subdir) if subdir else workdir
         os.makedirs(where, exist_ok=True)
-        daemon = Daemon(where, *extra, nick=nick, env=env, prefix=prefix)
+        daemon = Daemon(where, *extra, nick=nick, max_rate=max_rate, env=env, prefix=prefix)
         started.append(daemon)
         return daemon.start()
 
