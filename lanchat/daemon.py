@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import resource
@@ -143,7 +144,12 @@ class Daemon:
         self.store.close()
 
     def reload(self, new: config.Config) -> None:
-        """Apply what can change without a restart (SIGHUP); log what cannot."""
+        """Apply what can change without a restart (SIGHUP); log what cannot.
+
+        Keys that need a restart keep their running values in ``self.cfg``, so
+        that ``status`` shows what is in effect, and the next reload warns about
+        them again.
+        """
         changes = config.diff(self.cfg, new)
         for key in changes.restart:
             log.warning("config: %s changed; restart lanchatd to apply it", key)
@@ -162,7 +168,7 @@ class Daemon:
             # Read by the next retention pass on the router thread.
             self.store.max_age_days = new.max_age_days
             self.store.max_messages = new.max_messages
-        self.cfg = new
+        self.cfg = dataclasses.replace(new, **{k: old for k, (old, _) in changes.restart.items()})
         log.info("configuration reloaded")
 
     # -- the control socket's backend --------------------------------------------

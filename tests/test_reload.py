@@ -6,12 +6,15 @@ import ctypes
 import json
 import os
 import platform
+import re
 import signal
 import time
 from typing import Any
 
 import pytest
-from conftest import Daemon
+from conftest import Daemon, TextUser, wait_for
+from test_limits import JsonClient
+from test_links import cli_json
 
 
 def _peers(d: Daemon) -> list[dict[str, Any]]:
@@ -19,32 +22,130 @@ def _peers(d: Daemon) -> list[dict[str, Any]]:
     return json.loads(out.stdout) if out.returncode == 0 else []  # type: ignore[no-any-return]
 
 
-def test_sighup_applies_new_static_peers_and_nick(make_daemon: Any, workdir: str) -> None:
+def _hup(d: Daemon, conf: str, text: str) -> None:
+    """Write ``text`` as the daemon's configuration file and send it SIGHUP."""
+    with open(conf, "w") as f:
+        f.write(text)
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGHUP)
+
+
+def _reloads(d: Daemon) -> int:
+    """How many reloads the daemon has applied (its info line; the file must log at info)."""
+    return d.stderr().count("configuration reloaded")
+
+
+def _daemon_nicks(d: Daemon, node: str) -> list[str]:
+    """The nicks ``d``'s users list shows for the daemon ``node`` itself (not its clients)."""
+    return [u["nick"] for u in cli_json(d, "users") if u["node"] == node and u["via"] == "daemon"]
+
+
+def test_sighup_applies_new_static_peers_and_nick(make_daemon: Any, workdir: str,
+                                                  clients: list[Any]) -> None:
+    """The new nick shows in status, on the wire and in a linked peer's users."""
     a = make_daemon(nick="alice", subdir="a")
     conf = os.path.join(workdir, "b.toml")
     with open(conf, "w") as f:
         f.write('nick = "bob"\n')
-    b = make_daemon("--config", conf, nick="bob", subdir="b")
+    b = make_daemon("--config", conf, nick=None, subdir="b")  # no --nick: the file decides
     assert _peers(b) == []
-    with open(conf, "w") as f:
-        f.write(f'nick = "bob"\npeers = ["127.0.0.1:{a.port}"]\nlog_level = "info"\n')
-    assert b.proc is not None
-    b.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if [p["state"] for p in _peers(b)] == ["linked"]:
-            break
-        time.sleep(0.1)
-    assert [p["state"] for p in _peers(b)] == ["linked"]
+    status = cli_json(b, "status")
+    assert status["nick"] == "bob"
+    b_node = status["node"]
+    watcher = TextUser(b.port, "watcher")
+    clients.append(watcher)
+    assert b.cli("send", "before").returncode == 0
+    assert watcher.until(": before").endswith("] bob: before")
+
+    _hup(b, conf, f'nick = "robert"\npeers = ["127.0.0.1:{a.port}"]\nlog_level = "info"\n')
+    wait_for("b linked to a", lambda: [p["state"] for p in _peers(b)] == ["linked"], 10.0)
+    assert cli_json(b, "status")["nick"] == "robert"
+    assert b.cli("send", "after").returncode == 0
+    assert watcher.until(": after").endswith("] robert: after")
+    wait_for("a sees b's new nick", lambda: _daemon_nicks(a, b_node) == ["robert"], 10.0,
+             diag=lambda: str(cli_json(a, "users")))
     assert "configuration reloaded" in b.stderr()
+    # The default display name "NICK on HOST" follows the nick, but is advertised over
+    # mDNS and to links: that takes a restart, and until then status shows the running one.
+    restarts = [x for x in b.stderr().splitlines() if "restart lanchatd" in x]
+    assert len(restarts) == 1 and restarts[0].endswith(
+        "WARNING: config: name changed; restart lanchatd to apply it"), restarts
+    assert cli_json(b, "status")["name"] == status["name"]
     # a bad file on reload is refused with one line, and the daemon runs on
     with open(conf, "w") as f:
         f.write("prot = 1\n")
+    assert b.proc is not None
     b.proc.send_signal(signal.SIGHUP)
-    time.sleep(0.5)
+    wait_for("the reload refused", lambda: "reload refused" in b.stderr(), 10.0)
     assert b.proc.poll() is None
-    assert "reload refused" in b.stderr() and "prot" in b.stderr()
-    assert b.cli("status").returncode == 0
+    assert "prot" in b.stderr()
+    assert cli_json(b, "status")["nick"] == "robert"  # the running configuration is kept
+
+
+def test_sighup_applies_a_new_log_level(make_daemon: Any, workdir: str) -> None:
+    """Each control connection is logged at debug: not before the reload, and after it."""
+    conf = os.path.join(workdir, "lanchatd.toml")
+    with open(conf, "w") as f:
+        f.write('log_level = "warning"\n')
+    d = make_daemon("--config", conf)
+    assert d.cli("status").returncode == 0
+    assert " DEBUG: " not in d.stderr()
+    _hup(d, conf, 'log_level = "debug"\n')
+    wait_for("a debug line for a control connection",
+             lambda: d.cli("status").returncode == 0 and re.search(
+                 r" DEBUG: control-\d+: pid \d+ uid", d.stderr()), 10.0, diag=d.stderr)
+    assert "configuration reloaded" in d.stderr()  # info: shown at debug
+
+
+def test_sighup_applies_a_new_max_rate_to_connected_clients(make_daemon: Any, workdir: str,
+                                                            clients: list[Any]) -> None:
+    """From unlimited to 2 a second: a client connected before the reload is held to it."""
+    conf = os.path.join(workdir, "lanchatd.toml")
+    with open(conf, "w") as f:
+        f.write('max_rate = 0\nlog_level = "info"\n')
+    d = make_daemon("--config", conf, max_rate=None)  # no --max-rate: the file decides
+    j = JsonClient(d.port, "jay")
+    clients.append(j)
+
+    def flood(first: int) -> tuple[list[int], list[int]]:
+        refs = range(first, first + 20)
+        j.send("".join(json.dumps({"type": "say", "text": f"m{i}", "ref": i}) + "\n"
+                       for i in refs))
+        sent: list[int] = []
+        limited: list[int] = []
+        for _ in refs:
+            f = j.frame(5.0)
+            if f["type"] == "sent":
+                sent.append(f["ref"])
+            else:
+                assert f["type"] == "error" and f["code"] == "rate-limited", f
+                assert f["message"] == ("rate limit: at most 2 messages per second; "
+                                        "message dropped")
+                limited.append(f["ref"])
+        return sent, limited
+
+    assert flood(0) == (list(range(20)), [])  # unlimited
+    before = _reloads(d)
+    _hup(d, conf, 'max_rate = 2\nlog_level = "info"\n')
+    wait_for("the reload", lambda: _reloads(d) > before, 10.0, diag=d.stderr)
+    sent, limited = flood(100)
+    assert 10 <= len(sent) <= 11, (sent, limited)  # the burst: max(10, 2 s x 2/s)
+    assert sent == list(range(100, 100 + len(sent)))
+    assert sorted(sent + limited) == list(range(100, 120))
+
+
+def test_sighup_changing_a_restart_only_key_logs_one_warning(make_daemon: Any,
+                                                             workdir: str) -> None:
+    conf = os.path.join(workdir, "lanchatd.toml")
+    with open(conf, "w") as f:
+        f.write("max_connections = 1024\n")
+    d = make_daemon("--config", conf)
+    _hup(d, conf, 'max_connections = 100\nnick = "ignored"\n')  # --nick outranks the file
+    line = "config: max_connections changed; restart lanchatd to apply it"
+    wait_for("the warning", lambda: line in d.stderr(), 10.0, diag=d.stderr)
+    assert d.stderr().count("restart lanchatd") == 1, d.stderr()
+    assert d.proc is not None and d.proc.poll() is None
+    assert cli_json(d, "status")["nick"] == "owner"
 
 
 def test_connect_takes_its_options_before_or_after_the_host(daemon: Daemon) -> None:
