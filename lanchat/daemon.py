@@ -40,7 +40,7 @@ from lanchat.store import Store
 
 log = logging.getLogger("lanchatd")
 
-#: Seconds between two retention passes over the history.
+#: Seconds between two retention passes over the history (the first runs at start-up).
 PRUNE_INTERVAL_S = 3600.0
 
 #: Seconds between the main loop's looks at the connection count, to give memory
@@ -146,9 +146,10 @@ class Daemon:
     def reload(self, new: config.Config) -> None:
         """Apply what can change without a restart (SIGHUP); log what cannot.
 
-        Keys that need a restart keep their running values in ``self.cfg``, so
-        that ``status`` shows what is in effect, and the next reload warns about
-        them again.
+        A changed ``max_age_days`` or ``max_messages`` is applied at once by a
+        retention pass.  Keys that need a restart keep their running values in
+        ``self.cfg``, so that ``status`` shows what is in effect, and the next
+        reload warns about them again.
         """
         changes = config.diff(self.cfg, new)
         for key in changes.restart:
@@ -164,12 +165,30 @@ class Daemon:
                 log.warning("config: cannot change nick to %r: %s", new.nick, exc)
         if "peers" in changes.apply and self.links is not None:
             self.links.set_static_peers([config.parse_peer(p) for p in new.peers])
-        if "max_age_days" in changes.apply or "max_messages" in changes.apply:
-            # Read by the next retention pass on the router thread.
+        retention = "max_age_days" in changes.apply or "max_messages" in changes.apply
+        if retention:
+            # Only the main thread asks for a pass (and waits for it), so no pass
+            # is reading these while they change.
             self.store.max_age_days = new.max_age_days
             self.store.max_messages = new.max_messages
         self.cfg = dataclasses.replace(new, **{k: old for k, (old, _) in changes.restart.items()})
+        if retention:
+            self.prune()
         log.info("configuration reloaded")
+
+    def prune(self) -> None:
+        """One retention pass, on the router thread (the store's only writer).
+
+        Called by the main thread: at start-up, every PRUNE_INTERVAL_S, and
+        after a reload that changes the retention.
+        """
+        try:
+            removed = self.router.prune()
+        except LanchatError as exc:
+            log.warning("retention pass failed: %s", exc)
+            return
+        if removed:
+            log.info("retention: removed %d old message(s)", removed)
 
     # -- the control socket's backend --------------------------------------------
 
@@ -328,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     sdnotify.notify(f"READY=1\nSTATUS=listening on {host}:{port}")
 
     watchdog = sdnotify.watchdog_interval(os.environ, os.getpid())
-    next_prune = time.monotonic() + 60.0
+    next_prune = time.monotonic()  # the first retention pass right after start-up
     trimmer = Trimmer()
     try:
         while not stop.is_set():
@@ -350,12 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             trimmer.check(daemon.hub.client_count)
             if time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + PRUNE_INTERVAL_S
-                try:
-                    removed = daemon.router.prune()
-                    if removed:
-                        log.info("retention: removed %d old message(s)", removed)
-                except LanchatError as exc:
-                    log.warning("retention pass failed: %s", exc)
+                daemon.prune()
     finally:
         sdnotify.notify("STOPPING=1")
         log.info("shutting down")

@@ -14,7 +14,10 @@ from typing import Any
 import pytest
 from conftest import Daemon, TextUser, wait_for
 from test_limits import JsonClient
-from test_links import cli_json
+from test_links import cli_history, cli_json, send_many
+
+from lanchat.model import Draft
+from lanchat.store import Store
 
 
 def _peers(d: Daemon) -> list[dict[str, Any]]:
@@ -38,6 +41,10 @@ def _reloads(d: Daemon) -> int:
 def _daemon_nicks(d: Daemon, node: str) -> list[str]:
     """The nicks ``d``'s users list shows for the daemon ``node`` itself (not its clients)."""
     return [u["nick"] for u in cli_json(d, "users") if u["node"] == node and u["via"] == "daemon"]
+
+
+def _texts(d: Daemon) -> list[str]:
+    return [m["text"] for m in cli_history(d, "--limit", "1000")]
 
 
 def test_sighup_applies_new_static_peers_and_nick(make_daemon: Any, workdir: str,
@@ -132,6 +139,71 @@ def test_sighup_applies_a_new_max_rate_to_connected_clients(make_daemon: Any, wo
     assert 10 <= len(sent) <= 11, (sent, limited)  # the burst: max(10, 2 s x 2/s)
     assert sent == list(range(100, 100 + len(sent)))
     assert sorted(sent + limited) == list(range(100, 120))
+
+
+def test_sighup_with_a_lower_max_messages_prunes_at_once(make_daemon: Any,
+                                                         workdir: str) -> None:
+    conf = os.path.join(workdir, "lanchatd.toml")
+    with open(conf, "w") as f:
+        f.write('log_level = "info"\n')
+    d = make_daemon("--config", conf)
+    send_many(d, 20, "m")
+    assert len(_texts(d)) == 20
+    _hup(d, conf, 'max_messages = 5\nlog_level = "info"\n')
+    started = time.monotonic()
+    # The periodic pass is an hour away; only a pass right after the reload is in time.
+    wait_for("history cut to 5", lambda: _texts(d) == [f"m {i}" for i in range(15, 20)],
+             20.0, diag=lambda: f"{_texts(d)}\n{d.stderr()}")
+    print(f"pruned {time.monotonic() - started:.2f} s after SIGHUP")
+    assert "retention: removed 15 old message(s)" in d.stderr()
+
+
+def _old_history(state_dir: str, days_ago: float, n: int) -> None:
+    """``n`` messages of this node written ``days_ago`` days ago, before lanchatd starts."""
+    os.makedirs(state_dir, exist_ok=True)
+    with Store(os.path.join(state_dir, "history.db")) as store:
+        store.append_local([Draft(text=f"old {i}", nick="owner", host="here")
+                            for i in range(n)], ts=time.time() - days_ago * 86400)
+
+
+def test_sighup_with_a_lower_max_age_days_prunes_at_once(workdir: str) -> None:
+    conf = os.path.join(workdir, "lanchatd.toml")
+    with open(conf, "w") as f:
+        f.write('log_level = "info"\n')
+    d = Daemon(workdir, "--config", conf)
+    _old_history(d.state_dir, days_ago=10, n=3)
+    d.start()
+    try:
+        send_many(d, 2, "new")
+        assert _texts(d) == ["old 0", "old 1", "old 2", "new 0", "new 1"]
+        _hup(d, conf, 'max_age_days = 30\nlog_level = "info"\n')
+        wait_for("the reload", lambda: _reloads(d) == 1, 10.0, diag=d.stderr)
+        assert _texts(d) == ["old 0", "old 1", "old 2", "new 0", "new 1"]  # not 30 days old
+        _hup(d, conf, 'max_age_days = 5\nlog_level = "info"\n')
+        started = time.monotonic()
+        wait_for("the 10-day-old messages gone", lambda: _texts(d) == ["new 0", "new 1"],
+                 20.0, diag=lambda: f"{_texts(d)}\n{d.stderr()}")
+        print(f"pruned {time.monotonic() - started:.2f} s after SIGHUP")
+    finally:
+        d.stop()
+
+
+def test_retention_runs_at_start_up(workdir: str) -> None:
+    """Not a minute later: a daemon restarted with a retention applies it straight away."""
+    conf = os.path.join(workdir, "lanchatd.toml")
+    with open(conf, "w") as f:
+        f.write('max_age_days = 5\nlog_level = "info"\n')
+    d = Daemon(workdir, "--config", conf)
+    _old_history(d.state_dir, days_ago=10, n=3)
+    started = time.monotonic()
+    d.start()
+    try:
+        wait_for("the 10-day-old messages gone", lambda: _texts(d) == [], 20.0,
+                 diag=d.stderr)
+        print(f"pruned {time.monotonic() - started:.2f} s after the start")
+        assert "retention: removed 3 old message(s)" in d.stderr()
+    finally:
+        d.stop()
 
 
 def test_sighup_changing_a_restart_only_key_logs_one_warning(make_daemon: Any,
