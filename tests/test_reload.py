@@ -79,12 +79,9 @@ def test_sighup_applies_new_static_peers_and_nick(make_daemon: Any, workdir: str
         "WARNING: config: name changed; restart lanchatd to apply it"), restarts
     assert cli_json(b, "status")["name"] == status["name"]
     # a bad file on reload is refused with one line, and the daemon runs on
-    with open(conf, "w") as f:
-        f.write("prot = 1\n")
-    assert b.proc is not None
-    b.proc.send_signal(signal.SIGHUP)
+    _hup(b, conf, "prot = 1\n")
     wait_for("the reload refused", lambda: "reload refused" in b.stderr(), 10.0)
-    assert b.proc.poll() is None
+    assert b.proc is not None and b.proc.poll() is None
     assert "prot" in b.stderr()
     assert cli_json(b, "status")["nick"] == "robert"  # the running configuration is kept
 
