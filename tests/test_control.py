@@ -88,6 +88,35 @@ def test_group_mode_0660(tmpdir_short: str) -> None:
     assert not os.path.exists(path), "close() removes its socket file"
 
 
+def test_inherited_listener_is_served_and_left_listening(tmpdir_short: str) -> None:
+    """systemd's socket (sd_listen_fds): served as is, never chmod'ed, shut down or unlinked."""
+    path = os.path.join(tmpdir_short, "c.sock")
+    held = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # what systemd keeps open
+    try:
+        held.bind(path)
+        os.chmod(path, 0o640)
+        held.listen(8)
+        server = ControlServer(path, FakeBackend(), mode=0o600,
+                               sock=socket.socket(fileno=os.dup(held.fileno())))
+        server.start()
+        try:
+            with ControlClient(path) as c:
+                assert c.call("status")["node"] == NODE
+            assert server.inherited
+            assert stat.S_IMODE(os.lstat(path).st_mode) == 0o640, "mode is systemd's"
+        finally:
+            server.close()
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o640, "close() left the file alone"
+        # Still listening for the next daemon: a client is queued, not refused.
+        queued = raw(path)
+        held.settimeout(5.0)
+        accepted, _ = held.accept()
+        accepted.close()
+        queued.close()
+    finally:
+        held.close()
+
+
 def test_stale_socket_is_replaced(tmpdir_short: str) -> None:
     path = os.path.join(tmpdir_short, "c.sock")
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
