@@ -47,17 +47,20 @@ class Daemon:
     """A lanchatd subprocess on 127.0.0.1 with discovery off.
 
     ``start()`` waits for its "listening on" line and reads the port from it.  ``prefix``
-    is a command the daemon runs under (it must exec the daemon, so that ``proc`` is it).
+    is a command the daemon runs under (it must exec the daemon, so that ``proc`` is it);
+    ``pass_fds`` are descriptors of ours that it inherits (for a socket-activation prefix).
     """
 
     def __init__(self, workdir: str, *extra: str, nick: str = "owner",
-                 env: dict[str, str] | None = None, prefix: Sequence[str] = ()) -> None:
+                 env: dict[str, str] | None = None, prefix: Sequence[str] = (),
+                 pass_fds: Sequence[int] = ()) -> None:
         self.workdir = workdir
         self.state_dir = os.path.join(workdir, "state")
         self.socket = os.path.join(workdir, "control.sock")
         self.stderr_path = os.path.join(workdir, f"lanchatd-{id(self)}.err")
         self.extra = list(extra)
         self.prefix = list(prefix)
+        self.pass_fds = tuple(pass_fds)
         self.nick = nick
         self.env = dict(os.environ, **(env or {}))
         self.env.pop("NOTIFY_SOCKET", None)
@@ -73,7 +76,7 @@ class Daemon:
         with open(self.stderr_path, "ab") as err:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=err, env=self.env,
-                                         cwd=self.workdir)
+                                         cwd=self.workdir, pass_fds=self.pass_fds)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             match = READY_RE.search(self.stderr()[offset:])
@@ -203,10 +206,11 @@ def make_daemon(workdir: str) -> Iterator[Any]:
     started: list[Daemon] = []
 
     def make(*extra: str, nick: str = "owner", subdir: str | None = None,
-             env: dict[str, str] | None = None, prefix: Sequence[str] = ()) -> Daemon:
+             env: dict[str, str] | None = None, prefix: Sequence[str] = (),
+             pass_fds: Sequence[int] = ()) -> Daemon:
         where = os.path.join(workdir, subdir) if subdir else workdir
         os.makedirs(where, exist_ok=True)
-        daemon = Daemon(where, *extra, nick=nick, env=env, prefix=prefix)
+        daemon = Daemon(where, *extra, nick=nick, env=env, prefix=prefix, pass_fds=pass_fds)
         started.append(daemon)
         return daemon.start()
 
