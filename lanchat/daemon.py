@@ -92,8 +92,7 @@ class Daemon:
         try:
             self.router.start()
             self.control = ControlServer(self._control_path(), self,
-                                         mode=self.cfg.socket_mode
-                                         if self.cfg.system else 0o600,
+                                         mode=self.cfg.socket_mode,
                                          group=self.cfg.socket_group, sock=self._control_sock)
             self._control_sock = None  # the server owns it now
             self.control.start()

@@ -68,10 +68,14 @@ class Daemon:
         self.port = 0
         self.requested_port = 0
 
+    def argv(self) -> list[str]:
+        """The daemon's command line (without ``prefix``): add ``--check-config`` to check it."""
+        return [*lanchatd_cmd(), "--port", str(self.requested_port), "--bind", "127.0.0.1",
+                "--no-discovery", "--state-dir", self.state_dir, "--socket", self.socket,
+                "--nick", self.nick, "--max-rate", "0", *self.extra]
+
     def start(self, timeout: float = 15.0) -> Daemon:
-        cmd = [*self.prefix, *lanchatd_cmd(), "--port", str(self.requested_port),
-               "--bind", "127.0.0.1", "--no-discovery", "--state-dir", self.state_dir,
-               "--socket", self.socket, "--nick", self.nick, "--max-rate", "0", *self.extra]
+        cmd = [*self.prefix, *self.argv()]
         offset = len(self.stderr())  # a restart appends: only trust what it writes
         with open(self.stderr_path, "ab") as err:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
