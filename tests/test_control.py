@@ -88,14 +88,20 @@ def test_group_mode_0660(tmpdir_short: str) -> None:
     assert not os.path.exists(path), "close() removes its socket file"
 
 
-def test_inherited_listener_is_served_and_left_listening(tmpdir_short: str) -> None:
-    """systemd's socket (sd_listen_fds): served as is, never chmod'ed, shut down or unlinked."""
+@pytest.mark.parametrize("blocking", [True, False], ids=["blocking", "non-blocking"])
+def test_inherited_listener_is_served_and_left_listening(tmpdir_short: str,
+                                                         blocking: bool) -> None:
+    """systemd's socket (sd_listen_fds): served as is, never chmod'ed, shut down or unlinked.
+
+    Its O_NONBLOCK flag is shared with whoever passed it, so the server must cope with both.
+    """
     path = os.path.join(tmpdir_short, "c.sock")
     held = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # what systemd keeps open
     try:
         held.bind(path)
         os.chmod(path, 0o640)
         held.listen(8)
+        os.set_blocking(held.fileno(), blocking)
         server = ControlServer(path, FakeBackend(), mode=0o600,
                                sock=socket.socket(fileno=os.dup(held.fileno())))
         server.start()
