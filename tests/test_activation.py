@@ -256,6 +256,17 @@ def test_a_restart_queues_clients_instead_of_refusing_them(make_daemon: Any,
             cli.communicate(timeout=10)
 
 
+def test_systemds_path_wins_over_a_different_configured_one(make_daemon: Any, workdir: str,
+                                                             held: socket.socket) -> None:
+    configured = os.path.join(workdir, "configured.sock")  # the last --socket wins
+    daemon = make_daemon("--socket", configured, prefix=wrapper([held.fileno()]),
+                         pass_fds=[held.fileno()], env=activation_env())
+    assert status(daemon)["socket"] == held.getsockname()
+    assert (f"systemd passed {held.getsockname()}, not the configured {configured}; "
+            f"serving {held.getsockname()}") in daemon.stderr()
+    assert not os.path.exists(configured)
+
+
 def test_another_processes_listen_pid_is_ignored(make_daemon: Any, workdir: str) -> None:
     theirs = listening_socket(os.path.join(workdir, "theirs.sock"))
     try:
