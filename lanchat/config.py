@@ -46,6 +46,10 @@ SOCKET_NAME = "control.sock"
 SYSTEM_CONFIG = "/etc/lanchat/lanchatd.toml"
 SYSTEM_STATE_DIR = "/var/lib/lanchat"
 SYSTEM_SOCKET = "/run/lanchat/control.sock"
+#: Default ``socket_mode`` of a user daemon: its owner only (it speaks as that user).
+USER_SOCKET_MODE = 0o600
+#: Default ``socket_mode`` of the system service: the group ``lanchat`` may chat through it.
+SYSTEM_SOCKET_MODE = 0o660
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 IP_VERSIONS = ("v4", "v6", "all")
@@ -82,7 +86,7 @@ class Config:
     ip_version: str = "v4"
     discovery: bool = True
     peers: tuple[str, ...] = ()
-    socket_mode: int = 0o660
+    socket_mode: int = USER_SOCKET_MODE  # build_config: SYSTEM_SOCKET_MODE with system
     socket_group: str | None = None
     max_age_days: float | None = None
     max_messages: int | None = None
@@ -533,6 +537,8 @@ def build_config(
         merged["state_dir"] = default_state_dir(env, system)
     if "socket" not in merged:
         merged["socket"] = default_socket(env, system)
+    if "socket_mode" not in merged:
+        merged["socket_mode"] = SYSTEM_SOCKET_MODE if system else USER_SOCKET_MODE
     if merged.get("secret") and merged.get("secret_file"):
         raise ConfigError(
             f"{file_label}: set either 'secret' or 'secret_file', not both"

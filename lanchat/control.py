@@ -16,6 +16,15 @@ other user can ever reach it with the wrong mode and no process-wide
 daemon (connect -> ECONNREFUSED) is replaced; a live one makes the daemon
 refuse to start.
 
+An already listening socket may be handed in instead (systemd socket
+activation, :mod:`lanchat.sdlisten`).  Its file, mode and group are then
+systemd's: the server never binds, chmods or unlinks it, and it never calls
+``shutdown()`` on it -- a listening socket is one kernel object shared with
+systemd, and shutting it down would refuse every later connection, including
+those meant for the next daemon.  So the accept thread waits in ``poll()`` on
+the listener and a wake-up socketpair, and :meth:`ControlServer.close` wakes it
+through the pair.
+
 The methods are one route table, :data:`METHODS`; each handler parses its
 params, calls the :class:`ControlBackend`, and returns JSON.
 """
@@ -28,6 +37,7 @@ import grp
 import itertools
 import logging
 import os
+import select
 import socket
 import stat
 import struct
@@ -464,10 +474,13 @@ class ControlServer:
     ``ControlServer(path, backend, mode=0o600, group=None)`` binds at
     :meth:`start`; raises :class:`AlreadyRunning` if a live daemon holds
     ``path``.  ``sock`` may pass an already listening socket (systemd socket
-    activation) instead.  :meth:`close` is idempotent: it stops accepting,
-    disconnects every client, joins every thread and removes the socket file
-    (if it is still ours).  Thread-safety: ``start``/``close`` from one
-    (the daemon's) thread; everything else runs on the server's own threads.
+    activation) instead: the server then takes over that socket object (and
+    closes it), but leaves the kernel socket listening and its file where it
+    is, for whoever else holds it; ``mode`` and ``group`` are not applied.
+    :meth:`close` is idempotent: it stops accepting, disconnects every client,
+    joins every thread and removes the socket file (if it bound it and the
+    file is still its own).  Thread-safety: ``start``/``close`` from one (the
+    daemon's) thread; everything else runs on the server's own threads.
     """
 
     def __init__(self, path: str, backend: ControlBackend, *, mode: int = 0o600,
@@ -485,11 +498,22 @@ class ControlServer:
         self._numbers = itertools.count(1)
         self._sub_ids = itertools.count(1)
         self._accept_thread: threading.Thread | None = None
+        # close() closes _wake_w; the accept thread sees its peer readable and returns.
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+
+    @property
+    def inherited(self) -> bool:
+        """True when the listening socket was handed in (its file is not ours)."""
+        return not self._owns_path
 
     def start(self) -> None:
         """Bind (unless given a socket), listen, and start accepting."""
         if self._listener is None:
             self._listener = self._bind()
+        else:
+            log.info("control socket: serving the inherited socket on %s", self.path)
+        self._wake_r, self._wake_w = socket.socketpair()
         self._accept_thread = threading.Thread(target=self._accept_loop, name="control-accept")
         self._accept_thread.start()
 
@@ -524,10 +548,21 @@ class ControlServer:
         return sock
 
     def _accept_loop(self) -> None:
-        assert self._listener is not None
+        assert self._listener is not None and self._wake_r is not None
+        poller = select.poll()
+        poller.register(self._listener, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        wake = self._wake_r.fileno()
         while True:
+            ready = poller.poll()
+            if self._closed or any(fd == wake for fd, _ in ready):
+                return
             try:
                 sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                # An inherited socket may be non-blocking (the file status flags are
+                # shared with systemd; we leave them alone) and the connection gone.
+                continue
             except OSError as exc:
                 if self._closed:
                     return
@@ -577,10 +612,14 @@ class ControlServer:
             self._closed = True
             conns = list(self._conns)
         if self._listener is not None:
-            with contextlib.suppress(OSError):
-                self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept() on Linux
+            # Not shutdown(): that would refuse connections for good on an inherited
+            # socket (the module docstring says why).  Closing our end wakes poll().
+            if self._wake_w is not None:
+                self._wake_w.close()
             if self._accept_thread is not None:
                 self._accept_thread.join(5.0)
+            if self._wake_r is not None:
+                self._wake_r.close()
             self._listener.close()
         for conn in conns:
             with contextlib.suppress(OSError):

@@ -26,7 +26,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from lanchat import __version__, auth, config, sdnotify
+from lanchat import __version__, auth, config, sdlisten, sdnotify
 from lanchat.control import AlreadyRunning, ControlServer
 from lanchat.errors import ConfigError, LanchatError
 from lanchat.hub import Hub
@@ -60,12 +60,16 @@ class Daemon:
     """One running lanchatd: the pieces, wired.  :meth:`start`, then :meth:`close`.
 
     Implements the control socket's backend on top of the router.
+    ``control_sock`` is a listening control socket systemd passed us
+    (:mod:`lanchat.sdlisten`); the daemon then serves it instead of binding
+    ``cfg.socket``, and owns (closes) it.
     Thread-safety: ``start``/``close``/``reload`` are called from the main
     thread; the backend methods from control-connection threads.
     """
 
-    def __init__(self, cfg: config.Config) -> None:
+    def __init__(self, cfg: config.Config, control_sock: socket.socket | None = None) -> None:
         self.cfg = cfg
+        self._control_sock = control_sock
         self.hostname = socket.gethostname() or "localhost"
         self.started = time.time()
         self.key = _read_secret(cfg)  # first: a bad secret_file fails before anything opens
@@ -88,9 +92,10 @@ class Daemon:
         """Start every piece; on failure, stop what was started and re-raise."""
         try:
             self.router.start()
-            self.control = ControlServer(self.cfg.socket, self, mode=self.cfg.socket_mode
-                                         if self.cfg.system else 0o600,
-                                         group=self.cfg.socket_group)
+            self.control = ControlServer(self._control_path(), self,
+                                         mode=self.cfg.socket_mode,
+                                         group=self.cfg.socket_group, sock=self._control_sock)
+            self._control_sock = None  # the server owns it now
             self.control.start()
             self.hub = Hub(self.router, name=self.cfg.name, bind=self.cfg.bind,
                            port=self.cfg.port, udp=self.cfg.udp, max_rate=self.cfg.max_rate,
@@ -112,6 +117,19 @@ class Daemon:
         except BaseException:
             self.close()
             raise
+
+    def _control_path(self) -> str:
+        """The control socket's path: systemd's when it passed one, else ``cfg.socket``."""
+        sock = self._control_sock
+        if sock is None:
+            return self.cfg.socket
+        name = sock.getsockname()
+        if not isinstance(name, str) or not name:  # unnamed, or abstract (bytes)
+            return self.cfg.socket
+        if name != self.cfg.socket:
+            log.warning("control socket: systemd passed %s, not the configured %s; serving %s",
+                        name, self.cfg.socket, name)
+        return name
 
     def _start_discovery(self) -> None:
         # Imported here: zeroconf is only loaded by a daemon that advertises.
@@ -140,6 +158,9 @@ class Daemon:
             self.hub.close()
         if self.control is not None:
             self.control.close()
+        if self._control_sock is not None:  # start() failed before the server took it
+            self._control_sock.close()
+            self._control_sock = None
         self.router.close()
         self.store.close()
 
@@ -231,7 +252,7 @@ class Daemon:
             "uptime_s": round(time.time() - self.started, 3),
             "discovery": self.cfg.discovery,
             "state_dir": self.cfg.state_dir,
-            "socket": self.cfg.socket,
+            "socket": self.control.path if self.control is not None else self.cfg.socket,
         }
 
     def set_nick(self, nick: str) -> str:
@@ -303,6 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(cfg.log_level)
     threading.stack_size(THREAD_STACK_BYTES)
     _raise_fd_limit()
+    try:
+        control_sock = sdlisten.take_control_socket()
+    except ConfigError as exc:  # systemd passed something we cannot serve: restarts won't help
+        print(f"lanchatd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
 
     stop = threading.Event()
     reload_wanted = threading.Event()
@@ -323,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, on_signal)
 
     try:
-        daemon = Daemon(cfg)
+        daemon = Daemon(cfg, control_sock)
         daemon.start()
     except AlreadyRunning as exc:
         print(f"lanchatd: {exc}", file=sys.stderr)
@@ -339,10 +365,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{' (' + exc.filename + ')' if exc.filename else ''}", file=sys.stderr)
         return 1
 
-    assert daemon.hub is not None
+    assert daemon.hub is not None and daemon.control is not None
     host, port = daemon.hub.address
     print(f"lanchatd {__version__}: node {daemon.node} {cfg.name!r} listening on "
-          f"{host}:{port} (TCP{'+UDP' if cfg.udp else ''}), control socket {cfg.socket}",
+          f"{host}:{port} (TCP{'+UDP' if cfg.udp else ''}), control socket "
+          f"{daemon.control.path}{' (from systemd)' if daemon.control.inherited else ''}",
           file=sys.stderr, flush=True)
     sdnotify.notify(f"READY=1\nSTATUS=listening on {host}:{port}")
 

@@ -47,20 +47,22 @@ class Daemon:
     """A lanchatd subprocess on 127.0.0.1 with discovery off.
 
     ``start()`` waits for its "listening on" line and reads the port from it.  ``prefix``
-    is a command the daemon runs under (it must exec the daemon, so that ``proc`` is it).
+    is a command the daemon runs under (it must exec the daemon, so that ``proc`` is it);
+    ``pass_fds`` are descriptors of ours that it inherits (for a socket-activation prefix).
     ``nick`` and ``max_rate`` become ``--nick`` and ``--max-rate``; None leaves the flag
     out, so that the configuration file decides (a flag outranks the file, also on SIGHUP).
     """
 
     def __init__(self, workdir: str, *extra: str, nick: str | None = "owner",
                  max_rate: float | None = 0, env: dict[str, str] | None = None,
-                 prefix: Sequence[str] = ()) -> None:
+                 prefix: Sequence[str] = (), pass_fds: Sequence[int] = ()) -> None:
         self.workdir = workdir
         self.state_dir = os.path.join(workdir, "state")
         self.socket = os.path.join(workdir, "control.sock")
         self.stderr_path = os.path.join(workdir, f"lanchatd-{id(self)}.err")
         self.extra = list(extra)
         self.prefix = list(prefix)
+        self.pass_fds = tuple(pass_fds)
         self.nick = nick
         self.max_rate = max_rate
         self.env = dict(os.environ, **(env or {}))
@@ -69,18 +71,21 @@ class Daemon:
         self.port = 0
         self.requested_port = 0
 
+    def argv(self) -> list[str]:
+        """The daemon's command line (without ``prefix``): add ``--check-config`` to check it."""
+        return [*lanchatd_cmd(), "--port", str(self.requested_port), "--bind", "127.0.0.1",
+                "--no-discovery", "--state-dir", self.state_dir, "--socket", self.socket,
+                *(["--nick", self.nick] if self.nick is not None else []),
+                *(["--max-rate", f"{self.max_rate:g}"] if self.max_rate is not None else []),
+                *self.extra]
+
     def start(self, timeout: float = 15.0) -> Daemon:
-        cmd = [*self.prefix, *lanchatd_cmd(), "--port", str(self.requested_port),
-               "--bind", "127.0.0.1", "--no-discovery", "--state-dir", self.state_dir,
-               "--socket", self.socket,
-               *(["--nick", self.nick] if self.nick is not None else []),
-               *(["--max-rate", f"{self.max_rate:g}"] if self.max_rate is not None else []),
-               *self.extra]
+        cmd = [*self.prefix, *self.argv()]
         offset = len(self.stderr())  # a restart appends: only trust what it writes
         with open(self.stderr_path, "ab") as err:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=err, env=self.env,
-                                         cwd=self.workdir)
+                                         cwd=self.workdir, pass_fds=self.pass_fds)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             match = READY_RE.search(self.stderr()[offset:])
@@ -211,10 +216,11 @@ def make_daemon(workdir: str) -> Iterator[Any]:
 
     def make(*extra: str, nick: str | None = "owner", max_rate: float | None = 0,
              subdir: str | None = None, env: dict[str, str] | None = None,
-             prefix: Sequence[str] = ()) -> Daemon:
+             prefix: Sequence[str] = (), pass_fds: Sequence[int] = ()) -> Daemon:
         where = os.path.join(workdir, subdir) if subdir else workdir
         os.makedirs(where, exist_ok=True)
-        daemon = Daemon(where, *extra, nick=nick, max_rate=max_rate, env=env, prefix=prefix)
+        daemon = Daemon(where, *extra, nick=nick, max_rate=max_rate, env=env, prefix=prefix,
+                        pass_fds=pass_fds)
         started.append(daemon)
         return daemon.start()
 

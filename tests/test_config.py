@@ -40,7 +40,7 @@ def test_defaults_for_a_user_daemon() -> None:
     assert c.interfaces == () and c.peers == () and c.ip_version == "v4"
     assert c.state_dir == "/home/alice/.local/state/lanchat"
     assert c.socket == "/run/user/1000/lanchat/control.sock"
-    assert c.socket_mode == 0o660
+    assert c.socket_mode == 0o600  # the user's own: nobody else speaks as them
     assert c.max_age_days is None and c.max_messages is None
     assert c.log_level == "warning" and c.max_rate == 20.0
     assert not c.system and c.config_file is None  # no file was read
@@ -52,6 +52,9 @@ def test_defaults_for_the_system_service() -> None:
     assert c.system
     assert c.state_dir == "/var/lib/lanchat"
     assert c.socket == "/run/lanchat/control.sock"
+    assert c.socket_mode == 0o660  # the group lanchat may chat through it
+    assert build(flags={"system": True}, env={"USER": "lanchat", "LANCHAT_SOCKET_MODE": "0640"}
+                 ).socket_mode == 0o640
     assert cfg.default_config_path({}, True) == "/etc/lanchat/lanchatd.toml"
 
 

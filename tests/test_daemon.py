@@ -11,6 +11,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import threading
@@ -417,6 +418,32 @@ def test_second_daemon_on_the_same_socket_refuses(daemon: Daemon, workdir: str) 
     assert second.stderr().count("\n") == 1, second.stderr()
     status_works(daemon)
     assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+@pytest.mark.parametrize(("system", "setting", "expected"), [
+    (False, "", 0o600),                          # a user daemon: the user's own
+    (False, "socket_mode = 0o640\n", 0o640),
+    (False, "LANCHAT_SOCKET_MODE=0604", 0o604),
+    (True, "", 0o660),                           # the system service: group lanchat too
+    (True, "socket_mode = 0o620\n", 0o620),
+], ids=["user-default", "user-file", "user-env", "system-default", "system-file"])
+def test_socket_mode_is_what_check_config_prints(make_daemon: Any, workdir: str, system: bool,
+                                                 setting: str, expected: int) -> None:
+    conf = os.path.join(workdir, "lanchatd.toml")
+    env: dict[str, str] = {}
+    with open(conf, "w") as f:
+        if setting.startswith("LANCHAT_"):
+            key, _, value = setting.partition("=")
+            env[key] = value
+        else:
+            f.write(setting)
+    daemon = make_daemon("--config", conf, *(["--system"] if system else []), env=env)
+    checked = subprocess.run([*daemon.argv(), "--check-config"], env=daemon.env,
+                             capture_output=True, text=True, timeout=30, check=False)
+    assert checked.returncode == 0, checked.stderr
+    printed = [line for line in checked.stdout.splitlines() if line.startswith("socket_mode = ")]
+    assert printed == [f"socket_mode = 0o{expected:o}"], checked.stdout
+    assert stat.S_IMODE(os.stat(daemon.socket).st_mode) == expected
 
 
 def test_check_config_on_a_bad_file_exit_78(workdir: str) -> None:

@@ -19,7 +19,7 @@ IO_MODULES = {"socket", "threading", "sqlite3", "zeroconf", "select", "selectors
 #: Adapters: each owns one kind of I/O and imports only the pure floor (and the two
 #: building blocks of every connection: ``stream``, ``lightthread``).
 ADAPTERS = {"stream", "lightthread", "store", "hub", "control", "client", "hubclient",
-            "discovery", "links", "sdnotify", "logsetup", "memtrim"}
+            "discovery", "links", "sdnotify", "sdlisten", "logsetup", "memtrim"}
 BUILDING_BLOCKS = {"stream", "lightthread"}
 ENTRY_POINTS = {"daemon", "cli", "__main__"}
 

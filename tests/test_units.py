@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from lanchat.config import SYSTEM_SOCKET
+from lanchat.sdlisten import CONTROL_NAME
+
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD = ROOT / "systemd"
 ANALYZE = shutil.which("systemd-analyze")
@@ -146,7 +149,7 @@ def test_user_unit_contract() -> None:
 
 def test_socket_unit_matches_the_service_paths() -> None:
     s = unit_settings(SYSTEMD / "lanchatd.socket")
-    assert s["ListenStream"] == ["/run/lanchat/control.sock"]
+    assert s["ListenStream"] == [SYSTEM_SOCKET]
     assert s["SocketMode"] == ["0660"] and s["SocketGroup"] == ["lanchat"]
-    assert s["FileDescriptorName"] == ["control"]
+    assert s["FileDescriptorName"] == [CONTROL_NAME]  # the name lanchatd serves
     assert "RuntimeDirectoryPreserve" in (SYSTEMD / "lanchatd.socket").read_text()
