@@ -40,6 +40,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import require_tool
 
 import lanchat
 
@@ -327,9 +328,7 @@ def test_man_pages_are_installed_where_man_finds_them(wheel_bin: Path) -> None:
         installed = mandir / page
         assert installed.is_file(), f"{page} missing under {mandir}"
         assert installed.read_bytes() == (ROOT / "man" / Path(page).name).read_bytes()
-    man = shutil.which("man")
-    if man is None:
-        return  # the files are there; man(1) itself is optional on a minimal system
+    man = require_tool("man", "man-db")
     # With no MANPATH, man-db derives the search path from PATH (bin -> ../share/man).
     env = clean_env(PATH=f"{wheel_bin}{os.pathsep}/usr/bin{os.pathsep}/bin")
     for name, page in MAN_PAGES.items():

@@ -10,8 +10,7 @@ import signal
 import time
 from typing import Any
 
-import pytest
-from conftest import Daemon
+from conftest import Daemon, skip_or_fail
 
 
 def _peers(d: Daemon) -> list[dict[str, Any]]:
@@ -65,7 +64,7 @@ def test_sigterm_delivered_to_any_thread_stops_the_daemon_at_once(daemon: Daemon
     """The kernel may hand a process's SIGTERM to any thread; shutdown must not wait for
     the main thread to wake up by itself."""
     if platform.machine() != "x86_64":
-        pytest.skip("the tgkill syscall number used here is x86_64's")
+        skip_or_fail("the tgkill syscall number used here is x86_64's")
     assert daemon.proc is not None
     pid = daemon.proc.pid
     others = [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]
