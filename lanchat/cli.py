@@ -44,6 +44,8 @@ TYPE_CHECKING = False  # not typing's: importing typing costs `lanchat send` ~3 
 if TYPE_CHECKING:
     from typing import Any
 
+    from lanchat.completion import Words
+
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -387,42 +389,38 @@ def _chat_line(client: ControlClient, line: str, room: str | None) -> bool:
     return True
 
 
-BASH_COMPLETION = r"""# bash completion for lanchat                           -*- shell-script -*-
-# Install: lanchat completion bash > ~/.local/share/bash-completion/completions/lanchat
-_lanchat()
-{
-    local cur prev words cword
-    _init_completion || return
-    local cmds="send tail history users peers status nick chat connect completion"
-    local global="--socket --json --timeout --version --help"
-    case $prev in
-        --socket) _filedir; return ;;
-        --room|--to|--limit|-n|--since|--timeout) return ;;
-    esac
-    local cmd="" i
-    for ((i = 1; i < cword; i++)); do
-        case ${words[i]} in
-            --socket|--timeout) ((i++)) ;;
-            -*) ;;
-            *) cmd=${words[i]}; break ;;
-        esac
-    done
-    case $cmd in
-        "") COMPREPLY=($(compgen -W "$cmds $global" -- "$cur")) ;;
-        send) COMPREPLY=($(compgen -W "--room --to --json" -- "$cur")) ;;
-        tail) COMPREPLY=($(compgen -W "-n --room --follow --no-follow --json" -- "$cur")) ;;
-        history) COMPREPLY=($(compgen -W "--room --limit --since --json" -- "$cur")) ;;
-        chat) COMPREPLY=($(compgen -W "--room -n" -- "$cur")) ;;
-        users|peers|status|nick) COMPREPLY=($(compgen -W "--json" -- "$cur")) ;;
-        completion) COMPREPLY=($(compgen -W "bash" -- "$cur")) ;;
-    esac
-} &&
-    complete -F _lanchat lanchat
-"""
+def completion_words() -> dict[str, Words]:
+    """What bash completes for ``lanchat`` and ``lanchatd``, read from their parsers.
+
+    ``connect`` is completed from the hub client's parser: :func:`main` hands it
+    every word after ``connect``.
+    """
+    from lanchat import completion, config, hubclient  # only `completion bash` needs them
+
+    return {
+        "lanchat": completion.words_of(build_parser(),
+                                       delegated={"connect": hubclient.build_parser()}),
+        "lanchatd": completion.words_of(config.daemon_parser()),
+    }
+
+
+def completion_script() -> str:
+    """The bash completion script ``lanchat completion bash`` prints."""
+    from lanchat import completion
+
+    header = (
+        f"Generated from the argument parsers by `lanchat completion bash` "
+        f"(lanchat {__version__}).\n"
+        "Install (scripts/install does this):\n"
+        "  dir=${XDG_DATA_HOME:-~/.local/share}/bash-completion/completions\n"
+        '  mkdir -p "$dir" && lanchat completion bash > "$dir/lanchat" '
+        '&& ln -sf lanchat "$dir/lanchatd"\n'
+    )
+    return completion.bash_script(completion_words(), header=header)
 
 
 def cmd_completion(args: argparse.Namespace) -> int:
-    sys.stdout.write(BASH_COMPLETION)
+    sys.stdout.write(completion_script())
     sys.stdout.flush()
     return EXIT_OK
 

@@ -681,6 +681,17 @@ def verbosity_level(count: int) -> str:
     return "debug" if count >= 2 else "info"
 
 
+def daemon_parser() -> argparse.ArgumentParser:
+    """``lanchatd``'s argument parser (also what its man page and bash completion describe)."""
+    parser = argparse.ArgumentParser(
+        prog="lanchatd",
+        description="LAN chat daemon: a chat hub that finds its peers with mDNS "
+                    "and keeps history in SQLite.  See lanchatd(8).",
+    )
+    add_daemon_arguments(parser)
+    return parser
+
+
 def add_daemon_arguments(parser: argparse.ArgumentParser) -> None:
     """Declare lanchatd's flags.  Defaults are ``None`` so that only given flags count."""
     add = parser.add_argument

@@ -296,13 +296,7 @@ def _raise_fd_limit() -> None:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="lanchatd",
-        description="LAN chat daemon: a chat hub that finds its peers with mDNS "
-                    "and keeps history in SQLite.  See lanchatd(8).",
-    )
-    config.add_daemon_arguments(parser)
-    return parser.parse_args(argv)
+    return config.daemon_parser().parse_args(argv)
 
 
 def _load_config(ns: argparse.Namespace) -> config.Config:

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import pytest
 
@@ -185,6 +185,32 @@ def assert_exactly_once_in_order(ids: list[str], expected: set[str], who: str = 
         per_origin[origin].append(int(seq))
     for origin, seqs in per_origin.items():
         assert seqs == sorted(seqs), f"{where}{origin} out of order"
+
+
+def ci_strict() -> bool:
+    """True when ``$CI`` says we run in CI, where every test must run: nothing may skip."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skip the calling test for ``reason``; under ``$CI``, fail it instead.
+
+    For what a developer's machine may lack (root, a tool, a kernel feature): there a skip
+    says so, but CI must run every test, and a silent skip would hide that something went
+    untested.  ``scripts/test`` installs every tool the suite needs.
+    """
+    if ci_strict():
+        pytest.fail(f"{reason} (CI is set, so this is a failure, not a skip)")
+    pytest.skip(reason)
+
+
+def require_tool(name: str, package: str, *also: str) -> str:
+    """The path of program ``name`` (on PATH, else the first of ``also`` that exists); if it
+    is missing, :func:`skip_or_fail` naming the Debian ``package`` that has it."""
+    found = shutil.which(name) or next((p for p in also if os.access(p, os.X_OK)), None)
+    if found is None:
+        skip_or_fail(f"{name} is not installed (apt-get install {package}; scripts/test does)")
+    return found
 
 
 def python_for_uid(uid: int) -> str | None:

@@ -327,10 +327,10 @@ def test_completion_bash() -> None:
     r = subprocess.run([sys.executable, "-m", "lanchat", "completion", "bash"],
                        capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=20, check=False)
     assert r.returncode == 0 and "complete -F _lanchat lanchat" in r.stdout
-    if shutil.which("bash"):
-        check = subprocess.run(["bash", "-n"], input=r.stdout, text=True, capture_output=True,
-                               timeout=20, check=False)
-        assert check.returncode == 0, check.stderr
+    assert "complete -F _lanchatd lanchatd" in r.stdout
+    check = subprocess.run(["bash", "-n"], input=r.stdout, text=True, capture_output=True,
+                           timeout=20, check=False)
+    assert check.returncode == 0, check.stderr
 
 
 def test_version() -> None:

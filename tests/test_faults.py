@@ -14,8 +14,9 @@
 - injection: escape sequences, CR, newlines, NULs and bidi controls from clients and peers
   never break the text protocol's framing, a terminal, or the daemon's log lines.
 
-The tmpfs and ext4 tests need root (``mount``); they are skipped otherwise.  Every mount is
-undone in teardown, pass or fail (the ext4 one exists only in the daemon's mount namespace).
+The tmpfs and ext4 tests need root (``mount``) and, for ext4, e2fsprogs, losetup and loop
+devices; without them they skip, or fail under ``$CI``.  Every mount is undone in teardown,
+pass or fail (the ext4 one exists only in the daemon's mount namespace).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import errno
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import Daemon, LineClient, TextUser
+from conftest import Daemon, LineClient, TextUser, require_tool, skip_or_fail
 from test_links import (
     FAKE_NODE,
     FakePeer,
@@ -128,7 +128,7 @@ def test_hub_clients_vanishing_mid_frame(daemon: Daemon, clients: list[Any]) -> 
 def tmpfs_state(workdir: str) -> Iterator[str]:
     """``workdir/state`` as a 4 MiB tmpfs (root only), unmounted at the end."""
     if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
+        skip_or_fail("mounting a tmpfs needs root")
     path = os.path.join(workdir, "state")
     os.makedirs(path)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", path],
@@ -292,7 +292,7 @@ class Ext4State:
         (dev,) = self.loop_devices()
         trigger = f"/sys/fs/ext4/{os.path.basename(dev)}/trigger_fs_error"
         if not os.path.exists(trigger):
-            pytest.skip("this kernel's ext4 has no trigger_fs_error")
+            skip_or_fail("this kernel's ext4 has no trigger_fs_error")
         with open(trigger, "w") as f:
             f.write("lanchat test: the state directory's file system fails\n")
 
@@ -309,12 +309,12 @@ class Ext4State:
 def ext4_state(workdir: str) -> Iterator[Ext4State]:
     """``workdir/state`` as a 32 MiB ext4 image for daemons run under ``.prefix`` (root only)."""
     if os.geteuid() != 0:
-        pytest.skip("mounting a loop device needs root")
-    for tool in ("unshare", "mkfs.ext4", "e2fsck", "losetup"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed")
+        skip_or_fail("mounting a loop device needs root")
+    for tool, package in (("unshare", "util-linux"), ("mkfs.ext4", "e2fsprogs"),
+                          ("e2fsck", "e2fsprogs"), ("losetup", "mount")):
+        require_tool(tool, package)
     if not os.path.exists("/dev/loop-control"):
-        pytest.skip("no loop devices")
+        skip_or_fail("no loop devices (/dev/loop-control)")
     fs = Ext4State(workdir)
     os.makedirs(fs.state)
     with open(fs.image, "wb") as f:

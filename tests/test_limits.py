@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import socket
 import subprocess
 import threading
@@ -19,7 +18,7 @@ import time
 from typing import Any
 
 import pytest
-from conftest import Daemon, LineClient, TextUser, wait_for
+from conftest import Daemon, LineClient, TextUser, require_tool, wait_for
 
 from lanchat.client import ControlClient
 from lanchat.limits import COMMAND_BURST, COMMAND_RATE, MAX_DATAGRAM_BYTES
@@ -340,14 +339,14 @@ def test_nickname_prompt_times_out(make_daemon: Any, clients: list[Any]) -> None
     assert c.closed()
 
 
-@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
 def test_hub_sockets_have_keepalive(daemon: Daemon, clients: list[Any]) -> None:
+    ss = require_tool("ss", "iproute2")
     user = TextUser(daemon.port, "kept")
     clients.append(user)
 
     def keepalive_timer() -> str | None:
         # ss shows one timer per socket: a retransmit timer hides the keepalive for a moment
-        out = subprocess.run(["ss", "-tnoH", "state", "established",
+        out = subprocess.run([ss, "-tnoH", "state", "established",
                               f"( sport = :{daemon.port} )"],
                              capture_output=True, text=True, timeout=10, check=False).stdout
         return out if "timer:(keepalive," in out else None

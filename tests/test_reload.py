@@ -11,8 +11,7 @@ import signal
 import time
 from typing import Any
 
-import pytest
-from conftest import Daemon, TextUser, wait_for
+from conftest import Daemon, TextUser, skip_or_fail, wait_for
 from test_limits import JsonClient
 from test_links import cli_history, cli_json, send_many
 
@@ -235,7 +234,7 @@ def test_sigterm_delivered_to_any_thread_stops_the_daemon_at_once(daemon: Daemon
     """The kernel may hand a process's SIGTERM to any thread; shutdown must not wait for
     the main thread to wake up by itself."""
     if platform.machine() != "x86_64":
-        pytest.skip("the tgkill syscall number used here is x86_64's")
+        skip_or_fail("the tgkill syscall number used here is x86_64's")
     assert daemon.proc is not None
     pid = daemon.proc.pid
     others = [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]

@@ -1,9 +1,10 @@
 """The systemd units: they verify cleanly and the system service is well sandboxed.
 
-Runs the real ``systemd-analyze`` (Debian package ``systemd``) on copies of the
-units whose ``ExecStart=`` points at an existing executable, because verify
-fails on a binary that is not installed.  ``verify`` exits 0 even on unknown
-keys ("Unknown key ..., ignoring"), so any stderr output counts as failure.
+Runs the real ``systemd-analyze`` (Debian package ``systemd``; without it these tests
+skip, or fail under ``$CI``) on copies of the units whose ``ExecStart=`` points at an
+existing executable, because verify fails on a binary that is not installed.  ``verify``
+exits 0 even on unknown keys ("Unknown key ..., ignoring"), so any stderr output counts
+as failure.
 """
 
 from __future__ import annotations
@@ -16,18 +17,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import require_tool
 
 from lanchat.config import SYSTEM_SOCKET
 from lanchat.sdlisten import CONTROL_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD = ROOT / "systemd"
-ANALYZE = shutil.which("systemd-analyze")
 TRUE = shutil.which("true") or "/bin/true"
-
-needs_analyze = pytest.mark.skipif(
-    ANALYZE is None, reason="systemd-analyze not installed (apt-get install systemd)"
-)
 
 
 def unit_settings(path: Path) -> dict[str, list[str]]:
@@ -51,6 +48,11 @@ def copy_with_exec(src: Path, dst_dir: Path) -> Path:
 
 
 @pytest.fixture
+def analyze() -> str:
+    return require_tool("systemd-analyze", "systemd")
+
+
+@pytest.fixture
 def unit_dir() -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir="/tmp", prefix="lcunit."))
     try:
@@ -63,28 +65,23 @@ def run(args: list[str], env: dict[str, str] | None = None) -> subprocess.Comple
     return subprocess.run(args, capture_output=True, text=True, timeout=60, env=env, check=False)
 
 
-@needs_analyze
-def test_system_units_verify_without_any_message(unit_dir: Path) -> None:
+def test_system_units_verify_without_any_message(unit_dir: Path, analyze: str) -> None:
     service = copy_with_exec(SYSTEMD / "lanchatd.service", unit_dir)
     socket_unit = copy_with_exec(SYSTEMD / "lanchatd.socket", unit_dir)
-    assert ANALYZE is not None
-    proc = run([ANALYZE, "verify", "--man=no", str(service), str(socket_unit)])
+    proc = run([analyze, "verify", "--man=no", str(service), str(socket_unit)])
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "", proc.stderr
 
 
-@needs_analyze
-def test_verify_would_catch_an_unknown_key(unit_dir: Path) -> None:
+def test_verify_would_catch_an_unknown_key(unit_dir: Path, analyze: str) -> None:
     # Guards the test above: a typo must show up on stderr.
     service = copy_with_exec(SYSTEMD / "lanchatd.service", unit_dir)
     service.write_text(service.read_text().replace("[Service]\n", "[Service]\nBogus=1\n"))
-    assert ANALYZE is not None
-    proc = run([ANALYZE, "verify", "--man=no", str(service)])
+    proc = run([analyze, "verify", "--man=no", str(service)])
     assert "Bogus" in proc.stderr
 
 
-@needs_analyze
-def test_user_unit_verifies_without_any_message(unit_dir: Path) -> None:
+def test_user_unit_verifies_without_any_message(unit_dir: Path, analyze: str) -> None:
     user_dir = unit_dir / "user"
     user_dir.mkdir()
     service = copy_with_exec(SYSTEMD / "user" / "lanchatd.service", user_dir)
@@ -92,17 +89,14 @@ def test_user_unit_verifies_without_any_message(unit_dir: Path) -> None:
     runtime.mkdir(mode=0o700)
     # Outside a login session --user verify needs XDG_RUNTIME_DIR to resolve RuntimeDirectory=.
     env = {"PATH": "/usr/bin:/bin", "HOME": str(unit_dir), "XDG_RUNTIME_DIR": str(runtime)}
-    assert ANALYZE is not None
-    proc = run([ANALYZE, "--user", "verify", "--man=no", str(service)], env=env)
+    proc = run([analyze, "--user", "verify", "--man=no", str(service)], env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "", proc.stderr
 
 
-@needs_analyze
-def test_system_service_exposure_is_at_most_2(unit_dir: Path) -> None:
+def test_system_service_exposure_is_at_most_2(unit_dir: Path, analyze: str) -> None:
     service = copy_with_exec(SYSTEMD / "lanchatd.service", unit_dir)
-    assert ANALYZE is not None
-    proc = run([ANALYZE, "security", "--offline=yes", str(service)])
+    proc = run([analyze, "security", "--offline=yes", str(service)])
     match = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", proc.stdout)
     assert match, proc.stdout + proc.stderr
     assert float(match.group(1)) <= 2.0, proc.stdout
