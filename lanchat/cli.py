@@ -525,17 +525,31 @@ def _not_running_hint(path: str) -> str:
             "(or: systemctl --user start lanchatd, or: sudo systemctl start lanchatd)")
 
 
+def _command_index(parser: argparse.ArgumentParser, raw: Sequence[str]) -> int | None:
+    """Where the subcommand is in ``raw``: the first word that is neither a global option
+    nor a global option's value (so ``send please connect`` is a send, not a connect)."""
+    takes_value = {opt for action in parser._actions if action.nargs != 0
+                   for opt in action.option_strings}
+    i = 0
+    while i < len(raw):
+        word = raw[i]
+        if not word.startswith("-") or word == "-":
+            return i
+        i += 2 if word in takes_value else 1
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``lanchat``; return the exit status."""
     _safe_streams()
     parser = build_parser()
     raw = list(sys.argv[1:] if argv is None else argv)
-    if "connect" in raw:
+    where = _command_index(parser, raw)
+    if where is not None and raw[where] == "connect":
         # `connect` has its own parser (lanchat.hubclient): hand it everything after
         # the word, options first or not (`lanchat connect --udp HOST`, `connect --help`).
-        cut = raw.index("connect") + 1
-        args = parser.parse_args(raw[:cut])
-        args.rest = raw[cut:]
+        args = parser.parse_args(raw[:where + 1])
+        args.rest = raw[where + 1:]
     else:
         args = parser.parse_args(raw)  # exits 2 on a usage error, as argparse does
     _finish_args(args)

@@ -158,6 +158,17 @@ def test_send_quiet_and_json(daemon: Daemon) -> None:
     assert daemon.backend.uids == [os.getuid(), os.getuid()]
 
 
+def test_send_text_may_contain_the_word_connect(daemon: Daemon) -> None:
+    """Only the subcommand ``connect`` hands the rest to the hub client's parser; the word
+    in a message's text (or a global option's value) is just text."""
+    r = daemon.run("send", "please", "connect", "to", "me")
+    assert r.returncode == 0, r.stderr
+    r = daemon.run("--timeout", "5", "send", "--room", "connect", "connect", "now")
+    assert r.returncode == 0, r.stderr
+    assert [(m.text, m.room) for m in daemon.backend.messages] == [
+        ("please connect to me", "lobby"), ("connect now", "connect")]
+
+
 def test_send_reads_stdin(daemon: Daemon) -> None:
     assert daemon.run("send", "-", input="from a pipe\n").returncode == 0
     assert daemon.run("send", input="two\nlines\n").returncode == 0  # no TEXT, stdin not a tty
