@@ -175,17 +175,58 @@ def assert_exactly_once_in_order(ids: list[str], expected: set[str], who: str = 
         assert seqs == sorted(seqs), f"{where}{origin} out of order"
 
 
-def python_for_uid(uid: int) -> str | None:
-    """A Python >= 3.11 that user ``uid`` may run (the venv under /root may be closed to it)."""
+#: The user the tests of "another user's control socket" run ``lanchat`` as (nobody).
+NOBODY_UID = 65534
+
+
+def python_as(uid: int) -> list[str]:
+    """A command that runs a Python >= 3.11 as user and group ``uid``, with no supplementary
+    groups (needs root).
+
+    A Python that user may run as it is comes first (Debian's /usr/bin/python3, or ours).
+    Where there is none -- ours may live under /root, which others may not enter -- ours
+    runs with one capability, CAP_DAC_READ_SEARCH, made ambient so that it survives the
+    exec: it may read and search any directory, and write nothing it could not anyway.
+    Connecting to a Unix socket needs write permission on the socket, so a socket the user
+    may not write to still refuses it, which is what these tests are about; and no test
+    skips for want of an interpreter.
+    """
+    drop = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
     for exe in ("/usr/bin/python3", sys.executable):
         try:
-            r = subprocess.run([exe, "-c", "import sys; assert sys.version_info >= (3, 11)"],
-                               user=uid, capture_output=True, timeout=20, check=False, cwd="/")
+            r = subprocess.run([*drop, exe, "-c",
+                                "import sys; assert sys.version_info >= (3, 11)"],
+                               capture_output=True, timeout=20, check=False, cwd="/")
         except (OSError, subprocess.SubprocessError):
             continue
         if r.returncode == 0:
-            return exe
-    return None
+            return [*drop, exe]
+    return [*drop, "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search",
+            sys.executable]
+
+
+@contextlib.contextmanager
+def lanchat_as(uid: int) -> Iterator[tuple[list[str], dict[str, str]]]:
+    """``(command, env)`` that run ``lanchat`` as user ``uid`` (see :func:`python_as`).
+
+    The command imports a copy of the package in a directory everyone may read (the
+    checkout may be under /root); the copy is removed at the end.
+    """
+    tree = tempfile.mkdtemp(prefix="lc-pkg-", dir="/tmp")
+    try:
+        os.chmod(tree, 0o755)
+        shutil.copytree(ROOT / "lanchat", os.path.join(tree, "lanchat"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        for dirpath, dirnames, filenames in os.walk(tree):
+            for name in dirnames:
+                os.chmod(os.path.join(dirpath, name), 0o755)
+            for name in filenames:
+                os.chmod(os.path.join(dirpath, name), 0o644)
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": tree, "HOME": "/", "NO_COLOR": "1",
+               "PYTHONDONTWRITEBYTECODE": "1"}
+        yield [*python_as(uid), "-m", "lanchat"], env
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
 
 
 @pytest.fixture

@@ -8,18 +8,16 @@ import json
 import os
 import random
 import select
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import ROOT, Daemon, TextUser, lanchat_cmd, lanchatd_cmd, python_for_uid
+from conftest import NOBODY_UID, Daemon, TextUser, lanchat_as, lanchat_cmd, lanchatd_cmd
 
 from lanchat.client import ControlClient, DaemonNotRunning
 from lanchat.errors import LanchatError
@@ -347,33 +345,17 @@ def test_no_daemon_exit_3_names_socket_and_how_to_start(workdir: str) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the CLI as another uid")
 def test_another_users_socket_exit_4(make_daemon: Any) -> None:
-    nobody = 65534
-    exe = python_for_uid(nobody)
-    if exe is None:
-        pytest.skip("no Python 3.11 that uid 65534 may run")
-    tree = tempfile.mkdtemp(prefix="lc-", dir="/tmp")
-    try:
-        os.chmod(tree, 0o755)  # nobody may read the package and reach the socket's directory
-        shutil.copytree(ROOT / "lanchat", os.path.join(tree, "lanchat"),
-                        ignore=shutil.ignore_patterns("__pycache__"))
-        for dirpath, dirnames, filenames in os.walk(tree):
-            for name in dirnames:
-                os.chmod(os.path.join(dirpath, name), 0o755)
-            for name in filenames:
-                os.chmod(os.path.join(dirpath, name), 0o644)
-        daemon = make_daemon()
-        os.chmod(daemon.workdir, 0o755)
-        assert os.stat(daemon.socket).st_mode & 0o777 == 0o600
-        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": tree, "HOME": "/"}
-        r = subprocess.run([exe, "-m", "lanchat", "--socket", daemon.socket, "status"],
+    daemon = make_daemon()
+    os.chmod(daemon.workdir, 0o755)  # nobody may reach the socket, not write to it
+    assert os.stat(daemon.socket).st_mode & 0o777 == 0o600
+    with lanchat_as(NOBODY_UID) as (lanchat, env):
+        r = subprocess.run([*lanchat, "--socket", daemon.socket, "status"],
                            capture_output=True, text=True, env=env, cwd="/", timeout=20,
-                           user=nobody, check=False)
-        assert r.returncode == 4, r.stderr
-        assert r.stderr.count("\n") == 1 and daemon.socket in r.stderr
-        assert "permission denied" in r.stderr and "Traceback" not in r.stderr
-        status_works(daemon)
-    finally:
-        shutil.rmtree(tree, ignore_errors=True)
+                           check=False)
+    assert r.returncode == 4, r.stderr
+    assert r.stderr.count("\n") == 1 and daemon.socket in r.stderr
+    assert "permission denied" in r.stderr and "Traceback" not in r.stderr
+    status_works(daemon)
 
 
 # -- escape sequences ---------------------------------------------------------------------------
