@@ -136,6 +136,13 @@ class Daemon:
 
 T = TypeVar("T")
 
+#: How long a test waits for something that should follow promptly (a message to arrive, a
+#: roster or a line to reach a client) before failing.  Generous, because a loaded two-core
+#: runner can stall a process for seconds; a wait returns as soon as its condition holds,
+#: so a passing test does not pay for it.  Where a time bound is itself the behaviour under
+#: test, the test names that bound instead.
+SETTLE_S = 15.0
+
 
 def wait_for(what: str, fn: Callable[[], T | None], timeout: float, *, poll: float = 0.05,
              diag: Callable[[], str] | None = None) -> T:
@@ -154,9 +161,21 @@ def wait_for(what: str, fn: Callable[[], T | None], timeout: float, *, poll: flo
         if last and not isinstance(last, Exception):
             return last  # type: ignore[no-any-return]
         if time.monotonic() >= deadline:
-            raise AssertionError(f"{what}: not within {timeout} s (last: {last!r})"
+            raise AssertionError(f"{what}: not within {timeout:.1f} s (last: {last!r})"
                                  + (f"\n{diag()}" if diag else ""))
         time.sleep(poll)
+
+
+def wait_within(what: str, fn: Callable[[], object], bound: float, since: float, *,
+                poll: float = 0.05, diag: Callable[[], str] | None = None) -> float:
+    """Wait for ``fn`` where the time it takes is the behaviour under test: it must hold
+    within ``bound`` seconds of ``since`` (a ``time.monotonic()`` reading), also when the
+    poll that saw it began in time but ended late, or when what came before (say, a
+    peer's own shutdown) used the time up.  Returns the seconds it took."""
+    wait_for(what, fn, max(0.0, since + bound - time.monotonic()), poll=poll, diag=diag)
+    took = time.monotonic() - since
+    assert took <= bound, f"{what}: after {took:.2f} s, more than the {bound:g} s allowed"
+    return took
 
 
 def assert_exactly_once_in_order(ids: list[str], expected: set[str], who: str = "") -> None:

@@ -37,9 +37,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import Daemon, LineClient, TextUser
+from conftest import SETTLE_S, Daemon, LineClient, TextUser
 from test_links import (
     FAKE_NODE,
+    LINK_DEADLINE_S,
     FakePeer,
     assert_exactly_once_in_order,
     fake_msg,
@@ -75,7 +76,7 @@ def test_link_peer_vanishing_mid_frame_stores_nothing_half_and_relinks(daemon: D
     try:
         f.until("welcome")
         f.send({"type": "msgs", "m": [fake_msg(1)]})
-        wait_for("1 stored", lambda: f"{FAKE_NODE}:1" in history_ids(daemon), 5.0)
+        wait_for("1 stored", lambda: f"{FAKE_NODE}:1" in history_ids(daemon), SETTLE_S)
         whole = json.dumps({"type": "msgs", "m": [fake_msg(2), fake_msg(3)]}).encode()
         f.sock.sendall(whole[: len(whole) // 2])  # half a frame, then the peer is gone
         time.sleep(0.2)
@@ -93,7 +94,7 @@ def test_link_peer_vanishing_mid_frame_stores_nothing_half_and_relinks(daemon: D
         assert g.until("sync")["cursors"].get(FAKE_NODE) == 1
         g.send({"type": "msgs", "m": [fake_msg(2), fake_msg(3)]})
         wait_for("2, 3 stored", lambda: {f"{FAKE_NODE}:2", f"{FAKE_NODE}:3"}
-                 <= set(history_ids(daemon)), 5.0)
+                 <= set(history_ids(daemon)), SETTLE_S)
     finally:
         g.close()
     assert collections.Counter(history_ids(daemon))[f"{FAKE_NODE}:2"] == 1
@@ -455,7 +456,7 @@ def test_sigkill_under_mesh_traffic_converges_exactly_once(make_daemon: Any) -> 
     daemons = {"a": a, "b": b, "c": c}
     nodes = {k: node_of(d) for k, d in daemons.items()}
     wait_for("all linked", lambda: all(linked(d, nodes[o]) for k, d in daemons.items()
-                                       for o in daemons if o != k), 10.0,
+                                       for o in daemons if o != k), LINK_DEADLINE_S,
              diag=lambda: logs(a, b, c))
     per_sender = 250
     acked: dict[str, list[str]] = {k: [] for k in daemons}
@@ -597,7 +598,7 @@ def test_link_peer_name_cannot_inject_into_logs_or_peers(make_daemon: Any) -> No
             print(f"\npeer name with control characters refused: {first}")
         else:
             assert first["type"] == "welcome"
-            wait_for("linked", lambda: linked(daemon, FAKE_NODE), 5.0)
+            wait_for("linked", lambda: linked(daemon, FAKE_NODE), SETTLE_S)
             res = daemon.cli("peers")
             assert res.returncode == 0
             print(f"\npeer name with control characters linked; lanchat peers shows "
