@@ -194,6 +194,15 @@ def assert_exactly_once_in_order(ids: list[str], expected: set[str], who: str = 
         assert seqs == sorted(seqs), f"{where}{origin} out of order"
 
 
+def unit_stop_timeout_s() -> float:
+    """How long systemd lets lanchatd stop before it SIGKILLs it: ``TimeoutStopSec=`` of the
+    system unit -- the documented bound on a clean shutdown."""
+    text = (ROOT / "systemd" / "lanchatd.service").read_text()
+    match = re.search(r"^TimeoutStopSec=(\d+)s$", text, re.M)
+    assert match, "systemd/lanchatd.service sets no TimeoutStopSec="
+    return float(match.group(1))
+
+
 #: The user the tests of "another user's control socket" run ``lanchat`` as (nobody).
 NOBODY_UID = 65534
 
