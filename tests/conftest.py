@@ -148,6 +148,13 @@ class Daemon:
 
 T = TypeVar("T")
 
+#: How long a test waits for something that should follow promptly (a message to arrive, a
+#: roster or a line to reach a client) before failing.  Generous, because a loaded two-core
+#: runner can stall a process for seconds; a wait returns as soon as its condition holds,
+#: so a passing test does not pay for it.  Where a time bound is itself the behaviour under
+#: test, the test names that bound instead.
+SETTLE_S = 15.0
+
 
 def wait_for(what: str, fn: Callable[[], T | None], timeout: float, *, poll: float = 0.05,
              diag: Callable[[], str] | None = None) -> T:
@@ -166,9 +173,21 @@ def wait_for(what: str, fn: Callable[[], T | None], timeout: float, *, poll: flo
         if last and not isinstance(last, Exception):
             return last  # type: ignore[no-any-return]
         if time.monotonic() >= deadline:
-            raise AssertionError(f"{what}: not within {timeout} s (last: {last!r})"
+            raise AssertionError(f"{what}: not within {timeout:.1f} s (last: {last!r})"
                                  + (f"\n{diag()}" if diag else ""))
         time.sleep(poll)
+
+
+def wait_within(what: str, fn: Callable[[], object], bound: float, since: float, *,
+                poll: float = 0.05, diag: Callable[[], str] | None = None) -> float:
+    """Wait for ``fn`` where the time it takes is the behaviour under test: it must hold
+    within ``bound`` seconds of ``since`` (a ``time.monotonic()`` reading), also when the
+    poll that saw it began in time but ended late, or when what came before (say, a
+    peer's own shutdown) used the time up.  Returns the seconds it took."""
+    wait_for(what, fn, max(0.0, since + bound - time.monotonic()), poll=poll, diag=diag)
+    took = time.monotonic() - since
+    assert took <= bound, f"{what}: after {took:.2f} s, more than the {bound:g} s allowed"
+    return took
 
 
 def assert_exactly_once_in_order(ids: list[str], expected: set[str], who: str = "") -> None:
@@ -213,17 +232,67 @@ def require_tool(name: str, package: str, *also: str) -> str:
     return found
 
 
-def python_for_uid(uid: int) -> str | None:
-    """A Python >= 3.11 that user ``uid`` may run (the venv under /root may be closed to it)."""
+def unit_stop_timeout_s() -> float:
+    """How long systemd lets lanchatd stop before it SIGKILLs it: ``TimeoutStopSec=`` of the
+    system unit -- the documented bound on a clean shutdown."""
+    text = (ROOT / "systemd" / "lanchatd.service").read_text()
+    match = re.search(r"^TimeoutStopSec=(\d+)s$", text, re.M)
+    assert match, "systemd/lanchatd.service sets no TimeoutStopSec="
+    return float(match.group(1))
+
+
+#: The user the tests of "another user's control socket" run ``lanchat`` as (nobody).
+NOBODY_UID = 65534
+
+
+def python_as(uid: int) -> list[str]:
+    """A command that runs a Python >= 3.11 as user and group ``uid``, with no supplementary
+    groups (needs root).
+
+    A Python that user may run as it is comes first (Debian's /usr/bin/python3, or ours).
+    Where there is none -- ours may live under /root, which others may not enter -- ours
+    runs with one capability, CAP_DAC_READ_SEARCH, made ambient so that it survives the
+    exec: it may read and search any directory, and write nothing it could not anyway.
+    Connecting to a Unix socket needs write permission on the socket, so a socket the user
+    may not write to still refuses it, which is what these tests are about; and no test
+    skips for want of an interpreter.
+    """
+    drop = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
     for exe in ("/usr/bin/python3", sys.executable):
         try:
-            r = subprocess.run([exe, "-c", "import sys; assert sys.version_info >= (3, 11)"],
-                               user=uid, capture_output=True, timeout=20, check=False, cwd="/")
+            r = subprocess.run([*drop, exe, "-c",
+                                "import sys; assert sys.version_info >= (3, 11)"],
+                               capture_output=True, timeout=20, check=False, cwd="/")
         except (OSError, subprocess.SubprocessError):
             continue
         if r.returncode == 0:
-            return exe
-    return None
+            return [*drop, exe]
+    return [*drop, "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search",
+            sys.executable]
+
+
+@contextlib.contextmanager
+def lanchat_as(uid: int) -> Iterator[tuple[list[str], dict[str, str]]]:
+    """``(command, env)`` that run ``lanchat`` as user ``uid`` (see :func:`python_as`).
+
+    The command imports a copy of the package in a directory everyone may read (the
+    checkout may be under /root); the copy is removed at the end.
+    """
+    tree = tempfile.mkdtemp(prefix="lc-pkg-", dir="/tmp")
+    try:
+        os.chmod(tree, 0o755)
+        shutil.copytree(ROOT / "lanchat", os.path.join(tree, "lanchat"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        for dirpath, dirnames, filenames in os.walk(tree):
+            for name in dirnames:
+                os.chmod(os.path.join(dirpath, name), 0o755)
+            for name in filenames:
+                os.chmod(os.path.join(dirpath, name), 0o644)
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": tree, "HOME": "/", "NO_COLOR": "1",
+               "PYTHONDONTWRITEBYTECODE": "1"}
+        yield [*python_as(uid), "-m", "lanchat"], env
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import python_for_uid
+from conftest import NOBODY_UID, lanchat_as
 from control_fake import NODE, FakeBackend
 
 from lanchat.cli import parse_since
@@ -115,16 +115,12 @@ def test_stale_socket_exit_3(tmp_short: str) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the CLI as another uid")
 def test_permission_denied_exit_4(tmp_short: str) -> None:
-    nobody = 65534
-    exe = python_for_uid(nobody)
-    if exe is None:
-        pytest.skip("no Python 3.11 that uid 65534 may run")
     os.chmod(tmp_short, 0o755)  # searchable by everyone; the 0600 socket is not writable
     d = Daemon(os.path.join(tmp_short, "control.sock"))
     try:
-        r = subprocess.run([exe, "-m", "lanchat", "--socket", d.path, "status"],
-                           capture_output=True, text=True, env=ENV, cwd="/", timeout=20,
-                           user=nobody, check=False)
+        with lanchat_as(NOBODY_UID) as (lanchat, env):
+            r = subprocess.run([*lanchat, "--socket", d.path, "status"], capture_output=True,
+                               text=True, env=env, cwd="/", timeout=20, check=False)
     finally:
         d.server.close()
     assert r.returncode == 4, r.stderr

@@ -18,7 +18,7 @@ from control_fake import NODE, FakeBackend
 
 from lanchat.client import ConnectionLost, ControlClient, RpcError
 from lanchat.control import AlreadyRunning, ControlServer
-from lanchat.limits import MAX_OUTBOX_BYTES, MAX_RPC_LINE_BYTES
+from lanchat.limits import MAX_OUTBOX_BYTES, MAX_RPC_LINE_BYTES, SEND_STALL_TIMEOUT_S
 from lanchat.model import Presence
 
 
@@ -364,7 +364,11 @@ def test_slow_subscriber_is_dropped_without_slowing_senders(
                 if not backend.subs:
                     break
         assert backend.subs == [] and backend.dropped == 1, "the slow subscriber was dropped"
-        assert worst < 1.0, f"a send waited {worst:.2f}s on a slow subscriber"
+        # A sender that waited on the slow subscriber would wait for its cut-off (a blocked
+        # send is given SEND_STALL_TIMEOUT_S); half of that tells the two apart on a loaded
+        # runner.  Measured: milliseconds.
+        print(f"\nslowest send beside a slow subscriber: {worst:.3f} s")
+        assert worst < SEND_STALL_TIMEOUT_S / 2, f"a send waited {worst:.2f}s on a slow subscriber"
         # What the slow client finally reads: its reply, some messages, then the overflow
         # notice, then EOF.
         slow.settimeout(10)

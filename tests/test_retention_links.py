@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from conftest import Daemon
+from conftest import SETTLE_S, Daemon
 from test_links import FAKE_NODE, FakePeer, fake_msg, history_ids, wait_for
 
 from lanchat.model import Message
@@ -50,6 +50,6 @@ def test_a_floor_from_a_peer_lets_the_rest_in(daemon: Daemon, clients: list[Any]
     f.send({"type": "floor", "origin": FAKE_NODE, "seq": 7})
     f.send({"type": "msgs", "m": [fake_msg(8), fake_msg(9)]})
     wait_for("stored after the floor",
-             lambda: {f"{FAKE_NODE}:8", f"{FAKE_NODE}:9"} <= set(history_ids(daemon)), 3.0)
+             lambda: {f"{FAKE_NODE}:8", f"{FAKE_NODE}:9"} <= set(history_ids(daemon)), SETTLE_S)
 
 
