@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from conftest import Daemon, LineClient
+from rogue import Rogue, RogueIdentity
 from test_links import FAKE_NODE, FakePeer, fake_msg, history_ids, linked, node_of, wait_for
 
 from lanchat import auth
@@ -21,15 +22,11 @@ from lanchat.model import Message
 KEY = auth.load_secret("correct horse battery staple\n")
 
 
-class SecretPeer(FakePeer):
-    """A hand-written daemon that knows the secret: hello with a nonce, nothing else yet."""
-
-    def __init__(self, port: int, nonce: str) -> None:  # no super(): no pipelined sync
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5.0)
-        self.buf = b""
-        self.node = FAKE_NODE
-        self.send({"type": "hello", "v": 1, "role": "daemon", "node": FAKE_NODE,
-                   "name": "fake peer", "host": "fakehost", "port": None, "nonce": nonce})
+def secret_peer(port: int, nonce: str) -> Rogue:
+    """A rogue daemon that offers the secret handshake: hello with ``nonce``, nothing else yet."""
+    peer = Rogue(port, RogueIdentity(node=FAKE_NODE))
+    peer.hello(nonce=nonce)
+    return peer
 
 
 def _config(workdir: str, name: str, **keys: Any) -> str:
@@ -123,7 +120,7 @@ def test_an_intruder_can_neither_link_nor_inject(make_daemon: Any, workdir: str,
     clients.append(plain)
     assert plain.until("error")["code"] == "auth-required"
     assert plain.closed()
-    guesser = SecretPeer(d.port, "00" * 16)  # tries, but cannot answer the welcome
+    guesser = secret_peer(d.port, "00" * 16)  # tries, but cannot answer the welcome
     clients.append(guesser)
     welcome = guesser.until("welcome")
     assert "proof" in welcome and "nonce" in welcome
@@ -140,7 +137,7 @@ def test_a_linked_peer_cannot_forge_messages(make_daemon: Any, workdir: str,
     d = make_daemon("--config", _config(workdir, "d", secret_file=_secret_file(workdir)), "-v")
     node = node_of(d)
     mine = "ab" * 16
-    f = SecretPeer(d.port, mine)
+    f = secret_peer(d.port, mine)
     clients.append(f)
     welcome = f.until("welcome")
     assert auth.check_proof(KEY, welcome["proof"], "link-welcome", mine, node, FAKE_NODE)
