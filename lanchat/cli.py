@@ -102,7 +102,8 @@ def _print_item(method: str, params: Any, *, show_room: bool) -> None:
 
     try:
         if method == "message":
-            _out(format_message(Message.from_dict(params), show_room=show_room))
+            _out(format_message(Message.from_dict(params), show_room=show_room,
+                                now=time.time()))
         elif method == "presence":
             _out(format_presence(Presence.from_dict(params), timestamp=True))
     except ValidationError as exc:

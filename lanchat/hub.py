@@ -143,6 +143,15 @@ class LinkAcceptor(Protocol):
         ...
 
 
+def _text_message(msg: Message) -> bytes:
+    """A message's text-mode lines, marked if it claims a time far ahead of our clock.
+
+    Module level, so that :meth:`Event.encoded` renders it once for every text
+    client (the cache is keyed by the encoder).
+    """
+    return textmode.encode_message(msg, now=time.time())
+
+
 def _host_of(address: tuple[Any, ...]) -> str:
     return str(address[0])
 
@@ -202,7 +211,7 @@ class _Session:
 
     def deliver(self, events: Sequence[Event]) -> bool:
         json_mode = self.mode == "json"
-        enc_m = wire.encode_message if json_mode else textmode.encode_message
+        enc_m = wire.encode_message if json_mode else _text_message
         enc_p = wire.encode_presence if json_mode else textmode.encode_presence
         if len(events) == 1:
             e = events[0]

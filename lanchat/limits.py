@@ -147,3 +147,11 @@ LINE_TIMEOUT_S = 30.0
 KEEPALIVE_IDLE_S = 300
 KEEPALIVE_INTERVAL_S = 60
 KEEPALIVE_COUNT = 5
+
+# -- time -----------------------------------------------------------------------------
+
+#: Seconds a message's time may be ahead of ours before it counts as "in the future":
+#: LAN clocks kept by NTP agree to well under a second, a clock set by hand to within a
+#: few minutes.  A message further ahead is stored as sent but shown marked, kept by
+#: retention for as long as one received now, and never moves our own clock.
+FUTURE_SKEW_S = 300.0
