@@ -155,3 +155,9 @@ KEEPALIVE_COUNT = 5
 #: few minutes.  A message further ahead is stored as sent but shown marked, kept by
 #: retention for as long as one received now, and never moves our own clock.
 FUTURE_SKEW_S = 300.0
+
+#: Seconds a thread waits for the router to take and answer one hand-off (a link's
+#: batch, a join, ``lanchat send``) before it gives up and drops that connection: a
+#: healthy router answers in milliseconds even under load (one commit of at most
+#: MAX_COMMIT_BATCH messages), so this only ends waits that would otherwise be for ever.
+ROUTER_HANDOFF_TIMEOUT_S = 30.0

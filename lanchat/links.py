@@ -126,6 +126,7 @@ class Link:
         self._synced = False
         self._closing = False
         self._peer_has: dict[str, int] = {}
+        self._warned_own = False  # reader thread only: logged messages in our name
         self._sender = threading.Thread(target=self._send_loop, name=f"link-{self.node[:8]}-tx",
                                         daemon=False)
 
@@ -219,6 +220,15 @@ class Link:
                     yield linkproto.parse_frame(line)
 
     def _received(self, messages: tuple[Message, ...]) -> None:
+        me = self.manager.me.node
+        if any(m.origin == me for m in messages):
+            # Only we write our own origin; a copy from outside is a forgery or a clone,
+            # and the router would refuse it anyway.  Said once per link, not per message.
+            if not self._warned_own:
+                self._warned_own = True
+                log.warning("%r sent messages in our own name (origin %s); refusing them",
+                            self, me)
+            messages = tuple(m for m in messages if m.origin != me)
         key = self.manager.key
         if key is not None:
             good = tuple(m for m in messages if auth.check_message(key, m))
@@ -321,6 +331,15 @@ class Link:
         with contextlib.suppress(OSError):
             self.sock.settimeout(1.0)
             self.sock.sendall(linkproto.encode_bye(reason))
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def abort(self, reason: str) -> None:
+        """End the link at once without a goodbye; never blocks (the router's last resort)."""
+        log.warning("%r: aborting the link: %s", self, reason)
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
 
