@@ -1048,8 +1048,14 @@ class Hub:
             self._sessions.discard(session)
             self._count_out(session)
 
-    def close(self, reason: str = "server shutting down") -> None:
-        """Stop accepting, say goodbye to everyone, and join all threads."""
+    def close(self, reason: str = "server shutting down",
+              timeout: float | None = None) -> None:
+        """Stop accepting, say goodbye to everyone, and join all threads.
+
+        Goodbyes get SHUTDOWN_FLUSH_S (+ 2) seconds in all to leave, or
+        ``timeout`` if less; then every connection still open is shut down at
+        once, and its reader gets one more second.
+        """
         with self._lock:
             if self._closed:
                 return
@@ -1062,13 +1068,17 @@ class Hub:
         self._listener.close()
         for session in sessions:
             session.goodbye(reason)
-        deadline = time.monotonic() + SHUTDOWN_FLUSH_S + 2
+        flush = SHUTDOWN_FLUSH_S + 2 if timeout is None else min(timeout, SHUTDOWN_FLUSH_S + 2)
+        deadline = time.monotonic() + flush
         for session in sessions:
-            session.thread.join(max(0.1, deadline - time.monotonic()))
-            if session.thread.is_alive():  # a handed-over link or a stuck peer: force it
-                with contextlib.suppress(OSError):
-                    session.sock.shutdown(socket.SHUT_RDWR)
-                session.thread.join(1.0)
+            session.thread.join(max(0.0, deadline - time.monotonic()))
+        stuck = [s for s in sessions if s.thread.is_alive()]
+        for session in stuck:  # a handed-over link or a stuck peer: force it, all at once
+            with contextlib.suppress(OSError):
+                session.sock.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + 1.0
+        for session in stuck:
+            session.thread.join(max(0.0, deadline - time.monotonic()))
         if self._udp is not None:
             self._udp.close()
             if self._udp.thread.is_alive():

@@ -156,6 +156,14 @@ KEEPALIVE_COUNT = 5
 #: retention for as long as one received now, and never moves our own clock.
 FUTURE_SKEW_S = 300.0
 
+#: Seconds lanchatd takes at most to shut down on SIGTERM, whatever its peers and
+#: clients do: below systemd's TimeoutStopSec=10s, so it is never killed mid-flush.
+SHUTDOWN_TIMEOUT_S = 8.0
+
+#: Seconds a shutdown gives its links to say bye together before it cuts the ones
+#: whose peers stopped reading (their goodbye could not be sent anyway).
+LINK_BYE_GRACE_S = 1.0
+
 #: Seconds a thread waits for the router to take and answer one hand-off (a link's
 #: batch, a join, ``lanchat send``) before it gives up and drops that connection: a
 #: healthy router answers in milliseconds even under load (one commit of at most

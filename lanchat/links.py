@@ -25,6 +25,7 @@ import contextlib
 import logging
 import random
 import secrets
+import select
 import socket
 import threading
 import time
@@ -38,7 +39,7 @@ from lanchat.commands import Hello
 from lanchat.errors import LanchatError, RemoteProtocolError, ValidationError
 from lanchat.events import Event
 from lanchat.framing import LineDecoder
-from lanchat.limits import LINK_BURST, LINK_MAX_RATE
+from lanchat.limits import LINK_BURST, LINK_BYE_GRACE_S, LINK_MAX_RATE, SHUTDOWN_TIMEOUT_S
 from lanchat.model import Message
 from lanchat.presence import NodeRoster
 from lanchat.ratelimit import TokenBucket
@@ -127,6 +128,9 @@ class Link:
         self._closing = False
         self._peer_has: dict[str, int] = {}
         self._warned_own = False  # reader thread only: logged messages in our name
+        self._bye: bytes | None = None  # what close() asks the sender to say last
+        #: Set once the link is over: both threads done, socket closed, unregistered.
+        self.done = threading.Event()
         self._sender = threading.Thread(target=self._send_loop, name=f"link-{self.node[:8]}-tx",
                                         daemon=False)
 
@@ -256,7 +260,7 @@ class Link:
                         if not self._cond.wait(linkproto.HEARTBEAT_S):
                             break
                     if self._closing:
-                        return
+                        break
                     control, self._control = self._control, []
                     rosters = list(self._rosters.values())
                     self._rosters.clear()
@@ -274,10 +278,20 @@ class Link:
                     self._replay()
                 if live:
                     self._send_live(live)
+            self._say_bye()
         except OSError as exc:  # includes the send timeout: the peer stopped reading
             log.debug("%r: send failed: %s", self, exc)
-            with contextlib.suppress(OSError):
-                self.sock.shutdown(socket.SHUT_RDWR)
+        self._shut()  # wakes the reader, if it is not the one ending the link
+
+    def _say_bye(self) -> None:
+        """Send our bye (from :meth:`close`) if the peer's window takes it at once."""
+        bye = self._bye
+        if bye is None:
+            return
+        poller = select.poll()
+        poller.register(self.sock, select.POLLOUT)
+        if poller.poll(0):  # a peer that stopped reading gets no goodbye, and no wait
+            self.sock.send(bye, socket.MSG_DONTWAIT)
 
     def _replay(self) -> None:
         """Send everything the peer lacks, per origin, from history."""
@@ -286,7 +300,7 @@ class Link:
             todo = linkproto.missing(ours, self._peer_has)
         for origin, start in todo.items():
             sent = start
-            while sent < ours[origin]:
+            while sent < ours[origin] and not self._closing:
                 batch = self.manager.history.after(origin, sent, linkproto.MAX_BATCH)
                 if not batch:
                     break
@@ -322,24 +336,30 @@ class Link:
     # -- ending ----------------------------------------------------------------------------
 
     def close(self, reason: str) -> None:
-        """End the link from our side: say bye, wake both threads.  Idempotent."""
+        """End the link from our side; never blocks.  Idempotent.
+
+        The sender says bye between two frames (only the sender writes, so a
+        bye never lands inside another frame) if the peer's window takes it at
+        once, and shuts the socket down, which ends the reader.  A sender stuck
+        on a peer that stopped reading is ended by :meth:`abort`; :attr:`done`
+        is set once the link is over.
+        """
         with self._cond:
             if self._closing:
                 return
             self._closing = True
+            self._bye = linkproto.encode_bye(reason)
             self._cond.notify()
-        with contextlib.suppress(OSError):
-            self.sock.settimeout(1.0)
-            self.sock.sendall(linkproto.encode_bye(reason))
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
 
     def abort(self, reason: str) -> None:
-        """End the link at once without a goodbye; never blocks (the router's last resort)."""
-        log.warning("%r: aborting the link: %s", self, reason)
+        """End the link at once, without a goodbye; never blocks."""
+        log.info("%r: aborting the link: %s", self, reason)
         with self._cond:
             self._closing = True
             self._cond.notify()
+        self._shut()
+
+    def _shut(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
 
@@ -347,12 +367,12 @@ class Link:
         with self._cond:
             self._closing = True
             self._cond.notify()
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+        self._shut()
         if self._sender.is_alive():
             self._sender.join()
         self.sock.close()
         self.manager._unregister(self, reason)
+        self.done.set()
 
 
 @dataclass
@@ -734,17 +754,34 @@ class LinkManager:
                 out.append(peer.to_dict())
         return sorted(out, key=lambda p: (p["name"], p["address"]))
 
-    def close(self) -> None:
-        """Say bye on every link, stop every dialer, join their threads.  Idempotent."""
+    def close(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
+        """Say bye on every link, stop every dialer, join their threads.  Idempotent.
+
+        Returns within ``timeout`` seconds whatever the peers do; a dialer still
+        running then (a connect or a welcome that has not timed out yet) is
+        logged and ends on its own within CONNECT_TIMEOUT_S.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             dialers = list(self._dialers.values())
             links = list(self._links.values())
+        deadline = time.monotonic() + timeout
         for d in dialers:
             d.close()
         for link in links:
             link.close("shutting down")
+        # The goodbyes go out together; a peer that stopped reading is not waited for.
+        grace = min(deadline, time.monotonic() + LINK_BYE_GRACE_S)
+        for link in links:
+            link.done.wait(max(0.0, grace - time.monotonic()))
+        for link in links:
+            if not link.done.is_set():
+                link.abort("shutting down; the peer is not reading")
         for d in dialers:
-            d.thread.join(5.0)
+            d.thread.join(max(0.0, deadline - time.monotonic()))
+        late = [d.thread.name for d in dialers if d.thread.is_alive()]
+        if late:
+            log.warning("links: %d dialer(s) still busy after %g s: %s", len(late), timeout,
+                        ", ".join(late))

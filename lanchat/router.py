@@ -269,12 +269,17 @@ class Router:
     def start(self) -> None:
         self._thread.start()
 
-    def close(self) -> None:
-        """Finish what is queued, then stop the router thread.  Idempotent."""
+    def close(self, timeout: float | None = None) -> bool:
+        """Finish what is queued, then stop the router thread.  Idempotent.
+
+        Returns False if the thread is still running after ``timeout`` seconds
+        (then the store must stay open: the thread may still be writing).
+        """
         if self._thread.is_alive():
             with contextlib.suppress(ClosedError):
                 self._inbox.put_stop()
-            self._thread.join()
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     @property
     def nick(self) -> str:

@@ -72,12 +72,18 @@ def fake_msg(seq: int, text: str = "", origin: str = ROGUE_NODE, *,
 
 
 class Rogue:
-    """A connection to a daemon's hub port, playing a daemon.  Owns its socket; :meth:`close`."""
+    """A connection to a daemon, playing a daemon.  Owns its socket; :meth:`close`.
+
+    ``Rogue(port)`` dials a daemon's hub port (then :meth:`handshake`); a
+    :class:`RogueListener` makes one from a connection a daemon dialed (then
+    :meth:`answer`).
+    """
 
     def __init__(self, port: int, identity: RogueIdentity | None = None, *,
-                 host: str = "127.0.0.1", timeout: float = 5.0) -> None:
+                 host: str = "127.0.0.1", timeout: float = 5.0,
+                 sock: socket.socket | None = None) -> None:
         self.identity = identity or RogueIdentity()
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock = sock or socket.create_connection((host, port), timeout=timeout)
         self.buf = b""
         #: The challenge our hello carried (shared secret), and the daemon's welcome.
         self.nonce: str | None = None
@@ -127,6 +133,32 @@ class Rogue:
                 key, "link-hello", welcome["nonce"], self.node, welcome["node"])})
         self.sync(cursors or {})
         return welcome
+
+    def answer(self, cursors: dict[str, int] | None = None, *,
+               timeout: float = 5.0, **welcome: Any) -> dict[str, Any]:
+        """The acceptor's side: read a dialing daemon's hello, send our welcome, then sync.
+
+        With a key, the welcome proves it and the daemon's ``auth`` frame is read
+        (and checked).  Returns the daemon's hello.
+        """
+        hello = self.frame(timeout)
+        assert hello.get("type") == "hello" and hello.get("role") == "daemon", hello
+        me = self.identity
+        frame: dict[str, Any] = {"type": "welcome", "v": 1, "role": "daemon", "node": me.node,
+                                 "name": me.name, "host": me.host, "port": me.port}
+        key = me.key
+        if key is not None:
+            frame["nonce"] = self.nonce = secrets.token_hex(auth.NONCE_BYTES)
+            frame["proof"] = auth.proof(key, "link-welcome", hello["nonce"], me.node,
+                                        hello["node"])
+        frame.update(welcome)
+        self.send(frame)
+        if key is not None:
+            proof = self.until("auth", timeout)
+            assert auth.check_proof(key, proof.get("proof"), "link-hello", self.nonce,
+                                    hello["node"], me.node), "the daemon's proof is wrong"
+        self.sync(cursors or {})
+        return hello
 
     def message(self, seq: int, text: str = "", *, origin: str | None = None,
                 **fields: Any) -> dict[str, Any]:
@@ -198,3 +230,30 @@ class Rogue:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class RogueListener:
+    """A port that daemons dial (``--peer 127.0.0.1:PORT``); each connection becomes a Rogue."""
+
+    def __init__(self, identity: RogueIdentity | None = None) -> None:
+        self.identity = identity or RogueIdentity()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.listener.getsockname()[1]
+        self.accepted: list[Rogue] = []
+
+    def accept(self, timeout: float = 10.0) -> Rogue:
+        """The next connection a daemon opened to us (AssertionError after ``timeout``)."""
+        self.listener.settimeout(timeout)
+        try:
+            sock, _ = self.listener.accept()
+        except TimeoutError:
+            raise AssertionError(f"no daemon dialed port {self.port} in {timeout} s") from None
+        sock.settimeout(5.0)
+        rogue = Rogue(self.port, self.identity, sock=sock)
+        self.accepted.append(rogue)
+        return rogue
+
+    def close(self) -> None:
+        for rogue in self.accepted:
+            rogue.close()
+        self.listener.close()

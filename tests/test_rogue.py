@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import time
 from typing import Any
 
 from conftest import Daemon, TextUser, wait_for
-from rogue import Rogue
+from rogue import Rogue, RogueIdentity, RogueListener
 from test_links import linked, logs, node_of, peer_state
+
+from lanchat.limits import LINK_BYE_GRACE_S, SHUTDOWN_TIMEOUT_S
 
 #: A timestamp no clock will reach (year ~3 billion): it cannot even be turned into a date.
 FAR_FUTURE = 1e17
@@ -73,5 +76,58 @@ def test_far_future_timestamp_jams_nothing_and_crashes_no_one(
     clients.append(again)
     again.handshake({node: 0, rogue.node: 2})
     wait_for("linked again", lambda: linked(d, rogue.node), 5.0, diag=lambda: logs(d))
-    assert d.stop(signal.SIGTERM) == 0, logs(d)
+    print(f"\nshut down in {stop_in_time(d):.2f} s with a rogue link up")
     assert "Traceback" not in d.stderr(), logs(d)
+
+def stop_in_time(d: Daemon) -> float:
+    """SIGTERM: a clean exit (0) within SHUTDOWN_TIMEOUT_S, whatever the peers did."""
+    t0 = time.monotonic()
+    code = d.stop(signal.SIGTERM, timeout=SHUTDOWN_TIMEOUT_S + 5)
+    took = time.monotonic() - t0
+    assert code == 0, f"exit {code} after {took:.1f} s\n{logs(d)}"
+    assert took < SHUTDOWN_TIMEOUT_S + 1, f"{took:.1f} s\n{logs(d)}"
+    return took
+
+
+def test_far_future_timestamp_from_a_peer_we_dial_lets_us_shut_down(
+        make_daemon: Any, clients: list[Any]) -> None:
+    """The same message on a link we dialed: the dialer thread must not wait for ever on
+    the router, or SIGTERM hangs on it (it is not a daemon thread)."""
+    listener = RogueListener()
+    clients.append(listener)
+    d = make_daemon("-vv", "--peer", f"127.0.0.1:{listener.port}")
+    tess = TextUser(d.port, "tess")
+    clients.append(tess)
+    rogue = listener.accept()
+    rogue.answer()
+    rogue.msgs([rogue.message(1, "from the far future", ts=FAR_FUTURE)])
+    assert "future" in tess.until("from the far future", 5.0)
+    rogue.ping()
+    rogue.until("pong", 5.0)
+    print(f"\nshut down in {stop_in_time(d):.2f} s with a dialed rogue link up")
+
+
+def test_shutdown_is_bounded_when_peers_stop_reading(make_daemon: Any,
+                                                     clients: list[Any]) -> None:
+    """Links whose peers stopped reading (their buffers full of relayed traffic) must not
+    each hold the shutdown for a goodbye that cannot be sent."""
+    d = make_daemon()
+    sleepers = []
+    for i in range(12):
+        r = Rogue(d.port, RogueIdentity(node=f"{i + 1:02x}" * 8, name=f"sleeper {i}"))
+        clients.append(r)
+        r.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        r.handshake()
+        sleepers.append(r)
+    flood = Rogue(d.port)
+    clients.append(flood)
+    flood.handshake()
+    text = "x" * 3000
+    for start in range(1, 2001, 50):  # 6 MB relayed to each sleeper, which reads none of it
+        flood.msgs([flood.message(seq, text) for seq in range(start, start + 50)])
+    flood.ping()
+    flood.until("pong", 20.0)
+    took = stop_in_time(d)
+    print(f"\nshut down in {took:.2f} s with {len(sleepers)} links that stopped reading")
+    # Their goodbyes are given LINK_BYE_GRACE_S together, not a wait each.
+    assert took < LINK_BYE_GRACE_S + 3.0, logs(d)
