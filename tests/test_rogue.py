@@ -131,3 +131,28 @@ def test_shutdown_is_bounded_when_peers_stop_reading(make_daemon: Any,
     print(f"\nshut down in {took:.2f} s with {len(sleepers)} links that stopped reading")
     # Their goodbyes are given LINK_BYE_GRACE_S together, not a wait each.
     assert took < LINK_BYE_GRACE_S + 3.0, logs(d)
+
+
+# -- case 2: our own origin ---------------------------------------------------------------------
+
+def test_a_peer_cannot_speak_in_our_name_nor_move_our_clock(make_daemon: Any,
+                                                           clients: list[Any]) -> None:
+    d = make_daemon("-v")
+    node = node_of(d)
+    first = json.loads(d.cli("--json", "send", "mine, first").stdout)
+    rogue = Rogue(d.port)
+    clients.append(rogue)
+    rogue.handshake({node: 1})
+    year_2100 = 4102444800.0
+    for seq in (2, 3):  # they would extend our prefix, in the year 2100
+        rogue.msgs([rogue.message(seq, f"forged {seq}", origin=node, ts=year_2100)])
+    rogue.ping()
+    rogue.until("pong", 5.0)  # the link is not stopped by it
+    assert [m["text"] for m in _history(d)] == ["mine, first"]
+    before = time.time()
+    second = json.loads(d.cli("--json", "send", "mine, second").stdout)
+    assert second["seq"] == first["seq"] + 1 == 2
+    assert before - 1 <= second["ts"] <= time.time() + 1
+    assert [m["text"] for m in _history(d)] == ["mine, first", "mine, second"]
+    # Said once for this link, not once per message.
+    assert d.stderr().count("in our own name") == 1, logs(d)
