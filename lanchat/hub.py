@@ -81,6 +81,8 @@ from lanchat.limits import (
     MAX_DAEMON_LINKS,
     MAX_DATAGRAM_BYTES,
     MAX_FRAME_BYTES,
+    MAX_LINK_HANDSHAKES,
+    MAX_LINK_HANDSHAKES_PER_IP,
     MAX_NICK_ATTEMPTS,
     MAX_PENDING_OVER_LIMIT,
     MAX_UDP_CLIENTS,
@@ -134,11 +136,15 @@ class LinkAcceptor(Protocol):
     """Takes over a connection whose hello says it is another daemon (see :mod:`lanchat.links`)."""
 
     def accept_link(self, sock: socket.socket, address: tuple[Any, ...], hello: Hello,
-                    decoder: LineDecoder, pending: list[bytes]) -> None:
+                    decoder: LineDecoder, pending: list[bytes], *,
+                    admit: Callable[[], bool]) -> None:
         """Run the link on the calling thread; return when it ends.  Owns ``sock``.
 
         ``pending`` holds frames that arrived right behind the hello (already
-        split off ``decoder``), to be read before anything else.
+        split off ``decoder``), to be read before anything else.  Once the
+        handshake has proved the peer (the shared secret), ``admit()`` counts
+        the connection as a link: False means every link slot is taken (or the
+        handshake was evicted), and the link must be refused.
         """
         ...
 
@@ -398,8 +404,9 @@ class _TcpSession(_Session):
 
     ``kind`` is how the hub counts it (guarded by the hub's lock): ``"client"``,
     ``"pending"`` (over a client limit: it may only be a daemon, and is told
-    ``refusal`` otherwise), ``"link"`` once handed to the link acceptor, and
-    ``None`` once forgotten.
+    ``refusal`` otherwise), ``"handshake"`` once handed to the link acceptor,
+    ``"link"`` once that proved it a daemon we accept, and ``None`` once
+    forgotten (or evicted from its handshake).
     """
 
     def __init__(self, hub: Hub, sock: socket.socket, address: tuple[Any, ...],
@@ -632,12 +639,13 @@ class _TcpSession(_Session):
                     wire.encode_error("no-links", "this hub does not accept daemon links",
                                       fatal=True), "no links")
                 return
-            if not self.hub._become_link(self):
-                self.outbox.close_with(wire.encode_error(
-                    "too-many-links", f"too many daemon links (limit {MAX_DAEMON_LINKS})",
-                    fatal=True), "too many links")
+            refusal = self.hub._become_handshake(self)
+            if refusal is not None:
+                self.outbox.close_with(wire.encode_error("too-many-handshakes", refusal,
+                                                         fatal=True), "too many handshakes")
                 return
-            acceptor.accept_link(self.sock, self.address, hello, self.decoder, pending)
+            acceptor.accept_link(self.sock, self.address, hello, self.decoder, pending,
+                                 admit=functools.partial(self.hub._become_link, self))
             return
         if hello.room is not None:
             self.room = hello.room
@@ -898,6 +906,9 @@ class Hub:
         self._per_ip: dict[str, int] = {}   # "client" sessions per source address
         self._pending = 0                   # sessions of kind "pending"
         self._links = 0                     # sessions of kind "link"
+        # sessions of kind "handshake" (when each began, monotonic), and per address
+        self._handshakes: dict[_TcpSession, float] = {}
+        self._handshakes_per_ip: dict[str, int] = {}
         self._counter = itertools.count(1)
         family = socket.AF_INET6 if ":" in bind else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
@@ -1015,14 +1026,56 @@ class Hub:
             self._pending -= 1
         elif session.kind == "link":
             self._links -= 1
+        elif session.kind == "handshake":
+            del self._handshakes[session]
+            left = self._handshakes_per_ip[session.host] - 1
+            if left > 0:
+                self._handshakes_per_ip[session.host] = left
+            else:
+                del self._handshakes_per_ip[session.host]
         session.kind = None
 
+    def _become_handshake(self, session: _TcpSession) -> str | None:
+        """``session`` says it is a daemon: count it as a link handshake, not as a client.
+
+        A handshake holds no link slot -- only a proven daemon does (see
+        :meth:`_become_link`) -- and has LINK_HANDSHAKE_TIMEOUT_S to finish.  At
+        most MAX_LINK_HANDSHAKES_PER_IP run from one address (the refusal text
+        otherwise) and MAX_LINK_HANDSHAKES in all: a newcomer past that evicts
+        the oldest, so a crowd of connections that never finish their handshake
+        delays a real daemon (milliseconds from hello to proof) at most briefly.
+        """
+        evicted: _TcpSession | None = None
+        with self._lock:
+            if session.kind in ("handshake", "link"):
+                return None
+            host = session.host
+            per_ip = self._handshakes_per_ip.get(host, 0)
+            if per_ip >= MAX_LINK_HANDSHAKES_PER_IP:
+                return (f"too many daemon handshakes from your address "
+                        f"(limit {MAX_LINK_HANDSHAKES_PER_IP})")
+            if len(self._handshakes) >= MAX_LINK_HANDSHAKES:
+                evicted = min(self._handshakes, key=self._handshakes.__getitem__)
+                self._count_out(evicted)
+            self._count_out(session)
+            session.kind = "handshake"
+            self._handshakes[session] = time.monotonic()
+            self._handshakes_per_ip[host] = per_ip + 1
+        if evicted is not None:
+            log.info("%r: evicted from its unfinished link handshake by a newer one", evicted)
+            with contextlib.suppress(OSError):
+                evicted.sock.shutdown(socket.SHUT_RDWR)  # its thread ends the handshake
+        return None
+
     def _become_link(self, session: _TcpSession) -> bool:
-        """Count ``session`` as a daemon link instead of a client; False if links are full."""
+        """Count ``session``'s finished handshake as a link; False if links are full.
+
+        Also False if the handshake was evicted meanwhile (it is being closed).
+        """
         with self._lock:
             if session.kind == "link":
                 return True
-            if self._links >= MAX_DAEMON_LINKS:
+            if session.kind != "handshake" or self._links >= MAX_DAEMON_LINKS:
                 return False
             self._count_out(session)
             session.kind = "link"

@@ -120,6 +120,18 @@ DEFAULT_MAX_CONNECTIONS_PER_IP = 64
 #: of clients cannot lock out peers; a LAN rarely has more daemons than this.
 MAX_DAEMON_LINKS = 64
 
+#: Link handshakes (a daemon's hello until it has proved the shared secret) at once,
+#: and from one address.  They are counted apart from links, so that connections
+#: that never finish a handshake can hold no link slot; a LAN's daemons handshake
+#: one at a time per peer, in milliseconds.  Past the total the oldest is evicted.
+MAX_LINK_HANDSHAKES = 16
+MAX_LINK_HANDSHAKES_PER_IP = 4
+
+#: Seconds from a daemon's hello to its proof of the shared secret, in all, before
+#: the handshake is dropped: a daemon answers at once (its dialer gives up on a
+#: welcome after 3 s), a connection trickling a byte at a time never finishes.
+LINK_HANDSHAKE_TIMEOUT_S = 5.0
+
 #: Connections over a client limit held at once while we wait to see whether they
 #: are daemons (which do not count as clients); any more are refused at once.
 MAX_PENDING_OVER_LIMIT = 16

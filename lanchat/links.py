@@ -30,7 +30,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -39,7 +39,14 @@ from lanchat.commands import Hello
 from lanchat.errors import LanchatError, RemoteProtocolError, ValidationError
 from lanchat.events import Event
 from lanchat.framing import LineDecoder
-from lanchat.limits import LINK_BURST, LINK_BYE_GRACE_S, LINK_MAX_RATE, SHUTDOWN_TIMEOUT_S
+from lanchat.limits import (
+    LINK_BURST,
+    LINK_BYE_GRACE_S,
+    LINK_HANDSHAKE_TIMEOUT_S,
+    LINK_MAX_RATE,
+    MAX_DAEMON_LINKS,
+    SHUTDOWN_TIMEOUT_S,
+)
 from lanchat.model import Message
 from lanchat.presence import NodeRoster
 from lanchat.ratelimit import TokenBucket
@@ -620,8 +627,16 @@ class LinkManager:
     # -- the hub's LinkAcceptor ----------------------------------------------------------
 
     def accept_link(self, sock: socket.socket, address: tuple[Any, ...], hello: Hello,
-                    decoder: LineDecoder, pending: Sequence[bytes] = ()) -> None:
-        """A daemon dialed us: handshake, then run the link on this (hub) thread."""
+                    decoder: LineDecoder, pending: Sequence[bytes] = (), *,
+                    admit: Callable[[], bool] | None = None) -> None:
+        """A daemon dialed us: handshake, then run the link on this (hub) thread.
+
+        The whole handshake -- to the dialer's proof of the shared secret --
+        has LINK_HANDSHAKE_TIMEOUT_S.  Only then does ``admit()`` (the hub's
+        count of links) take a link slot for it; False refuses the link.
+        """
+        deadline = time.monotonic() + LINK_HANDSHAKE_TIMEOUT_S
+        sock.settimeout(LINK_HANDSHAKE_TIMEOUT_S)  # also bounds our answers' sendall
         try:
             peer = linkproto.parse_peer_hello(hello.fields)
         except RemoteProtocolError as exc:
@@ -648,12 +663,20 @@ class LinkManager:
         rest = list(pending)
         if self.key is not None:
             assert welcome.nonce is not None
-            if not self._check_auth(sock, decoder, rest, welcome.nonce, peer.node):
-                log.warning("refused a link from %s (%s): wrong proof of the shared secret",
-                            address[0], peer.node)
+            failure = self._check_auth(sock, decoder, rest, welcome.nonce, peer.node,
+                                       deadline=deadline)
+            if failure is not None:
+                log.warning("refused a link from %s (%s): %s", address[0], peer.node, failure)
                 with contextlib.suppress(OSError):
-                    sock.sendall(linkproto.encode_error("auth-failed", "wrong proof"))
+                    sock.sendall(linkproto.encode_error("auth-failed", failure))
                 return
+        if admit is not None and not admit():
+            log.warning("refused a link from %s (%s): every link slot is taken (limit %d)",
+                        address[0], peer.node, MAX_DAEMON_LINKS)
+            with contextlib.suppress(OSError):
+                sock.sendall(linkproto.encode_error(
+                    "too-many-links", f"too many daemon links (limit {MAX_DAEMON_LINKS})"))
+            return
         link = Link(self, sock, decoder, peer, address=address, dialer=peer.node,
                     pending=rest)
         if not self._register(link, None):
@@ -662,24 +685,36 @@ class LinkManager:
         link.run()
 
     def _check_auth(self, sock: socket.socket, decoder: LineDecoder, rest: list[bytes],
-                    nonce: str, peer: str) -> bool:
+                    nonce: str, peer: str, *, deadline: float) -> str | None:
         """Read the dialer's first frame (from ``rest`` or the socket): a valid ``auth``?
 
-        Consumes that frame from ``rest``; frames after it stay there.
+        Returns None if so, else why not.  Gives up at ``deadline`` (monotonic),
+        however the bytes trickle in.  Consumes that frame from ``rest``; frames
+        after it stay there.
         """
         assert self.key is not None
-        sock.settimeout(CONNECT_TIMEOUT_S)
         try:
             while not rest:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return (f"no proof of the shared secret within "
+                            f"{LINK_HANDSHAKE_TIMEOUT_S:g} s")
+                sock.settimeout(left)
                 data = sock.recv(65536)
                 if not data:
-                    return False
+                    return "closed before proving the shared secret"
                 rest.extend(decoder.feed(data))
             frame = linkproto.parse_frame(rest.pop(0))
-        except (OSError, RemoteProtocolError, ValidationError):
-            return False
-        return isinstance(frame, linkproto.Auth) and auth.check_proof(
-            self.key, frame.proof, "link-hello", nonce, peer, self.me.node)
+        except TimeoutError:
+            return f"no proof of the shared secret within {LINK_HANDSHAKE_TIMEOUT_S:g} s"
+        except OSError as exc:
+            return f"connection lost during the handshake: {exc.strerror or exc}"
+        except (RemoteProtocolError, ValidationError) as exc:
+            return f"a bad frame instead of a proof: {exc}"
+        if isinstance(frame, linkproto.Auth) and auth.check_proof(
+                self.key, frame.proof, "link-hello", nonce, peer, self.me.node):
+            return None
+        return "wrong proof of the shared secret"
 
     # -- the table of links ----------------------------------------------------------------
 

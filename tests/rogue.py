@@ -80,10 +80,12 @@ class Rogue:
     """
 
     def __init__(self, port: int, identity: RogueIdentity | None = None, *,
-                 host: str = "127.0.0.1", timeout: float = 5.0,
+                 host: str = "127.0.0.1", timeout: float = 5.0, source: str | None = None,
                  sock: socket.socket | None = None) -> None:
         self.identity = identity or RogueIdentity()
-        self.sock = sock or socket.create_connection((host, port), timeout=timeout)
+        # ``source``: another loopback address (127.0.0.2, ...) plays another machine.
+        self.sock = sock or socket.create_connection(
+            (host, port), timeout=timeout, source_address=(source, 0) if source else None)
         self.buf = b""
         #: The challenge our hello carried (shared secret), and the daemon's welcome.
         self.nonce: str | None = None

@@ -17,9 +17,13 @@ from typing import Any
 
 from conftest import Daemon, TextUser, wait_for
 from rogue import Rogue, RogueIdentity, RogueListener
-from test_links import linked, logs, node_of, peer_state
+from test_auth import config_file, secret_file
+from test_links import linked, logs, node_of, peer_state, rpc
 
-from lanchat.limits import LINK_BYE_GRACE_S, SHUTDOWN_TIMEOUT_S
+from lanchat import auth
+from lanchat.limits import LINK_BYE_GRACE_S, LINK_HANDSHAKE_TIMEOUT_S, SHUTDOWN_TIMEOUT_S
+
+KEY = auth.load_secret("correct horse battery staple\n")  # what test_auth's secret file holds
 
 #: A timestamp no clock will reach (year ~3 billion): it cannot even be turned into a date.
 FAR_FUTURE = 1e17
@@ -156,3 +160,66 @@ def test_a_peer_cannot_speak_in_our_name_nor_move_our_clock(make_daemon: Any,
     assert [m["text"] for m in _history(d)] == ["mine, first", "mine, second"]
     # Said once for this link, not once per message.
     assert d.stderr().count("in our own name") == 1, logs(d)
+
+
+# -- case 6: unproven connections and the link slots --------------------------------------------
+
+def _trickler(port: int, i: int) -> Rogue | None:
+    """A connection that says it is a daemon, gets a welcome, and never finishes proving it."""
+    try:
+        r = Rogue(port, RogueIdentity(node=f"{i:04x}" * 4, key=KEY),
+                  source=f"127.0.0.{2 + i % 10}")
+        r.hello()
+        if r.frame(5.0).get("type") != "welcome":
+            r.close()
+            return None
+        r.raw(b'{"type":"auth"')  # the start of an answer that never ends
+    except (OSError, EOFError):
+        return None
+    return r
+
+
+def test_connections_that_never_prove_the_secret_cannot_lock_daemons_out(
+        make_daemon: Any, workdir: str, clients: list[Any]) -> None:
+    """70 sockets from ten addresses say hello and then trickle a byte every 2 s, and are
+    replaced when dropped (bounded: 400 connections, 20 s).  A real daemon with the secret
+    still links, and no trickler ever counts as a link."""
+    secret = secret_file(workdir)
+    a = make_daemon("--config", config_file(workdir, "a", secret_file=secret), "-v",
+                    subdir="a")
+    na = node_of(a)
+    tricklers: list[Rogue] = []
+    opened = 0
+
+    def top_up() -> None:
+        nonlocal opened
+        while len(tricklers) < 70 and opened < 400:
+            opened += 1
+            r = _trickler(a.port, opened)
+            if r is not None:
+                tricklers.append(r)
+                clients.append(r)
+
+    top_up()
+    b = make_daemon("--config", config_file(workdir, "b", secret_file=secret,
+                                            peers=[f"127.0.0.1:{a.port}"]), "-v", subdir="b")
+    nb = node_of(b)
+    t0 = time.monotonic()
+    linked_after: float | None = None
+    while time.monotonic() - t0 < 20.0:
+        for r in list(tricklers):
+            try:
+                r.raw(b" ")
+            except OSError:  # dropped by the daemon: an attacker comes straight back
+                tricklers.remove(r)
+        top_up()
+        if linked_after is None and linked(a, nb) and linked(b, na):
+            linked_after = time.monotonic() - t0
+            break
+        time.sleep(0.5)
+    print(f"\nlinked {linked_after} s after B started, {opened} trickling connections opened")
+    assert linked_after is not None, logs(a, b)
+    assert all(p["node"] == nb for p in rpc(a, "peers") if p["state"] == "linked")
+    # And each trickler is dropped within the handshake deadline.
+    for r in tricklers[:5]:
+        assert r.closed(LINK_HANDSHAKE_TIMEOUT_S + 3.0), "a handshake outlived its deadline"
