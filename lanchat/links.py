@@ -429,6 +429,11 @@ class _Dialer:
                 self._dial_once()
             except (OSError, RemoteProtocolError, ValidationError, LinkClosed) as exc:
                 log.debug("link to %s:%d: %s", self.host, self.port, exc)
+            except LanchatError as exc:  # the router timed out or closed: try again later
+                log.warning("link to %s:%d: %s", self.host, self.port, exc)
+            except Exception:  # a bug must not end the dialing of a peer for good
+                log.exception("link to %s:%d failed unexpectedly; dialing it again later",
+                              self.host, self.port)
             if self.stop.is_set():
                 return
             if time.monotonic() - started > STABLE_AFTER_S:
@@ -466,15 +471,22 @@ class _Dialer:
         self.node = welcome.node
         link = Link(manager, sock, decoder, welcome, address=(self.host, self.port),
                     dialer=manager.me.node, pending=pending)
-        if not manager._register(link, self):
+        try:
+            registered = manager._register(link, self)
+        except BaseException:
+            sock.close()
+            raise
+        if not registered:
             with contextlib.suppress(OSError):
                 sock.sendall(linkproto.encode_bye("duplicate link"))
             sock.close()
             self.manager._set_state(self, "linked" if manager.linked(welcome.node) else "down")
             return
         self.link = link
-        link.run()
-        self.link = None
+        try:
+            link.run()
+        finally:
+            self.link = None
 
     def _connect(self) -> socket.socket:
         """Connect to the first of the peer's addresses that answers."""
@@ -679,7 +691,13 @@ class LinkManager:
             return
         link = Link(self, sock, decoder, peer, address=address, dialer=peer.node,
                     pending=rest)
-        if not self._register(link, None):
+        try:
+            registered = self._register(link, None)
+        except LinkClosed as exc:
+            with contextlib.suppress(OSError):
+                sock.sendall(linkproto.encode_error("unavailable", str(exc)))
+            return
+        if not registered:
             sock.sendall(linkproto.encode_error("duplicate-link", "already linked to you"))
             return
         link.run()
@@ -723,7 +741,14 @@ class LinkManager:
             return node in self._links
 
     def _register(self, link: Link, dialer: _Dialer | None) -> bool:
-        """Make ``link`` the link to its node, unless a better one exists.  Attaches it."""
+        """Make ``link`` the link to its node, unless a better one exists.  Attaches it.
+
+        Returns False if a better link exists.  Raises :class:`LinkClosed` if
+        the router could not attach it (it timed out, or is closing): the link
+        is then forgotten again -- never left registered but not running, which
+        would show the node "linked" for ever and refuse every redial.  The
+        caller closes the socket.
+        """
         loser: Link | None = None
         with self._lock:
             if self._closed:
@@ -757,7 +782,14 @@ class LinkManager:
             self._peers[link.node] = peer
         if loser is not None:
             loser.close("replaced by a better link")
-        self.router.attach_link(link)
+        try:
+            self.router.attach_link(link)
+        except LanchatError as exc:
+            log.warning("could not attach the link to %s (%s): %s; closing it", link.name,
+                        link.node, exc)
+            # A late attach is undone by the detach queued behind it (the inbox is FIFO).
+            self._unregister(link, f"could not attach it: {exc}")
+            raise LinkClosed(f"could not attach the link: {exc}") from None
         log.info("linked to %s (%s) at %s", link.name, link.node, link.address[0])
         return True
 

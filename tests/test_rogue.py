@@ -223,3 +223,24 @@ def test_connections_that_never_prove_the_secret_cannot_lock_daemons_out(
     # And each trickler is dropped within the handshake deadline.
     for r in tricklers[:5]:
         assert r.closed(LINK_HANDSHAKE_TIMEOUT_S + 3.0), "a handshake outlived its deadline"
+
+
+# -- case 10: dead dialers ----------------------------------------------------------------------
+
+def test_a_static_peer_is_dialed_again_after_any_bad_frame(make_daemon: Any,
+                                                           clients: list[Any]) -> None:
+    """``ts: 10**400`` raised OverflowError on the dialer's thread, which only expected
+    protocol errors: the thread died and the static peer was never dialed again."""
+    listener = RogueListener()
+    clients.append(listener)
+    d = make_daemon("-v", "--peer", f"127.0.0.1:{listener.port}")
+    first = listener.accept()
+    first.answer()
+    first.msgs([first.message(1, "from beyond any float", ts=10**400)])
+    assert first.closed(5.0), "a frame that cannot be parsed ends the link"
+    second = listener.accept(timeout=10.0)  # dialed again, after the first backoff
+    second.answer()
+    wait_for("linked again", lambda: linked(d, second.node), 5.0, diag=lambda: logs(d))
+    second.msgs([second.message(1, "an honest first")])
+    wait_for("stored", lambda: any(m["text"] == "an honest first" for m in _history(d)), 5.0)
+    assert "Traceback" not in d.stderr(), logs(d)
