@@ -65,6 +65,23 @@ def neutralise(s: str) -> str:
     return _UNSAFE.sub(_visible, s)
 
 
+def _escaped(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
+def safe_json(text: str) -> str:
+    """JSON text (``json.dumps``) with every character a terminal could act on escaped.
+
+    ``json.dumps(..., ensure_ascii=False)`` escapes C0 controls but passes DEL,
+    C1 controls (``\\x9b`` is a CSI), bidi controls and lone surrogates through
+    raw.  Such characters can only stand inside JSON strings, where ``\\u009b``
+    means the same: the value is unchanged, the bytes are inert.
+    """
+    if _UNSAFE.search(text) is None:
+        return text
+    return _UNSAFE.sub(_escaped, text)
+
+
 def clock(ts: float, tz: _dt.tzinfo | None = None, *, fmt: str = "%H:%M:%S") -> str:
     """``HH:MM:SS`` of ``ts`` in local time (or in ``tz``); never raises for a finite ``ts``.
 

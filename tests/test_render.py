@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 
 from hypothesis import given
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 
 from lanchat.limits import FUTURE_SKEW_S
 from lanchat.model import Message, Presence
-from lanchat.render import format_message, format_presence, neutralise
+from lanchat.render import format_message, format_presence, neutralise, safe_json
 
 UTC = dt.UTC
 NODE = "0123456789abcdef"
@@ -110,3 +111,12 @@ def test_a_time_far_ahead_of_the_reader_is_marked() -> None:
     assert format_message(beyond, tz=UTC) == "[??:??:??] alice: x"
     assert re.fullmatch(r"\[future \?{4}-\?\?-\?\? \?\?:\?\?:\?\?\] alice: x",
                         format_message(beyond, now=now))
+
+
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(),
+                    lambda inner: st.lists(inner, max_size=3)
+                    | st.dictionaries(st.text(), inner, max_size=3), max_leaves=10))
+def test_safe_json_keeps_the_value_and_shows_no_control_character(value: object) -> None:
+    text = safe_json(json.dumps(value, ensure_ascii=False))
+    assert json.loads(text) == value
+    assert DANGEROUS.search(text) is None
