@@ -50,6 +50,7 @@ from lanchat.limits import (
 from lanchat.model import Message
 from lanchat.presence import NodeRoster
 from lanchat.ratelimit import TokenBucket
+from lanchat.render import neutralise
 from lanchat.wire import encode_auth
 
 log = logging.getLogger(__name__)
@@ -203,7 +204,8 @@ class Link:
                 elif isinstance(frame, linkproto.Ping):
                     self._queue_control(linkproto.encode_pong())
                 elif isinstance(frame, linkproto.Bye):
-                    reason = f"peer said bye ({frame.reason})"
+                    # The peer's words go to our log: inert, or they could forge log lines.
+                    reason = f"peer said bye ({neutralise(frame.reason)})"
                     return
         except TimeoutError:
             reason = f"no word for {linkproto.DEAD_AFTER_S:g} s"
@@ -524,7 +526,7 @@ class _Dialer:
                 if isinstance(frame, linkproto.Refused):
                     if frame.code == "same-node":
                         self.stop.set()
-                    raise LinkClosed(f"refused: {frame.message}")
+                    raise LinkClosed(f"refused: {neutralise(frame.message)}")
                 raise RemoteProtocolError("expected a welcome", code="bad-frame")
 
     def close(self) -> None:

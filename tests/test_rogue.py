@@ -244,3 +244,19 @@ def test_a_static_peer_is_dialed_again_after_any_bad_frame(make_daemon: Any,
     second.msgs([second.message(1, "an honest first")])
     wait_for("stored", lambda: any(m["text"] == "an honest first" for m in _history(d)), 5.0)
     assert "Traceback" not in d.stderr(), logs(d)
+
+
+# -- case 12: the smaller ones ------------------------------------------------------------------
+
+def test_a_peers_bye_reason_cannot_forge_log_lines(make_daemon: Any, clients: list[Any]) -> None:
+    d = make_daemon("-v")  # the "link closed: peer said bye (...)" line is at info
+    rogue = Rogue(d.port)
+    clients.append(rogue)
+    rogue.handshake()
+    rogue.bye("done\n2030-01-01 00:00:00 lanchatd[1] WARNING: forged\x1b[2J\r")
+    assert rogue.closed()
+    wait_for("the bye logged", lambda: "peer said bye" in d.stderr(), 5.0)
+    err = d.stderr()
+    assert "\x1b" not in err and "\r" not in err, logs(d)
+    assert not any(x.startswith("2030-01-01") for x in err.splitlines()), "a forged log line"
+    assert "peer said bye (done^J2030-01-01 00:00:00 lanchatd[1] WARNING: forged^[[2J^M)" in err
