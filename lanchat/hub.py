@@ -427,6 +427,10 @@ class _TcpSession(_Session):
     def _send(self, data: bytes) -> bool:
         if self.outbox.put(data):
             return True
+        if self.outbox.close_reason is not None:
+            # Closing already (a quit, a goodbye, a cut): what is still on its way is
+            # dropped, and its leave -- queued by the reader -- says why it went.
+            return True
         self._overflowed("too slow: your queue of unsent messages was full")
         return False
 
