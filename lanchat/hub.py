@@ -85,13 +85,19 @@ from lanchat.limits import (
     MAX_LINK_HANDSHAKES_PER_IP,
     MAX_NICK_ATTEMPTS,
     MAX_PENDING_OVER_LIMIT,
+    MAX_TRACKED_SOURCES,
     MAX_UDP_CLIENTS,
     MAX_UDP_CLIENTS_PER_IP,
     NICK_TIMEOUT_S,
+    SOURCE_RATE_FACTOR,
     UDP_IDLE_TIMEOUT_S,
+    UDP_UNREGISTERED_BURST,
+    UDP_UNREGISTERED_RATE,
+    UDP_UNREGISTERED_TOTAL_BURST,
+    UDP_UNREGISTERED_TOTAL_RATE,
 )
 from lanchat.model import DEFAULT_ROOM, Draft, Message, User
-from lanchat.ratelimit import ConnectionLimiter, Verdict
+from lanchat.ratelimit import ConnectionLimiter, SourceBuckets, TokenBucket, Verdict
 from lanchat.stream import RECV_BYTES, RECV_SMALL_BYTES, SEND_FLAGS, Outbox
 
 log = logging.getLogger(__name__)
@@ -270,25 +276,31 @@ class _Session:
         return limiter
 
     def admit_message(self, now: float, ref: Any = None) -> bool:
+        """The connection's own limit, then its address's (shared by all its connections)."""
         limiter = self._limits()
         if limiter.rate == 0:  # --max-rate 0: the benchmarks' fast path
             return True
-        return self._admitted(limiter.message(now), limiter.rate, "messages", "message dropped",
+        verdict = limiter.message(now)
+        if verdict is Verdict.OK and not self.hub.source_allows(self.host, now):
+            return self._admitted(limiter.message_refused(now),
+                                  limiter.rate * SOURCE_RATE_FACTOR, "messages per second",
+                                  "message dropped", ref, who=" from your address")
+        return self._admitted(verdict, limiter.rate, "messages per second", "message dropped",
                               ref)
 
     def admit_command(self, now: float) -> bool:
         limiter = self._limits()
-        return self._admitted(limiter.command(now), limiter.command_rate, "commands",
+        return self._admitted(limiter.command(now), limiter.command_rate, "commands per second",
                               "command ignored", None)
 
     def _admitted(self, verdict: Verdict, rate: float, what: str, consequence: str,
-                  ref: Any) -> bool:
+                  ref: Any, *, who: str = "") -> bool:
         """Turn a bucket's verdict into an answer: pass, a notice (or error frame), or a kick."""
         if verdict is Verdict.OK:
             return True
         if verdict is Verdict.KICK:
-            raise _Flooding(f"flooding: more than {rate * FLOOD_FACTOR:g} {what} per second")
-        text = f"rate limit: at most {rate:g} {what} per second; {consequence}"
+            raise _Flooding(f"flooding: more than {rate * FLOOD_FACTOR:g} {what}")
+        text = f"rate limit: at most {rate:g} {what}{who}; {consequence}"
         # A JSON client hears about every dropped frame (with its ref, so it knows
         # which); a person gets one line a second, not one per dropped line.
         if self.mode == "json":
@@ -741,6 +753,11 @@ class _UdpEndpoint:
         self.sock = sock
         self.clients: dict[tuple[Any, ...], _UdpSession] = {}  # UDP thread only
         self._per_ip: dict[str, int] = {}  # UDP thread only: registered clients per host
+        # UDP thread only: how many answers an address that is not a client may get.
+        self._strangers = SourceBuckets(UDP_UNREGISTERED_RATE, UDP_UNREGISTERED_BURST,
+                                        max_sources=MAX_TRACKED_SOURCES)
+        self._strangers_total = TokenBucket(UDP_UNREGISTERED_TOTAL_RATE,
+                                            UDP_UNREGISTERED_TOTAL_BURST)
         self.thread = threading.Thread(target=self.run, name="hub-udp", daemon=False)
         self._closing = False
 
@@ -792,10 +809,12 @@ class _UdpEndpoint:
         return None if next_due is None else max(0.0, next_due - now)
 
     def _datagram(self, data: bytes, address: tuple[Any, ...]) -> None:
+        session = self.clients.get(address)
+        if session is None and not self._may_answer(address):
+            return  # an unproven address gets a bounded number of answers, then silence
         if len(data) > MAX_DATAGRAM_BYTES:
             self.send(textmode.error(f"datagram larger than {MAX_DATAGRAM_BYTES} bytes"), address)
             return
-        session = self.clients.get(address)
         try:
             lines = decode_utf8(data).splitlines() or [""]
         except RemoteProtocolError as exc:
@@ -823,6 +842,16 @@ class _UdpEndpoint:
                 self._forget(address, "flooding")
                 self.send(textmode.error(f"{exc} -- disconnecting"), address)
                 return
+
+    def _may_answer(self, address: tuple[Any, ...]) -> bool:
+        """May a datagram from an address that is not a client get an answer (or a join)?
+
+        Its source may be forged -- a victim's -- so answers to strangers are
+        rate-limited per address and in all (UDP_UNREGISTERED_*).
+        """
+        now = time.monotonic()
+        return (self._strangers.take(_host_of(address), now)
+                and self._strangers_total.take(now))
 
     def _register(self, nick: str, address: tuple[Any, ...]) -> None:
         if self.hub.key is not None and not self.hub.plain_clients:
@@ -914,6 +943,11 @@ class Hub:
         self._handshakes: dict[_TcpSession, float] = {}
         self._handshakes_per_ip: dict[str, int] = {}
         self._counter = itertools.count(1)
+        # Message buckets per source address, shared by all its connections (TCP and
+        # UDP).  guards: _sources (its own lock: taken once per message, by any reader)
+        self._sources_lock = threading.Lock()
+        self._sources = SourceBuckets(self.max_rate * SOURCE_RATE_FACTOR,
+                                      max_sources=MAX_TRACKED_SOURCES)
         family = socket.AF_INET6 if ":" in bind else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -945,6 +979,14 @@ class Hub:
     def client_count(self) -> int:
         with self._lock:
             return len(self._sessions)
+
+    def source_allows(self, host: str, now: float) -> bool:
+        """Take a message token from ``host``'s bucket: SOURCE_RATE_FACTOR x ``max_rate``."""
+        rate = self.max_rate * SOURCE_RATE_FACTOR
+        with self._sources_lock:
+            if self._sources.rate != rate:  # max_rate reloaded
+                self._sources = SourceBuckets(rate, max_sources=MAX_TRACKED_SOURCES)
+            return self._sources.take(host, now)
 
     def set_max_rate(self, rate: float) -> None:
         """Change the per-connection message rate (0 = unlimited) for every connection."""

@@ -106,6 +106,27 @@ COMMAND_BURST = 200.0
 LINK_MAX_RATE = 10_000.0
 LINK_BURST = 100_000.0
 
+#: Messages per second from one source address, over all its hub connections (TCP and
+#: UDP), as a multiple of ``max_rate``, with MESSAGE_BURST_S of that as its burst: a host
+#: may have a few people typing at once, but a client that reconnects gets no fresh
+#: burst from it (120 reconnects in 3 s pushed 4,800 lines, a burst each).
+SOURCE_RATE_FACTOR = 4.0
+
+#: Source addresses whose message buckets are kept at once; the least recently seen is
+#: forgotten first.  A LAN has far fewer hosts; each costs a few hundred bytes.
+MAX_TRACKED_SOURCES = 4096
+
+#: Answers (greeting, welcome, refusals) the UDP endpoint sends to addresses that are
+#: not registered clients: per second per source address, and in all, with bursts.
+#: A datagram's source address is not proven, so without a bound spoofed datagrams
+#: make us send -- and register for UDP_IDLE_TIMEOUT_S of room traffic -- any
+#: address they name, as often as they like.
+#: In all: a room's worth of people (re)joining at once, after an outage, is let in.
+UDP_UNREGISTERED_RATE = 1.0
+UDP_UNREGISTERED_BURST = 5.0
+UDP_UNREGISTERED_TOTAL_RATE = 100.0
+UDP_UNREGISTERED_TOTAL_BURST = 400.0
+
 # -- connection limits ------------------------------------------------------------------
 
 #: Hub connections (TCP chat clients) at once unless ``max_connections`` says
