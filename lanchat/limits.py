@@ -33,6 +33,13 @@ MAX_RPC_LINE_BYTES = 1024 * 1024
 #: a second on a LAN, a stalled one never does.
 MAX_OUTBOX_BYTES = 512 * 1024
 
+#: Bytes of one control-socket batch's reply: JSON-RPC answers a batch in one array, so
+#: it is held whole; past this, the batch's remaining requests are answered with a
+#: ``limit`` error instead of run.  A 1 MiB batch of ``history`` calls would otherwise
+#: build thousands of pages (gigabytes) at once.  Half an outbox: the reply, with the
+#: response that passed the bound, still fits in the connection's queue.
+MAX_RPC_BATCH_REPLY_BYTES = MAX_OUTBOX_BYTES // 2
+
 #: Seconds a hub writer may stay blocked in one send before the client is cut
 #: off as stalled (its kernel buffer is full and it is not reading).
 SEND_STALL_TIMEOUT_S = 10.0
