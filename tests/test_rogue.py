@@ -21,7 +21,12 @@ from test_auth import config_file, secret_file
 from test_links import linked, logs, node_of, peer_state, rpc
 
 from lanchat import auth
-from lanchat.limits import LINK_BYE_GRACE_S, LINK_HANDSHAKE_TIMEOUT_S, SHUTDOWN_TIMEOUT_S
+from lanchat.limits import (
+    LINK_BYE_GRACE_S,
+    LINK_HANDSHAKE_TIMEOUT_S,
+    MAX_LINK_HANDSHAKES_PER_IP,
+    SHUTDOWN_TIMEOUT_S,
+)
 
 KEY = auth.load_secret("correct horse battery staple\n")  # what test_auth's secret file holds
 
@@ -183,7 +188,7 @@ def test_connections_that_never_prove_the_secret_cannot_lock_daemons_out(
         make_daemon: Any, workdir: str, clients: list[Any]) -> None:
     """70 sockets from ten addresses say hello and then trickle a byte every 2 s, and are
     replaced when dropped (bounded: 400 connections, 20 s).  A real daemon with the secret
-    still links, and no trickler ever counts as a link."""
+    still links at once, and no trickler ever counts as a link."""
     secret = secret_file(workdir)
     a = make_daemon("--config", config_file(workdir, "a", secret_file=secret), "-v",
                     subdir="a")
@@ -219,6 +224,8 @@ def test_connections_that_never_prove_the_secret_cannot_lock_daemons_out(
         time.sleep(0.5)
     print(f"\nlinked {linked_after} s after B started, {opened} trickling connections opened")
     assert linked_after is not None, logs(a, b)
+    # At once: a newcomer evicts the oldest unfinished handshake, not waits for it to expire.
+    assert linked_after < LINK_HANDSHAKE_TIMEOUT_S, logs(a, b)
     assert all(p["node"] == nb for p in rpc(a, "peers") if p["state"] == "linked")
     # And each trickler is dropped within the handshake deadline.
     for r in tricklers[:5]:
@@ -260,3 +267,39 @@ def test_a_peers_bye_reason_cannot_forge_log_lines(make_daemon: Any, clients: li
     assert "\x1b" not in err and "\r" not in err, logs(d)
     assert not any(x.startswith("2030-01-01") for x in err.splitlines()), "a forged log line"
     assert "peer said bye (done^J2030-01-01 00:00:00 lanchatd[1] WARNING: forged^[[2J^M)" in err
+
+
+def test_a_handshake_has_an_overall_deadline_and_a_per_address_bound(
+        make_daemon: Any, workdir: str, clients: list[Any]) -> None:
+    d = make_daemon("--config", config_file(workdir, "d", secret_file=secret_file(workdir)),
+                    "-v")
+    # One connection trickling its proof a byte a second, with nobody else pushing it out.
+    slow = _trickler(d.port, 1)
+    assert slow is not None
+    clients.append(slow)
+    t0 = time.monotonic()
+    closed = False
+    while not closed and time.monotonic() - t0 < LINK_HANDSHAKE_TIMEOUT_S + 5:
+        try:
+            slow.raw(b" ")
+            closed = slow.closed(1.0)
+        except OSError:
+            closed = True
+    took = time.monotonic() - t0
+    print(f"\na trickling handshake was dropped after {took:.1f} s")
+    assert closed and took < LINK_HANDSHAKE_TIMEOUT_S + 2, logs(d)
+    assert "no proof of the shared secret within" in d.stderr(), logs(d)
+    # From one address, at most MAX_LINK_HANDSHAKES_PER_IP unfinished handshakes at once.
+    held = []
+    for i in range(MAX_LINK_HANDSHAKES_PER_IP):
+        r = Rogue(d.port, RogueIdentity(node=f"{i + 0x100:04x}" * 4, key=KEY),
+                  source="127.0.0.9")
+        clients.append(r)
+        r.hello()
+        assert r.frame().get("type") == "welcome"
+        held.append(r)
+    extra = Rogue(d.port, RogueIdentity(node="ee" * 8, key=KEY), source="127.0.0.9")
+    clients.append(extra)
+    extra.hello()
+    refusal = extra.until("error")
+    assert refusal["code"] == "too-many-handshakes" and refusal["fatal"], refusal
