@@ -3,7 +3,8 @@
 Data goes to stdout, messages and errors to stderr, one line each, no
 tracebacks.  Every piece of network text printed for humans goes through
 :mod:`lanchat.render` (escape sequences become visible and inert); ``--json``
-prints the daemon's objects unchanged.
+prints the daemon's objects unchanged, with every control character a JSON
+escape (:func:`lanchat.render.safe_json`).
 
 Exit status (documented in ``lanchat(1)``): 0 ok, 1 error (a JSON-RPC error
 prints its message), 2 usage, 3 daemon not reachable, 4 permission denied on
@@ -38,7 +39,7 @@ from lanchat.errors import LanchatError, ValidationError
 from lanchat.fields import validate_text
 from lanchat.limits import MAX_TEXT_BYTES
 from lanchat.paths import socket_path
-from lanchat.render import format_message, format_presence, neutralise
+from lanchat.render import format_message, format_presence, neutralise, safe_json
 
 TYPE_CHECKING = False  # not typing's: importing typing costs `lanchat send` ~3 ms (HACKING.md)
 if TYPE_CHECKING:
@@ -72,7 +73,8 @@ def _out(line: str) -> None:
 
 
 def _json(obj: Any) -> None:
-    _out(json.dumps(obj, ensure_ascii=False))
+    # The daemon's values unchanged, but never a raw C1 or bidi control for the terminal.
+    _out(safe_json(json.dumps(obj, ensure_ascii=False)))
 
 
 def _err(line: str) -> None:
@@ -104,7 +106,8 @@ def _print_item(method: str, params: Any, *, show_room: bool) -> None:
 
     try:
         if method == "message":
-            _out(format_message(Message.from_dict(params), show_room=show_room))
+            _out(format_message(Message.from_dict(params), show_room=show_room,
+                                now=time.time()))
         elif method == "presence":
             _out(format_presence(Presence.from_dict(params), timestamp=True))
     except ValidationError as exc:

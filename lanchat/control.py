@@ -43,6 +43,7 @@ import stat
 import struct
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -604,8 +605,12 @@ class ControlServer:
         with self._lock:
             return len(self._conns)
 
-    def close(self) -> None:
-        """Stop serving: close the listener, disconnect clients, join threads, remove the file."""
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop serving: close the listener, disconnect clients, join threads, remove the file.
+
+        Joins for ``timeout`` seconds in all.
+        """
+        deadline = time.monotonic() + timeout
         with self._lock:
             if self._closed:
                 return
@@ -617,7 +622,7 @@ class ControlServer:
             if self._wake_w is not None:
                 self._wake_w.close()
             if self._accept_thread is not None:
-                self._accept_thread.join(5.0)
+                self._accept_thread.join(max(0.0, deadline - time.monotonic()))
             if self._wake_r is not None:
                 self._wake_r.close()
             self._listener.close()
@@ -625,7 +630,7 @@ class ControlServer:
             with contextlib.suppress(OSError):
                 conn.sock.shutdown(socket.SHUT_RDWR)  # wakes its reader thread
         for conn in conns:
-            conn.thread.join(5.0)
+            conn.thread.join(max(0.0, deadline - time.monotonic()))
         if self._owns_path and self._inode is not None:
             # Only remove the file if it is still ours, not a successor's socket.
             with contextlib.suppress(OSError):

@@ -30,7 +30,7 @@ from lanchat import __version__, auth, config, sdlisten, sdnotify
 from lanchat.control import AlreadyRunning, ControlServer
 from lanchat.errors import ConfigError, LanchatError
 from lanchat.hub import Hub
-from lanchat.limits import LINE_TIMEOUT_S, NICK_TIMEOUT_S
+from lanchat.limits import LINE_TIMEOUT_S, NICK_TIMEOUT_S, SHUTDOWN_TIMEOUT_S
 from lanchat.links import Identity, LinkManager
 from lanchat.logsetup import set_level, setup_logging
 from lanchat.memtrim import Trimmer
@@ -149,20 +149,33 @@ class Daemon:
         self.discovery.start()
 
     def close(self) -> None:
-        """Orderly shutdown: mDNS goodbye, links, clients, then the store.  Idempotent."""
+        """Orderly shutdown: mDNS goodbye, links, clients, then the store.  Idempotent.
+
+        Done within SHUTDOWN_TIMEOUT_S whatever peers and clients do: each step
+        gets what is left of it.  The store is closed only once the router --
+        its one writer -- has stopped.
+        """
+        deadline = time.monotonic() + SHUTDOWN_TIMEOUT_S
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
         if self.discovery is not None:
             self.discovery.close()
         if self.links is not None:
-            self.links.close()
+            self.links.close(timeout=left())
         if self.hub is not None:
-            self.hub.close()
+            self.hub.close(timeout=max(0.0, left() - 1.0))  # + 1 s to force the stuck
         if self.control is not None:
-            self.control.close()
+            self.control.close(timeout=left())
         if self._control_sock is not None:  # start() failed before the server took it
             self._control_sock.close()
             self._control_sock = None
-        self.router.close()
-        self.store.close()
+        if self.router.close(timeout=left()):
+            self.store.close()
+        else:
+            log.error("the router did not stop within %g s; leaving the history as it is "
+                      "(every acknowledged message is already on disk)", SHUTDOWN_TIMEOUT_S)
 
     def reload(self, new: config.Config) -> None:
         """Apply what can change without a restart (SIGHUP); log what cannot.
@@ -398,7 +411,26 @@ def main(argv: list[str] | None = None) -> int:
         signal.set_wakeup_fd(-1)
         wake_r.close()
         wake_w.close()
+    _exit_despite_stragglers()
     return 0
+
+
+def _exit_despite_stragglers() -> None:
+    """Exit now if a thread outlived the shutdown: the interpreter would wait for it.
+
+    Every piece was given its share of SHUTDOWN_TIMEOUT_S and the history is
+    closed; a thread still running is stuck on a peer (a bug, logged with its
+    name), and must not keep the process -- and systemd's stop -- waiting.
+    """
+    main = threading.current_thread()
+    late = [t.name for t in threading.enumerate()
+            if t is not main and t.is_alive() and not t.daemon]
+    if late:
+        log.error("threads still running after shutdown: %s; exiting anyway", ", ".join(late))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

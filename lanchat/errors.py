@@ -77,6 +77,16 @@ class ClosedError(LanchatError):
     code = "closed"
 
 
+class RouterTimeout(LanchatError):
+    """The router did not take and answer a hand-off in time (overloaded or wedged).
+
+    The caller gives up on that request -- a link or connection ends -- rather
+    than wait for ever on a thread nobody can wake.
+    """
+
+    code = "timeout"
+
+
 class BrokenError(LanchatError):
     """The resource was closed by something else (peer vanished, socket reset)."""
 

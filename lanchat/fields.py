@@ -102,7 +102,20 @@ def validate_host(host: object) -> str:
 
 
 def validate_ts(ts: object) -> float:
-    if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts):
+    """Return ``ts`` as a float if it is a finite, non-negative number of seconds.
+
+    Any finite value is accepted, however far in the future: showing and
+    keeping such a claim safely is the renderer's and the store's business.  An
+    integer too large for a float (``10**400``) is not finite here, and is a
+    ValidationError rather than the OverflowError ``math.isfinite`` raises.
+    """
+    if isinstance(ts, bool) or not isinstance(ts, int | float):
+        raise ValidationError("ts must be a finite number of seconds", code="bad-ts")
+    try:
+        finite = math.isfinite(ts)
+    except OverflowError:
+        finite = False
+    if not finite:
         raise ValidationError("ts must be a finite number of seconds", code="bad-ts")
     if ts < 0:
         raise ValidationError("ts must not be negative", code="bad-ts")

@@ -81,15 +81,23 @@ from lanchat.limits import (
     MAX_DAEMON_LINKS,
     MAX_DATAGRAM_BYTES,
     MAX_FRAME_BYTES,
+    MAX_LINK_HANDSHAKES,
+    MAX_LINK_HANDSHAKES_PER_IP,
     MAX_NICK_ATTEMPTS,
     MAX_PENDING_OVER_LIMIT,
+    MAX_TRACKED_SOURCES,
     MAX_UDP_CLIENTS,
     MAX_UDP_CLIENTS_PER_IP,
     NICK_TIMEOUT_S,
+    SOURCE_RATE_FACTOR,
     UDP_IDLE_TIMEOUT_S,
+    UDP_UNREGISTERED_BURST,
+    UDP_UNREGISTERED_RATE,
+    UDP_UNREGISTERED_TOTAL_BURST,
+    UDP_UNREGISTERED_TOTAL_RATE,
 )
 from lanchat.model import DEFAULT_ROOM, Draft, Message, User
-from lanchat.ratelimit import ConnectionLimiter, Verdict
+from lanchat.ratelimit import ConnectionLimiter, SourceBuckets, TokenBucket, Verdict
 from lanchat.stream import RECV_BYTES, RECV_SMALL_BYTES, SEND_FLAGS, Outbox
 
 log = logging.getLogger(__name__)
@@ -134,13 +142,26 @@ class LinkAcceptor(Protocol):
     """Takes over a connection whose hello says it is another daemon (see :mod:`lanchat.links`)."""
 
     def accept_link(self, sock: socket.socket, address: tuple[Any, ...], hello: Hello,
-                    decoder: LineDecoder, pending: list[bytes]) -> None:
+                    decoder: LineDecoder, pending: list[bytes], *,
+                    admit: Callable[[], bool]) -> None:
         """Run the link on the calling thread; return when it ends.  Owns ``sock``.
 
         ``pending`` holds frames that arrived right behind the hello (already
-        split off ``decoder``), to be read before anything else.
+        split off ``decoder``), to be read before anything else.  Once the
+        handshake has proved the peer (the shared secret), ``admit()`` counts
+        the connection as a link: False means every link slot is taken (or the
+        handshake was evicted), and the link must be refused.
         """
         ...
+
+
+def _text_message(msg: Message) -> bytes:
+    """A message's text-mode lines, marked if it claims a time far ahead of our clock.
+
+    Module level, so that :meth:`Event.encoded` renders it once for every text
+    client (the cache is keyed by the encoder).
+    """
+    return textmode.encode_message(msg, now=time.time())
 
 
 def _host_of(address: tuple[Any, ...]) -> str:
@@ -202,7 +223,7 @@ class _Session:
 
     def deliver(self, events: Sequence[Event]) -> bool:
         json_mode = self.mode == "json"
-        enc_m = wire.encode_message if json_mode else textmode.encode_message
+        enc_m = wire.encode_message if json_mode else _text_message
         enc_p = wire.encode_presence if json_mode else textmode.encode_presence
         if len(events) == 1:
             e = events[0]
@@ -255,25 +276,31 @@ class _Session:
         return limiter
 
     def admit_message(self, now: float, ref: Any = None) -> bool:
+        """The connection's own limit, then its address's (shared by all its connections)."""
         limiter = self._limits()
         if limiter.rate == 0:  # --max-rate 0: the benchmarks' fast path
             return True
-        return self._admitted(limiter.message(now), limiter.rate, "messages", "message dropped",
+        verdict = limiter.message(now)
+        if verdict is Verdict.OK and not self.hub.source_allows(self.host, now):
+            return self._admitted(limiter.message_refused(now),
+                                  limiter.rate * SOURCE_RATE_FACTOR, "messages per second",
+                                  "message dropped", ref, who=" from your address")
+        return self._admitted(verdict, limiter.rate, "messages per second", "message dropped",
                               ref)
 
     def admit_command(self, now: float) -> bool:
         limiter = self._limits()
-        return self._admitted(limiter.command(now), limiter.command_rate, "commands",
+        return self._admitted(limiter.command(now), limiter.command_rate, "commands per second",
                               "command ignored", None)
 
     def _admitted(self, verdict: Verdict, rate: float, what: str, consequence: str,
-                  ref: Any) -> bool:
+                  ref: Any, *, who: str = "") -> bool:
         """Turn a bucket's verdict into an answer: pass, a notice (or error frame), or a kick."""
         if verdict is Verdict.OK:
             return True
         if verdict is Verdict.KICK:
-            raise _Flooding(f"flooding: more than {rate * FLOOD_FACTOR:g} {what} per second")
-        text = f"rate limit: at most {rate:g} {what} per second; {consequence}"
+            raise _Flooding(f"flooding: more than {rate * FLOOD_FACTOR:g} {what}")
+        text = f"rate limit: at most {rate:g} {what}{who}; {consequence}"
         # A JSON client hears about every dropped frame (with its ref, so it knows
         # which); a person gets one line a second, not one per dropped line.
         if self.mode == "json":
@@ -389,8 +416,9 @@ class _TcpSession(_Session):
 
     ``kind`` is how the hub counts it (guarded by the hub's lock): ``"client"``,
     ``"pending"`` (over a client limit: it may only be a daemon, and is told
-    ``refusal`` otherwise), ``"link"`` once handed to the link acceptor, and
-    ``None`` once forgotten.
+    ``refusal`` otherwise), ``"handshake"`` once handed to the link acceptor,
+    ``"link"`` once that proved it a daemon we accept, and ``None`` once
+    forgotten (or evicted from its handshake).
     """
 
     def __init__(self, hub: Hub, sock: socket.socket, address: tuple[Any, ...],
@@ -410,6 +438,10 @@ class _TcpSession(_Session):
 
     def _send(self, data: bytes) -> bool:
         if self.outbox.put(data):
+            return True
+        if self.outbox.close_reason is not None:
+            # Closing already (a quit, a goodbye, a cut): what is still on its way is
+            # dropped, and its leave -- queued by the reader -- says why it went.
             return True
         self._overflowed("too slow: your queue of unsent messages was full")
         return False
@@ -623,12 +655,13 @@ class _TcpSession(_Session):
                     wire.encode_error("no-links", "this hub does not accept daemon links",
                                       fatal=True), "no links")
                 return
-            if not self.hub._become_link(self):
-                self.outbox.close_with(wire.encode_error(
-                    "too-many-links", f"too many daemon links (limit {MAX_DAEMON_LINKS})",
-                    fatal=True), "too many links")
+            refusal = self.hub._become_handshake(self)
+            if refusal is not None:
+                self.outbox.close_with(wire.encode_error("too-many-handshakes", refusal,
+                                                         fatal=True), "too many handshakes")
                 return
-            acceptor.accept_link(self.sock, self.address, hello, self.decoder, pending)
+            acceptor.accept_link(self.sock, self.address, hello, self.decoder, pending,
+                                 admit=functools.partial(self.hub._become_link, self))
             return
         if hello.room is not None:
             self.room = hello.room
@@ -720,6 +753,11 @@ class _UdpEndpoint:
         self.sock = sock
         self.clients: dict[tuple[Any, ...], _UdpSession] = {}  # UDP thread only
         self._per_ip: dict[str, int] = {}  # UDP thread only: registered clients per host
+        # UDP thread only: how many answers an address that is not a client may get.
+        self._strangers = SourceBuckets(UDP_UNREGISTERED_RATE, UDP_UNREGISTERED_BURST,
+                                        max_sources=MAX_TRACKED_SOURCES)
+        self._strangers_total = TokenBucket(UDP_UNREGISTERED_TOTAL_RATE,
+                                            UDP_UNREGISTERED_TOTAL_BURST)
         self.thread = threading.Thread(target=self.run, name="hub-udp", daemon=False)
         self._closing = False
 
@@ -771,10 +809,12 @@ class _UdpEndpoint:
         return None if next_due is None else max(0.0, next_due - now)
 
     def _datagram(self, data: bytes, address: tuple[Any, ...]) -> None:
+        session = self.clients.get(address)
+        if session is None and not self._may_answer(address):
+            return  # an unproven address gets a bounded number of answers, then silence
         if len(data) > MAX_DATAGRAM_BYTES:
             self.send(textmode.error(f"datagram larger than {MAX_DATAGRAM_BYTES} bytes"), address)
             return
-        session = self.clients.get(address)
         try:
             lines = decode_utf8(data).splitlines() or [""]
         except RemoteProtocolError as exc:
@@ -802,6 +842,16 @@ class _UdpEndpoint:
                 self._forget(address, "flooding")
                 self.send(textmode.error(f"{exc} -- disconnecting"), address)
                 return
+
+    def _may_answer(self, address: tuple[Any, ...]) -> bool:
+        """May a datagram from an address that is not a client get an answer (or a join)?
+
+        Its source may be forged -- a victim's -- so answers to strangers are
+        rate-limited per address and in all (UDP_UNREGISTERED_*).
+        """
+        now = time.monotonic()
+        return (self._strangers.take(_host_of(address), now)
+                and self._strangers_total.take(now))
 
     def _register(self, nick: str, address: tuple[Any, ...]) -> None:
         if self.hub.key is not None and not self.hub.plain_clients:
@@ -889,7 +939,15 @@ class Hub:
         self._per_ip: dict[str, int] = {}   # "client" sessions per source address
         self._pending = 0                   # sessions of kind "pending"
         self._links = 0                     # sessions of kind "link"
+        # sessions of kind "handshake" (when each began, monotonic), and per address
+        self._handshakes: dict[_TcpSession, float] = {}
+        self._handshakes_per_ip: dict[str, int] = {}
         self._counter = itertools.count(1)
+        # Message buckets per source address, shared by all its connections (TCP and
+        # UDP).  guards: _sources (its own lock: taken once per message, by any reader)
+        self._sources_lock = threading.Lock()
+        self._sources = SourceBuckets(self.max_rate * SOURCE_RATE_FACTOR,
+                                      max_sources=MAX_TRACKED_SOURCES)
         family = socket.AF_INET6 if ":" in bind else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -921,6 +979,14 @@ class Hub:
     def client_count(self) -> int:
         with self._lock:
             return len(self._sessions)
+
+    def source_allows(self, host: str, now: float) -> bool:
+        """Take a message token from ``host``'s bucket: SOURCE_RATE_FACTOR x ``max_rate``."""
+        rate = self.max_rate * SOURCE_RATE_FACTOR
+        with self._sources_lock:
+            if self._sources.rate != rate:  # max_rate reloaded
+                self._sources = SourceBuckets(rate, max_sources=MAX_TRACKED_SOURCES)
+            return self._sources.take(host, now)
 
     def set_max_rate(self, rate: float) -> None:
         """Change the per-connection message rate (0 = unlimited) for every connection."""
@@ -1006,14 +1072,56 @@ class Hub:
             self._pending -= 1
         elif session.kind == "link":
             self._links -= 1
+        elif session.kind == "handshake":
+            del self._handshakes[session]
+            left = self._handshakes_per_ip[session.host] - 1
+            if left > 0:
+                self._handshakes_per_ip[session.host] = left
+            else:
+                del self._handshakes_per_ip[session.host]
         session.kind = None
 
+    def _become_handshake(self, session: _TcpSession) -> str | None:
+        """``session`` says it is a daemon: count it as a link handshake, not as a client.
+
+        A handshake holds no link slot -- only a proven daemon does (see
+        :meth:`_become_link`) -- and has LINK_HANDSHAKE_TIMEOUT_S to finish.  At
+        most MAX_LINK_HANDSHAKES_PER_IP run from one address (the refusal text
+        otherwise) and MAX_LINK_HANDSHAKES in all: a newcomer past that evicts
+        the oldest, so a crowd of connections that never finish their handshake
+        delays a real daemon (milliseconds from hello to proof) at most briefly.
+        """
+        evicted: _TcpSession | None = None
+        with self._lock:
+            if session.kind in ("handshake", "link"):
+                return None
+            host = session.host
+            per_ip = self._handshakes_per_ip.get(host, 0)
+            if per_ip >= MAX_LINK_HANDSHAKES_PER_IP:
+                return (f"too many daemon handshakes from your address "
+                        f"(limit {MAX_LINK_HANDSHAKES_PER_IP})")
+            if len(self._handshakes) >= MAX_LINK_HANDSHAKES:
+                evicted = min(self._handshakes, key=self._handshakes.__getitem__)
+                self._count_out(evicted)
+            self._count_out(session)
+            session.kind = "handshake"
+            self._handshakes[session] = time.monotonic()
+            self._handshakes_per_ip[host] = per_ip + 1
+        if evicted is not None:
+            log.info("%r: evicted from its unfinished link handshake by a newer one", evicted)
+            with contextlib.suppress(OSError):
+                evicted.sock.shutdown(socket.SHUT_RDWR)  # its thread ends the handshake
+        return None
+
     def _become_link(self, session: _TcpSession) -> bool:
-        """Count ``session`` as a daemon link instead of a client; False if links are full."""
+        """Count ``session``'s finished handshake as a link; False if links are full.
+
+        Also False if the handshake was evicted meanwhile (it is being closed).
+        """
         with self._lock:
             if session.kind == "link":
                 return True
-            if self._links >= MAX_DAEMON_LINKS:
+            if session.kind != "handshake" or self._links >= MAX_DAEMON_LINKS:
                 return False
             self._count_out(session)
             session.kind = "link"
@@ -1039,8 +1147,14 @@ class Hub:
             self._sessions.discard(session)
             self._count_out(session)
 
-    def close(self, reason: str = "server shutting down") -> None:
-        """Stop accepting, say goodbye to everyone, and join all threads."""
+    def close(self, reason: str = "server shutting down",
+              timeout: float | None = None) -> None:
+        """Stop accepting, say goodbye to everyone, and join all threads.
+
+        Goodbyes get SHUTDOWN_FLUSH_S (+ 2) seconds in all to leave, or
+        ``timeout`` if less; then every connection still open is shut down at
+        once, and its reader gets one more second.
+        """
         with self._lock:
             if self._closed:
                 return
@@ -1053,13 +1167,17 @@ class Hub:
         self._listener.close()
         for session in sessions:
             session.goodbye(reason)
-        deadline = time.monotonic() + SHUTDOWN_FLUSH_S + 2
+        flush = SHUTDOWN_FLUSH_S + 2 if timeout is None else min(timeout, SHUTDOWN_FLUSH_S + 2)
+        deadline = time.monotonic() + flush
         for session in sessions:
-            session.thread.join(max(0.1, deadline - time.monotonic()))
-            if session.thread.is_alive():  # a handed-over link or a stuck peer: force it
-                with contextlib.suppress(OSError):
-                    session.sock.shutdown(socket.SHUT_RDWR)
-                session.thread.join(1.0)
+            session.thread.join(max(0.0, deadline - time.monotonic()))
+        stuck = [s for s in sessions if s.thread.is_alive()]
+        for session in stuck:  # a handed-over link or a stuck peer: force it, all at once
+            with contextlib.suppress(OSError):
+                session.sock.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + 1.0
+        for session in stuck:
+            session.thread.join(max(0.0, deadline - time.monotonic()))
         if self._udp is not None:
             self._udp.close()
             if self._udp.thread.is_alive():

@@ -442,7 +442,7 @@ class TcpSession(_Session):
         p = self.printer
         try:
             if kind == "message":
-                p.out(format_message(Message.from_dict(frame.get("message"))))
+                p.out(format_message(Message.from_dict(frame.get("message")), now=time.time()))
             elif kind == "presence":
                 p.out(format_presence(Presence.from_dict(frame.get("presence"))))
             elif kind == "joined":

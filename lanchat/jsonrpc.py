@@ -42,6 +42,7 @@ from lanchat.errors import (
     ValidationError,
 )
 from lanchat.framing import dumps_line, is_finite_number, loads_line
+from lanchat.limits import MAX_RPC_BATCH_REPLY_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -225,25 +226,38 @@ def _encode(response: dict[str, Any]) -> bytes:
         return dumps_line(error_object(INTERNAL_ERROR, "internal error", response.get("id")))[:-1]
 
 
-def handle_line(line: bytes | str, routes: Routes) -> bytes | None:
+def handle_line(line: bytes | str, routes: Routes, *,
+                max_batch_reply: int = MAX_RPC_BATCH_REPLY_BYTES) -> bytes | None:
     """Answer one request line: the ``\\n``-terminated reply, or ``None`` to send nothing.
 
-    Never raises (handler failures become error responses).
+    A batch's reply is one JSON array, so it is held whole: each response is
+    encoded as soon as it is made (its result objects freed), and once the
+    reply passes ``max_batch_reply`` bytes, the batch's remaining requests are
+    not run but answered with a ``limit`` error (its notifications dropped).
+    So a batch costs at most that plus one response, however many ``history``
+    calls it holds.  Never raises (handler failures become error responses).
     """
     is_batch, entries = parse_line(line)
-    responses: list[dict[str, Any]] = []
+    replies: list[bytes] = []
+    size = 0
     for entry in entries:
-        if isinstance(entry, Request):
-            response = dispatch(entry, routes)
-            if response is not None:
-                responses.append(response)
+        if not isinstance(entry, Request):
+            response: dict[str, Any] | None = entry
+        elif is_batch and size > max_batch_reply:
+            response = None if entry.notification else error_object(
+                3, f"the batch's reply passed {max_batch_reply} bytes; this request was "
+                   "not run (send it again, or in a smaller batch)", entry.id,
+                {"code": "limit"})
         else:
-            responses.append(entry)
-    if not responses:
+            response = dispatch(entry, routes)
+        if response is not None:
+            replies.append(_encode(response))
+            size += len(replies[-1]) + 1
+    if not replies:
         return None
     if is_batch:
-        return b"[" + b",".join(_encode(r) for r in responses) + b"]\n"
-    return _encode(responses[0]) + b"\n"
+        return b"[" + b",".join(replies) + b"]\n"
+    return replies[0] + b"\n"
 
 
 def check_params(params: Mapping[str, Any], allowed: frozenset[str] | set[str]) -> None:

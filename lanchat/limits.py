@@ -33,6 +33,13 @@ MAX_RPC_LINE_BYTES = 1024 * 1024
 #: a second on a LAN, a stalled one never does.
 MAX_OUTBOX_BYTES = 512 * 1024
 
+#: Bytes of one control-socket batch's reply: JSON-RPC answers a batch in one array, so
+#: it is held whole; past this, the batch's remaining requests are answered with a
+#: ``limit`` error instead of run.  A 1 MiB batch of ``history`` calls would otherwise
+#: build thousands of pages (gigabytes) at once.  Half an outbox: the reply, with the
+#: response that passed the bound, still fits in the connection's queue.
+MAX_RPC_BATCH_REPLY_BYTES = MAX_OUTBOX_BYTES // 2
+
 #: Seconds a hub writer may stay blocked in one send before the client is cut
 #: off as stalled (its kernel buffer is full and it is not reading).
 SEND_STALL_TIMEOUT_S = 10.0
@@ -106,6 +113,27 @@ COMMAND_BURST = 200.0
 LINK_MAX_RATE = 10_000.0
 LINK_BURST = 100_000.0
 
+#: Messages per second from one source address, over all its hub connections (TCP and
+#: UDP), as a multiple of ``max_rate``, with MESSAGE_BURST_S of that as its burst: a host
+#: may have a few people typing at once, but a client that reconnects gets no fresh
+#: burst from it (120 reconnects in 3 s pushed 4,800 lines, a burst each).
+SOURCE_RATE_FACTOR = 4.0
+
+#: Source addresses whose message buckets are kept at once; the least recently seen is
+#: forgotten first.  A LAN has far fewer hosts; each costs a few hundred bytes.
+MAX_TRACKED_SOURCES = 4096
+
+#: Answers (greeting, welcome, refusals) the UDP endpoint sends to addresses that are
+#: not registered clients: per second per source address, and in all, with bursts.
+#: A datagram's source address is not proven, so without a bound spoofed datagrams
+#: make us send -- and register for UDP_IDLE_TIMEOUT_S of room traffic -- any
+#: address they name, as often as they like.
+#: In all: a room's worth of people (re)joining at once, after an outage, is let in.
+UDP_UNREGISTERED_RATE = 1.0
+UDP_UNREGISTERED_BURST = 5.0
+UDP_UNREGISTERED_TOTAL_RATE = 100.0
+UDP_UNREGISTERED_TOTAL_BURST = 400.0
+
 # -- connection limits ------------------------------------------------------------------
 
 #: Hub connections (TCP chat clients) at once unless ``max_connections`` says
@@ -119,6 +147,18 @@ DEFAULT_MAX_CONNECTIONS_PER_IP = 64
 #: Daemon links accepted at once.  Counted apart from chat clients, so that a flood
 #: of clients cannot lock out peers; a LAN rarely has more daemons than this.
 MAX_DAEMON_LINKS = 64
+
+#: Link handshakes (a daemon's hello until it has proved the shared secret) at once,
+#: and from one address.  They are counted apart from links, so that connections
+#: that never finish a handshake can hold no link slot; a LAN's daemons handshake
+#: one at a time per peer, in milliseconds.  Past the total the oldest is evicted.
+MAX_LINK_HANDSHAKES = 16
+MAX_LINK_HANDSHAKES_PER_IP = 4
+
+#: Seconds from a daemon's hello to its proof of the shared secret, in all, before
+#: the handshake is dropped: a daemon answers at once (its dialer gives up on a
+#: welcome after 3 s), a connection trickling a byte at a time never finishes.
+LINK_HANDSHAKE_TIMEOUT_S = 5.0
 
 #: Connections over a client limit held at once while we wait to see whether they
 #: are daemons (which do not count as clients); any more are refused at once.
@@ -147,3 +187,25 @@ LINE_TIMEOUT_S = 30.0
 KEEPALIVE_IDLE_S = 300
 KEEPALIVE_INTERVAL_S = 60
 KEEPALIVE_COUNT = 5
+
+# -- time -----------------------------------------------------------------------------
+
+#: Seconds a message's time may be ahead of ours before it counts as "in the future":
+#: LAN clocks kept by NTP agree to well under a second, a clock set by hand to within a
+#: few minutes.  A message further ahead is stored as sent but shown marked, kept by
+#: retention for as long as one received now, and never moves our own clock.
+FUTURE_SKEW_S = 300.0
+
+#: Seconds lanchatd takes at most to shut down on SIGTERM, whatever its peers and
+#: clients do: below systemd's TimeoutStopSec=10s, so it is never killed mid-flush.
+SHUTDOWN_TIMEOUT_S = 8.0
+
+#: Seconds a shutdown gives its links to say bye together before it cuts the ones
+#: whose peers stopped reading (their goodbye could not be sent anyway).
+LINK_BYE_GRACE_S = 1.0
+
+#: Seconds a thread waits for the router to take and answer one hand-off (a link's
+#: batch, a join, ``lanchat send``) before it gives up and drops that connection: a
+#: healthy router answers in milliseconds even under load (one commit of at most
+#: MAX_COMMIT_BATCH messages), so this only ends waits that would otherwise be for ever.
+ROUTER_HANDOFF_TIMEOUT_S = 30.0

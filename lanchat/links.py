@@ -25,11 +25,12 @@ import contextlib
 import logging
 import random
 import secrets
+import select
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -38,10 +39,18 @@ from lanchat.commands import Hello
 from lanchat.errors import LanchatError, RemoteProtocolError, ValidationError
 from lanchat.events import Event
 from lanchat.framing import LineDecoder
-from lanchat.limits import LINK_BURST, LINK_MAX_RATE
+from lanchat.limits import (
+    LINK_BURST,
+    LINK_BYE_GRACE_S,
+    LINK_HANDSHAKE_TIMEOUT_S,
+    LINK_MAX_RATE,
+    MAX_DAEMON_LINKS,
+    SHUTDOWN_TIMEOUT_S,
+)
 from lanchat.model import Message
 from lanchat.presence import NodeRoster
 from lanchat.ratelimit import TokenBucket
+from lanchat.render import neutralise
 from lanchat.wire import encode_auth
 
 log = logging.getLogger(__name__)
@@ -126,6 +135,10 @@ class Link:
         self._synced = False
         self._closing = False
         self._peer_has: dict[str, int] = {}
+        self._warned_own = False  # reader thread only: logged messages in our name
+        self._bye: bytes | None = None  # what close() asks the sender to say last
+        #: Set once the link is over: both threads done, socket closed, unregistered.
+        self.done = threading.Event()
         self._sender = threading.Thread(target=self._send_loop, name=f"link-{self.node[:8]}-tx",
                                         daemon=False)
 
@@ -191,7 +204,8 @@ class Link:
                 elif isinstance(frame, linkproto.Ping):
                     self._queue_control(linkproto.encode_pong())
                 elif isinstance(frame, linkproto.Bye):
-                    reason = f"peer said bye ({frame.reason})"
+                    # The peer's words go to our log: inert, or they could forge log lines.
+                    reason = f"peer said bye ({neutralise(frame.reason)})"
                     return
         except TimeoutError:
             reason = f"no word for {linkproto.DEAD_AFTER_S:g} s"
@@ -219,6 +233,15 @@ class Link:
                     yield linkproto.parse_frame(line)
 
     def _received(self, messages: tuple[Message, ...]) -> None:
+        me = self.manager.me.node
+        if any(m.origin == me for m in messages):
+            # Only we write our own origin; a copy from outside is a forgery or a clone,
+            # and the router would refuse it anyway.  Said once per link, not per message.
+            if not self._warned_own:
+                self._warned_own = True
+                log.warning("%r sent messages in our own name (origin %s); refusing them",
+                            self, me)
+            messages = tuple(m for m in messages if m.origin != me)
         key = self.manager.key
         if key is not None:
             good = tuple(m for m in messages if auth.check_message(key, m))
@@ -246,7 +269,7 @@ class Link:
                         if not self._cond.wait(linkproto.HEARTBEAT_S):
                             break
                     if self._closing:
-                        return
+                        break
                     control, self._control = self._control, []
                     rosters = list(self._rosters.values())
                     self._rosters.clear()
@@ -264,10 +287,20 @@ class Link:
                     self._replay()
                 if live:
                     self._send_live(live)
+            self._say_bye()
         except OSError as exc:  # includes the send timeout: the peer stopped reading
             log.debug("%r: send failed: %s", self, exc)
-            with contextlib.suppress(OSError):
-                self.sock.shutdown(socket.SHUT_RDWR)
+        self._shut()  # wakes the reader, if it is not the one ending the link
+
+    def _say_bye(self) -> None:
+        """Send our bye (from :meth:`close`) if the peer's window takes it at once."""
+        bye = self._bye
+        if bye is None:
+            return
+        poller = select.poll()
+        poller.register(self.sock, select.POLLOUT)
+        if poller.poll(0):  # a peer that stopped reading gets no goodbye, and no wait
+            self.sock.send(bye, socket.MSG_DONTWAIT)
 
     def _replay(self) -> None:
         """Send everything the peer lacks, per origin, from history."""
@@ -276,7 +309,7 @@ class Link:
             todo = linkproto.missing(ours, self._peer_has)
         for origin, start in todo.items():
             sent = start
-            while sent < ours[origin]:
+            while sent < ours[origin] and not self._closing:
                 batch = self.manager.history.after(origin, sent, linkproto.MAX_BATCH)
                 if not batch:
                     break
@@ -312,15 +345,30 @@ class Link:
     # -- ending ----------------------------------------------------------------------------
 
     def close(self, reason: str) -> None:
-        """End the link from our side: say bye, wake both threads.  Idempotent."""
+        """End the link from our side; never blocks.  Idempotent.
+
+        The sender says bye between two frames (only the sender writes, so a
+        bye never lands inside another frame) if the peer's window takes it at
+        once, and shuts the socket down, which ends the reader.  A sender stuck
+        on a peer that stopped reading is ended by :meth:`abort`; :attr:`done`
+        is set once the link is over.
+        """
         with self._cond:
             if self._closing:
                 return
             self._closing = True
+            self._bye = linkproto.encode_bye(reason)
             self._cond.notify()
-        with contextlib.suppress(OSError):
-            self.sock.settimeout(1.0)
-            self.sock.sendall(linkproto.encode_bye(reason))
+
+    def abort(self, reason: str) -> None:
+        """End the link at once, without a goodbye; never blocks."""
+        log.info("%r: aborting the link: %s", self, reason)
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._shut()
+
+    def _shut(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
 
@@ -328,12 +376,12 @@ class Link:
         with self._cond:
             self._closing = True
             self._cond.notify()
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+        self._shut()
         if self._sender.is_alive():
             self._sender.join()
         self.sock.close()
         self.manager._unregister(self, reason)
+        self.done.set()
 
 
 @dataclass
@@ -383,6 +431,11 @@ class _Dialer:
                 self._dial_once()
             except (OSError, RemoteProtocolError, ValidationError, LinkClosed) as exc:
                 log.debug("link to %s:%d: %s", self.host, self.port, exc)
+            except LanchatError as exc:  # the router timed out or closed: try again later
+                log.warning("link to %s:%d: %s", self.host, self.port, exc)
+            except Exception:  # a bug must not end the dialing of a peer for good
+                log.exception("link to %s:%d failed unexpectedly; dialing it again later",
+                              self.host, self.port)
             if self.stop.is_set():
                 return
             if time.monotonic() - started > STABLE_AFTER_S:
@@ -420,15 +473,22 @@ class _Dialer:
         self.node = welcome.node
         link = Link(manager, sock, decoder, welcome, address=(self.host, self.port),
                     dialer=manager.me.node, pending=pending)
-        if not manager._register(link, self):
+        try:
+            registered = manager._register(link, self)
+        except BaseException:
+            sock.close()
+            raise
+        if not registered:
             with contextlib.suppress(OSError):
                 sock.sendall(linkproto.encode_bye("duplicate link"))
             sock.close()
             self.manager._set_state(self, "linked" if manager.linked(welcome.node) else "down")
             return
         self.link = link
-        link.run()
-        self.link = None
+        try:
+            link.run()
+        finally:
+            self.link = None
 
     def _connect(self) -> socket.socket:
         """Connect to the first of the peer's addresses that answers."""
@@ -466,7 +526,7 @@ class _Dialer:
                 if isinstance(frame, linkproto.Refused):
                     if frame.code == "same-node":
                         self.stop.set()
-                    raise LinkClosed(f"refused: {frame.message}")
+                    raise LinkClosed(f"refused: {neutralise(frame.message)}")
                 raise RemoteProtocolError("expected a welcome", code="bad-frame")
 
     def close(self) -> None:
@@ -581,8 +641,16 @@ class LinkManager:
     # -- the hub's LinkAcceptor ----------------------------------------------------------
 
     def accept_link(self, sock: socket.socket, address: tuple[Any, ...], hello: Hello,
-                    decoder: LineDecoder, pending: Sequence[bytes] = ()) -> None:
-        """A daemon dialed us: handshake, then run the link on this (hub) thread."""
+                    decoder: LineDecoder, pending: Sequence[bytes] = (), *,
+                    admit: Callable[[], bool] | None = None) -> None:
+        """A daemon dialed us: handshake, then run the link on this (hub) thread.
+
+        The whole handshake -- to the dialer's proof of the shared secret --
+        has LINK_HANDSHAKE_TIMEOUT_S.  Only then does ``admit()`` (the hub's
+        count of links) take a link slot for it; False refuses the link.
+        """
+        deadline = time.monotonic() + LINK_HANDSHAKE_TIMEOUT_S
+        sock.settimeout(LINK_HANDSHAKE_TIMEOUT_S)  # also bounds our answers' sendall
         try:
             peer = linkproto.parse_peer_hello(hello.fields)
         except RemoteProtocolError as exc:
@@ -609,38 +677,64 @@ class LinkManager:
         rest = list(pending)
         if self.key is not None:
             assert welcome.nonce is not None
-            if not self._check_auth(sock, decoder, rest, welcome.nonce, peer.node):
-                log.warning("refused a link from %s (%s): wrong proof of the shared secret",
-                            address[0], peer.node)
+            failure = self._check_auth(sock, decoder, rest, welcome.nonce, peer.node,
+                                       deadline=deadline)
+            if failure is not None:
+                log.warning("refused a link from %s (%s): %s", address[0], peer.node, failure)
                 with contextlib.suppress(OSError):
-                    sock.sendall(linkproto.encode_error("auth-failed", "wrong proof"))
+                    sock.sendall(linkproto.encode_error("auth-failed", failure))
                 return
+        if admit is not None and not admit():
+            log.warning("refused a link from %s (%s): every link slot is taken (limit %d)",
+                        address[0], peer.node, MAX_DAEMON_LINKS)
+            with contextlib.suppress(OSError):
+                sock.sendall(linkproto.encode_error(
+                    "too-many-links", f"too many daemon links (limit {MAX_DAEMON_LINKS})"))
+            return
         link = Link(self, sock, decoder, peer, address=address, dialer=peer.node,
                     pending=rest)
-        if not self._register(link, None):
+        try:
+            registered = self._register(link, None)
+        except LinkClosed as exc:
+            with contextlib.suppress(OSError):
+                sock.sendall(linkproto.encode_error("unavailable", str(exc)))
+            return
+        if not registered:
             sock.sendall(linkproto.encode_error("duplicate-link", "already linked to you"))
             return
         link.run()
 
     def _check_auth(self, sock: socket.socket, decoder: LineDecoder, rest: list[bytes],
-                    nonce: str, peer: str) -> bool:
+                    nonce: str, peer: str, *, deadline: float) -> str | None:
         """Read the dialer's first frame (from ``rest`` or the socket): a valid ``auth``?
 
-        Consumes that frame from ``rest``; frames after it stay there.
+        Returns None if so, else why not.  Gives up at ``deadline`` (monotonic),
+        however the bytes trickle in.  Consumes that frame from ``rest``; frames
+        after it stay there.
         """
         assert self.key is not None
-        sock.settimeout(CONNECT_TIMEOUT_S)
         try:
             while not rest:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return (f"no proof of the shared secret within "
+                            f"{LINK_HANDSHAKE_TIMEOUT_S:g} s")
+                sock.settimeout(left)
                 data = sock.recv(65536)
                 if not data:
-                    return False
+                    return "closed before proving the shared secret"
                 rest.extend(decoder.feed(data))
             frame = linkproto.parse_frame(rest.pop(0))
-        except (OSError, RemoteProtocolError, ValidationError):
-            return False
-        return isinstance(frame, linkproto.Auth) and auth.check_proof(
-            self.key, frame.proof, "link-hello", nonce, peer, self.me.node)
+        except TimeoutError:
+            return f"no proof of the shared secret within {LINK_HANDSHAKE_TIMEOUT_S:g} s"
+        except OSError as exc:
+            return f"connection lost during the handshake: {exc.strerror or exc}"
+        except (RemoteProtocolError, ValidationError) as exc:
+            return f"a bad frame instead of a proof: {exc}"
+        if isinstance(frame, linkproto.Auth) and auth.check_proof(
+                self.key, frame.proof, "link-hello", nonce, peer, self.me.node):
+            return None
+        return "wrong proof of the shared secret"
 
     # -- the table of links ----------------------------------------------------------------
 
@@ -649,7 +743,14 @@ class LinkManager:
             return node in self._links
 
     def _register(self, link: Link, dialer: _Dialer | None) -> bool:
-        """Make ``link`` the link to its node, unless a better one exists.  Attaches it."""
+        """Make ``link`` the link to its node, unless a better one exists.  Attaches it.
+
+        Returns False if a better link exists.  Raises :class:`LinkClosed` if
+        the router could not attach it (it timed out, or is closing): the link
+        is then forgotten again -- never left registered but not running, which
+        would show the node "linked" for ever and refuse every redial.  The
+        caller closes the socket.
+        """
         loser: Link | None = None
         with self._lock:
             if self._closed:
@@ -683,7 +784,14 @@ class LinkManager:
             self._peers[link.node] = peer
         if loser is not None:
             loser.close("replaced by a better link")
-        self.router.attach_link(link)
+        try:
+            self.router.attach_link(link)
+        except LanchatError as exc:
+            log.warning("could not attach the link to %s (%s): %s; closing it", link.name,
+                        link.node, exc)
+            # A late attach is undone by the detach queued behind it (the inbox is FIFO).
+            self._unregister(link, f"could not attach it: {exc}")
+            raise LinkClosed(f"could not attach the link: {exc}") from None
         log.info("linked to %s (%s) at %s", link.name, link.node, link.address[0])
         return True
 
@@ -715,17 +823,34 @@ class LinkManager:
                 out.append(peer.to_dict())
         return sorted(out, key=lambda p: (p["name"], p["address"]))
 
-    def close(self) -> None:
-        """Say bye on every link, stop every dialer, join their threads.  Idempotent."""
+    def close(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
+        """Say bye on every link, stop every dialer, join their threads.  Idempotent.
+
+        Returns within ``timeout`` seconds whatever the peers do; a dialer still
+        running then (a connect or a welcome that has not timed out yet) is
+        logged and ends on its own within CONNECT_TIMEOUT_S.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             dialers = list(self._dialers.values())
             links = list(self._links.values())
+        deadline = time.monotonic() + timeout
         for d in dialers:
             d.close()
         for link in links:
             link.close("shutting down")
+        # The goodbyes go out together; a peer that stopped reading is not waited for.
+        grace = min(deadline, time.monotonic() + LINK_BYE_GRACE_S)
+        for link in links:
+            link.done.wait(max(0.0, grace - time.monotonic()))
+        for link in links:
+            if not link.done.is_set():
+                link.abort("shutting down; the peer is not reading")
         for d in dialers:
-            d.thread.join(5.0)
+            d.thread.join(max(0.0, deadline - time.monotonic()))
+        late = [d.thread.name for d in dialers if d.thread.is_alive()]
+        if late:
+            log.warning("links: %d dialer(s) still busy after %g s: %s", len(late), timeout,
+                        ", ".join(late))

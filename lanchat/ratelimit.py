@@ -124,6 +124,10 @@ class _Limit:
             return Verdict.KICK
         if self.bucket.take(now):
             return Verdict.OK
+        return self.refused(now)
+
+    def refused(self, now: float) -> Verdict:
+        """An action dropped (here, or by a limit shared with others): notify or not."""
         if now >= self._next_notice:
             self._next_notice = now + RATE_NOTICE_INTERVAL_S
             return Verdict.NOTIFY
@@ -158,6 +162,49 @@ class ConnectionLimiter:
         """Verdict on one chat message sent at ``now``."""
         return self._messages.check(now)
 
+    def message_refused(self, now: float) -> Verdict:
+        """A message this limiter let through was refused by a limit shared with other
+        connections (:class:`SourceBuckets`): NOTIFY at most once per
+        RATE_NOTICE_INTERVAL_S, like its own refusals, else DROP."""
+        return self._messages.refused(now)
+
     def command(self, now: float) -> Verdict:
         """Verdict on one command other than a message (or quit, which is never limited)."""
         return self._commands.check(now)
+
+
+class SourceBuckets:
+    """A :class:`TokenBucket` per source address, for at most ``max_sources`` addresses.
+
+    What a per-connection limit cannot see: a client that reconnects gets a
+    fresh burst each time, but its address keeps one bucket.  A new address
+    past ``max_sources`` makes the least recently seen one forgotten (it would
+    start again with a full bucket: hence a generous bound).  ``rate`` 0 is
+    unlimited.  Not thread-safe: the owner locks.
+    """
+
+    __slots__ = ("_buckets", "burst", "max_sources", "rate")
+
+    def __init__(self, rate: float, burst: float | None = None, *, max_sources: int) -> None:
+        if max_sources < 1:
+            raise ValueError("max_sources must be at least 1")
+        self.rate = float(rate)
+        self.burst = default_burst(rate) if burst is None else float(burst)
+        self.max_sources = max_sources
+        # Insertion order is recency: a bucket is re-inserted whenever it is used.
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def take(self, source: str, now: float, n: float = 1) -> bool:
+        """Spend ``n`` of ``source``'s tokens if it holds them; False (spending nothing) if not."""
+        if self.rate == 0:
+            return True
+        bucket = self._buckets.pop(source, None)
+        if bucket is None:
+            if len(self._buckets) >= self.max_sources:
+                del self._buckets[next(iter(self._buckets))]  # the least recently seen
+            bucket = TokenBucket(self.rate, self.burst)
+        self._buckets[source] = bucket
+        return bucket.take(now, n)

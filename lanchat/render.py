@@ -9,13 +9,16 @@ user sees is what was sent, and nothing can pose as something else.
 
 The CLI (``lanchat tail``, ``history``, ``chat``) and the hub's text mode
 use these functions, so a message looks the same everywhere.  Pure: times are
-converted with :func:`time.localtime` (or a given ``tzinfo``); no I/O.
+converted with :func:`time.localtime` (or a given ``tzinfo``); the reader's
+clock, where it matters, is passed in (``now``); no I/O.
 """
 
 from __future__ import annotations
 
 import re
 import time
+
+from lanchat.limits import FUTURE_SKEW_S
 
 TYPE_CHECKING = False  # not typing's: importing typing costs `lanchat send` ~3 ms (HACKING.md)
 if TYPE_CHECKING:
@@ -30,6 +33,9 @@ if TYPE_CHECKING:
 _UNSAFE = re.compile(
     "[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
 )
+
+#: How a far-future message's time is shown: its date too, since its hour says nothing.
+_DATE_TIME = "%Y-%m-%d %H:%M:%S"
 
 #: A tab becomes spaces: its width depends on the column, which a chat line cannot know.
 _TAB = "    "
@@ -59,13 +65,54 @@ def neutralise(s: str) -> str:
     return _UNSAFE.sub(_visible, s)
 
 
-def clock(ts: float, tz: _dt.tzinfo | None = None) -> str:
-    """``HH:MM:SS`` of ``ts`` in local time (or in ``tz``)."""
-    if tz is None:
-        return time.strftime("%H:%M:%S", time.localtime(ts))
-    import datetime as _dt  # only for an explicit zone: keeps datetime off `lanchat send`
+def _escaped(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
 
-    return _dt.datetime.fromtimestamp(ts, tz).strftime("%H:%M:%S")
+
+def safe_json(text: str) -> str:
+    """JSON text (``json.dumps``) with every character a terminal could act on escaped.
+
+    ``json.dumps(..., ensure_ascii=False)`` escapes C0 controls but passes DEL,
+    C1 controls (``\\x9b`` is a CSI), bidi controls and lone surrogates through
+    raw.  Such characters can only stand inside JSON strings, where ``\\u009b``
+    means the same: the value is unchanged, the bytes are inert.
+    """
+    if _UNSAFE.search(text) is None:
+        return text
+    return _UNSAFE.sub(_escaped, text)
+
+
+def clock(ts: float, tz: _dt.tzinfo | None = None, *, fmt: str = "%H:%M:%S") -> str:
+    """``HH:MM:SS`` of ``ts`` in local time (or in ``tz``); never raises for a finite ``ts``.
+
+    A time the platform cannot convert (``1e17`` is some three billion years
+    ahead, past what ``time_t`` or ``datetime`` hold) is shown as question marks
+    of the same shape: a peer's timestamp must never crash a renderer.
+    """
+    try:
+        if tz is None:
+            return time.strftime(fmt, time.localtime(ts))
+        import datetime as _dt  # only for an explicit zone: keeps datetime off `lanchat send`
+
+        return _dt.datetime.fromtimestamp(ts, tz).strftime(fmt)
+    except (OverflowError, OSError, ValueError):
+        return _UNKNOWN_TIME.get(fmt, "?")
+
+
+#: What :func:`clock` shows for a time it cannot convert, per format.
+_UNKNOWN_TIME = {"%H:%M:%S": "??:??:??", _DATE_TIME: "????-??-?? ??:??:??"}
+
+
+def stamp(ts: float, tz: _dt.tzinfo | None = None, *, now: float | None = None) -> str:
+    """The bracketed time a message is shown with: ``[HH:MM:SS]``.
+
+    Given ``now``, a time more than FUTURE_SKEW_S ahead of it is a claim no
+    clock on the LAN makes: it is shown with its date and marked,
+    ``[future 2100-01-01 00:00:00]``, so nobody takes it for the present.
+    """
+    if now is not None and ts > now + FUTURE_SKEW_S:
+        return f"[future {clock(ts, tz, fmt=_DATE_TIME)}]"
+    return f"[{clock(ts, tz)}]"
 
 
 def _lines(text: str) -> list[str]:
@@ -74,16 +121,17 @@ def _lines(text: str) -> list[str]:
 
 
 def format_message(msg: Message, *, tz: _dt.tzinfo | None = None,
-                   show_room: bool = False) -> str:
+                   show_room: bool = False, now: float | None = None) -> str:
     """One message as terminal-safe text, without a trailing newline.
 
     ``[HH:MM:SS] nick: text``; ``/me waves`` as ``[HH:MM:SS] * nick waves``; a
     direct message as ``[HH:MM:SS] nick -> to: text``; with ``show_room`` the
     room follows the time (``[HH:MM:SS] #dev nick: text``).  Further lines of a
     multi-line text are indented by two spaces, so no line of a message can
-    pose as another message or a notice.
+    pose as another message or a notice.  Given ``now`` (the reader's clock), a
+    message from far in the future is marked (see :func:`stamp`).
     """
-    prefix = f"[{clock(msg.ts, tz)}] "
+    prefix = f"{stamp(msg.ts, tz, now=now)} "
     if show_room:
         prefix += f"#{neutralise(msg.room)} "
     nick = neutralise(msg.nick)

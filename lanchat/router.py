@@ -33,11 +33,16 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from lanchat.errors import ClosedError, LanchatError, NickInUse, StoreError
+from lanchat.errors import ClosedError, LanchatError, NickInUse, RouterTimeout, StoreError
 from lanchat.events import Event
-from lanchat.limits import MAX_COMMIT_BATCH, MAX_HISTORY_PAGE, MAX_ROUTER_QUEUE
+from lanchat.limits import (
+    MAX_COMMIT_BATCH,
+    MAX_HISTORY_PAGE,
+    MAX_ROUTER_QUEUE,
+    ROUTER_HANDOFF_TIMEOUT_S,
+)
 from lanchat.model import DEFAULT_ROOM, Draft, Message, Presence, User, validate_nick
 from lanchat.presence import Change, NetworkRoster, NodeRoster
 
@@ -73,6 +78,9 @@ class LinkPeer(Protocol):
 
     def deliver(self, events: Sequence[Event]) -> bool: ...
     def send_roster(self, roster: NodeRoster) -> None: ...
+    def abort(self, reason: str) -> None:
+        """End the link at once, never blocking (its ``deliver`` raised: a bug)."""
+        ...
 
 
 class MessageStore(Protocol):
@@ -80,7 +88,8 @@ class MessageStore(Protocol):
 
     def append_local(self, drafts: Sequence[Draft], *, ts: float,
                      sign: Callable[[Message], str] | None = None) -> list[Message]: ...
-    def insert_remote(self, messages: Sequence[Message]) -> list[Message]: ...
+    def insert_remote(self, messages: Sequence[Message], *,
+                      now: float | None = None) -> list[Message]: ...
     def history(self, *, room: str | None = None, limit: int = 50,
                 before: float | None = None, since: float | None = None) -> list[Message]: ...
     def prune(self, now: float) -> int: ...
@@ -126,6 +135,25 @@ class _Remote:
 
 _STOP = object()
 
+T = TypeVar("T")
+
+
+def _wait(future: Future[T], timeout: float) -> T:
+    """The result of a hand-off to the router; :class:`RouterTimeout` after ``timeout`` s."""
+    try:
+        return future.result(timeout)
+    except TimeoutError:
+        if future.done():  # what the router put there was a TimeoutError: pass it on
+            raise
+        raise RouterTimeout(f"the router did not answer within {timeout:g} s") from None
+
+
+def _internal(exc: Exception) -> LanchatError:
+    """``exc`` as what a hand-off's caller handles: a LanchatError (a bug is wrapped)."""
+    if isinstance(exc, LanchatError):
+        return exc
+    return LanchatError(f"internal error: {exc!r}")
+
 
 class _Inbox:
     """A bounded FIFO whose consumer can take a run of publishes at once.
@@ -141,14 +169,24 @@ class _Inbox:
         self._not_full = threading.Condition(self._lock)
         self._closed = False
 
-    def put(self, item: object) -> None:
-        self.put_many([item])
+    def put(self, item: object, timeout: float | None = None) -> None:
+        self.put_many([item], timeout)
 
-    def put_many(self, items: list[object]) -> None:
+    def put_many(self, items: list[object], timeout: float | None = None) -> None:
+        """Append ``items``, waiting while the inbox is full (back-pressure).
+
+        Raises :class:`ClosedError` once closed, and :class:`RouterTimeout` if
+        there was no room for ``timeout`` seconds (the router is stuck).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             for item in items:
                 while len(self._items) >= self._maxsize and not self._closed:
-                    self._not_full.wait()
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise RouterTimeout("the router took nothing for "
+                                            f"{timeout:g} s; giving up")
+                    self._not_full.wait(left)
                 if self._closed:
                     raise ClosedError("the daemon is shutting down")
                 self._items.append(item)
@@ -209,6 +247,7 @@ class Router:
         self._watchers: tuple[Subscriber, ...] = ()  # every room: tail, links
         self._watcher_rooms: dict[Subscriber, frozenset[str] | None] = {}
         self._links: tuple[LinkPeer, ...] = ()
+        self._failed: set[Any] = set()  # receivers whose deliver raised, until dropped
         #: origin -> highest seq stored: the store's cursors, kept in memory so
         #: that gap detection costs no query.  Router thread only.
         self._cursors: dict[str, int] = store.cursors()
@@ -230,12 +269,17 @@ class Router:
     def start(self) -> None:
         self._thread.start()
 
-    def close(self) -> None:
-        """Finish what is queued, then stop the router thread.  Idempotent."""
+    def close(self, timeout: float | None = None) -> bool:
+        """Finish what is queued, then stop the router thread.  Idempotent.
+
+        Returns False if the thread is still running after ``timeout`` seconds
+        (then the store must stay open: the thread may still be writing).
+        """
         if self._thread.is_alive():
             with contextlib.suppress(ClosedError):
                 self._inbox.put_stop()
-            self._thread.join()
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     @property
     def nick(self) -> str:
@@ -251,15 +295,19 @@ class Router:
         Blocks only while the router's inbox is full (back-pressure onto a
         flooding connection).  Raises :class:`ClosedError` after :meth:`close`.
         """
-        self._inbox.put(_Publish(draft, source, done))
+        self._inbox.put(_Publish(draft, source, done), ROUTER_HANDOFF_TIMEOUT_S)
 
     def publish_many(self, drafts: Sequence[Draft], *, source: object | None = None,
                      done: PublishDone | None = None) -> None:
         """Queue several drafts at once (one inbox operation); same contract as :meth:`publish`."""
-        self._inbox.put_many([_Publish(d, source, done) for d in drafts])
+        self._inbox.put_many([_Publish(d, source, done) for d in drafts],
+                             ROUTER_HANDOFF_TIMEOUT_S)
 
-    def send(self, draft: Draft, timeout: float | None = 30.0) -> Message:
-        """Publish and wait until stored: the message returned is durable."""
+    def send(self, draft: Draft, timeout: float = ROUTER_HANDOFF_TIMEOUT_S) -> Message:
+        """Publish and wait until stored: the message returned is durable.
+
+        Raises :class:`RouterTimeout` if that takes more than ``timeout`` seconds.
+        """
         future: Future[Message] = Future()
 
         def done(msg: Message | None, err: LanchatError | None) -> None:
@@ -270,18 +318,23 @@ class Router:
                 future.set_result(msg)
 
         self.publish(draft, done=done)
-        return future.result(timeout)
+        return _wait(future, timeout)
 
     def accept_remote(self, messages: Sequence[Message], *,
                       source: object | None) -> tuple[list[Message], bool]:
         """Store messages from another daemon (dedup by id) and fan out the new ones.
 
         Returns the messages that were new and whether any message lay beyond
-        a gap (the sender should replay from our cursors).
+        a gap (the sender should replay from our cursors).  Messages in our own
+        origin's name are never taken from outside: only this daemon writes
+        them (the link that brought them logs it).  Raises
+        :class:`RouterTimeout` after ROUTER_HANDOFF_TIMEOUT_S, and whatever
+        storing them raised (always a :class:`LanchatError`): the answer comes
+        back whatever happens on the router thread.
         """
         future: Future[tuple[list[Message], bool]] = Future()
-        self._inbox.put(_Remote(messages, source, future))
-        return future.result()
+        self._inbox.put(_Remote(messages, source, future), ROUTER_HANDOFF_TIMEOUT_S)
+        return _wait(future, ROUTER_HANDOFF_TIMEOUT_S)
 
     # -- links -------------------------------------------------------------------
 
@@ -295,21 +348,18 @@ class Router:
 
     def detach_link(self, link: LinkPeer) -> None:
         """Stop routing to ``link``; the nodes only it vouched for are gone."""
-        with contextlib.suppress(ClosedError):
-            self._inbox.put(_Call(lambda: self._do_detach(link)))
+        self._post(lambda: self._do_detach(link), "detach a link")
 
     def apply_roster(self, roster: NodeRoster, *, source: LinkPeer) -> None:
         """A roster arrived over ``source``: take it if newer, show changes, pass it on."""
-        with contextlib.suppress(ClosedError):
-            self._inbox.put(_Call(lambda: self._do_apply_roster(roster, source)))
+        self._post(lambda: self._do_apply_roster(roster, source), "apply a roster")
 
     def skip_pruned(self, origin: str, seq: int) -> None:
         """A peer has pruned ``origin``'s messages up to ``seq``: stop waiting for them.
 
         Only moves a cursor that is below ``seq`` (see :meth:`Store.advance`).
         """
-        with contextlib.suppress(ClosedError):
-            self._inbox.put(_Call(lambda: self._do_skip(origin, seq)))
+        self._post(lambda: self._do_skip(origin, seq), "skip pruned history")
 
     def _do_skip(self, origin: str, seq: int) -> None:
         if origin == self.node or self._cursors.get(origin, 0) >= seq:
@@ -346,8 +396,7 @@ class Router:
 
     def leave(self, sub: Subscriber, reason: str = "quit") -> None:
         """Forget a client (idempotent) and announce that it left."""
-        with contextlib.suppress(ClosedError):  # shutting down: nobody left to tell
-            self._inbox.put(_Call(lambda: self._do_leave(sub, reason)))
+        self._post(lambda: self._do_leave(sub, reason), "announce a leave")
 
     def set_nick(self, nick: str) -> str:
         """Change this daemon's own nick (``lanchat nick``).  Raises :class:`NickInUse`."""
@@ -365,8 +414,7 @@ class Router:
         return self._call(lambda: self._do_subscribe(sub, backlog, rooms))  # type: ignore[no-any-return]
 
     def unsubscribe(self, sub: Subscriber) -> None:
-        with contextlib.suppress(ClosedError):  # shutting down: nobody left to tell
-            self._inbox.put(_Call(lambda: self._do_unsubscribe(sub)))
+        self._post(lambda: self._do_unsubscribe(sub), "unsubscribe")
 
     def prune(self) -> int:
         """Apply the store's retention on the router thread (the store's only writer)."""
@@ -398,10 +446,27 @@ class Router:
 
     # -- router thread -----------------------------------------------------------
 
-    def _call(self, fn: Callable[[], Any], timeout: float | None = 30.0) -> Any:
+    def _call(self, fn: Callable[[], Any], timeout: float = ROUTER_HANDOFF_TIMEOUT_S) -> Any:
+        """Run ``fn`` on the router thread and return its result (or raise what it raised).
+
+        Raises :class:`RouterTimeout` after ``timeout`` seconds in all.
+        """
         item = _Call(fn)
-        self._inbox.put(item)
-        return item.future.result(timeout)
+        self._inbox.put(item, timeout)
+        return _wait(item.future, timeout)
+
+    def _post(self, fn: Callable[[], Any], what: str) -> None:
+        """Run ``fn`` on the router thread, without waiting for it.
+
+        Shutting down, there is nobody left to tell; a router stuck for
+        ROUTER_HANDOFF_TIMEOUT_S loses this one change, which is logged.
+        """
+        try:
+            self._inbox.put(_Call(fn), ROUTER_HANDOFF_TIMEOUT_S)
+        except ClosedError:
+            pass
+        except RouterTimeout as exc:
+            log.warning("router: could not %s: %s", what, exc)
 
     def _run(self) -> None:
         while True:
@@ -420,8 +485,10 @@ class Router:
                     self._run_call(first)
                 elif isinstance(first, _Remote):
                     self._take_remote(first)
-            except Exception:  # the router thread must survive any bug
+            except Exception as exc:  # the router thread must survive any bug
                 log.exception("router: unexpected error")
+                if isinstance(first, _Call | _Remote) and not first.future.done():
+                    first.future.set_exception(_internal(exc))  # nobody waits for ever
 
     def _run_call(self, item: _Call) -> None:
         try:
@@ -433,30 +500,53 @@ class Router:
             item.future.set_exception(exc)
 
     def _commit(self, batch: list[_Publish]) -> None:
+        """Store a run of publishes in one transaction, fan them out, answer each publisher.
+
+        Every publisher is answered exactly once, stored or not: the fan-out
+        never raises, and neither does a publisher's callback (see :meth:`_answer`).
+        """
         try:
             messages = self._store.append_local([p.draft for p in batch], ts=self._clock(),
                                                 sign=self._sign)
-        except StoreError as exc:
-            log.error("cannot store %d message(s): %s", len(batch), exc)
+        except Exception as exc:
+            if isinstance(exc, StoreError):
+                log.error("cannot store %d message(s): %s", len(batch), exc)
+            else:
+                log.exception("router: storing %d message(s) failed", len(batch))
             for p in batch:
-                if p.done is not None:
-                    p.done(None, exc)
+                self._answer(p, None, _internal(exc))
             return
         if messages:
             self._cursors[self.node] = messages[-1].seq
         self._fanout([Event(msg, p.source) for p, msg in zip(batch, messages, strict=True)])
         for p, msg in zip(batch, messages, strict=True):
-            if p.done is not None:
-                p.done(msg, None)
+            self._answer(p, msg, None)
+
+    @staticmethod
+    def _answer(p: _Publish, msg: Message | None, err: LanchatError | None) -> None:
+        """Tell a publisher how its message fared; a callback that raises is a bug, logged."""
+        if p.done is None:
+            return
+        try:
+            p.done(msg, err)
+        except Exception:
+            log.exception("router: a publisher's callback failed")
 
     def _take_remote(self, item: _Remote) -> None:
+        """Store a peer's batch and fan out what is new; always resolves ``item.future``."""
         cursors = self._cursors
-        fresh = [m for m in item.messages if m.seq > cursors.get(m.origin, 0)]
+        # Our own origin is written here only: a copy from outside is refused whole,
+        # so no peer can speak in our name or drag our clock (append_local) along.
+        fresh = [m for m in item.messages
+                 if m.origin != self.node and m.seq > cursors.get(m.origin, 0)]
         try:
-            new = self._store.insert_remote(fresh) if fresh else []
-        except StoreError as exc:
-            log.error("cannot store %d message(s) from a peer: %s", len(fresh), exc)
-            item.future.set_exception(exc)
+            new = self._store.insert_remote(fresh, now=self._clock()) if fresh else []
+        except Exception as exc:
+            if isinstance(exc, StoreError):
+                log.error("cannot store %d message(s) from a peer: %s", len(fresh), exc)
+            else:
+                log.exception("router: storing %d message(s) from a peer failed", len(fresh))
+            item.future.set_exception(_internal(exc))
             return
         for msg in new:
             cursors[msg.origin] = msg.seq
@@ -473,7 +563,8 @@ class Router:
         hub routes -- is handed to all its receivers as the same list.
         """
         if len(events) == 1:
-            dead = [sub for sub in self._receivers(events[0]) if not sub.deliver(events)]
+            dead = [sub for sub in self._receivers(events[0])
+                    if not self._hand(sub, events)]
         else:
             batches: dict[Subscriber, list[Event]] = {}
             for event in events:
@@ -483,13 +574,31 @@ class Router:
                         batches[sub] = [event]
                     else:
                         batch.append(event)
-            dead = [sub for sub, batch in batches.items() if not sub.deliver(batch)]
+            dead = [sub for sub, batch in batches.items() if not self._hand(sub, batch)]
+        broken: list[LinkPeer] = []
         for link in self._links:
             mine = [e for e in events if isinstance(e.item, Message) and e.source is not link]
-            if mine:
-                link.deliver(mine)
+            if mine and not self._hand(link, mine):
+                broken.append(link)
         for sub in dead:
             self._drop(sub)
+        for link in broken:
+            link.abort("internal error")
+            self._do_detach(link)
+
+    def _hand(self, sub: Subscriber, events: Sequence[Event]) -> bool:
+        """``sub.deliver(events)``; a receiver that raises (a bug) counts as dead.
+
+        One broken receiver must not stop the fan-out to the others, nor the
+        answer to whoever published: it is logged once and dropped.
+        """
+        try:
+            return sub.deliver(events)
+        except Exception:
+            log.exception("router: a receiver failed to take %d event(s); dropping it: %r",
+                          len(events), sub)
+            self._failed.add(sub)
+            return False
 
     def _receivers(self, event: Event) -> list[Subscriber]:
         """Who gets ``event``: its room (a direct message: only its two ends) and the watchers."""
@@ -510,9 +619,12 @@ class Router:
         return subs
 
     def _drop(self, sub: Subscriber) -> None:
-        log.info("dropping a subscriber whose queue is full: %r", sub)
+        failed = sub in self._failed
+        self._failed.discard(sub)
+        if not failed:
+            log.info("dropping a subscriber whose queue is full: %r", sub)
         if sub in self._members:
-            self._do_leave(sub, "too slow")
+            self._do_leave(sub, "internal error" if failed else "too slow")
         else:
             self._do_unsubscribe(sub)
 

@@ -57,7 +57,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lanchat.errors import ClosedError, LocalProtocolError, StoreError, ValidationError
-from lanchat.limits import MAX_HISTORY_PAGE
+from lanchat.limits import FUTURE_SKEW_S, MAX_HISTORY_PAGE
 from lanchat.model import Draft, Message
 
 log = logging.getLogger(__name__)
@@ -122,12 +122,38 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         "ALTER TABLE messages ADD COLUMN mac TEXT",
     ),
+    # 3: when a message claiming a time far ahead of ours arrived (NULL for every other
+    # message): retention counts its age from here, so a far-future ts cannot escape it.
+    # Rows from before this migration that are already that far ahead (300 s: the
+    # FUTURE_SKEW_S of its day) arrived "now"; and if such a row in our own name dragged
+    # our clock along (the floor of our next stamp), it is back to now.
+    (
+        "ALTER TABLE messages ADD COLUMN received REAL",
+        "UPDATE messages SET received = CAST(strftime('%s', 'now') AS REAL) "
+        "WHERE ts > CAST(strftime('%s', 'now') AS REAL) + 300",
+        "CREATE INDEX messages_received ON messages (received) WHERE received IS NOT NULL",
+        "UPDATE high SET ts = CAST(strftime('%s', 'now') AS REAL) "
+        "WHERE origin = (SELECT value FROM meta WHERE key = 'node_id') "
+        "AND ts > CAST(strftime('%s', 'now') AS REAL) + 300",
+    ),
 )
 
 _COLUMNS = 'id, origin, seq, ts, room, nick, host, text, "to", mac'
 _INSERT = (
-    'INSERT INTO messages (id, origin, seq, ts, room, nick, host, text, "to", uid, mac) '
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    'INSERT INTO messages (id, origin, seq, ts, room, nick, host, text, "to", uid, mac, '
+    "received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+#: The ``?`` oldest messages, for retention by count: history order, except that a
+#: message that claimed a far-future time counts from its arrival.  Each half reads
+#: an index (``messages_order``, ``messages_received``).
+_OLDEST = (
+    "DELETE FROM messages WHERE arrival IN (SELECT arrival FROM ("
+    "SELECT * FROM (SELECT arrival, ts AS age, origin, seq FROM messages"
+    " WHERE received IS NULL ORDER BY ts, origin, seq LIMIT ?)"
+    " UNION ALL SELECT arrival, received AS age, origin, seq FROM messages"
+    " WHERE received IS NOT NULL"
+    ") ORDER BY age, origin, seq LIMIT ?)"
 )
 
 _Row = tuple[str, str, int, float, str, str, str, str, str | None, str | None]
@@ -367,7 +393,9 @@ class Store:
         """Stamp ``drafts`` as our own messages with the next seqs, in one transaction.
 
         Every message gets ``max(ts, the latest ts of our origin)``, so history
-        order (by ts) keeps our own order even if the clock steps back.
+        order (by ts) keeps our own order even if the clock steps back.  (Only
+        our own stamps raise that latest ts beyond the clock: see
+        :meth:`insert_remote`.)
         Returns the stored messages, in order.  On failure raises StoreError
         and stores nothing; the seqs are not consumed (the next call reuses
         them), so our seqs never have a gap.  Writer thread only.
@@ -386,12 +414,13 @@ class Store:
                         for i, d in enumerate(drafts, start=1)]
             conn.executemany(_INSERT, [
                 (m.id, m.origin, m.seq, m.ts, m.room, m.nick, m.host, m.text, m.to, d.uid,
-                 m.mac)
+                 m.mac, None)
                 for m, d in zip(messages, drafts, strict=True)
             ])
         return messages
 
-    def insert_remote(self, messages: Iterable[Message]) -> list[Message]:
+    def insert_remote(self, messages: Iterable[Message], *,
+                      now: float | None = None) -> list[Message]:
         """Store, in one transaction, each message that extends its origin's prefix.
 
         A message is stored only if its seq is exactly one more than the
@@ -402,21 +431,40 @@ class Store:
         restore from backup, peers' copies extend our prefix and
         :meth:`append_local` continues after them.  Returns the messages
         actually stored, in order.  Writer thread only.
+
+        ``now`` is when they arrived: a message claiming a time more than
+        FUTURE_SKEW_S after it is stored with its arrival time too, which
+        retention goes by (see :meth:`prune`); and a copy of our own origin's
+        message raises our latest ts (the floor of :meth:`append_local`'s
+        stamps) to ``now + FUTURE_SKEW_S`` at most, so no peer's claim can
+        drag our clock into the future.
         """
+        future = None if now is None else float(now) + FUTURE_SKEW_S
+        own: float | None = None  # the highest ts of ours stored here, if any
+        own_before = 0.0  # our latest ts before them
         stored: list[Message] = []
         high: dict[str, int] = {}
         with self._writing("write") as conn:
             for m in messages:
                 if m.origin not in high:
-                    row = conn.execute("SELECT seq FROM high WHERE origin = ?",
+                    row = conn.execute("SELECT seq, ts FROM high WHERE origin = ?",
                                        (m.origin,)).fetchone()
                     high[m.origin] = row[0] if row is not None else 0
+                    if row is not None and m.origin == self._node_id:
+                        own_before = float(row[1])
                 if m.seq != high[m.origin] + 1:
                     continue
+                received = now if future is not None and m.ts > future else None
                 conn.execute(_INSERT, (m.id, m.origin, m.seq, m.ts, m.room, m.nick, m.host,
-                                       m.text, m.to, None, m.mac))
+                                       m.text, m.to, None, m.mac, received))
                 high[m.origin] = m.seq
                 stored.append(m)
+                if m.origin == self._node_id:
+                    own = m.ts if own is None else max(own, m.ts)
+            if own is not None and future is not None and own > future:
+                # The trigger took the claim as it was; bring our clock back to now (+ skew).
+                conn.execute("UPDATE high SET ts = max(?, ?) WHERE origin = ?",
+                             (own_before, future, self._node_id))
         return stored
 
     def advance(self, origin: str, seq: int, ts: float) -> bool:
@@ -496,9 +544,12 @@ class Store:
     def prune(self, now: float) -> int:
         """Delete messages older than ``max_age_days`` or beyond ``max_messages``.
 
-        The oldest go first, in history order.  Cursors are kept (the ``high``
-        table), so the prefix rule still refuses pruned ids that come back.
-        Returns how many messages were deleted.  Writer thread only.
+        The oldest go first, in history order.  A message that claimed a time
+        far in the future when it arrived is as old as its arrival: it goes
+        when one received then would (else it would sort last and stay for
+        ever).  Cursors are kept (the ``high`` table), so the prefix rule still
+        refuses pruned ids that come back.  Returns how many messages were
+        deleted.  Writer thread only.
         """
         if self.max_age_days is None and self.max_messages is None:
             self._check_open()
@@ -509,13 +560,13 @@ class Store:
                 cutoff = float(now) - self.max_age_days * _SECONDS_PER_DAY
                 deleted += conn.execute("DELETE FROM messages WHERE ts < ?",
                                         (cutoff,)).rowcount
+                deleted += conn.execute("DELETE FROM messages WHERE received < ?",
+                                        (cutoff,)).rowcount
             if self.max_messages is not None:
                 count = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
                 excess = count - self.max_messages
                 if excess > 0:
-                    deleted += conn.execute(
-                        "DELETE FROM messages WHERE arrival IN (SELECT arrival FROM messages"
-                        " ORDER BY ts, origin, seq LIMIT ?)", (excess,)).rowcount
+                    deleted += conn.execute(_OLDEST, (excess, excess)).rowcount
         if deleted:
             log.info("pruned %d old messages from %s", deleted, self.path)
         return deleted

@@ -103,9 +103,9 @@ def help_text() -> bytes:
     return b"".join(line(h) for h in HELP_LINES)
 
 
-def encode_message(msg: Message) -> bytes:
-    """A message as text-mode lines (the encoder handed to :meth:`Event.encoded`)."""
-    return (format_message(msg) + "\n").encode("utf-8", "replace")
+def encode_message(msg: Message, now: float | None = None) -> bytes:
+    """A message as text-mode lines; ``now`` (the hub's clock) marks one from the far future."""
+    return (format_message(msg, now=now) + "\n").encode("utf-8", "replace")
 
 
 def encode_presence(p: Presence) -> bytes:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from conftest import SETTLE_S, Daemon, LineClient
+from rogue import Rogue, RogueIdentity
 from test_links import (
     FAKE_NODE,
     LINK_DEADLINE_S,
@@ -30,18 +31,14 @@ from lanchat.model import Message
 KEY = auth.load_secret("correct horse battery staple\n")
 
 
-class SecretPeer(FakePeer):
-    """A hand-written daemon that knows the secret: hello with a nonce, nothing else yet."""
-
-    def __init__(self, port: int, nonce: str) -> None:  # no super(): no pipelined sync
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5.0)
-        self.buf = b""
-        self.node = FAKE_NODE
-        self.send({"type": "hello", "v": 1, "role": "daemon", "node": FAKE_NODE,
-                   "name": "fake peer", "host": "fakehost", "port": None, "nonce": nonce})
+def secret_peer(port: int, nonce: str) -> Rogue:
+    """A rogue daemon that offers the secret handshake: hello with ``nonce``, nothing else yet."""
+    peer = Rogue(port, RogueIdentity(node=FAKE_NODE))
+    peer.hello(nonce=nonce)
+    return peer
 
 
-def _config(workdir: str, name: str, **keys: Any) -> str:
+def config_file(workdir: str, name: str, **keys: Any) -> str:
     path = os.path.join(workdir, f"{name}.toml")
     with open(path, "w") as f:
         for k, v in keys.items():
@@ -49,7 +46,7 @@ def _config(workdir: str, name: str, **keys: Any) -> str:
     return path
 
 
-def _secret_file(workdir: str, text: str = "correct horse battery staple") -> str:
+def secret_file(workdir: str, text: str = "correct horse battery staple") -> str:
     path = os.path.join(workdir, "secret")
     with open(path, "w") as f:
         f.write(text + "\n")
@@ -98,10 +95,10 @@ def test_message_tags_cover_every_field() -> None:
 
 def test_daemons_with_the_secret_link_and_tag_every_message(make_daemon: Any,
                                                            workdir: str) -> None:
-    secret = _secret_file(workdir)
-    a = make_daemon("--config", _config(workdir, "a", secret_file=secret), nick="alice",
+    secret = secret_file(workdir)
+    a = make_daemon("--config", config_file(workdir, "a", secret_file=secret), nick="alice",
                     subdir="a")
-    b = make_daemon("--config", _config(workdir, "b", secret_file=secret,
+    b = make_daemon("--config", config_file(workdir, "b", secret_file=secret,
                                         peers=[f"127.0.0.1:{a.port}"]), nick="bob", subdir="b")
     na, nb = node_of(a), node_of(b)
     wait_for("linked", lambda: linked(a, nb) and linked(b, na), LINK_DEADLINE_S)
@@ -114,11 +111,11 @@ def test_daemons_with_the_secret_link_and_tag_every_message(make_daemon: Any,
 @pytest.mark.parametrize("who_has_it", ["acceptor", "dialer"])
 def test_a_daemon_without_the_secret_cannot_link(make_daemon: Any, workdir: str,
                                                  who_has_it: str) -> None:
-    secret = _secret_file(workdir)
+    secret = secret_file(workdir)
     with_secret = {"secret_file": secret}
-    a = make_daemon("--config", _config(workdir, "a", **(
+    a = make_daemon("--config", config_file(workdir, "a", **(
         with_secret if who_has_it == "acceptor" else {})), "-v", nick="alice", subdir="a")
-    b = make_daemon("--config", _config(workdir, "b", peers=[f"127.0.0.1:{a.port}"], **(
+    b = make_daemon("--config", config_file(workdir, "b", peers=[f"127.0.0.1:{a.port}"], **(
         with_secret if who_has_it == "dialer" else {})), "-v", nick="bob", subdir="b")
     wait_for("the refusal logged", lambda: "shared secret" in a.stderr() + b.stderr(),
              SETTLE_S)
@@ -128,12 +125,12 @@ def test_a_daemon_without_the_secret_cannot_link(make_daemon: Any, workdir: str,
 
 def test_an_intruder_can_neither_link_nor_inject(make_daemon: Any, workdir: str,
                                                  clients: list[Any]) -> None:
-    d = make_daemon("--config", _config(workdir, "d", secret_file=_secret_file(workdir)))
+    d = make_daemon("--config", config_file(workdir, "d", secret_file=secret_file(workdir)))
     plain = FakePeer(d.port)  # no nonce: does not even try
     clients.append(plain)
     assert plain.until("error")["code"] == "auth-required"
     assert plain.closed()
-    guesser = SecretPeer(d.port, "00" * 16)  # tries, but cannot answer the welcome
+    guesser = secret_peer(d.port, "00" * 16)  # tries, but cannot answer the welcome
     clients.append(guesser)
     welcome = guesser.until("welcome")
     assert "proof" in welcome and "nonce" in welcome
@@ -147,10 +144,10 @@ def test_an_intruder_can_neither_link_nor_inject(make_daemon: Any, workdir: str,
 
 def test_a_linked_peer_cannot_forge_messages(make_daemon: Any, workdir: str,
                                              clients: list[Any]) -> None:
-    d = make_daemon("--config", _config(workdir, "d", secret_file=_secret_file(workdir)), "-v")
+    d = make_daemon("--config", config_file(workdir, "d", secret_file=secret_file(workdir)), "-v")
     node = node_of(d)
     mine = "ab" * 16
-    f = SecretPeer(d.port, mine)
+    f = secret_peer(d.port, mine)
     clients.append(f)
     welcome = f.until("welcome")
     assert auth.check_proof(KEY, welcome["proof"], "link-welcome", mine, node, FAKE_NODE)
@@ -176,8 +173,8 @@ def test_a_linked_peer_cannot_forge_messages(make_daemon: Any, workdir: str,
 
 def test_plain_clients_are_refused_unless_allowed(make_daemon: Any, workdir: str,
                                                   clients: list[Any]) -> None:
-    secret = _secret_file(workdir)
-    d = make_daemon("--config", _config(workdir, "d", secret_file=secret), subdir="d")
+    secret = secret_file(workdir)
+    d = make_daemon("--config", config_file(workdir, "d", secret_file=secret), subdir="d")
     text = LineClient(d.port)
     clients.append(text)
     text.line(), text.line()
@@ -199,7 +196,7 @@ def test_plain_clients_are_refused_unless_allowed(make_daemon: Any, workdir: str
     j.send(json.dumps({"type": "auth", "proof": "00" * 32}) + "\n")
     err = json.loads(j.line())
     assert err["type"] == "error" and err["code"] == "auth-failed" and err["fatal"]
-    relaxed = make_daemon("--config", _config(workdir, "r", secret_file=secret,
+    relaxed = make_daemon("--config", config_file(workdir, "r", secret_file=secret,
                                               plain_clients=True), subdir="r")
     ok = LineClient(relaxed.port)
     clients.append(ok)
@@ -209,8 +206,8 @@ def test_plain_clients_are_refused_unless_allowed(make_daemon: Any, workdir: str
 
 
 def test_lanchat_connect_proves_the_secret(make_daemon: Any, workdir: str) -> None:
-    secret = _secret_file(workdir)
-    d = make_daemon("--config", _config(workdir, "d", secret_file=secret))
+    secret = secret_file(workdir)
+    d = make_daemon("--config", config_file(workdir, "d", secret_file=secret))
     cmd = [sys.executable, "-m", "lanchat", "connect", "--nick", "carol",
            f"127.0.0.1:{d.port}"]
     without = subprocess.run(cmd, input=b"", capture_output=True, timeout=20, check=False)
@@ -225,7 +222,7 @@ def test_lanchat_connect_proves_the_secret(make_daemon: Any, workdir: str) -> No
 
 
 def test_a_missing_secret_file_is_a_config_error(workdir: str) -> None:
-    d = Daemon(workdir, "--config", _config(workdir, "d", secret_file="/nonexistent/secret"))
+    d = Daemon(workdir, "--config", config_file(workdir, "d", secret_file="/nonexistent/secret"))
     with pytest.raises(RuntimeError, match="secret_file"):
         d.start(timeout=10)
     assert d.proc is not None and d.proc.returncode == 78

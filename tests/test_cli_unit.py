@@ -187,6 +187,11 @@ def test_history_human_is_neutralised_json_is_raw(daemon: Daemon) -> None:
     r = daemon.run("history", "--json")
     texts = [json.loads(line)["text"] for line in r.stdout.splitlines()]
     assert texts == [EVIL, "plain"]
+    # The same values, but no control character reaches the terminal raw: C1 and bidi
+    # controls are JSON escapes too, not only C0 (json.dumps escapes those by itself).
+    for raw in ("\x1b", "\x07", "\x9b", "\u202e"):
+        assert raw not in r.stdout, raw
+    assert "\\u009b31m \\u202eevil" in r.stdout
     r = daemon.run("history", "--room", "dev", "--json")
     assert [json.loads(line)["text"] for line in r.stdout.splitlines()] == ["plain"]
 

@@ -18,7 +18,12 @@ from control_fake import NODE, FakeBackend
 
 from lanchat.client import ConnectionLost, ControlClient, RpcError
 from lanchat.control import AlreadyRunning, ControlServer
-from lanchat.limits import MAX_OUTBOX_BYTES, MAX_RPC_LINE_BYTES, SEND_STALL_TIMEOUT_S
+from lanchat.limits import (
+    MAX_OUTBOX_BYTES,
+    MAX_RPC_BATCH_REPLY_BYTES,
+    MAX_RPC_LINE_BYTES,
+    SEND_STALL_TIMEOUT_S,
+)
 from lanchat.model import Presence
 
 
@@ -204,6 +209,37 @@ def test_history(served: tuple[ControlServer, FakeBackend, str]) -> None:
         assert [m["text"] for m in c.call("history", room="dev")] == ["m1", "m3"]
         assert [m["text"] for m in c.call("history", limit=2)] == ["m3", "m4"]
         assert [m["text"] for m in c.call("history", since=1003)] == ["m3", "m4"]
+
+
+def test_a_batch_of_history_pages_is_bounded(
+        served: tuple[ControlServer, FakeBackend, str]) -> None:
+    """A 1 MiB line of ``history`` calls must not make the daemon build every page at once:
+    past MAX_RPC_BATCH_REPLY_BYTES the rest of the batch is refused, each with an error."""
+    _, backend, path = served
+    for i in range(1000):
+        backend.add(f"{i:04d} " + "y" * 60, ts=1000.0 + i)  # a page is about 200 KB
+    calls = [{"jsonrpc": "2.0", "method": "history", "params": {"limit": 1000}, "id": i}
+             for i in range(30)]
+    s = raw(path)
+    f = s.makefile("rb")
+    try:
+        s.sendall(json.dumps(calls).encode() + b"\n")
+        line = f.readline()
+    finally:
+        f.close()
+        s.close()
+    replies = json.loads(line)
+    assert isinstance(replies, list), replies
+    pages = [r for r in replies if "result" in r]
+    refused = [r for r in replies if "error" in r]
+    print(f"\nbatch of 30 pages: {len(pages)} answered, {len(refused)} refused, "
+          f"{len(line)} bytes")
+    assert 1 <= len(pages) < 30 and len(pages) + len(refused) == 30
+    page = len(json.dumps(pages[0]))
+    assert len(line) <= MAX_RPC_BATCH_REPLY_BYTES + page + 30 * 300
+    assert {r["error"]["data"]["code"] for r in refused} == {"limit"}
+    with ControlClient(path) as c:  # and the connection's daemon serves on
+        assert len(c.call("history", limit=1000)) == 1000
 
 
 def test_notification_and_batch_over_socket(

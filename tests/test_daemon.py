@@ -18,7 +18,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import NOBODY_UID, Daemon, TextUser, lanchat_as, lanchat_cmd, lanchatd_cmd
+from conftest import (
+    NOBODY_UID,
+    ROOT,
+    Daemon,
+    TextUser,
+    lanchat_as,
+    lanchat_cmd,
+    lanchatd_cmd,
+)
 
 from lanchat.client import ControlClient, DaemonNotRunning
 from lanchat.errors import LanchatError
@@ -394,6 +402,23 @@ def test_sigterm_exits_0_cleanly(daemon: Daemon) -> None:
     assert daemon.stop(signal.SIGTERM) == 0
     assert "Traceback" not in daemon.stderr()
     assert not os.path.exists(daemon.socket)
+
+
+def test_a_thread_that_outlives_shutdown_does_not_keep_the_process() -> None:
+    """The last guard of the bounded shutdown: lanchatd's main exits, naming any thread
+    still running, instead of the interpreter waiting for it at exit for ever."""
+    code = ("import threading, lanchat.daemon as d\n"
+            "stuck = threading.Event()\n"
+            "threading.Thread(target=stuck.wait, name='link-dial-stuck').start()\n"
+            "d._exit_despite_stragglers()\n"
+            "print('the interpreter would now wait for link-dial-stuck', flush=True)\n"
+            "stuck.set()\n")
+    t0 = time.monotonic()
+    r = subprocess.run([*lanchatd_cmd()[:1], "-c", code], capture_output=True, timeout=20,
+                       cwd=ROOT, check=False)
+    assert r.returncode == 0 and r.stdout == b"", (r.stdout, r.stderr)
+    assert b"link-dial-stuck" in r.stderr
+    assert time.monotonic() - t0 < 10
 
 
 def test_second_daemon_on_the_same_socket_refuses(daemon: Daemon, workdir: str) -> None:

@@ -331,3 +331,31 @@ def test_frames_pipelined_behind_the_first_line_are_not_lost(daemon: Daemon,
     assert alice.line() == "* tom joined #lobby"
     assert alice.line().endswith("tom: first words")
     assert alice.line().endswith("tom: second words")
+
+
+def test_quit_in_a_busy_room_is_announced_as_a_quit(daemon: Daemon, clients: list[Any]) -> None:
+    """After /quit, messages still on their way to the quitter must not get it announced
+    as "too slow" (its outbox is closing, not full)."""
+    watcher = TextUser(daemon.port, "watcher")
+    flooder = TextUser(daemon.port, "flooder")
+    clients += [watcher, flooder]
+    stop = threading.Event()
+
+    def flood() -> None:
+        deadline = time.monotonic() + 30.0
+        while not stop.is_set() and time.monotonic() < deadline:
+            flooder.send("".join(f"busy {i}\n" for i in range(50)))
+            time.sleep(0.005)
+
+    t = threading.Thread(target=flood, name="flooder")
+    t.start()
+    try:
+        for i in range(6):
+            quitter = TextUser(daemon.port, f"quitter{i}")
+            clients.append(quitter)
+            quitter.send("/quit\n")
+            line = watcher.until(f"quitter{i} left", 10.0, limit=1_000_000)
+            assert line.endswith("(quit)"), line
+    finally:
+        stop.set()
+        t.join()

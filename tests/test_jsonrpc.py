@@ -197,6 +197,36 @@ def test_mixed_batch_matches_spec_example() -> None:
     assert len(resp) == 7  # "1", 2, {"foo"}, "5", 6, store, 7: not the two notifications
 
 
+def test_a_batch_reply_stops_growing_at_its_bound() -> None:
+    """Each request in a batch runs only while the reply is under the bound; the rest are
+    answered with a ``limit`` error, not run, and notifications past it are dropped."""
+    ran: list[int] = []
+
+    def page(params: dict[str, Any]) -> str:
+        ran.append(params["n"])
+        return "x" * 1000
+
+    batch = [{"jsonrpc": "2.0", "method": "page", "params": {"n": i}, "id": i}
+             for i in range(50)]
+    batch.insert(30, {"jsonrpc": "2.0", "method": "page", "params": {"n": -1}})
+    out = jsonrpc.handle_line(json.dumps(batch).encode(), {"page": page},
+                              max_batch_reply=10_000)
+    assert out is not None
+    replies = json.loads(out)
+    done = [r for r in replies if "result" in r]
+    refused = [r for r in replies if "error" in r]
+    assert len(done) == 10 and ran == list(range(10))  # 10 x ~1 KB passes 10,000 bytes
+    assert [r["id"] for r in refused] == list(range(10, 50))  # in order, ids kept
+    assert {r["error"]["code"] for r in refused} == {3}
+    assert refused[0]["error"]["data"] == {"code": "limit"}
+    assert len(out) < 10_000 + 1100 + 40 * 200
+    assert all(jsonrpc.response_is_valid(r) for r in replies)
+    # A single request is never refused: only a batch's later members are.
+    assert json.loads(jsonrpc.handle_line(
+        b'{"jsonrpc":"2.0","method":"page","params":{"n":0},"id":1}', {"page": page},
+        max_batch_reply=10))["result"] == "x" * 1000
+
+
 def test_str_input_and_whitespace() -> None:
     out = jsonrpc.handle_line('  {"jsonrpc":"2.0","method":"void","id":1}  ', ROUTES)
     assert out is not None and json.loads(out)["result"] is None

@@ -9,6 +9,7 @@ timeouts from lanchatd's internal test knobs ``LANCHAT_LINE_TIMEOUT_S`` /
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -21,7 +22,15 @@ import pytest
 from conftest import Daemon, LineClient, TextUser, require_tool, wait_for
 
 from lanchat.client import ControlClient
-from lanchat.limits import COMMAND_BURST, COMMAND_RATE, MAX_DATAGRAM_BYTES
+from lanchat.limits import (
+    COMMAND_BURST,
+    COMMAND_RATE,
+    MAX_DATAGRAM_BYTES,
+    SOURCE_RATE_FACTOR,
+    UDP_UNREGISTERED_BURST,
+    UDP_UNREGISTERED_RATE,
+)
+from lanchat.ratelimit import default_burst
 
 pytestmark = pytest.mark.timeout(40)
 
@@ -170,6 +179,75 @@ def test_udp_client_is_rate_limited_with_a_datagram(make_daemon: Any,
         assert 10 <= len(got) <= 12, got
     finally:
         udp.close()
+
+
+def test_reconnecting_gives_a_flooder_no_fresh_burst(make_daemon: Any,
+                                                     clients: list[Any]) -> None:
+    """Each connection has its own burst (10 at --max-rate 5), but its address has one
+    bucket for all of them (SOURCE_RATE_FACTOR x 5 a second, burst MESSAGE_BURST_S of
+    that): 30 reconnects, each sending its ten at once, pass about 40 lines, not 300."""
+    d = make_daemon("--max-rate", "5")
+    watcher = TextUser(d.port, "watcher")
+    clients.append(watcher)
+    rate = 5 * SOURCE_RATE_FACTOR
+    burst = default_burst(rate)
+    t0 = time.monotonic()
+    notices: list[str] = []
+    for i in range(30):
+        c = TextUser(d.port, f"again{i}")
+        clients.append(c)
+        c.send("".join(f"line {i}.{k}\n" for k in range(10)) + "/quit\n")
+        with contextlib.suppress(EOFError, TimeoutError):  # the hub closes after "Bye!"
+            while (line := c.line(1.0)) != "* Bye!":
+                notices += [line] if line.startswith("!") else []
+        c.close()
+    elapsed = time.monotonic() - t0
+    got = [m.group(2) for m in map(MESSAGE_RE.match, drain(watcher, 1.0))
+           if m and m.group(1).startswith("again")]
+    print(f"\n{len(got)} of 300 lines passed in {elapsed:.2f} s of reconnects")
+    assert len(got) <= burst + rate * elapsed + 5, (len(got), elapsed)
+    assert len(got) >= burst  # the address's burst itself is not cut
+    assert ("! rate limit: at most 20 messages per second from your address; message dropped"
+            in notices), notices[:5]
+
+
+def test_udp_answers_to_unknown_addresses_are_rate_limited(make_daemon: Any) -> None:
+    """A datagram's source may be forged: one host (here, its ports) gets at most
+    UDP_UNREGISTERED_BURST answers and registrations at once, then one a second."""
+    d = make_daemon()
+    socks = []
+    try:
+        for i in range(20):
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            socks.append(u)
+            u.settimeout(0.5)
+            u.sendto(f"victim{i}\n".encode(), ("127.0.0.1", d.port))
+        answered = 0
+        for u in socks:
+            try:
+                u.recvfrom(MAX_DATAGRAM_BYTES)
+                answered += 1
+            except TimeoutError:
+                pass
+        registered = [x for x in rpc_users(d) if x["nick"].startswith("victim")]
+        print(f"\n{answered} of 20 answered, {len(registered)} registered")
+        assert answered <= UDP_UNREGISTERED_BURST + 2 * UDP_UNREGISTERED_RATE, answered
+        assert len(registered) == answered
+        other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # another host: its own
+        socks.append(other)
+        other.bind(("127.0.0.2", 0))
+        other.settimeout(5)
+        other.sendto(b"elsewhere\n", ("127.0.0.1", d.port))
+        assert b"Welcome, elsewhere!" in other.recvfrom(MAX_DATAGRAM_BYTES)[0]
+    finally:
+        for u in socks:
+            u.close()
+
+
+def rpc_users(d: Daemon) -> list[dict[str, Any]]:
+    with ControlClient(d.socket, timeout=10) as c:
+        users: list[dict[str, Any]] = c.call("users")
+    return users
 
 
 def test_max_rate_zero_is_unlimited(daemon: Daemon, clients: list[Any]) -> None:

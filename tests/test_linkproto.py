@@ -208,6 +208,15 @@ def test_message_whose_id_does_not_match_is_refused() -> None:
         linkproto.parse_frame(json.dumps({"type": "msgs", "m": [d]}).encode())
 
 
+def test_a_timestamp_beyond_any_float_is_refused_not_an_overflow() -> None:
+    """``ts: 10**400`` is valid JSON; it must be a protocol error like any bad field, not an
+    OverflowError that no link handler expects (it killed the dialer thread)."""
+    d = msg(seq=1).to_dict()
+    d["ts"] = 10**400
+    with pytest.raises(ValidationError, match="finite"):
+        linkproto.parse_frame(json.dumps({"type": "msgs", "m": [d]}).encode())
+
+
 @settings(max_examples=200)
 @given(st.binary(max_size=300))
 def test_garbage_never_escapes_as_another_exception(data: bytes) -> None:

@@ -33,6 +33,7 @@ from conftest import (
     wait_for,
     wait_within,
 )
+from rogue import ROGUE_NODE, Rogue, RogueIdentity, fake_msg
 
 from lanchat import linkproto
 from lanchat.client import ControlClient
@@ -594,6 +595,8 @@ def test_a_daemon_with_hundreds_of_users_can_still_link(make_daemon: Any,
         for i in range(300):  # UDP users: one datagram each, no handshake
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             socks.append(s)
+            # five users per host: a host may only join a few at once (UDP_UNREGISTERED_*)
+            s.bind((f"127.0.3.{i // 5 + 1}", 0))
             s.sendto(f"user{i:03d}-{'x' * 20}\n".encode(), ("127.0.0.1", b.port))
             if i % 25 == 24:
                 time.sleep(0.05)  # paced: a burst would overflow the hub's receive buffer
@@ -609,76 +612,21 @@ def test_a_daemon_with_hundreds_of_users_can_still_link(make_daemon: Any,
 
 # -- the wire, seen by a hand-written peer -------------------------------------------------------
 
-FAKE_NODE = "fa" * 8
+FAKE_NODE = ROGUE_NODE
 
 
-class FakePeer:
-    """A raw TCP client speaking the link protocol by hand (a daemon we control)."""
+class FakePeer(Rogue):
+    """A rogue daemon that introduces itself at once: hello, then ``sync`` and its rosters
+    pipelined behind it, as a daemon's first frames (no shared secret)."""
 
     def __init__(self, port: int, *, node: str = FAKE_NODE, cursors: dict[str, int] | None = None,
                  **over: Any) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5.0)
-        self.buf = b""
-        self.node = node
+        super().__init__(port, RogueIdentity(node=node))
         rosters = over.pop("rosters", [])
-        hello = {"type": "hello", "v": 1, "role": "daemon", "node": node, "name": "fake peer",
-                 "host": "fakehost", "port": None}
-        hello.update(over)
-        self.send(hello)
-        # pipelined: our cursors, then the rosters we know, as a daemon's first frames
-        self.send({"type": "sync", "cursors": cursors or {}})
+        self.hello(**over)
+        self.sync(cursors or {})
         for r in rosters:
-            self.send({"type": "roster", "roster": r})
-
-    def send(self, obj: Any) -> None:
-        self.sock.sendall(json.dumps(obj).encode() + b"\n")
-
-    def frame(self, timeout: float = 5.0) -> dict[str, Any]:
-        """The next JSON frame (the hub's text greeting is skipped); EOFError at close."""
-        deadline = time.monotonic() + timeout
-        while True:
-            while b"\n" in self.buf:
-                line, self.buf = self.buf.split(b"\n", 1)
-                if line.lstrip().startswith(b"{"):
-                    obj = json.loads(line)
-                    assert isinstance(obj, dict)
-                    return obj
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("no frame in time")
-            self.sock.settimeout(remaining)
-            data = self.sock.recv(65536)
-            if not data:
-                raise EOFError("closed")
-            self.buf += data
-
-    def until(self, kind: str, timeout: float = 5.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        seen = []
-        while True:
-            f = self.frame(max(0.01, deadline - time.monotonic()))
-            if f.get("type") == kind:
-                return f
-            seen.append(f.get("type"))
-            if time.monotonic() > deadline or len(seen) > 1000:
-                raise AssertionError(f"no {kind}; saw {seen[-20:]}")
-
-    def closed(self, timeout: float = 5.0) -> bool:
-        try:
-            while True:
-                self.frame(timeout)
-        except EOFError:
-            return True
-        except (TimeoutError, ConnectionResetError):
-            return False
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def fake_msg(seq: int, text: str = "", origin: str = FAKE_NODE) -> dict[str, Any]:
-    return {"id": f"{origin}:{seq}", "origin": origin, "seq": seq, "ts": 1_700_000_000.0 + seq,
-            "room": "lobby", "nick": "fakenick", "host": "fakehost", "text": text or f"f{seq}"}
+            self.roster(r)
 
 
 @pytest.fixture

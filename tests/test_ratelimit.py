@@ -16,7 +16,13 @@ from lanchat.limits import (
     FLOOD_GRACE_S,
     RATE_NOTICE_INTERVAL_S,
 )
-from lanchat.ratelimit import ConnectionLimiter, TokenBucket, Verdict, default_burst
+from lanchat.ratelimit import (
+    ConnectionLimiter,
+    SourceBuckets,
+    TokenBucket,
+    Verdict,
+    default_burst,
+)
 
 
 def test_bucket_starts_full_then_refills_at_its_rate() -> None:
@@ -135,3 +141,38 @@ def test_messages_and_commands_have_separate_buckets() -> None:
     else:
         pytest.fail("the message bucket never ran out")
     assert lim.command(0.0) is Verdict.OK
+
+
+def test_source_buckets_are_one_per_address_and_shared_by_its_connections() -> None:
+    """A client that reconnects keeps its address's bucket: no fresh burst per connection."""
+    s = SourceBuckets(5, 10, max_sources=100)
+    assert sum(s.take("10.0.0.1", 0.0) for _ in range(30)) == 10
+    assert sum(s.take("10.0.0.2", 0.0) for _ in range(30)) == 10  # another host: its own
+    assert not s.take("10.0.0.1", 0.1)
+    assert s.take("10.0.0.1", 0.2)  # refills at the rate
+    assert len(s) == 2
+
+
+def test_source_buckets_forget_the_least_recently_seen_first() -> None:
+    s = SourceBuckets(1, 1, max_sources=3)
+    for host in ("a", "b", "c"):
+        assert s.take(host, 0.0)
+    assert not s.take("a", 0.0)  # a is now the most recent, and empty
+    assert s.take("d", 0.0)      # b, the least recently seen, is forgotten
+    assert len(s) == 3
+    assert not s.take("a", 0.0) and not s.take("c", 0.0) and not s.take("d", 0.0)
+    assert s.take("b", 0.0)      # b starts again full: hence a generous bound
+
+
+def test_source_buckets_rate_zero_is_unlimited_and_tracks_nobody() -> None:
+    s = SourceBuckets(0, max_sources=1)
+    assert all(s.take(f"h{i}", 0.0) for i in range(1000))
+    assert len(s) == 0
+
+
+def test_a_refusal_by_a_shared_limit_is_notified_once_per_interval() -> None:
+    limiter = ConnectionLimiter(5)
+    assert limiter.message(0.0) is Verdict.OK
+    assert limiter.message_refused(0.0) is Verdict.NOTIFY
+    assert limiter.message_refused(0.5) is Verdict.DROP
+    assert limiter.message_refused(RATE_NOTICE_INTERVAL_S + 0.1) is Verdict.NOTIFY

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lanchat.limits import FUTURE_SKEW_S
 from lanchat.model import Message, Presence
-from lanchat.render import format_message, format_presence, neutralise
+from lanchat.render import format_message, format_presence, neutralise, safe_json
 
 UTC = dt.UTC
 NODE = "0123456789abcdef"
@@ -79,3 +81,42 @@ def test_format_presence() -> None:
         "* bob is now known as robert"
     assert format_presence(Presence(kind="join", nick="a", **base), tz=UTC,
                            timestamp=True) == "[00:00:00] * a joined #lobby"
+
+
+@given(st.floats(min_value=0, allow_nan=False, allow_infinity=False))
+def test_any_finite_time_renders_without_raising(ts: float) -> None:
+    """A peer's timestamp is any finite number: rendering one must never crash a renderer."""
+    m = Message(origin=NODE, seq=1, ts=ts, room="lobby", nick="alice", host="box", text="x")
+    for tz in (None, UTC):
+        for now in (None, 0.0, 1_700_000_000.0):
+            out = format_message(m, tz=tz, now=now)
+            assert out.endswith("] alice: x"), out
+        assert format_presence(Presence(kind="join", nick="a", host="box", node=NODE,
+                                        room="lobby", ts=ts), tz=tz, timestamp=True)
+
+
+def test_a_time_far_ahead_of_the_reader_is_marked() -> None:
+    now = 1_700_000_000.0
+    at = Message(origin=NODE, seq=1, ts=now + FUTURE_SKEW_S, room="lobby", nick="alice",
+                 host="box", text="x")
+    assert format_message(at, tz=UTC, now=now) == "[22:18:20] alice: x"  # within the skew
+    ahead = Message(origin=NODE, seq=1, ts=4102444800.0, room="lobby", nick="alice",
+                    host="box", text="x")
+    assert format_message(ahead, tz=UTC, now=now) == \
+        "[future 2100-01-01 00:00:00] alice: x"
+    assert format_message(ahead, tz=UTC) == "[00:00:00] alice: x"  # no clock: no judgement
+    beyond = Message(origin=NODE, seq=1, ts=1e17, room="lobby", nick="alice", host="box",
+                     text="x")
+    assert format_message(beyond, tz=UTC, now=now) == "[future ????-??-?? ??:??:??] alice: x"
+    assert format_message(beyond, tz=UTC) == "[??:??:??] alice: x"
+    assert re.fullmatch(r"\[future \?{4}-\?\?-\?\? \?\?:\?\?:\?\?\] alice: x",
+                        format_message(beyond, now=now))
+
+
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(),
+                    lambda inner: st.lists(inner, max_size=3)
+                    | st.dictionaries(st.text(), inner, max_size=3), max_leaves=10))
+def test_safe_json_keeps_the_value_and_shows_no_control_character(value: object) -> None:
+    text = safe_json(json.dumps(value, ensure_ascii=False))
+    assert json.loads(text) == value
+    assert DANGEROUS.search(text) is None

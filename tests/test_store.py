@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from lanchat import store as store_module
 from lanchat.errors import ClosedError, LocalProtocolError, StoreError
-from lanchat.limits import MAX_HISTORY_PAGE
+from lanchat.limits import FUTURE_SKEW_S, MAX_HISTORY_PAGE
 from lanchat.model import Draft, Message
 from lanchat.store import MIGRATIONS, Store
 
@@ -423,6 +423,71 @@ def test_retention_by_age(db: Path) -> None:
         assert s.cursors() == {A: 3, s.node_id: 1}
         assert s.after(A, 0, 10)[0].seq == 3  # replay starts where history starts
         assert s.history()[-1] == mine[0]
+
+
+def test_a_far_future_message_ages_from_its_arrival(db: Path) -> None:
+    """A peer's ts of 1e17 sorts last for ever: retention must still remove it, by age
+    counted from when it arrived (issue 13, case 1)."""
+    day = 86400.0
+    now = 1_700_000_000.0
+    with Store(db, max_age_days=2) as s:
+        s.insert_remote([msg(A, 1, ts=now), msg(A, 2, ts=1e17)], now=now)
+        s.insert_remote([msg(B, 1, ts=now + FUTURE_SKEW_S)], now=now)  # within the skew
+        assert s.prune(now=now + 1 * day) == 0
+        assert s.prune(now=now + 3 * day) == 3
+        assert s.history() == []
+        assert s.cursors() == {A: 2, B: 1}
+
+
+def test_a_far_future_message_counts_from_its_arrival_for_retention_by_count(
+        db: Path) -> None:
+    with Store(db, max_messages=2) as s:
+        s.insert_remote([msg(A, 1, ts=10.0), msg(A, 2, ts=1e17)], now=20.0)
+        s.insert_remote([msg(B, 1, ts=30.0), msg(B, 2, ts=40.0)], now=40.0)
+        assert s.prune(now=50.0) == 2
+        # Oldest first: A1 (ts 10) and A2 (arrived at 20), although A2 sorts last by ts.
+        assert [(m.origin, m.seq) for m in s.history()] == [(B, 1), (B, 2)]
+
+
+def test_a_copy_of_ours_from_the_future_does_not_drag_our_clock(db: Path) -> None:
+    """Our latest ts is the floor of our next stamp (so a clock that steps back keeps our
+    order); a copy of our own message claiming the year 2100 must not raise that floor
+    beyond now + FUTURE_SKEW_S, or every later message of ours would be stamped 2100."""
+    now = 1_700_000_000.0
+    with Store(db) as s:
+        s.append_local([draft("one")], ts=now)
+        s.insert_remote([Message(origin=s.node_id, seq=2, ts=4102444800.0, room="lobby",
+                                 nick="mallory", host="evil", text="year 2100")], now=now)
+        (nxt,) = s.append_local([draft("three")], ts=now + 1)
+        assert nxt.seq == 3 and nxt.ts == now + FUTURE_SKEW_S
+    legacy = db.parent / "legacy.db"
+    with Store(legacy) as s:  # without an arrival time there is no judging the claim
+        s.append_local([draft("one")], ts=now)
+        s.insert_remote([Message(origin=s.node_id, seq=2, ts=now + 60, room="lobby",
+                                 nick="alice", host="box", text="restored")], now=now)
+        assert s.append_local([draft("three")], ts=now + 1)[0].ts == now + 60
+
+
+def test_migration_gives_existing_far_future_rows_an_arrival(
+        db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database that already holds a far-future message (and a clock dragged along by
+    one in our name) is mended by the upgrade: retention reaches the one, the clock is now."""
+    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS[:2])
+    with Store(db) as s:
+        node = s.node_id
+    conn = raw(db)
+    for origin, seq, ts in ((A, 1, time.time()), (A, 2, 1e17), (node, 1, 4102444800.0)):
+        conn.execute("INSERT INTO messages (id, origin, seq, ts, room, nick, host, text)"
+                     " VALUES (?, ?, ?, ?, 'lobby', 'bob', 'far', 'x')",
+                     (f"{origin}:{seq}", origin, seq, ts))
+    conn.close()
+    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS)
+    with Store(db, max_age_days=1) as s:
+        before = time.time()
+        (mine,) = s.append_local([draft("after the upgrade")], ts=before)
+        assert mine.ts <= before + FUTURE_SKEW_S + 5
+        assert s.prune(now=time.time() + 2 * 86400) == 4
+        assert s.history() == []
 
 
 def test_no_retention_keeps_everything(store: Store) -> None:

@@ -1,0 +1,261 @@
+"""A rogue daemon for tests: speaks the real link protocol, says whatever the test wants.
+
+:class:`Rogue` opens a TCP connection to a daemon's hub port and plays a daemon
+(see :mod:`lanchat.linkproto`): a ``hello`` with a node id of its own choosing,
+the shared-secret challenge answered with :mod:`lanchat.auth` when its
+:class:`RogueIdentity` holds the key, then any frames at all -- ``msgs``,
+``floor``, ``roster``, ``bye``, or raw bytes -- while reading what comes back.
+
+Who the rogue is lives in one place, :class:`RogueIdentity` (node id, name,
+host, the secret it knows); a signing key joins it there when messages are
+signed.  The rogue is a test's puppet, not a daemon: it never answers on its
+own (no pong, no replay), so a test sees exactly what the daemon sends.
+
+Typical use::
+
+    r = Rogue(daemon.port)            # connected, nothing sent yet
+    r.handshake()                     # hello, welcome, (auth), sync {}
+    r.msgs([r.message(1, ts=1e17)])
+    r.until("sync")
+    r.close()
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from lanchat import auth
+from lanchat.model import Message
+
+#: The rogue's node id unless a test picks another ("fa" for "fake").
+ROGUE_NODE = "fa" * 8
+#: A plausible timestamp for a rogue's messages (2023-11-14), one second apart per seq.
+BASE_TS = 1_700_000_000.0
+
+
+@dataclass(frozen=True, slots=True)
+class RogueIdentity:
+    """Everything that says who the rogue is.  ``key``: the shared secret, if it knows it."""
+
+    node: str = ROGUE_NODE
+    name: str = "fake peer"
+    host: str = "fakehost"
+    port: int | None = None
+    key: bytes | None = None
+
+    def tag(self, message: dict[str, Any]) -> dict[str, Any]:
+        """``message`` with the origin's tag of the shared secret, when the rogue knows it.
+
+        A message the model cannot even build (a ``ts`` of ``10**400``) cannot be
+        tagged either; it goes out as it is.
+        """
+        if self.key is None:
+            return message
+        try:
+            msg = Message.from_dict(message)
+        except (ValueError, OverflowError):
+            return message
+        return {**message, "mac": auth.message_mac(self.key, msg)}
+
+
+def fake_msg(seq: int, text: str = "", origin: str = ROGUE_NODE, *,
+             ts: Any = None, **fields: Any) -> dict[str, Any]:
+    """A message in wire form as origin ``origin`` would send it (any field may be overridden)."""
+    return {"id": f"{origin}:{seq}", "origin": origin, "seq": seq,
+            "ts": BASE_TS + seq if ts is None else ts, "room": "lobby", "nick": "fakenick",
+            "host": "fakehost", "text": text or f"f{seq}", **fields}
+
+
+class Rogue:
+    """A connection to a daemon, playing a daemon.  Owns its socket; :meth:`close`.
+
+    ``Rogue(port)`` dials a daemon's hub port (then :meth:`handshake`); a
+    :class:`RogueListener` makes one from a connection a daemon dialed (then
+    :meth:`answer`).
+    """
+
+    def __init__(self, port: int, identity: RogueIdentity | None = None, *,
+                 host: str = "127.0.0.1", timeout: float = 5.0, source: str | None = None,
+                 sock: socket.socket | None = None) -> None:
+        self.identity = identity or RogueIdentity()
+        # ``source``: another loopback address (127.0.0.2, ...) plays another machine.
+        self.sock = sock or socket.create_connection(
+            (host, port), timeout=timeout, source_address=(source, 0) if source else None)
+        self.buf = b""
+        #: The challenge our hello carried (shared secret), and the daemon's welcome.
+        self.nonce: str | None = None
+        self.welcome: dict[str, Any] | None = None
+
+    @property
+    def node(self) -> str:
+        return self.identity.node
+
+    # -- sending -------------------------------------------------------------------------
+
+    def send(self, obj: Any) -> None:
+        """One JSON frame, as given (no validation: a rogue sends what it likes)."""
+        self.raw(json.dumps(obj).encode() + b"\n")
+
+    def raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def hello(self, **over: Any) -> None:
+        """A daemon's hello from our identity; with a key (or ``nonce=``) it carries a challenge."""
+        me = self.identity
+        frame: dict[str, Any] = {"type": "hello", "v": 1, "role": "daemon", "node": me.node,
+                                 "name": me.name, "host": me.host, "port": me.port}
+        if me.key is not None:
+            frame["nonce"] = secrets.token_hex(auth.NONCE_BYTES)
+        frame.update(over)
+        self.nonce = frame.get("nonce")
+        self.send(frame)
+
+    def handshake(self, cursors: dict[str, int] | None = None, *, timeout: float = 5.0,
+                  **hello: Any) -> dict[str, Any]:
+        """Hello, the daemon's welcome, our proof (with a key), then ``sync {cursors}``.
+
+        Returns the welcome.  Raises AssertionError if the daemon refuses us, or
+        if its welcome cannot prove the secret we hold.
+        """
+        self.hello(**hello)
+        welcome = self.frame(timeout)
+        assert welcome.get("type") == "welcome", f"refused: {welcome}"
+        self.welcome = welcome
+        key = self.identity.key
+        if key is not None:
+            assert self.nonce is not None
+            assert auth.check_proof(key, welcome.get("proof"), "link-welcome", self.nonce,
+                                    welcome["node"], self.node), "the welcome's proof is wrong"
+            self.send({"type": "auth", "proof": auth.proof(
+                key, "link-hello", welcome["nonce"], self.node, welcome["node"])})
+        self.sync(cursors or {})
+        return welcome
+
+    def answer(self, cursors: dict[str, int] | None = None, *,
+               timeout: float = 5.0, **welcome: Any) -> dict[str, Any]:
+        """The acceptor's side: read a dialing daemon's hello, send our welcome, then sync.
+
+        With a key, the welcome proves it and the daemon's ``auth`` frame is read
+        (and checked).  Returns the daemon's hello.
+        """
+        hello = self.frame(timeout)
+        assert hello.get("type") == "hello" and hello.get("role") == "daemon", hello
+        me = self.identity
+        frame: dict[str, Any] = {"type": "welcome", "v": 1, "role": "daemon", "node": me.node,
+                                 "name": me.name, "host": me.host, "port": me.port}
+        key = me.key
+        if key is not None:
+            frame["nonce"] = self.nonce = secrets.token_hex(auth.NONCE_BYTES)
+            frame["proof"] = auth.proof(key, "link-welcome", hello["nonce"], me.node,
+                                        hello["node"])
+        frame.update(welcome)
+        self.send(frame)
+        if key is not None:
+            proof = self.until("auth", timeout)
+            assert auth.check_proof(key, proof.get("proof"), "link-hello", self.nonce,
+                                    hello["node"], me.node), "the daemon's proof is wrong"
+        self.sync(cursors or {})
+        return hello
+
+    def message(self, seq: int, text: str = "", *, origin: str | None = None,
+                **fields: Any) -> dict[str, Any]:
+        """A message of ours (or of ``origin``), tagged when we know the secret."""
+        return self.identity.tag(fake_msg(seq, text, origin or self.node, **fields))
+
+    def msgs(self, messages: list[dict[str, Any]]) -> None:
+        self.send({"type": "msgs", "m": messages})
+
+    def sync(self, cursors: dict[str, int]) -> None:
+        self.send({"type": "sync", "cursors": cursors})
+
+    def floor(self, origin: str, seq: int) -> None:
+        self.send({"type": "floor", "origin": origin, "seq": seq})
+
+    def roster(self, roster: dict[str, Any]) -> None:
+        self.send({"type": "roster", "roster": roster})
+
+    def ping(self) -> None:
+        self.send({"type": "ping"})
+
+    def bye(self, reason: Any = "bye") -> None:
+        self.send({"type": "bye", "reason": reason})
+
+    # -- reading -------------------------------------------------------------------------
+
+    def frame(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The next JSON frame (the hub's text greeting is skipped); EOFError at close."""
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\n" in self.buf:
+                line, self.buf = self.buf.split(b"\n", 1)
+                if line.lstrip().startswith(b"{"):
+                    obj = json.loads(line)
+                    assert isinstance(obj, dict)
+                    return obj
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("no frame in time")
+            self.sock.settimeout(remaining)
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError("closed")
+            self.buf += data
+
+    def until(self, kind: str, timeout: float = 5.0) -> dict[str, Any]:
+        """Read frames until one of type ``kind`` (bounded by ``timeout`` and 1,000 frames)."""
+        deadline = time.monotonic() + timeout
+        seen = []
+        while True:
+            f = self.frame(max(0.01, deadline - time.monotonic()))
+            if f.get("type") == kind:
+                return f
+            seen.append(f.get("type"))
+            if time.monotonic() > deadline or len(seen) > 1000:
+                raise AssertionError(f"no {kind}; saw {seen[-20:]}")
+
+    def closed(self, timeout: float = 5.0) -> bool:
+        """True once the daemon has closed the connection (frames meanwhile are dropped)."""
+        try:
+            while True:
+                self.frame(timeout)
+        except EOFError:
+            return True
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class RogueListener:
+    """A port that daemons dial (``--peer 127.0.0.1:PORT``); each connection becomes a Rogue."""
+
+    def __init__(self, identity: RogueIdentity | None = None) -> None:
+        self.identity = identity or RogueIdentity()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.listener.getsockname()[1]
+        self.accepted: list[Rogue] = []
+
+    def accept(self, timeout: float = 10.0) -> Rogue:
+        """The next connection a daemon opened to us (AssertionError after ``timeout``)."""
+        self.listener.settimeout(timeout)
+        try:
+            sock, _ = self.listener.accept()
+        except TimeoutError:
+            raise AssertionError(f"no daemon dialed port {self.port} in {timeout} s") from None
+        sock.settimeout(5.0)
+        rogue = Rogue(self.port, self.identity, sock=sock)
+        self.accepted.append(rogue)
+        return rogue
+
+    def close(self) -> None:
+        for rogue in self.accepted:
+            rogue.close()
+        self.listener.close()

@@ -1,0 +1,131 @@
+"""The link manager in this process, against a rogue peer and a fake router.
+
+What a link must survive on our side: a router that cannot attach it in time (no ghost link
+left registered but not running), and any exception at all on a dialer's thread (the static
+peer is dialed again, never dropped for good).  (Issue 13, case 10.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+from conftest import wait_for
+from rogue import RogueListener
+
+from lanchat.errors import RouterTimeout
+from lanchat.links import Identity, LinkManager
+from lanchat.model import Message
+from lanchat.presence import NodeRoster
+
+ME = "11" * 8
+
+
+class FakeRouter:
+    """The router as links see it (LinkRouter); ``fail_attach``/``fail_cursors`` count
+    down the calls that fail."""
+
+    node = ME
+
+    def __init__(self) -> None:
+        self.attached: list[Any] = []
+        self.detached: list[Any] = []
+        self.fail_attach = 0
+        self.fail_cursors = 0
+
+    def attach_link(self, link: Any) -> None:
+        if self.fail_attach:
+            self.fail_attach -= 1
+            raise RouterTimeout("the router did not answer within 30 s")
+        self.attached.append(link)
+
+    def detach_link(self, link: Any) -> None:
+        self.detached.append(link)
+
+    def accept_remote(self, messages: Sequence[Message], *,
+                      source: object | None) -> tuple[list[Message], bool]:
+        return list(messages), False
+
+    def apply_roster(self, roster: NodeRoster, *, source: Any) -> None:
+        pass
+
+    def cursors(self) -> dict[str, int]:
+        if self.fail_cursors:
+            self.fail_cursors -= 1
+            raise RuntimeError("a bug nobody foresaw")
+        return {}
+
+    def skip_pruned(self, origin: str, seq: int) -> None:
+        pass
+
+
+class NoHistory:
+    def after(self, origin: str, seq: int, limit: int) -> list[Message]:
+        return []
+
+
+@pytest.fixture
+def rogue_peer() -> Iterator[RogueListener]:
+    listener = RogueListener()
+    try:
+        yield listener
+    finally:
+        listener.close()
+
+
+@pytest.fixture
+def manager_for(rogue_peer: RogueListener) -> Iterator[Any]:
+    made: list[LinkManager] = []
+
+    def make(router: FakeRouter) -> LinkManager:
+        m = LinkManager(router, NoHistory(), Identity(ME, "me", "myhost", None),
+                        static_peers=[("127.0.0.1", rogue_peer.port)])
+        made.append(m)
+        m.start()
+        return m
+
+    try:
+        yield make
+    finally:
+        for m in made:
+            m.close(timeout=5.0)
+
+
+def state(manager: LinkManager, node: str) -> str | None:
+    return next((p["state"] for p in manager.peers() if p["node"] == node), None)
+
+
+def test_a_link_the_router_cannot_attach_is_closed_and_forgotten(
+        rogue_peer: RogueListener, manager_for: Any) -> None:
+    router = FakeRouter()
+    router.fail_attach = 1
+    manager = manager_for(router)
+    first = rogue_peer.accept()
+    first.answer()
+    assert first.closed(5.0), "a link that could not be attached must be closed"
+    assert not manager.linked(first.node)
+    assert state(manager, first.node) != "linked"
+    # Not a ghost: the dialer tries again, and this time the link is attached and runs.
+    second = rogue_peer.accept(timeout=10.0)
+    second.answer()
+    wait_for("linked on the second try", lambda: manager.linked(second.node), 5.0)
+    second.ping()
+    second.until("pong", 5.0)
+    assert state(manager, second.node) == "linked"
+    # The one that failed was detached again: a late attach on the router thread is undone.
+    assert len(router.attached) == 1 and len(router.detached) == 1
+    assert router.detached[0] is not router.attached[0]
+
+
+def test_a_dialer_survives_an_exception_nobody_foresaw(rogue_peer: RogueListener,
+                                                       manager_for: Any) -> None:
+    router = FakeRouter()
+    router.fail_cursors = 1  # the first link's reader hits a bug at once
+    manager = manager_for(router)
+    first = rogue_peer.accept()
+    first.answer()
+    assert first.closed(5.0)
+    second = rogue_peer.accept(timeout=10.0)  # the static peer is dialed again
+    second.answer()
+    wait_for("linked again", lambda: manager.linked(second.node), 5.0)

@@ -1,0 +1,305 @@
+"""A rogue daemon against a real lanchatd: what one hostile or broken peer cannot break.
+
+Each test plays a rogue peer with :class:`rogue.Rogue` (the real link protocol, a node id of
+its own choosing) against a daemon on loopback (discovery off), and checks what users see:
+text clients on the hub, ``lanchat history``/``tail``, ``lanchat peers``, the journal.  The
+daemon under attack must keep serving its honest peers and clients throughout.
+(Issue 13, cases 1, 2, 6, 10 and 12; signatures come later.)
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+from typing import Any
+
+from conftest import Daemon, TextUser, wait_for
+from rogue import Rogue, RogueIdentity, RogueListener
+from test_auth import config_file, secret_file
+from test_links import linked, logs, node_of, peer_state, rpc
+
+from lanchat import auth
+from lanchat.limits import (
+    LINK_BYE_GRACE_S,
+    LINK_HANDSHAKE_TIMEOUT_S,
+    MAX_LINK_HANDSHAKES_PER_IP,
+    SHUTDOWN_TIMEOUT_S,
+)
+
+KEY = auth.load_secret("correct horse battery staple\n")  # what test_auth's secret file holds
+
+#: A timestamp no clock will reach (year ~3 billion): it cannot even be turned into a date.
+FAR_FUTURE = 1e17
+
+
+def _history(d: Daemon, *args: str) -> list[dict[str, Any]]:
+    res = d.cli("--json", "history", *args)
+    assert res.returncode == 0, res.stderr.decode()
+    return [json.loads(x) for x in res.stdout.decode().splitlines() if x.strip()]
+
+
+# -- case 1: a far-future timestamp -------------------------------------------------------------
+
+def test_far_future_timestamp_jams_nothing_and_crashes_no_one(
+        make_daemon: Any, clients: list[Any]) -> None:
+    d = make_daemon("-vv")
+    node = node_of(d)
+    tess = TextUser(d.port, "tess")
+    clients.append(tess)
+    rogue = Rogue(d.port)
+    clients.append(rogue)
+    rogue.handshake()
+    rogue.msgs([rogue.message(1, "from the year three billion", ts=FAR_FUTURE)])
+    # The text client sees it, marked as claiming a time far ahead, and the link still
+    # answers: the router handed the batch back instead of jamming on it.
+    line = tess.until("year three billion", 5.0)
+    assert "future" in line, line
+    rogue.ping()
+    rogue.until("pong", 5.0)
+    rogue.msgs([rogue.message(2, "an honest second")])
+    assert "an honest second" in tess.until("honest second", 5.0)
+    # The CLI prints it (marked) without a traceback; --json shows the ts as it was sent.
+    for args in (("history",), ("tail", "--no-follow")):
+        res = d.cli(*args)
+        assert res.returncode == 0, res.stderr.decode()
+        out = res.stdout.decode()
+        assert "Traceback" not in res.stderr.decode()
+        (shown,) = [x for x in out.splitlines() if "year three billion" in x]
+        assert "future" in shown, out
+    (stored,) = [m for m in _history(d) if m["seq"] == 1 and m["origin"] == rogue.node]
+    assert stored["ts"] == FAR_FUTURE
+    # Our own clock is untouched: a local message is stamped now.
+    before = time.time()
+    res = d.cli("--json", "send", "local after the rogue")
+    assert res.returncode == 0, res.stderr.decode()
+    assert before - 1 <= json.loads(res.stdout)["ts"] <= time.time() + 1
+    assert "local after the rogue" in tess.until("local after the rogue", 5.0)
+    # The link ends and the same node may link again (no ghost "duplicate-link").
+    rogue.bye("done")
+    assert rogue.closed()
+    wait_for("rogue seen down", lambda: peer_state(d, rogue.node) != "linked", 5.0,
+             diag=lambda: logs(d))
+    again = Rogue(d.port)
+    clients.append(again)
+    again.handshake({node: 0, rogue.node: 2})
+    wait_for("linked again", lambda: linked(d, rogue.node), 5.0, diag=lambda: logs(d))
+    print(f"\nshut down in {stop_in_time(d):.2f} s with a rogue link up")
+    assert "Traceback" not in d.stderr(), logs(d)
+
+def stop_in_time(d: Daemon) -> float:
+    """SIGTERM: a clean exit (0) within SHUTDOWN_TIMEOUT_S, whatever the peers did."""
+    t0 = time.monotonic()
+    code = d.stop(signal.SIGTERM, timeout=SHUTDOWN_TIMEOUT_S + 5)
+    took = time.monotonic() - t0
+    assert code == 0, f"exit {code} after {took:.1f} s\n{logs(d)}"
+    assert took < SHUTDOWN_TIMEOUT_S + 1, f"{took:.1f} s\n{logs(d)}"
+    return took
+
+
+def test_far_future_timestamp_from_a_peer_we_dial_lets_us_shut_down(
+        make_daemon: Any, clients: list[Any]) -> None:
+    """The same message on a link we dialed: the dialer thread must not wait for ever on
+    the router, or SIGTERM hangs on it (it is not a daemon thread)."""
+    listener = RogueListener()
+    clients.append(listener)
+    d = make_daemon("-vv", "--peer", f"127.0.0.1:{listener.port}")
+    tess = TextUser(d.port, "tess")
+    clients.append(tess)
+    rogue = listener.accept()
+    rogue.answer()
+    rogue.msgs([rogue.message(1, "from the far future", ts=FAR_FUTURE)])
+    assert "future" in tess.until("from the far future", 5.0)
+    rogue.ping()
+    rogue.until("pong", 5.0)
+    print(f"\nshut down in {stop_in_time(d):.2f} s with a dialed rogue link up")
+
+
+def test_shutdown_is_bounded_when_peers_stop_reading(make_daemon: Any,
+                                                     clients: list[Any]) -> None:
+    """Links whose peers stopped reading (their buffers full of relayed traffic) must not
+    each hold the shutdown for a goodbye that cannot be sent."""
+    d = make_daemon()
+    sleepers = []
+    for i in range(12):
+        r = Rogue(d.port, RogueIdentity(node=f"{i + 1:02x}" * 8, name=f"sleeper {i}"))
+        clients.append(r)
+        r.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        r.handshake()
+        sleepers.append(r)
+    flood = Rogue(d.port)
+    clients.append(flood)
+    flood.handshake()
+    text = "x" * 3000
+    for start in range(1, 2001, 50):  # 6 MB relayed to each sleeper, which reads none of it
+        flood.msgs([flood.message(seq, text) for seq in range(start, start + 50)])
+    flood.ping()
+    flood.until("pong", 20.0)
+    took = stop_in_time(d)
+    print(f"\nshut down in {took:.2f} s with {len(sleepers)} links that stopped reading")
+    # Their goodbyes are given LINK_BYE_GRACE_S together, not a wait each.
+    assert took < LINK_BYE_GRACE_S + 3.0, logs(d)
+
+
+# -- case 2: our own origin ---------------------------------------------------------------------
+
+def test_a_peer_cannot_speak_in_our_name_nor_move_our_clock(make_daemon: Any,
+                                                           clients: list[Any]) -> None:
+    d = make_daemon("-v")
+    node = node_of(d)
+    first = json.loads(d.cli("--json", "send", "mine, first").stdout)
+    rogue = Rogue(d.port)
+    clients.append(rogue)
+    rogue.handshake({node: 1})
+    year_2100 = 4102444800.0
+    for seq in (2, 3):  # they would extend our prefix, in the year 2100
+        rogue.msgs([rogue.message(seq, f"forged {seq}", origin=node, ts=year_2100)])
+    rogue.ping()
+    rogue.until("pong", 5.0)  # the link is not stopped by it
+    assert [m["text"] for m in _history(d)] == ["mine, first"]
+    before = time.time()
+    second = json.loads(d.cli("--json", "send", "mine, second").stdout)
+    assert second["seq"] == first["seq"] + 1 == 2
+    assert before - 1 <= second["ts"] <= time.time() + 1
+    assert [m["text"] for m in _history(d)] == ["mine, first", "mine, second"]
+    # Said once for this link, not once per message.
+    assert d.stderr().count("in our own name") == 1, logs(d)
+
+
+# -- case 6: unproven connections and the link slots --------------------------------------------
+
+def _trickler(port: int, i: int) -> Rogue | None:
+    """A connection that says it is a daemon, gets a welcome, and never finishes proving it."""
+    try:
+        r = Rogue(port, RogueIdentity(node=f"{i:04x}" * 4, key=KEY),
+                  source=f"127.0.0.{2 + i % 10}")
+        r.hello()
+        if r.frame(5.0).get("type") != "welcome":
+            r.close()
+            return None
+        r.raw(b'{"type":"auth"')  # the start of an answer that never ends
+    except (OSError, EOFError):
+        return None
+    return r
+
+
+def test_connections_that_never_prove_the_secret_cannot_lock_daemons_out(
+        make_daemon: Any, workdir: str, clients: list[Any]) -> None:
+    """70 sockets from ten addresses say hello and then trickle a byte every 2 s, and are
+    replaced when dropped (bounded: 400 connections, 20 s).  A real daemon with the secret
+    still links at once, and no trickler ever counts as a link."""
+    secret = secret_file(workdir)
+    a = make_daemon("--config", config_file(workdir, "a", secret_file=secret), "-v",
+                    subdir="a")
+    na = node_of(a)
+    tricklers: list[Rogue] = []
+    opened = 0
+
+    def top_up() -> None:
+        nonlocal opened
+        while len(tricklers) < 70 and opened < 400:
+            opened += 1
+            r = _trickler(a.port, opened)
+            if r is not None:
+                tricklers.append(r)
+                clients.append(r)
+
+    top_up()
+    b = make_daemon("--config", config_file(workdir, "b", secret_file=secret,
+                                            peers=[f"127.0.0.1:{a.port}"]), "-v", subdir="b")
+    nb = node_of(b)
+    t0 = time.monotonic()
+    linked_after: float | None = None
+    while time.monotonic() - t0 < 20.0:
+        for r in list(tricklers):
+            try:
+                r.raw(b" ")
+            except OSError:  # dropped by the daemon: an attacker comes straight back
+                tricklers.remove(r)
+        top_up()
+        if linked_after is None and linked(a, nb) and linked(b, na):
+            linked_after = time.monotonic() - t0
+            break
+        time.sleep(0.5)
+    print(f"\nlinked {linked_after} s after B started, {opened} trickling connections opened")
+    assert linked_after is not None, logs(a, b)
+    # At once: a newcomer evicts the oldest unfinished handshake, not waits for it to expire.
+    assert linked_after < LINK_HANDSHAKE_TIMEOUT_S, logs(a, b)
+    assert all(p["node"] == nb for p in rpc(a, "peers") if p["state"] == "linked")
+    # And each trickler is dropped within the handshake deadline.
+    for r in tricklers[:5]:
+        assert r.closed(LINK_HANDSHAKE_TIMEOUT_S + 3.0), "a handshake outlived its deadline"
+
+
+# -- case 10: dead dialers ----------------------------------------------------------------------
+
+def test_a_static_peer_is_dialed_again_after_any_bad_frame(make_daemon: Any,
+                                                           clients: list[Any]) -> None:
+    """``ts: 10**400`` raised OverflowError on the dialer's thread, which only expected
+    protocol errors: the thread died and the static peer was never dialed again."""
+    listener = RogueListener()
+    clients.append(listener)
+    d = make_daemon("-v", "--peer", f"127.0.0.1:{listener.port}")
+    first = listener.accept()
+    first.answer()
+    first.msgs([first.message(1, "from beyond any float", ts=10**400)])
+    assert first.closed(5.0), "a frame that cannot be parsed ends the link"
+    second = listener.accept(timeout=10.0)  # dialed again, after the first backoff
+    second.answer()
+    wait_for("linked again", lambda: linked(d, second.node), 5.0, diag=lambda: logs(d))
+    second.msgs([second.message(1, "an honest first")])
+    wait_for("stored", lambda: any(m["text"] == "an honest first" for m in _history(d)), 5.0)
+    assert "Traceback" not in d.stderr(), logs(d)
+
+
+# -- case 12: the smaller ones ------------------------------------------------------------------
+
+def test_a_peers_bye_reason_cannot_forge_log_lines(make_daemon: Any, clients: list[Any]) -> None:
+    d = make_daemon("-v")  # the "link closed: peer said bye (...)" line is at info
+    rogue = Rogue(d.port)
+    clients.append(rogue)
+    rogue.handshake()
+    rogue.bye("done\n2030-01-01 00:00:00 lanchatd[1] WARNING: forged\x1b[2J\r")
+    assert rogue.closed()
+    wait_for("the bye logged", lambda: "peer said bye" in d.stderr(), 5.0)
+    err = d.stderr()
+    assert "\x1b" not in err and "\r" not in err, logs(d)
+    assert not any(x.startswith("2030-01-01") for x in err.splitlines()), "a forged log line"
+    assert "peer said bye (done^J2030-01-01 00:00:00 lanchatd[1] WARNING: forged^[[2J^M)" in err
+
+
+def test_a_handshake_has_an_overall_deadline_and_a_per_address_bound(
+        make_daemon: Any, workdir: str, clients: list[Any]) -> None:
+    d = make_daemon("--config", config_file(workdir, "d", secret_file=secret_file(workdir)),
+                    "-v")
+    # One connection trickling its proof a byte a second, with nobody else pushing it out.
+    slow = _trickler(d.port, 1)
+    assert slow is not None
+    clients.append(slow)
+    t0 = time.monotonic()
+    closed = False
+    while not closed and time.monotonic() - t0 < LINK_HANDSHAKE_TIMEOUT_S + 5:
+        try:
+            slow.raw(b" ")
+            closed = slow.closed(1.0)
+        except OSError:
+            closed = True
+    took = time.monotonic() - t0
+    print(f"\na trickling handshake was dropped after {took:.1f} s")
+    assert closed and took < LINK_HANDSHAKE_TIMEOUT_S + 2, logs(d)
+    assert "no proof of the shared secret within" in d.stderr(), logs(d)
+    # From one address, at most MAX_LINK_HANDSHAKES_PER_IP unfinished handshakes at once.
+    held = []
+    for i in range(MAX_LINK_HANDSHAKES_PER_IP):
+        r = Rogue(d.port, RogueIdentity(node=f"{i + 0x100:04x}" * 4, key=KEY),
+                  source="127.0.0.9")
+        clients.append(r)
+        r.hello()
+        assert r.frame().get("type") == "welcome"
+        held.append(r)
+    extra = Rogue(d.port, RogueIdentity(node="ee" * 8, key=KEY), source="127.0.0.9")
+    clients.append(extra)
+    extra.hello()
+    refusal = extra.until("error")
+    assert refusal["code"] == "too-many-handshakes" and refusal["fatal"], refusal

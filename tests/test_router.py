@@ -1,0 +1,163 @@
+"""The router on its own: a real Store, fake receivers of its narrow interfaces.
+
+What a hostile or buggy party must never do to the router thread: make a hand-off wait for
+ever, stop a fan-out, or write in our own origin's name.  (Issue 13, cases 1, 2, build 5.)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lanchat.errors import LanchatError, RouterTimeout
+from lanchat.events import Event
+from lanchat.model import Draft, Message
+from lanchat.presence import NodeRoster
+from lanchat.router import Router
+from lanchat.store import Store
+
+PEER = "ab" * 8
+
+
+class Sink:
+    """A receiver that keeps what it is handed; ``fail`` makes its deliver raise (a bug)."""
+
+    def __init__(self, name: str, *, fail: bool = False) -> None:
+        self.name = name
+        self.fail = fail
+        self.got: list[Event] = []
+
+    def deliver(self, events: Sequence[Event]) -> bool:
+        if self.fail:
+            raise RuntimeError(f"{self.name} cannot render this")
+        self.got.extend(events)
+        return True
+
+    def texts(self) -> list[str]:
+        return [e.item.text for e in self.got if isinstance(e.item, Message)]
+
+    def __repr__(self) -> str:
+        return f"<Sink {self.name}>"
+
+
+class FakeLink(Sink):
+    """A link as the router sees it (LinkPeer)."""
+
+    def __init__(self, node: str, **kw: Any) -> None:
+        super().__init__(f"link {node}", **kw)
+        self.node = node
+        self.aborted: str | None = None
+
+    def send_roster(self, roster: NodeRoster) -> None:
+        pass
+
+    def abort(self, reason: str) -> None:
+        self.aborted = reason
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(tmp_path / "history.db")
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def router(store: Store) -> Iterator[Router]:
+    r = Router(store, node=store.node_id, host="box", nick="owner")
+    r.start()
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def remote(seq: int, text: str = "", origin: str = PEER, ts: float | None = None) -> Message:
+    return Message(origin=origin, seq=seq, ts=1_700_000_000.0 + seq if ts is None else ts,
+                   room="lobby", nick="peer", host="far", text=text or f"r{seq}")
+
+
+def test_a_receiver_that_raises_is_dropped_and_the_fan_out_goes_on(router: Router) -> None:
+    """One broken receiver (its deliver raised: a renderer crashed) costs only itself: the
+    others get every message, the publisher its answer, and the link its reply."""
+    before, broken, after = Sink("before"), Sink("broken", fail=True), Sink("after")
+    for sink in (before, broken, after):
+        router.subscribe(sink)
+    link = FakeLink("cd" * 8, fail=True)
+    router.attach_link(link)
+    new, gap = router.accept_remote([remote(1, "first")], source=None)
+    assert [m.text for m in new] == ["first"] and not gap
+    stored = router.send(Draft(text="second", nick="owner", host="box"), timeout=5.0)
+    assert stored.text == "second"
+    assert before.texts() == after.texts() == ["first", "second"]
+    assert broken.got == []
+    assert link.aborted == "internal error"
+    # Dropped: the broken receiver is not handed anything more, even once it could take it.
+    broken.fail = False
+    router.send(Draft(text="third", nick="owner", host="box"), timeout=5.0)
+    assert broken.got == [] and after.texts() == ["first", "second", "third"]
+
+
+def test_a_bug_while_storing_a_peers_batch_answers_the_link(store: Store, router: Router,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """The link waits for the router's answer: an unexpected error must reach it as a
+    LanchatError (the link then closes) instead of leaving it waiting for ever."""
+    def broken(*args: Any, **kw: Any) -> list[Message]:
+        raise KeyError("a bug")
+    monkeypatch.setattr(store, "insert_remote", broken)
+    t0 = time.monotonic()
+    with pytest.raises(LanchatError, match="internal error"):
+        router.accept_remote([remote(1)], source=None)
+    assert time.monotonic() - t0 < 5.0
+    monkeypatch.undo()
+    assert router.accept_remote([remote(1)], source=None)[0]  # the router lives on
+
+
+def test_a_bug_while_storing_our_own_answers_the_sender(store: Store, router: Router,
+                                                        monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    def broken(*args: Any, **kw: Any) -> list[Message]:
+        raise KeyError("a bug")
+    monkeypatch.setattr(store, "append_local", broken)
+    with pytest.raises(LanchatError, match="internal error"):
+        router.send(Draft(text="x", nick="owner", host="box"), timeout=5.0)
+
+
+def test_a_stuck_router_times_a_hand_off_out(router: Router,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every hand-off has a deadline: a link waiting on a wedged router gives up."""
+    monkeypatch.setattr("lanchat.router.ROUTER_HANDOFF_TIMEOUT_S", 0.5)
+    release = threading.Event()
+    router._call(lambda: None)  # a warm-up: the thread runs
+    router._post(lambda: release.wait(10.0), "wedge the router for this test")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RouterTimeout):
+            router.accept_remote([remote(1)], source=None)
+        assert 0.4 < time.monotonic() - t0 < 3.0
+    finally:
+        release.set()
+
+
+def test_our_own_origin_is_never_taken_from_outside(store: Store, router: Router) -> None:
+    """A peer's message in our name (here from the year 2100) is neither stored, shown nor
+    allowed to move our clock: the next message of ours is stamped now."""
+    watcher = Sink("watcher")
+    router.subscribe(watcher)
+    forged = remote(1, "in your name", origin=router.node, ts=4102444800.0)
+    new, gap = router.accept_remote([forged, remote(1, "honest")], source=None)
+    assert [m.text for m in new] == ["honest"] and not gap
+    assert router.history() == new
+    assert router.cursors().get(router.node, 0) == 0
+    now = time.time()
+    mine = router.send(Draft(text="mine", nick="owner", host="box"), timeout=5.0)
+    assert mine.seq == 1 and now - 1 <= mine.ts <= time.time() + 1
+    assert watcher.texts() == ["honest", "mine"]
