@@ -86,6 +86,7 @@ from lanchat.limits import (
     MAX_UDP_CLIENTS,
     MAX_UDP_CLIENTS_PER_IP,
     NICK_TIMEOUT_S,
+    SEND_STALL_TIMEOUT_S,
     UDP_IDLE_TIMEOUT_S,
 )
 from lanchat.model import DEFAULT_ROOM, Draft, Message, User
@@ -755,13 +756,13 @@ class _UdpEndpoint:
         self.clients.clear()
 
     def _expire(self) -> float | None:
-        """Forget clients silent for UDP_IDLE_TIMEOUT_S; return seconds to the next expiry."""
+        """Forget clients silent for the hub's ``udp_idle_timeout``; seconds to the next expiry."""
         if not self.clients:
             return None
         now = time.monotonic()
         next_due: float | None = None
         for address, session in list(self.clients.items()):
-            due = session.last_seen + UDP_IDLE_TIMEOUT_S
+            due = session.last_seen + self.hub.udp_idle_timeout
             if due <= now:
                 self._forget(address, "timed out")
                 self.send(textmode.notice("you were silent too long and have been forgotten"),
@@ -854,7 +855,9 @@ class Hub:
     :meth:`set_max_rate` changes it for every connection, e.g. on SIGHUP),
     ``max_connections`` chat clients over TCP, ``max_connections_per_ip`` of
     them from one address (0 = unlimited); ``line_timeout`` and
-    ``nick_timeout`` are the reader's deadlines (seconds).
+    ``nick_timeout`` are the reader's deadlines, ``udp_idle_timeout`` how long a
+    silent UDP client is remembered, ``stall_timeout`` how long one send to a
+    client may stay blocked before it is cut off (seconds).
     """
 
     def __init__(self, backend: HubBackend, *, name: str, bind: str = "0.0.0.0",
@@ -865,6 +868,8 @@ class Hub:
                  max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP,
                  line_timeout: float = LINE_TIMEOUT_S,
                  nick_timeout: float = NICK_TIMEOUT_S,
+                 udp_idle_timeout: float = UDP_IDLE_TIMEOUT_S,
+                 stall_timeout: float = SEND_STALL_TIMEOUT_S,
                  key: bytes | None = None, plain_clients: bool = False) -> None:
         if max_rate < 0 or max_connections < 1 or max_connections_per_ip < 0:
             raise ValueError("max_rate and max_connections_per_ip must be >= 0, "
@@ -881,6 +886,8 @@ class Hub:
         self.max_connections_per_ip = max_connections_per_ip
         self.line_timeout = line_timeout
         self.nick_timeout = nick_timeout
+        self.udp_idle_timeout = udp_idle_timeout
+        self.stall_timeout = stall_timeout
         # guards: _sessions, _closed, the counts below and each session's ``kind``
         self._lock = threading.Lock()
         self._sessions: set[_TcpSession] = set()

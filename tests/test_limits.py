@@ -9,6 +9,7 @@ timeouts from lanchatd's internal test knobs ``LANCHAT_LINE_TIMEOUT_S`` /
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -43,6 +44,53 @@ def drain(client: LineClient, quiet: float = 0.5, limit: int = 100_000) -> list[
 
 def texts_from(lines: list[str], nick: str) -> list[str]:
     return [m.group(2) for m in map(MESSAGE_RE.match, lines) if m and m.group(1) == nick]
+
+
+class UdpUser:
+    """A UDP client of the hub (what ``nc -u`` does): its first datagram is its nickname.
+
+    ``source`` is the loopback address it sends from (127.0.0.2 … are all loopback on
+    Linux); ``rcvbuf`` shrinks its receive buffer when hundreds of them are open at once.
+    """
+
+    def __init__(self, port: int, nick: str, *, source: str = "127.0.0.1",
+                 rcvbuf: int | None = None, timeout: float = 10.0) -> None:
+        self.port = port
+        self.nick = nick
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            if rcvbuf is not None:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            self.sock.bind((source, 0))
+            self.sock.settimeout(timeout)
+            self.send(nick)
+            self.first = self.datagram()  # the welcome, or why not
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def send(self, text: str) -> None:
+        self.sock.sendto(text.encode(), ("127.0.0.1", self.port))
+
+    def datagram(self, timeout: float | None = None) -> str:
+        """The next datagram's text, without its final newline; TimeoutError if none comes."""
+        if timeout is not None:
+            self.sock.settimeout(timeout)
+        data, _ = self.sock.recvfrom(MAX_DATAGRAM_BYTES)
+        return data.decode("utf-8", "replace").removesuffix("\n")
+
+    def drain(self, quiet: float = 0.5, limit: int = 10_000) -> list[str]:
+        """Every datagram until none has come for ``quiet`` seconds."""
+        got: list[str] = []
+        for _ in range(limit):
+            try:
+                got.append(self.datagram(quiet))
+            except TimeoutError:
+                break
+        return got
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class JsonClient(LineClient):
@@ -355,3 +403,68 @@ def test_hub_sockets_have_keepalive(daemon: Daemon, clients: list[Any]) -> None:
     out = wait_for("a keepalive timer on the hub's side of the connection", keepalive_timer, 5.0)
     # KEEPALIVE_IDLE_S is 300 s: the first probe is minutes away, not the kernel's two hours
     assert re.search(r"timer:\(keepalive,[45]min", out), out
+
+
+# -- UDP clients -----------------------------------------------------------------------------
+
+
+def user_nicks(d: Daemon) -> set[str]:
+    """The nicks ``lanchat users --json`` lists."""
+    res = d.cli("--json", "users")
+    assert res.returncode == 0, res.stderr.decode()
+    return {u["nick"] for u in json.loads(res.stdout)}
+
+
+def test_a_silent_udp_client_is_forgotten_and_one_sending_keepalives_is_not(
+        make_daemon: Any, clients: list[Any]) -> None:
+    idle_s = 1.5
+    d = make_daemon(env={"LANCHAT_UDP_IDLE_TIMEOUT_S": str(idle_s)})
+    watcher = TextUser(d.port, "watcher")
+    clients.append(watcher)
+    silent = UdpUser(d.port, "silent")
+    kept = UdpUser(d.port, "kept")
+    try:
+        assert silent.first.startswith("* Welcome, silent!")
+        assert kept.first.startswith("* Welcome, kept!")
+        watcher.until("* kept joined #lobby")
+        t0 = time.monotonic()
+        assert {"silent", "kept"} <= user_nicks(d)
+        # kept sends an empty datagram (a keepalive) three times per idle period; silent
+        # sends nothing.  Bounded: twenty idle periods at most.
+        left = None
+        next_keepalive = t0
+        while left is None and time.monotonic() - t0 < 20 * idle_s:
+            if time.monotonic() >= next_keepalive:
+                kept.send("")
+                next_keepalive += idle_s / 3
+            with contextlib.suppress(TimeoutError):
+                line = watcher.line(0.1)
+                if "left" in line:
+                    left = line
+        forgotten_after = time.monotonic() - t0
+        print(f"\nsilent UDP client forgotten {forgotten_after:.2f} s after it joined "
+              f"(idle timeout {idle_s} s)")
+        assert left == "* silent left #lobby (timed out)"
+        assert forgotten_after >= idle_s - 0.3  # not before its time is up
+        assert "* you were silent too long and have been forgotten" in silent.drain(0.3)
+        # kept outlives two more idle periods on keepalives alone
+        until = time.monotonic() + 2 * idle_s
+        while time.monotonic() < until:
+            kept.send("")
+            time.sleep(idle_s / 3)
+        nicks = user_nicks(d)
+        assert "kept" in nicks and "silent" not in nicks
+        watcher.send("/users\n")
+        assert watcher.until("* In #lobby") == "* In #lobby (3): owner, kept, watcher"
+        # Room traffic reaches kept, and no longer the forgotten client.
+        kept.drain(0.2)
+        watcher.send("after the silence\n")
+        assert "[" in (got := kept.datagram(5.0)) and got.endswith("watcher: after the silence")
+        assert silent.drain(0.5) == []
+        # Forgotten means unregistered: its next datagram is a nickname again.
+        silent.send("silent")
+        assert silent.datagram(5.0).startswith("* Welcome, silent!")
+        assert watcher.until("joined") == "* silent joined #lobby"
+    finally:
+        silent.close()
+        kept.close()
