@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import resource
 import shutil
 import socket
 import subprocess
@@ -23,7 +24,13 @@ import pytest
 from conftest import Daemon, LineClient, TextUser, wait_for
 
 from lanchat.client import ControlClient
-from lanchat.limits import COMMAND_BURST, COMMAND_RATE, MAX_DATAGRAM_BYTES
+from lanchat.limits import (
+    COMMAND_BURST,
+    COMMAND_RATE,
+    MAX_DATAGRAM_BYTES,
+    MAX_UDP_CLIENTS,
+    MAX_UDP_CLIENTS_PER_IP,
+)
 
 pytestmark = pytest.mark.timeout(40)
 
@@ -468,3 +475,61 @@ def test_a_silent_udp_client_is_forgotten_and_one_sending_keepalives_is_not(
     finally:
         silent.close()
         kept.close()
+
+
+def raise_fd_limit(needed: int) -> None:
+    """Let this process open ``needed`` descriptors (the soft limit may be 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            pytest.fail(f"this test needs {needed} open files; the hard limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+@pytest.mark.timeout(240)
+def test_udp_clients_are_capped_per_address_and_in_total(make_daemon: Any,
+                                                         clients: list[Any]) -> None:
+    raise_fd_limit(MAX_UDP_CLIENTS + 256)
+    d = make_daemon()
+    watcher = TextUser(d.port, "watcher")
+    clients.append(watcher)
+    users: list[UdpUser] = []
+    t0 = time.monotonic()
+    try:
+        # One address takes its share: 512 join, the 513th is told which limit it hit.
+        for i in range(MAX_UDP_CLIENTS_PER_IP):
+            users.append(UdpUser(d.port, f"a{i}", rcvbuf=2048))
+            assert users[-1].first.startswith(f"* Welcome, a{i}!"), users[-1].first
+        over_ip = UdpUser(d.port, "a-over", rcvbuf=2048)
+        users.append(over_ip)
+        assert over_ip.first == ("! too many UDP clients from your address "
+                                 f"(limit {MAX_UDP_CLIENTS_PER_IP})")
+        # Another address still gets in, up to the total.
+        for i in range(MAX_UDP_CLIENTS - MAX_UDP_CLIENTS_PER_IP):
+            users.append(UdpUser(d.port, f"b{i}", source="127.0.0.2", rcvbuf=2048))
+            assert users[-1].first.startswith(f"* Welcome, b{i}!"), users[-1].first
+        over_all = UdpUser(d.port, "c-over", source="127.0.0.3", rcvbuf=2048)
+        users.append(over_all)
+        assert over_all.first == f"! too many UDP clients (limit {MAX_UDP_CLIENTS}); try TCP"
+        filled = time.monotonic() - t0
+        nicks = user_nicks(d)
+        assert len(nicks) == 2 + MAX_UDP_CLIENTS  # owner, watcher and every UDP client
+        assert "a-over" not in nicks and "c-over" not in nicks
+        # The refused are not registered: trying again is refused again.
+        over_all.send("c-over")
+        assert over_all.datagram(5.0) == over_all.first
+        # A slot freed is a slot to take (and the address's count goes down too).
+        leaver = users[0]
+        leaver.drain(0.2)
+        leaver.send("/quit")
+        assert "* Bye!" in leaver.drain(0.5)
+        watcher.until("* a0 left #lobby (quit)", timeout=30.0)
+        again = UdpUser(d.port, "c-again", source="127.0.0.3", rcvbuf=2048)
+        users.append(again)
+        assert again.first.startswith("* Welcome, c-again!"), again.first
+        over_all.send("c-over")
+        assert over_all.datagram(5.0) == over_all.first  # full again
+        print(f"\n{MAX_UDP_CLIENTS} UDP clients registered in {filled:.1f} s")
+    finally:
+        for u in users:
+            u.close()
