@@ -285,16 +285,20 @@ class _Session:
 
     # commands ------------------------------------------------------------------------
 
-    def try_join(self, nick: str) -> bool:
-        """Register under ``nick``; on refusal tell the user and return False."""
+    def try_join(self, nick: str, *, last: bool = False) -> bool:
+        """Register under ``nick``; on refusal tell the user why and return False.
+
+        The refusal asks for another nickname unless this was the ``last`` attempt.
+        """
+        again = "" if last else "; choose another:"
         try:
             users = self.hub.backend.join(self, nick=nick, host=self.host, via=self.via,
                                           room=self.room)
         except NickInUse:
-            self.error("nick-taken", f"the nick {nick} is taken; choose another:")
+            self.error("nick-taken", f"the nick {nick} is taken{again}")
             return False
         except ValidationError as exc:
-            self.error(exc.code, f"{exc}; choose another:")
+            self.error(exc.code, f"{exc}{again}")
             return False
         self.nick = nick
         self.welcome(users)
@@ -577,13 +581,14 @@ class _TcpSession(_Session):
                     self.notice("Choose a nickname:")
                     continue
                 attempts += 1
-                if self.try_join(nick):
+                if self.try_join(nick, last=attempts >= MAX_NICK_ATTEMPTS):
                     self._deadline = None
                     rest = itertools.chain([chunk[i + 1:]], chunks)  # what came after this frame
                     return functools.partial(self._serve_text, rest)
                 if attempts >= MAX_NICK_ATTEMPTS:
-                    self.outbox.close_with(textmode.error("too many attempts -- bye"),
-                                           "no nick")
+                    self.outbox.close_with(textmode.error(
+                        f"no nickname chosen in {MAX_NICK_ATTEMPTS} attempts -- disconnecting"),
+                        "no nick", keep_queued=True)
                     return None
         return None
 

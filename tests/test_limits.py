@@ -28,6 +28,8 @@ from lanchat.limits import (
     COMMAND_BURST,
     COMMAND_RATE,
     MAX_DATAGRAM_BYTES,
+    MAX_NICK_ATTEMPTS,
+    MAX_NICK_CHARS,
     MAX_UDP_CLIENTS,
     MAX_UDP_CLIENTS_PER_IP,
 )
@@ -393,6 +395,51 @@ def test_nickname_prompt_times_out(make_daemon: Any, clients: list[Any]) -> None
     assert c.line(5.0) == "! no nickname chosen within 1 s -- disconnecting"
     assert 0.8 <= time.monotonic() - t0 <= 3.0
     assert c.closed()
+
+
+#: Nine refused nicknames and what the hub answers each (then a tenth attempt).
+BAD_NICKS = [
+    ("bob", "! the nick bob is taken; choose another:"),
+    ("two words", "! nick must be printable characters without spaces; choose another:"),
+    ("x" * (MAX_NICK_CHARS + 1), f"! nick must be 1-{MAX_NICK_CHARS} characters; choose another:"),
+    ("a:b", "! nick may not start with any of /*!#[ or contain ':' or ','; choose another:"),
+] * 3
+
+
+def prompt(port: int) -> LineClient:
+    """A text-mode connection that has read the greeting and sits at the nickname prompt."""
+    c = LineClient(port)
+    assert c.line().startswith("* lanchat hub ")
+    assert c.line() == "* Choose a nickname:"
+    return c
+
+
+def test_the_tenth_nickname_attempt_is_the_last(daemon: Daemon, clients: list[Any]) -> None:
+    bob = TextUser(daemon.port, "bob")
+    clients.append(bob)
+    bad = BAD_NICKS[:MAX_NICK_ATTEMPTS - 1]
+    # Nine refused nicknames, and blank lines (which are not attempts): the tenth still counts.
+    patient = prompt(daemon.port)
+    clients.append(patient)
+    for nick, answer in bad:
+        patient.send(f"{nick}\n\n")
+        assert patient.line() == answer
+        assert patient.line() == "* Choose a nickname:"
+    patient.send("carol\n")
+    assert patient.line().startswith("* Welcome, carol! You are in #lobby with owner, bob.")
+    assert bob.until("joined") == "* carol joined #lobby"
+    # Ten refused nicknames: the tenth is answered with its reason alone, then the hub says
+    # why it gives up and closes the connection.  Nobody saw this client.
+    hopeless = prompt(daemon.port)
+    clients.append(hopeless)
+    hopeless.send("".join(f"{nick}\n" for nick, _ in bad) + "bob\n")
+    assert [hopeless.line() for _ in bad] == [answer for _, answer in bad]
+    assert hopeless.line() == "! the nick bob is taken"
+    assert hopeless.line() == (f"! no nickname chosen in {MAX_NICK_ATTEMPTS} attempts "
+                               "-- disconnecting")
+    assert hopeless.closed()
+    bob.send("/users\n")
+    assert bob.until("* In #lobby") == "* In #lobby (3): owner, bob, carol"
 
 
 @pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
