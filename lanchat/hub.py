@@ -630,9 +630,10 @@ class _TcpSession(_Session):
                                       fatal=True), "no links")
                 return
             if not self.hub._become_link(self):
-                self.outbox.close_with(wire.encode_error(
-                    "too-many-links", f"too many daemon links (limit {MAX_DAEMON_LINKS})",
-                    fatal=True), "too many links")
+                text = f"too many daemon links (limit {MAX_DAEMON_LINKS})"
+                log.warning("refused a daemon link from %s: %s", self.host, text)
+                self.outbox.close_with(wire.encode_error("too-many-links", text, fatal=True),
+                                       "too many links")
                 return
             acceptor.accept_link(self.sock, self.address, hello, self.decoder, pending)
             return

@@ -28,6 +28,7 @@ import pytest
 from conftest import Daemon, TextUser, assert_exactly_once_in_order, wait_for
 
 from lanchat.client import ControlClient
+from lanchat.limits import MAX_DAEMON_LINKS
 
 #: A static link comes up this fast after both daemons run (the issue's bound).
 LINK_WITHIN_S = 3.0
@@ -771,3 +772,58 @@ def test_a_relayed_roster_is_listed_and_vanishes_with_its_link(
     assert f.closed()
     wait_for("both gone from users", lambda: not any(
         u["nick"] in ("fay", "zed") for u in rpc(daemon, "users")), 3.0)
+
+
+def test_the_65th_daemon_link_is_refused_and_real_links_carry_on(
+        make_daemon: Any, fakes: list[FakePeer]) -> None:
+    a, b, na, nb = pair(make_daemon)
+    wait_linked(a, b, na, nb, timeout=20.0)
+
+    def keep_alive() -> None:
+        # A link silent for DEAD_AFTER_S (8 s) is dead, and a dead one frees its slot: the
+        # fakes speak up between the steps so that every slot stays taken.
+        for f in holding:
+            f.send({"type": "ping"})
+
+    # B's link and 63 fakes: every one of the 64 daemon links is taken.
+    holding: list[FakePeer] = []
+    for i in range(MAX_DAEMON_LINKS - 1):
+        f = FakePeer(a.port, node=f"f0{i:014x}")
+        fakes.append(f)
+        holding.append(f)
+        f.until("welcome")
+        if i % 16 == 15:
+            keep_alive()
+    keep_alive()
+    over = FakePeer(a.port, node="f1" + "0" * 14)
+    fakes.append(over)
+    assert over.until("error") == {"type": "error", "code": "too-many-links", "fatal": True,
+                                   "message": f"too many daemon links (limit {MAX_DAEMON_LINKS})"}
+    assert over.closed()
+    assert "too many daemon links" in a.stderr()  # the refusing daemon says so in its log
+    # The real link carries on, both ways.
+    keep_alive()
+    from_b = send_many(b, 1, "from bob")[0]
+    from_a = send_many(a, 1, "from alice")[0]
+    wait_for("B's message at A", lambda: from_b in history_ids(a), 5.0, diag=lambda: logs(a, b))
+    wait_for("A's message at B", lambda: from_a in history_ids(b), 5.0, diag=lambda: logs(a, b))
+    assert linked(a, nb) and linked(b, na)
+    # A link that ends frees its slot.
+    keep_alive()
+    leaver = holding.pop(0)
+    leaver.send({"type": "bye", "reason": "done"})
+    assert leaver.closed()
+    wait_for("the fake's link down", lambda: peer_state(a, leaver.node) != "linked", 5.0)
+
+    def relinked() -> FakePeer | None:
+        # The slot is freed just after the link is shown down: try again until it is.
+        f = FakePeer(a.port, node="f1" + "0" * 14)
+        fakes.append(f)
+        if f.frame()["type"] == "welcome":
+            return f
+        f.close()
+        return None
+
+    holding.append(wait_for("a new link takes the freed slot", relinked, 5.0, poll=0.1))
+    keep_alive()
+    assert sum(p["state"] == "linked" for p in rpc(a, "peers")) == MAX_DAEMON_LINKS
