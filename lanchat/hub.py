@@ -403,7 +403,8 @@ class _TcpSession(_Session):
         super().__init__(hub, _host_of(address), f"c{number}")
         self.sock = sock
         self.address = address
-        self.outbox = Outbox(sock, name=f"hub-c{number}")
+        self.outbox = Outbox(sock, name=f"hub-c{number}", stall_timeout=hub.stall_timeout,
+                             on_stall=self._stalled)
         self.decoder = LineDecoder(MAX_FRAME_BYTES)
         self.thread = LightThread(self.run, name=f"hub-c{number}")
         self._leave_reason = "connection closed"
@@ -419,8 +420,15 @@ class _TcpSession(_Session):
         self._overflowed("too slow: your queue of unsent messages was full")
         return False
 
+    def _stalled(self, seconds: float) -> None:
+        """The writer's send has been blocked for ``seconds``: the client is not reading."""
+        self._overflowed(f"too slow: nothing could be sent to you for {seconds:g} s")
+
     def _overflowed(self, reason: str) -> None:
         """Cut off a client that does not read: its backlog goes, a notice is sent."""
+        if self.outbox.close_reason is not None:
+            return  # already closing (a goodbye, a quit, an earlier cut): nothing to cut
+        log.info("%r: cut off: %s", self, reason)
         self._leave_reason = "too slow"
         if self.mode == "json":
             final = wire.encode_error("too-slow", reason, fatal=True)

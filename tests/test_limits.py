@@ -18,6 +18,7 @@ import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -440,6 +441,63 @@ def test_the_tenth_nickname_attempt_is_the_last(daemon: Daemon, clients: list[An
     assert hopeless.closed()
     bob.send("/users\n")
     assert bob.until("* In #lobby") == "* In #lobby (3): owner, bob, carol"
+
+
+def tx_queue(server_port: int, client_port: int) -> int:
+    """Bytes the daemon's kernel holds unacknowledged for one loopback client (/proc/net/tcp)."""
+    local, remote = f"0100007F:{server_port:04X}", f"0100007F:{client_port:04X}"
+    for row in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = row.split()
+        if fields[1] == local and fields[2] == remote:
+            return int(fields[4].split(":")[0], 16)
+    raise AssertionError(f"no connection {local} -> {remote} in /proc/net/tcp")
+
+
+def test_a_client_that_stops_reading_is_cut_after_the_send_stall_timeout(
+        make_daemon: Any, clients: list[Any]) -> None:
+    stall_s = 1.5
+    d = make_daemon("-v", env={"LANCHAT_SEND_STALL_TIMEOUT_S": str(stall_s)})
+    watcher = TextUser(d.port, "watcher")
+    talker = TextUser(d.port, "talker")
+    stuck = TextUser(d.port, "stuck", rcvbuf=4096)  # then reads nothing until told
+    clients += [watcher, talker, stuck]
+    watcher.until("* stuck joined #lobby")
+    stuck_port = stuck.sock.getsockname()[1]
+    # Fill the stuck client's kernel buffers (its own and the daemon's send buffer) with
+    # bursts of 64 KiB, until the daemon's side stops taking more: from then on its writer
+    # is blocked.  Stop right there, with far less than the 512 KiB queue limit waiting, so
+    # that what cuts the client off can only be the stalled send.
+    t0 = time.monotonic()
+    held, full_at = -1, None
+    for k in range(400):  # 25 MiB at most; loopback buffers are a few MiB
+        talker.send("".join(f"fill {k}.{j} {'x' * 4000}\n" for j in range(16)))
+        assert watcher.until(f"talker: fill {k}.15 ", timeout=10.0)  # the watcher keeps up
+        time.sleep(0.1)
+        now_held = tx_queue(d.port, stuck_port)
+        if now_held > 0 and now_held == held:
+            full_at = time.monotonic()
+            break
+        held = now_held
+    assert full_at is not None, "the stuck client's buffers never filled"
+    print(f"\nthe daemon holds {held // 1024} KiB for the stuck client after {k + 1} bursts "
+          f"({full_at - t0:.1f} s)")
+    cut_line = "stuck>: cut off: too slow: nothing could be sent"  # the daemon's log (-v)
+    wait_for("the stalled client cut off", lambda: cut_line in d.stderr(), stall_s + 30.0,
+             poll=0.1)
+    print(f"cut off {time.monotonic() - full_at:.2f} s after its buffers filled "
+          f"(send stall timeout {stall_s} s)")
+    # The others carry on meanwhile.
+    talker.send("after the cut\n")
+    assert watcher.until("talker: after").endswith("talker: after the cut")
+    # The stuck client reads on: what its buffers held, then why it was dropped, then EOF;
+    # nothing sent after the cut.
+    lines: list[str] = []
+    with contextlib.suppress(EOFError):
+        for _ in range(100_000):
+            lines.append(stuck.line(10.0))
+    assert lines[-1] == f"! disconnected: too slow: nothing could be sent to you for {stall_s:g} s"
+    assert not any("after the cut" in line for line in lines)
+    assert watcher.until("* stuck left") == "* stuck left #lobby (too slow)"
 
 
 @pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
