@@ -99,6 +99,14 @@ def netns_names() -> set[str]:
     return {line.split()[0] for line in out.splitlines() if line.strip()}
 
 
+def skip_or_fail(reason: str) -> None:
+    """Skip the calling test for ``reason`` -- or fail it when ``$CI`` is set: CI must run
+    every test, and a silent skip would hide that something went untested."""
+    if _ci_strict():
+        pytest.fail(f"{reason} (CI is set, so this is a failure, not a skip)")
+    pytest.skip(reason)
+
+
 def require_netns() -> None:
     """Skip the calling test unless we are root and can create a network namespace.
 
@@ -121,9 +129,7 @@ def require_netns() -> None:
                 _ip("netns", "del", probe)
     if reason is None:
         return
-    if _ci_strict():
-        pytest.fail(f"{reason} (CI is set, so this is a failure, not a skip)")
-    pytest.skip(reason)
+    skip_or_fail(reason)
 
 
 class NsProcess(subprocess.Popen[bytes]):

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import netns
 import pytest
 from conftest import Daemon, TextUser, assert_exactly_once_in_order, wait_for
 
@@ -827,3 +828,45 @@ def test_the_65th_daemon_link_is_refused_and_real_links_carry_on(
     holding.append(wait_for("a new link takes the freed slot", relinked, 5.0, poll=0.1))
     keep_alive()
     assert sum(p["state"] == "linked" for p in rpc(a, "peers")) == MAX_DAEMON_LINKS
+
+
+def require_ipv6_loopback() -> None:
+    """Skip (fail under $CI) unless this machine has the IPv6 loopback address ::1."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError as exc:
+        netns.skip_or_fail(f"no IPv6 loopback (::1): {exc}")
+
+
+def test_daemons_on_ipv6_link_and_chat(make_daemon: Any, clients: list[Any]) -> None:
+    require_ipv6_loopback()
+    a = make_daemon("-vv", "--bind", "::1", nick="alice", subdir="a")
+    b = make_daemon("-vv", "--bind", "::1", "--peer", f"[::1]:{a.port}", nick="bob", subdir="b")
+    na, nb = node_of(a), node_of(b)
+    took = wait_linked(a, b, na, nb, timeout=20.0)
+    print(f"\nlinked over ::1 in {took:.2f} s")
+    assert [(p["address"], p["port"], p["state"]) for p in rpc(b, "peers")] == [
+        ("::1", a.port, "linked")]
+    assert [(p["address"], p["state"]) for p in rpc(a, "peers")] == [("::1", "linked")]
+    # A message sent on either daemon reaches the other's history.
+    from_b = send_many(b, 1, "from bob over IPv6")[0]
+    from_a = send_many(a, 1, "from alice over IPv6")[0]
+    wait_for("B's message at A", lambda: from_b in history_ids(a), 10.0, diag=lambda: logs(a, b))
+    wait_for("A's message at B", lambda: from_a in history_ids(b), 10.0, diag=lambda: logs(a, b))
+    # Text clients over IPv6, one on each hub, chat through the link.
+    carol = TextUser(a.port, "carol", host="::1")
+    dora = TextUser(b.port, "dora", host="::1")
+    clients += [carol, dora]
+    assert carol.welcome.startswith("* Welcome, carol!")
+    carol.until("* dora joined #lobby", 10.0)
+    carol.send("hello over IPv6\n")
+    assert dora.until("carol: hello", 10.0).endswith("carol: hello over IPv6")
+    dora.send("and back\n")
+    assert carol.until("dora: and", 10.0).endswith("dora: and back")
+    # A UDP client over IPv6 joins too.
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as udp:
+        udp.settimeout(5.0)
+        udp.sendto(b"erin", ("::1", a.port))
+        assert udp.recvfrom(8192)[0].decode().startswith("* Welcome, erin!")
+    assert dora.until("joined", 10.0) == "* erin joined #lobby"
