@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import datetime
 import json
 import os
 import select
@@ -870,3 +871,53 @@ def test_daemons_on_ipv6_link_and_chat(make_daemon: Any, clients: list[Any]) -> 
         udp.sendto(b"erin", ("::1", a.port))
         assert udp.recvfrom(8192)[0].decode().startswith("* Welcome, erin!")
     assert dora.until("joined", 10.0) == "* erin joined #lobby"
+
+
+def test_history_since_against_a_real_daemon(daemon: Daemon, fakes: list[FakePeer]) -> None:
+    """``lanchat history --since`` in every documented form, on messages of many ages.
+
+    A linked peer replays older messages (as a daemon that was away would), so the history
+    holds messages from nine days ago to now; each form selects exactly those at or after it.
+    """
+    now = float(int(time.time()))  # whole seconds: an ISO time of one names it exactly
+    ages = {"9d": 9 * 86400, "3d": 3 * 86400, "5h": 5 * 3600, "90m": 90 * 60, "30m": 30 * 60,
+            "5m": 5 * 60}
+    f = FakePeer(daemon.port)
+    fakes.append(f)
+    f.until("welcome")
+    old = [{**fake_msg(seq, f"{name} ago"), "ts": now - age}
+           for seq, (name, age) in enumerate(ages.items(), 1)]
+    f.send({"type": "msgs", "m": old})
+    ts = {f"{name} ago": now - age for name, age in ages.items()}
+    sent = daemon.cli("send", "just now")
+    assert sent.returncode == 0, sent.stderr.decode()
+    wait_for("the replayed messages stored",
+             lambda: len(cli_history(daemon, "--limit", "100")) == len(ages) + 1, 5.0)
+
+    def since(when: str, *more: str, env: dict[str, str] | None = None) -> list[str]:
+        res = daemon.cli("--json", "history", "--since", when, *more, env=env)
+        assert res.returncode == 0, res.stderr.decode()
+        return [json.loads(x)["text"] for x in res.stdout.decode().splitlines() if x.strip()]
+
+    everything = ["9d ago", "3d ago", "5h ago", "90m ago", "30m ago", "5m ago", "just now"]
+    assert since("1w") == everything[1:]                   # oldest first, as always
+    assert since("1d") == everything[2:]
+    assert since("2h") == everything[3:]
+    assert since("10m") == everything[5:]
+    assert since("30s") == ["just now"]
+    assert since("2.5h") == everything[3:]                 # fractions of a unit
+    # Epoch seconds and ISO times are inclusive: a message at exactly that time is shown.
+    assert since(repr(ts["30m ago"])) == everything[4:]
+    iso_utc = datetime.datetime.fromtimestamp(ts["5h ago"], datetime.UTC).isoformat()
+    assert since(iso_utc) == everything[2:]
+    # An ISO time without a zone is the user's local time ($TZ here: UTC+5:30).
+    india = datetime.timezone(datetime.timedelta(hours=5, minutes=30))
+    naive = datetime.datetime.fromtimestamp(ts["3d ago"], india).replace(tzinfo=None)
+    assert since(naive.isoformat(), env={"TZ": "IST-5:30"}) == everything[1:]
+    # With --since, --limit takes the first messages from then on.
+    assert since("1w", "--limit", "2") == ["3d ago", "5h ago"]
+    # A time that is none of those is a usage error.
+    bad = daemon.cli("history", "--since", "yesterday")
+    assert bad.returncode == 2
+    assert "'yesterday' is not a time: use 10m, 2h, 1d, an ISO time or epoch seconds" in (
+        bad.stderr.decode())
