@@ -460,6 +460,7 @@ def tx_queue(server_port: int, client_port: int) -> int:
     raise AssertionError(f"no connection {local} -> {remote} in /proc/net/tcp")
 
 
+@pytest.mark.timeout(120)  # generous deadlines inside; 40 s is the module's
 def test_a_client_that_stops_reading_is_cut_after_the_send_stall_timeout(
         make_daemon: Any, clients: list[Any]) -> None:
     stall_s = 1.5
@@ -534,6 +535,7 @@ def user_nicks(d: Daemon) -> set[str]:
     return {u["nick"] for u in json.loads(res.stdout)}
 
 
+@pytest.mark.timeout(120)  # generous deadlines inside; 40 s is the module's
 def test_a_silent_udp_client_is_forgotten_and_one_sending_keepalives_is_not(
         make_daemon: Any, clients: list[Any]) -> None:
     idle_s = 1.5
