@@ -489,11 +489,23 @@ def test_a_client_that_stops_reading_is_cut_after_the_send_stall_timeout(
     assert full_at is not None, "the stuck client's buffers never filled"
     print(f"\nthe daemon holds {held // 1024} KiB for the stuck client after {k + 1} bursts "
           f"({full_at - t0:.1f} s)")
+    # The room chats on, slowly: a line every 0.25 s keeps the writer with something to send
+    # (the kernel may still take a little more -- a zero-window probe can grow the send
+    # buffer -- and an outbox it emptied would have nothing left to stall on), far too slowly
+    # to fill the 512 KiB queue before the stall timeout.
     cut_line = "stuck>: cut off: too slow: nothing could be sent"  # the daemon's log (-v)
-    wait_for("the stalled client cut off", lambda: cut_line in d.stderr(), stall_s + 30.0,
-             poll=0.1)
+    deadline = full_at + stall_s + 30.0
+    trickled = 0
+    while cut_line not in d.stderr():
+        assert time.monotonic() < deadline, (
+            f"not cut off within {stall_s + 30.0} s; the daemon holds "
+            f"{tx_queue(d.port, stuck_port)} bytes for it\n{d.stderr()[-3000:]}")
+        talker.send(f"trickle {trickled} {'x' * 4000}\n")
+        trickled += 1
+        time.sleep(0.25)
     print(f"cut off {time.monotonic() - full_at:.2f} s after its buffers filled "
-          f"(send stall timeout {stall_s} s)")
+          f"(send stall timeout {stall_s} s; {trickled} lines meanwhile)")
+    assert watcher.until(f"talker: trickle {trickled - 1} ", timeout=10.0)
     # The others carry on meanwhile.
     talker.send("after the cut\n")
     assert watcher.until("talker: after").endswith("talker: after the cut")
