@@ -30,7 +30,13 @@ from lanchat import __version__, auth, config, sdlisten, sdnotify
 from lanchat.control import AlreadyRunning, ControlServer
 from lanchat.errors import ConfigError, LanchatError
 from lanchat.hub import Hub
-from lanchat.limits import LINE_TIMEOUT_S, NICK_TIMEOUT_S, SHUTDOWN_TIMEOUT_S
+from lanchat.limits import (
+    LINE_TIMEOUT_S,
+    NICK_TIMEOUT_S,
+    SEND_STALL_TIMEOUT_S,
+    SHUTDOWN_TIMEOUT_S,
+    UDP_IDLE_TIMEOUT_S,
+)
 from lanchat.links import Identity, LinkManager
 from lanchat.logsetup import set_level, setup_logging
 from lanchat.memtrim import Trimmer
@@ -103,6 +109,10 @@ class Daemon:
                            max_connections_per_ip=self.cfg.max_connections_per_ip,
                            line_timeout=_env_seconds("LANCHAT_LINE_TIMEOUT_S", LINE_TIMEOUT_S),
                            nick_timeout=_env_seconds("LANCHAT_NICK_TIMEOUT_S", NICK_TIMEOUT_S),
+                           udp_idle_timeout=_env_seconds("LANCHAT_UDP_IDLE_TIMEOUT_S",
+                                                         UDP_IDLE_TIMEOUT_S),
+                           stall_timeout=_env_seconds("LANCHAT_SEND_STALL_TIMEOUT_S",
+                                                      SEND_STALL_TIMEOUT_S),
                            key=self.key, plain_clients=self.cfg.plain_clients)
             self.links = LinkManager(
                 self.router, self.store,
@@ -273,10 +283,12 @@ class Daemon:
 
 
 def _env_seconds(var: str, default: float) -> float:
-    """An internal knob for tests, not configuration: ``$LANCHAT_LINE_TIMEOUT_S`` and
-    ``$LANCHAT_NICK_TIMEOUT_S`` shorten the hub's reader deadlines so that a test can
-    watch a slow-loris client or a silent nickname prompt being dropped without
-    waiting minutes.  Not a config key and not in the man pages; a bad value is ignored.
+    """An internal knob for tests, not configuration: ``$LANCHAT_LINE_TIMEOUT_S``,
+    ``$LANCHAT_NICK_TIMEOUT_S``, ``$LANCHAT_UDP_IDLE_TIMEOUT_S`` and
+    ``$LANCHAT_SEND_STALL_TIMEOUT_S`` shorten the hub's deadlines so that a test can
+    watch a slow-loris client, a silent nickname prompt, a silent UDP client or a
+    client that stopped reading being dropped without waiting minutes.  Not a config
+    key and not in the man pages; a bad value is ignored.
     """
     try:
         value = float(os.environ[var])

@@ -89,6 +89,7 @@ from lanchat.limits import (
     MAX_UDP_CLIENTS,
     MAX_UDP_CLIENTS_PER_IP,
     NICK_TIMEOUT_S,
+    SEND_STALL_TIMEOUT_S,
     SOURCE_RATE_FACTOR,
     UDP_IDLE_TIMEOUT_S,
     UDP_UNREGISTERED_BURST,
@@ -311,16 +312,20 @@ class _Session:
 
     # commands ------------------------------------------------------------------------
 
-    def try_join(self, nick: str) -> bool:
-        """Register under ``nick``; on refusal tell the user and return False."""
+    def try_join(self, nick: str, *, last: bool = False) -> bool:
+        """Register under ``nick``; on refusal tell the user why and return False.
+
+        The refusal asks for another nickname unless this was the ``last`` attempt.
+        """
+        again = "" if last else "; choose another:"
         try:
             users = self.hub.backend.join(self, nick=nick, host=self.host, via=self.via,
                                           room=self.room)
         except NickInUse:
-            self.error("nick-taken", f"the nick {nick} is taken; choose another:")
+            self.error("nick-taken", f"the nick {nick} is taken{again}")
             return False
         except ValidationError as exc:
-            self.error(exc.code, f"{exc}; choose another:")
+            self.error(exc.code, f"{exc}{again}")
             return False
         self.nick = nick
         self.welcome(users)
@@ -426,7 +431,8 @@ class _TcpSession(_Session):
         super().__init__(hub, _host_of(address), f"c{number}")
         self.sock = sock
         self.address = address
-        self.outbox = Outbox(sock, name=f"hub-c{number}")
+        self.outbox = Outbox(sock, name=f"hub-c{number}", stall_timeout=hub.stall_timeout,
+                             on_stall=self._stalled)
         self.decoder = LineDecoder(MAX_FRAME_BYTES)
         self.thread = LightThread(self.run, name=f"hub-c{number}")
         self._leave_reason = "connection closed"
@@ -446,8 +452,15 @@ class _TcpSession(_Session):
         self._overflowed("too slow: your queue of unsent messages was full")
         return False
 
+    def _stalled(self, seconds: float) -> None:
+        """The writer's send has been blocked for ``seconds``: the client is not reading."""
+        self._overflowed(f"too slow: nothing could be sent to you for {seconds:g} s")
+
     def _overflowed(self, reason: str) -> None:
         """Cut off a client that does not read: its backlog goes, a notice is sent."""
+        if self.outbox.close_reason is not None:
+            return  # already closing (a goodbye, a quit, an earlier cut): nothing to cut
+        log.info("%r: cut off: %s", self, reason)
         self._leave_reason = "too slow"
         if self.mode == "json":
             final = wire.encode_error("too-slow", reason, fatal=True)
@@ -608,13 +621,14 @@ class _TcpSession(_Session):
                     self.notice("Choose a nickname:")
                     continue
                 attempts += 1
-                if self.try_join(nick):
+                if self.try_join(nick, last=attempts >= MAX_NICK_ATTEMPTS):
                     self._deadline = None
                     rest = itertools.chain([chunk[i + 1:]], chunks)  # what came after this frame
                     return functools.partial(self._serve_text, rest)
                 if attempts >= MAX_NICK_ATTEMPTS:
-                    self.outbox.close_with(textmode.error("too many attempts -- bye"),
-                                           "no nick")
+                    self.outbox.close_with(textmode.error(
+                        f"no nickname chosen in {MAX_NICK_ATTEMPTS} attempts -- disconnecting"),
+                        "no nick", keep_queued=True)
                     return None
         return None
 
@@ -793,13 +807,13 @@ class _UdpEndpoint:
         self.clients.clear()
 
     def _expire(self) -> float | None:
-        """Forget clients silent for UDP_IDLE_TIMEOUT_S; return seconds to the next expiry."""
+        """Forget clients silent for the hub's ``udp_idle_timeout``; seconds to the next expiry."""
         if not self.clients:
             return None
         now = time.monotonic()
         next_due: float | None = None
         for address, session in list(self.clients.items()):
-            due = session.last_seen + UDP_IDLE_TIMEOUT_S
+            due = session.last_seen + self.hub.udp_idle_timeout
             if due <= now:
                 self._forget(address, "timed out")
                 self.send(textmode.notice("you were silent too long and have been forgotten"),
@@ -904,7 +918,9 @@ class Hub:
     :meth:`set_max_rate` changes it for every connection, e.g. on SIGHUP),
     ``max_connections`` chat clients over TCP, ``max_connections_per_ip`` of
     them from one address (0 = unlimited); ``line_timeout`` and
-    ``nick_timeout`` are the reader's deadlines (seconds).
+    ``nick_timeout`` are the reader's deadlines, ``udp_idle_timeout`` how long a
+    silent UDP client is remembered, ``stall_timeout`` how long one send to a
+    client may stay blocked before it is cut off (seconds).
     """
 
     def __init__(self, backend: HubBackend, *, name: str, bind: str = "0.0.0.0",
@@ -915,6 +931,8 @@ class Hub:
                  max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP,
                  line_timeout: float = LINE_TIMEOUT_S,
                  nick_timeout: float = NICK_TIMEOUT_S,
+                 udp_idle_timeout: float = UDP_IDLE_TIMEOUT_S,
+                 stall_timeout: float = SEND_STALL_TIMEOUT_S,
                  key: bytes | None = None, plain_clients: bool = False) -> None:
         if max_rate < 0 or max_connections < 1 or max_connections_per_ip < 0:
             raise ValueError("max_rate and max_connections_per_ip must be >= 0, "
@@ -931,6 +949,8 @@ class Hub:
         self.max_connections_per_ip = max_connections_per_ip
         self.line_timeout = line_timeout
         self.nick_timeout = nick_timeout
+        self.udp_idle_timeout = udp_idle_timeout
+        self.stall_timeout = stall_timeout
         # guards: _sessions, _closed, the counts below and each session's ``kind``
         self._lock = threading.Lock()
         self._sessions: set[_TcpSession] = set()

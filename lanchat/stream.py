@@ -27,7 +27,7 @@ import logging
 import select
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from lanchat.framing import LineDecoder
 from lanchat.lightthread import LightThread
@@ -66,6 +66,15 @@ class Outbox:
     Thread-safety: :meth:`put`, :meth:`close_with` and :meth:`close` may be
     called from any thread.  Only the writer thread sends on the socket.
     ``close_reason`` says why the outbox stopped (``None`` while open).
+
+    A send that stays blocked for ``stall_timeout`` means the peer stopped
+    reading.  With ``on_stall`` the writer calls it with that timeout (on the
+    writer thread); if it closed the outbox -- typically :meth:`close_with` and
+    a notice saying why, which waits for the peer like any cut's notice -- the
+    writer sends what it queued.  Otherwise, and without ``on_stall``, the
+    outbox gives up at once.  ``on_stall`` is dropped once the outbox closes, so
+    that it can be a bound method of the outbox's owner without keeping a
+    finished connection alive in a reference cycle.
     """
 
     def __init__(
@@ -75,12 +84,14 @@ class Outbox:
         name: str,
         max_bytes: int = MAX_OUTBOX_BYTES,
         stall_timeout: float = SEND_STALL_TIMEOUT_S,
+        on_stall: Callable[[float], None] | None = None,
     ) -> None:
         self._sock = sock
         self._name = name
         self._max_bytes = max_bytes
         self._stall_timeout = stall_timeout
-        # guards: _chunks, _queued, _writer, _closing, _sleeping, close_reason.
+        self._on_stall = on_stall
+        # guards: _chunks, _queued, _writer, _closing, _sleeping, _on_stall, close_reason.
         # A plain lock, not a Condition: put() runs once per receiver per fan-out,
         # so its cost is the hub's cost.  A sleeping writer waits on ``_wake``, a
         # binary semaphore that exactly one put() releases (the one that sees
@@ -181,6 +192,7 @@ class Outbox:
             if self._closing:
                 return
             self._closing = True
+            self._on_stall = None
             self.close_reason = reason
             if not keep_queued:
                 self._chunks.clear()
@@ -219,6 +231,7 @@ class Outbox:
         except (ValueError, OSError):  # the socket was closed under us: nothing to send to
             with self._lock:
                 self._closing = True
+                self._on_stall = None
                 self._chunks.clear()
                 self._queued = 0
             return
@@ -248,6 +261,14 @@ class Outbox:
                     self._send_all(data, poller, stall_timeout, droppable)
                 except TimeoutError:
                     self.stalled = True
+                    with self._lock:
+                        on_stall = self._on_stall
+                    if on_stall is not None:
+                        on_stall(stall_timeout)
+                        with self._lock:
+                            cut = self._closing
+                        if cut:
+                            continue  # the notice it queued goes next
                     self._give_up(f"stalled: nothing could be sent for {stall_timeout:g} s")
                     return
                 except OSError as exc:
@@ -306,6 +327,7 @@ class Outbox:
     def _give_up(self, reason: str) -> None:
         with self._lock:
             self._closing = True
+            self._on_stall = None
             if self.close_reason is None:
                 self.close_reason = reason
             self._chunks.clear()

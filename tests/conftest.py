@@ -346,10 +346,25 @@ def read_until(line: Callable[[float], str], predicate: Any, timeout: float, lim
 
 
 class LineClient:
-    """A TCP client of the hub that reads lines with a timeout (what ``nc`` shows)."""
+    """A TCP client of the hub that reads lines with a timeout (what ``nc`` shows).
 
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 5.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    ``rcvbuf`` sets a small receive buffer before connecting (a client that stops
+    reading then fills its side quickly).
+    """
+
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 5.0,
+                 rcvbuf: int | None = None) -> None:
+        if rcvbuf is None:
+            self.sock = socket.create_connection((host, port), timeout=timeout)
+        else:
+            self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+                self.sock.settimeout(timeout)
+                self.sock.connect((host, port))
+            except BaseException:
+                self.sock.close()
+                raise
         self.timeout = timeout
         self._partial = b""
         self._lines: collections.deque[bytes] = collections.deque()

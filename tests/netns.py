@@ -190,13 +190,14 @@ class Host:
             time.sleep(0.1)
 
     def run(self, argv: Sequence[str], *, env: dict[str, str] | None = None,
-            cwd: str | None = None) -> NsProcess:
+            cwd: str | None = None, stdin: int | None = None) -> NsProcess:
         """Start ``argv`` inside this host's namespace, in a new session.
 
         stdout and stderr go to files in the LAN's temporary directory (read them with
-        ``out_text()``/``json_lines()``); the LAN's teardown kills the process.
+        ``out_text()``/``json_lines()``); stdin is empty unless ``stdin=subprocess.PIPE``
+        (then write to ``proc.stdin``).  The LAN's teardown kills the process.
         """
-        return self.lan._spawn(self, argv, env=env, cwd=cwd)
+        return self.lan._spawn(self, argv, env=env, cwd=cwd, stdin=stdin)
 
     def check_output(self, argv: Sequence[str], *, timeout: float = 30.0) -> str:
         """Run ``argv`` in this namespace to completion; its stdout, or CalledProcessError."""
@@ -298,14 +299,15 @@ class Lan:
     # -- processes --------------------------------------------------------------------------
 
     def _spawn(self, host: Host, argv: Sequence[str], *, env: dict[str, str] | None,
-               cwd: str | None) -> NsProcess:
+               cwd: str | None, stdin: int | None = None) -> NsProcess:
         if self._closed:
             raise RuntimeError("LAN already torn down")
         n = len(self.procs)
         out = self.tmpdir / f"{host.ns}-{n}.out"
         err = self.tmpdir / f"{host.ns}-{n}.err"
         with open(out, "wb") as fo, open(err, "wb") as fe:
-            proc = NsProcess(["ip", "netns", "exec", host.ns, *argv], stdin=subprocess.DEVNULL,
+            proc = NsProcess(["ip", "netns", "exec", host.ns, *argv],
+                             stdin=subprocess.DEVNULL if stdin is None else stdin,
                              stdout=fo, stderr=fe, env=env, cwd=cwd, start_new_session=True)
         proc.stdout_path = out
         proc.stderr_path = err
@@ -345,6 +347,9 @@ class Lan:
             return
         self._closed = True
         for proc in self.procs:
+            if proc.stdin is not None:
+                with contextlib.suppress(OSError):
+                    proc.stdin.close()
             if proc.poll() is None:
                 self._signal(proc, signal.SIGTERM)
         deadline = time.monotonic() + TERM_GRACE_S

@@ -19,6 +19,7 @@ from typing import Any
 
 import netns
 import pytest
+from conftest import lanchat_cmd, lanchatd_cmd
 from zeroconf import ServiceInfo
 
 from lanchat.discovery import (
@@ -342,3 +343,84 @@ def test_teardown_kills_processes_and_deletes_namespaces() -> None:
     with pytest.raises(subprocess.CalledProcessError):
         subprocess.run(["ip", "netns", "exec", created[-1], "true"], check=True,
                        capture_output=True, timeout=10)
+
+
+# -- lanchat connect without a host: a real daemon found by mDNS ----------------------------------
+
+#: A hub daemon is advertised once it prints "listening on" (registration comes first).
+DAEMON_READY_S = 30.0
+
+
+def hub_daemon(lan: netns.Lan, host: netns.Host, nick: str) -> tuple[netns.NsProcess, str]:
+    """lanchatd with discovery on (the default), inside ``host``; its control socket path."""
+    where = lan.tmpdir / nick
+    sock = str(where / "control.sock")
+    p = host.run([*lanchatd_cmd(), "-v", "--nick", nick, "--state-dir", str(where / "state"),
+                  "--socket", sock, "--max-rate", "0"])
+    deadline = time.monotonic() + DAEMON_READY_S
+    while "listening on" not in p.err_text():
+        assert p.poll() is None, f"lanchatd exited {p.returncode}:\n{p.err_text()}"
+        assert time.monotonic() < deadline, f"lanchatd not ready:\n{p.err_text()}"
+        time.sleep(0.05)
+    return p, sock
+
+
+def control(sock: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``lanchat --socket SOCK ARGS`` from here: a Unix socket is not in any namespace."""
+    return subprocess.run([*lanchat_cmd(), "--socket", sock, *args], capture_output=True,
+                          text=True, timeout=30, check=False)
+
+
+def connect(host: netns.Host, *args: str) -> netns.NsProcess:
+    """``lanchat connect ARGS`` inside ``host``, its stdin a pipe (not a terminal)."""
+    return host.run([*lanchat_cmd(), "connect", *args], stdin=subprocess.PIPE)
+
+
+def wait_text(p: netns.NsProcess, text: str, timeout: float) -> str:
+    """Wait until ``text`` appears on the process's stdout; return that stdout."""
+    deadline = time.monotonic() + timeout
+    while text not in (out := p.out_text()):
+        assert time.monotonic() < deadline, (f"no {text!r} within {timeout} s\n"
+                                             f"stdout:\n{out}\nstderr:\n{p.err_text()}")
+        time.sleep(0.05)
+    return out
+
+
+@pytest.mark.netns
+def test_connect_without_a_host_finds_the_hub_by_mdns_and_chats(lan: netns.Lan) -> None:
+    a, b, c = lan.add_host(), lan.add_host(), lan.add_host()
+    # Nothing advertised yet: nothing found, and the user is told how to name a hub.
+    none = connect(b, "--nick", "bob")
+    assert none.wait(30) == 1
+    assert none.err_text() == ("lanchat: no lanchat hub found on the local network; "
+                               "give one: lanchat connect HOST[:PORT]\n")
+    # One hub: joined without a question.
+    _hub, sock = hub_daemon(lan, a, "alice")
+    name = json.loads(control(sock, "--json", "status").stdout)["name"]
+    t0 = time.monotonic()
+    bob = connect(b, "--nick", "bob")
+    assert bob.stdin is not None
+    wait_text(bob, f"* Connected to {name} ({a.address()}:7654) as bob, in #lobby with alice.",
+              30.0)
+    print(f"\nlanchat connect found the hub and joined in {time.monotonic() - t0:.2f} s "
+          "(3 s of it browsing)")
+    bob.stdin.write(b"hello from bob\n")
+    bob.stdin.flush()
+    deadline = time.monotonic() + 15.0
+    while "hello from bob" not in control(sock, "history").stdout:
+        assert time.monotonic() < deadline, bob.err_text()
+        time.sleep(0.1)
+    assert control(sock, "send", "hi bob").returncode == 0
+    assert "alice: hi bob" in wait_text(bob, "alice: hi bob", 15.0)
+    bob.stdin.write(b"/quit\n")
+    bob.stdin.close()
+    assert bob.wait(15) == 0
+    # Two hubs and no terminal to choose on: both are listed, exit status 2.
+    _hub2, sock2 = hub_daemon(lan, c, "carol")
+    name2 = json.loads(control(sock2, "--json", "status").stdout)["name"]
+    both = connect(b, "--nick", "bob")
+    assert both.wait(30) == 2
+    listing = sorted([(name, f"{a.address()}:7654"), (name2, f"{c.address()}:7654")])
+    assert both.err_text() == (
+        "lanchat: 2 hubs found; choose one with lanchat connect HOST[:PORT]:\n"
+        + "".join(f"  {i}. {n}  {where}\n" for i, (n, where) in enumerate(listing, 1)))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import datetime
 import json
 import os
 import select
@@ -30,6 +31,7 @@ from conftest import (
     Daemon,
     TextUser,
     assert_exactly_once_in_order,
+    skip_or_fail,
     wait_for,
     wait_within,
 )
@@ -37,6 +39,7 @@ from rogue import ROGUE_NODE, Rogue, RogueIdentity, fake_msg
 
 from lanchat import linkproto
 from lanchat.client import ControlClient
+from lanchat.limits import MAX_DAEMON_LINKS
 
 #: How long a test waits for a link to come up.  Generous on purpose: linking takes well
 #: under a second here (the time is printed; issue 3 aimed at 3 s), but a loaded two-core
@@ -737,3 +740,150 @@ def test_a_relayed_roster_is_listed_and_vanishes_with_its_link(
     assert f.closed()
     wait_for("both gone from users", lambda: not any(
         u["nick"] in ("fay", "zed") for u in rpc(daemon, "users")), SETTLE_S)
+
+
+def test_the_65th_daemon_link_is_refused_and_real_links_carry_on(
+        make_daemon: Any, fakes: list[FakePeer]) -> None:
+    a, b, na, nb = pair(make_daemon)
+    wait_linked(a, b, na, nb, timeout=20.0)
+
+    def keep_alive() -> None:
+        # A link silent for DEAD_AFTER_S (8 s) is dead, and a dead one frees its slot: the
+        # fakes speak up between the steps so that every slot stays taken.
+        for f in holding:
+            f.send({"type": "ping"})
+
+    # B's link and 63 fakes: every one of the 64 daemon links is taken.
+    holding: list[FakePeer] = []
+    for i in range(MAX_DAEMON_LINKS - 1):
+        f = FakePeer(a.port, node=f"f0{i:014x}")
+        fakes.append(f)
+        holding.append(f)
+        f.until("welcome")
+        if i % 16 == 15:
+            keep_alive()
+    keep_alive()
+    over = FakePeer(a.port, node="f1" + "0" * 14)
+    fakes.append(over)
+    assert over.until("error") == {"type": "error", "code": "too-many-links", "fatal": True,
+                                   "message": f"too many daemon links (limit {MAX_DAEMON_LINKS})"}
+    assert over.closed()
+    assert "too many daemon links" in a.stderr()  # the refusing daemon says so in its log
+    # The real link carries on, both ways.
+    keep_alive()
+    from_b = send_many(b, 1, "from bob")[0]
+    from_a = send_many(a, 1, "from alice")[0]
+    wait_for("B's message at A", lambda: from_b in history_ids(a), 5.0, diag=lambda: logs(a, b))
+    wait_for("A's message at B", lambda: from_a in history_ids(b), 5.0, diag=lambda: logs(a, b))
+    assert linked(a, nb) and linked(b, na)
+    # A link that ends frees its slot.
+    keep_alive()
+    leaver = holding.pop(0)
+    leaver.send({"type": "bye", "reason": "done"})
+    assert leaver.closed()
+    wait_for("the fake's link down", lambda: peer_state(a, leaver.node) != "linked", 5.0)
+
+    def relinked() -> FakePeer | None:
+        # The slot is freed just after the link is shown down: try again until it is.
+        f = FakePeer(a.port, node="f1" + "0" * 14)
+        fakes.append(f)
+        if f.frame()["type"] == "welcome":
+            return f
+        f.close()
+        return None
+
+    holding.append(wait_for("a new link takes the freed slot", relinked, 5.0, poll=0.1))
+    keep_alive()
+    assert sum(p["state"] == "linked" for p in rpc(a, "peers")) == MAX_DAEMON_LINKS
+
+
+def require_ipv6_loopback() -> None:
+    """Skip (fail under $CI) unless this machine has the IPv6 loopback address ::1."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError as exc:
+        skip_or_fail(f"no IPv6 loopback (::1): {exc}")
+
+
+def test_daemons_on_ipv6_link_and_chat(make_daemon: Any, clients: list[Any]) -> None:
+    require_ipv6_loopback()
+    a = make_daemon("-vv", "--bind", "::1", nick="alice", subdir="a")
+    b = make_daemon("-vv", "--bind", "::1", "--peer", f"[::1]:{a.port}", nick="bob", subdir="b")
+    na, nb = node_of(a), node_of(b)
+    took = wait_linked(a, b, na, nb, timeout=20.0)
+    print(f"\nlinked over ::1 in {took:.2f} s")
+    assert [(p["address"], p["port"], p["state"]) for p in rpc(b, "peers")] == [
+        ("::1", a.port, "linked")]
+    assert [(p["address"], p["state"]) for p in rpc(a, "peers")] == [("::1", "linked")]
+    # A message sent on either daemon reaches the other's history.
+    from_b = send_many(b, 1, "from bob over IPv6")[0]
+    from_a = send_many(a, 1, "from alice over IPv6")[0]
+    wait_for("B's message at A", lambda: from_b in history_ids(a), 10.0, diag=lambda: logs(a, b))
+    wait_for("A's message at B", lambda: from_a in history_ids(b), 10.0, diag=lambda: logs(a, b))
+    # Text clients over IPv6, one on each hub, chat through the link.
+    carol = TextUser(a.port, "carol", host="::1")
+    dora = TextUser(b.port, "dora", host="::1")
+    clients += [carol, dora]
+    assert carol.welcome.startswith("* Welcome, carol!")
+    carol.until("* dora joined #lobby", 10.0)
+    carol.send("hello over IPv6\n")
+    assert dora.until("carol: hello", 10.0).endswith("carol: hello over IPv6")
+    dora.send("and back\n")
+    assert carol.until("dora: and", 10.0).endswith("dora: and back")
+    # A UDP client over IPv6 joins too.
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as udp:
+        udp.settimeout(5.0)
+        udp.sendto(b"erin", ("::1", a.port))
+        assert udp.recvfrom(8192)[0].decode().startswith("* Welcome, erin!")
+    assert dora.until("joined", 10.0) == "* erin joined #lobby"
+
+
+def test_history_since_against_a_real_daemon(daemon: Daemon, fakes: list[FakePeer]) -> None:
+    """``lanchat history --since`` in every documented form, on messages of many ages.
+
+    A linked peer replays older messages (as a daemon that was away would), so the history
+    holds messages from nine days ago to now; each form selects exactly those at or after it.
+    """
+    now = float(int(time.time()))  # whole seconds: an ISO time of one names it exactly
+    ages = {"9d": 9 * 86400, "3d": 3 * 86400, "5h": 5 * 3600, "90m": 90 * 60, "30m": 30 * 60,
+            "5m": 5 * 60}
+    f = FakePeer(daemon.port)
+    fakes.append(f)
+    f.until("welcome")
+    old = [{**fake_msg(seq, f"{name} ago"), "ts": now - age}
+           for seq, (name, age) in enumerate(ages.items(), 1)]
+    f.send({"type": "msgs", "m": old})
+    ts = {f"{name} ago": now - age for name, age in ages.items()}
+    sent = daemon.cli("send", "just now")
+    assert sent.returncode == 0, sent.stderr.decode()
+    wait_for("the replayed messages stored",
+             lambda: len(cli_history(daemon, "--limit", "100")) == len(ages) + 1, 5.0)
+
+    def since(when: str, *more: str, env: dict[str, str] | None = None) -> list[str]:
+        res = daemon.cli("--json", "history", "--since", when, *more, env=env)
+        assert res.returncode == 0, res.stderr.decode()
+        return [json.loads(x)["text"] for x in res.stdout.decode().splitlines() if x.strip()]
+
+    everything = ["9d ago", "3d ago", "5h ago", "90m ago", "30m ago", "5m ago", "just now"]
+    assert since("1w") == everything[1:]                   # oldest first, as always
+    assert since("1d") == everything[2:]
+    assert since("2h") == everything[3:]
+    assert since("10m") == everything[5:]
+    assert since("30s") == ["just now"]
+    assert since("2.5h") == everything[3:]                 # fractions of a unit
+    # Epoch seconds and ISO times are inclusive: a message at exactly that time is shown.
+    assert since(repr(ts["30m ago"])) == everything[4:]
+    iso_utc = datetime.datetime.fromtimestamp(ts["5h ago"], datetime.UTC).isoformat()
+    assert since(iso_utc) == everything[2:]
+    # An ISO time without a zone is the user's local time ($TZ here: UTC+5:30).
+    india = datetime.timezone(datetime.timedelta(hours=5, minutes=30))
+    naive = datetime.datetime.fromtimestamp(ts["3d ago"], india).replace(tzinfo=None)
+    assert since(naive.isoformat(), env={"TZ": "IST-5:30"}) == everything[1:]
+    # With --since, --limit takes the first messages from then on.
+    assert since("1w", "--limit", "2") == ["3d ago", "5h ago"]
+    # A time that is none of those is a usage error.
+    bad = daemon.cli("history", "--since", "yesterday")
+    assert bad.returncode == 2
+    assert "'yesterday' is not a time: use 10m, 2h, 1d, an ISO time or epoch seconds" in (
+        bad.stderr.decode())
