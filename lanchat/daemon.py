@@ -113,6 +113,8 @@ class Daemon:
                                                          UDP_IDLE_TIMEOUT_S),
                            stall_timeout=_env_seconds("LANCHAT_SEND_STALL_TIMEOUT_S",
                                                       SEND_STALL_TIMEOUT_S),
+                           udp_stranger_scale=_env_seconds("LANCHAT_UDP_UNREGISTERED_SCALE",
+                                                           1.0),
                            key=self.key, plain_clients=self.cfg.plain_clients)
             self.links = LinkManager(
                 self.router, self.store,
@@ -287,8 +289,11 @@ def _env_seconds(var: str, default: float) -> float:
     ``$LANCHAT_NICK_TIMEOUT_S``, ``$LANCHAT_UDP_IDLE_TIMEOUT_S`` and
     ``$LANCHAT_SEND_STALL_TIMEOUT_S`` shorten the hub's deadlines so that a test can
     watch a slow-loris client, a silent nickname prompt, a silent UDP client or a
-    client that stopped reading being dropped without waiting minutes.  Not a config
-    key and not in the man pages; a bad value is ignored.
+    client that stopped reading being dropped without waiting minutes;
+    ``$LANCHAT_UDP_UNREGISTERED_SCALE`` (a factor, not seconds) speeds up the rate
+    limits on answers to new UDP addresses, so that a test can fill the 512-per-address
+    UDP cap without waiting eight minutes.  Not a config key and not
+    in the man pages; a bad value is ignored.
     """
     try:
         value = float(os.environ[var])

@@ -768,9 +768,10 @@ class _UdpEndpoint:
         self.clients: dict[tuple[Any, ...], _UdpSession] = {}  # UDP thread only
         self._per_ip: dict[str, int] = {}  # UDP thread only: registered clients per host
         # UDP thread only: how many answers an address that is not a client may get.
-        self._strangers = SourceBuckets(UDP_UNREGISTERED_RATE, UDP_UNREGISTERED_BURST,
+        scale = hub.udp_stranger_scale
+        self._strangers = SourceBuckets(UDP_UNREGISTERED_RATE * scale, UDP_UNREGISTERED_BURST,
                                         max_sources=MAX_TRACKED_SOURCES)
-        self._strangers_total = TokenBucket(UDP_UNREGISTERED_TOTAL_RATE,
+        self._strangers_total = TokenBucket(UDP_UNREGISTERED_TOTAL_RATE * scale,
                                             UDP_UNREGISTERED_TOTAL_BURST)
         self.thread = threading.Thread(target=self.run, name="hub-udp", daemon=False)
         self._closing = False
@@ -920,7 +921,9 @@ class Hub:
     them from one address (0 = unlimited); ``line_timeout`` and
     ``nick_timeout`` are the reader's deadlines, ``udp_idle_timeout`` how long a
     silent UDP client is remembered, ``stall_timeout`` how long one send to a
-    client may stay blocked before it is cut off (seconds).
+    client may stay blocked before it is cut off (seconds); ``udp_stranger_scale``
+    multiplies the rates of answers to addresses that are not UDP clients
+    (``UDP_UNREGISTERED_*``; tests only).
     """
 
     def __init__(self, backend: HubBackend, *, name: str, bind: str = "0.0.0.0",
@@ -933,6 +936,7 @@ class Hub:
                  nick_timeout: float = NICK_TIMEOUT_S,
                  udp_idle_timeout: float = UDP_IDLE_TIMEOUT_S,
                  stall_timeout: float = SEND_STALL_TIMEOUT_S,
+                 udp_stranger_scale: float = 1.0,
                  key: bytes | None = None, plain_clients: bool = False) -> None:
         if max_rate < 0 or max_connections < 1 or max_connections_per_ip < 0:
             raise ValueError("max_rate and max_connections_per_ip must be >= 0, "
@@ -951,6 +955,7 @@ class Hub:
         self.nick_timeout = nick_timeout
         self.udp_idle_timeout = udp_idle_timeout
         self.stall_timeout = stall_timeout
+        self.udp_stranger_scale = udp_stranger_scale
         # guards: _sessions, _closed, the counts below and each session's ``kind``
         self._lock = threading.Lock()
         self._sessions: set[_TcpSession] = set()
