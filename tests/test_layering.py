@@ -19,7 +19,7 @@ IO_MODULES = {"socket", "threading", "sqlite3", "zeroconf", "select", "selectors
 #: Adapters: each owns one kind of I/O and imports only the pure floor (and the two
 #: building blocks of every connection: ``stream``, ``lightthread``).
 ADAPTERS = {"stream", "lightthread", "store", "hub", "control", "client", "hubclient",
-            "discovery", "links", "sdnotify", "logsetup", "memtrim"}
+            "discovery", "links", "sdnotify", "logsetup", "memtrim", "keyfile"}
 BUILDING_BLOCKS = {"stream", "lightthread"}
 ENTRY_POINTS = {"daemon", "cli", "__main__"}
 
@@ -85,7 +85,7 @@ def test_cli_import_stays_light() -> None:
     code = ("import sys, lanchat.cli; "
             "print(' '.join(sorted(m for m in sys.modules if m in "
             "('zeroconf', 'sqlite3', 'asyncio', 'ifaddr', 'cryptography', 'lanchat.feed', "
-            "'lanchat.daemon', 'lanchat.store', "
+            "'lanchat.keyfile', 'lanchat.daemon', 'lanchat.store', "
             "'lanchat.router', 'lanchat.hub', 'lanchat.control', 'lanchat.discovery'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
