@@ -59,9 +59,9 @@ Pure: no I/O, clock or randomness (Ed25519 signing is deterministic; keys are ge
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
+import json.scanner
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -119,8 +119,12 @@ FINGERPRINT_VERSION = 0
 
 _HASH_RE = re.compile(r"[0-9a-f]{64}")
 #: base64url without padding of a signature (64 bytes: 86 characters) and of a key or seed
-#: (32 bytes: 43 characters).
-_B64_FORMS = {64: re.compile(r"[A-Za-z0-9_-]{86}"), 32: re.compile(r"[A-Za-z0-9_-]{43}")}
+#: (32 bytes: 43 characters), and the characters that may end each: the bits of the last
+#: character beyond the data (4 for a signature, 2 for a key) must be zero, or one value
+#: would have several spellings.
+_B64_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_B64_FORMS = {64: (re.compile(r"[A-Za-z0-9_-]{86}"), frozenset(_B64_ALPHABET[::16])),
+              32: (re.compile(r"[A-Za-z0-9_-]{43}"), frozenset(_B64_ALPHABET[::4]))}
 _REQUIRED = frozenset({"v", "origin", "seq", "ts", "room", "nick", "host", "text", "prev"})
 _ALLOWED = _REQUIRED | {"to"}
 
@@ -155,16 +159,12 @@ def b64decode(text: str, size: int) -> bytes:
     Strict: only the canonical encoding is accepted (the unused low bits of the last
     character must be zero), so one value has one text form.
     """
-    pattern = _B64_FORMS.get(size)
-    if pattern is None or not isinstance(text, str) or not pattern.fullmatch(text):
+    form = _B64_FORMS.get(size)
+    if form is None or not isinstance(text, str) or not form[0].fullmatch(text):
         raise ValueError(f"not {size} bytes in base64url without padding")
-    try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except binascii.Error:
-        raise ValueError("not base64url") from None
-    if len(raw) != size or b64encode(raw) != text:
+    if text[-1] not in form[1]:
         raise ValueError("not the canonical base64url form")
-    return raw
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def node_id_of(public_key: bytes) -> str:
@@ -383,11 +383,15 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return d
 
 
-#: No parse_float or parse_int hooks (each costs a Python call per number): an overflowing
-#: float (1e400) parses to inf and a huge integer (10**400) to an int; the field checks in
-#: :func:`parse_entry` reject both before anything converts them.
-_decode_body = json.JSONDecoder(object_pairs_hook=_pairs,
-                                parse_constant=_reject_constant).decode
+#: The JSON scanner itself (C), without ``JSONDecoder.decode``'s Python wrapper: no white
+#: space is allowed around the object (inside it, it is).  No parse_float or parse_int hooks
+#: (each costs a Python call per number): an overflowing float (1e400) parses to inf and a
+#: huge integer (10**400) to an int; the field checks in :func:`parse_entry` reject both
+#: before anything converts them.
+_BODY_DECODER = json.JSONDecoder(object_pairs_hook=_pairs, parse_constant=_reject_constant)
+# typeshed types make_scanner as a class whose constructor takes itself
+_scan_body: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(
+    _BODY_DECODER)  # type: ignore[arg-type]
 #: A finite ts beyond this is refused before float(): float(10**400) raises OverflowError.
 _MAX_TS_INT = 2**63
 
@@ -405,15 +409,18 @@ def parse_entry(body: bytes, sig: bytes | None) -> Entry:
     if sig is not None and len(sig) != SIGNATURE_BYTES:
         raise FeedError("an entry signature is 64 bytes")
     try:
-        fields = _decode_body(body.decode("ascii"))
+        text = body.decode("ascii")
+        fields, end = _scan_body(text, 0)
     except UnicodeDecodeError:
         raise FeedError("an entry body must be ASCII") from None
+    except StopIteration:
+        raise FeedError("an entry body must be a JSON object") from None
     except (ValueError, RecursionError) as exc:
         raise FeedError(f"entry body is not strict JSON: {exc}") from None
-    if not isinstance(fields, dict):
-        raise FeedError("an entry body must be a JSON object")
+    if end != len(text) or not isinstance(fields, dict):
+        raise FeedError("an entry body must be one JSON object and nothing else")
     keys = fields.keys()
-    if not _REQUIRED <= keys <= _ALLOWED:
+    if not (keys >= _REQUIRED and len(keys) == len(_REQUIRED) + ("to" in keys)):
         missing, extra = sorted(_REQUIRED - keys), sorted(keys - _ALLOWED)
         raise FeedError(f"entry body fields: missing {missing}, unknown {extra}")
     version = fields["v"]
@@ -439,7 +446,8 @@ def parse_entry(body: bytes, sig: bytes | None) -> Entry:
             raise FeedError("the first entry of a feed has prev null")
     elif not isinstance(prev, str) or not _HASH_RE.fullmatch(prev):
         raise FeedError("prev must be 64 lowercase hex digits (null only at seq 1)")
-    return Entry(body, sig, message, prev, entry_hash(body, sig))
+    return Entry(body, sig, message, prev,
+                 hashlib.sha256(ENTRY_DOMAIN + body + (sig or b"")).hexdigest())
 
 
 def parse_run(raw: object) -> list[Entry]:

@@ -288,6 +288,8 @@ def test_worst_case_body_fits_its_limit_and_a_run_fits_a_frame() -> None:
     json.dumps(good_fields(text=["hi"])),
     json.dumps([good_fields()]),
     json.dumps(good_fields()) + "x",
+    json.dumps(good_fields()) + " ",  # no white space around the object (inside, yes)
+    " " + json.dumps(good_fields()),
     json.dumps(good_fields()) + '{"a":1}',
     "[" * 100_000,
     "",
