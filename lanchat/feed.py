@@ -86,6 +86,8 @@ __all__ = [
     "ForkProof",
     "PublicKey",
     "SigningKey",
+    "b64decode",
+    "b64encode",
     "cut_runs",
     "encode_body",
     "entry_hash",
