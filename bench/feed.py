@@ -27,6 +27,7 @@ What it answers (issue 13's targets; see bench/README.md "Signed feeds"):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -111,7 +112,7 @@ def measure_once(key: SigningKey, msgs: Sequence[Message]) -> Result:
     r["sign_us"] = _best_us(lambda part: [key.sign(MSG_DOMAIN + body) for _ in part],
                             range(min(n, 2000)))
     for size in (1, 8, MAX_RUN_ENTRIES):
-        r[f"append_batch{size}_us"] = _best_us(lambda part, s=size: _batches(key, part, s),
+        r[f"append_batch{size}_us"] = _best_us(functools.partial(_batches, key, size=size),
                                                msgs)
 
     # -- the receiver ----------------------------------------------------------------------
