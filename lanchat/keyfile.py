@@ -91,6 +91,15 @@ class Identity:
     def node(self) -> str:
         return self.key.node
 
+    def note(self) -> str | None:
+        """The one log line to write when this start replaced the identity, else None."""
+        r = self.replaced
+        if r is None:
+            return None
+        return (f"this state directory was made on machine {r.old_machine} and is now on "
+                f"{r.machine}: new identity {self.node} (history kept; the old identity "
+                f"{r.node} is kept in {r.kept_as})")
+
 
 def read_machine_id(path: str = MACHINE_ID_PATH) -> str | None:
     """This machine's id, or None where there is none (missing, unreadable, not set up).

@@ -228,9 +228,15 @@ def test_a_state_directory_on_another_machine_makes_a_new_identity(
     assert kept.parent == state and original.node in kept.name
     assert kept.read_bytes() == old_bytes and mode_of(kept) == 0o600  # kept for the record
     assert json.loads((state / KEY_FILE).read_text())["machine_id"] == MACHINE_B
+    note = clone.note()  # the daemon's one log line
+    assert note is not None and "\n" not in note
+    for part in (MACHINE_A, MACHINE_B, clone.node, original.node, str(kept)):
+        assert part in note
+    assert original.note() is None
     # from now on B loads its own identity, with nothing to report
     again = load_identity(str(state), machine_id_path=on_b)
     assert (again.node, again.created, again.replaced) == (clone.node, False, None)
+    assert again.note() is None
     # copied back to A again: A's file was kept aside, so A gets a third identity, and the
     # kept copies never overwrite each other
     third = load_identity(str(state), machine_id_path=on_a)
