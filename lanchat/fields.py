@@ -36,7 +36,9 @@ def validate_nick(nick: object) -> str:
         raise ValidationError("nick must be a string", code="bad-nick")
     if not 1 <= len(nick) <= MAX_NICK_CHARS:
         raise ValidationError(f"nick must be 1-{MAX_NICK_CHARS} characters", code="bad-nick")
-    if not nick.isprintable() or any(c.isspace() for c in nick):
+    # Of all white space only " " is printable (tests/test_fields.py checks every code
+    # point): one `in` instead of a generator over the characters, 1 us less per message.
+    if not nick.isprintable() or " " in nick:
         raise ValidationError(
             "nick must be printable characters without spaces", code="bad-nick"
         )
@@ -96,7 +98,7 @@ def validate_host(host: object) -> str:
     """Return ``host`` if it is a printable host name of sane length."""
     if not isinstance(host, str) or not 1 <= len(host) <= MAX_HOST_CHARS:
         raise ValidationError("host must be 1-253 characters", code="bad-host")
-    if not host.isprintable() or any(c.isspace() for c in host):
+    if not host.isprintable() or " " in host:  # as in validate_nick
         raise ValidationError("host must be printable without spaces", code="bad-host")
     return host
 

@@ -209,3 +209,21 @@ LINK_BYE_GRACE_S = 1.0
 #: healthy router answers in milliseconds even under load (one commit of at most
 #: MAX_COMMIT_BATCH messages), so this only ends waits that would otherwise be for ever.
 ROUTER_HANDOFF_TIMEOUT_S = 30.0
+
+# -- signed feeds (lanchat.feed) ----------------------------------------------------------
+
+#: Longest signed entry body, in bytes.  The body is ASCII JSON (``ensure_ascii``): a text
+#: of MAX_TEXT_BYTES made of control characters becomes ``\\u00XX`` (6 bytes each), astral
+#: characters in nick, host and ``to`` become 12-byte surrogate pairs; with the fixed fields
+#: that is about 28 KiB at worst (tests/test_feed.py builds it), so anything longer is hostile.
+MAX_ENTRY_BODY_BYTES = 32 * 1024
+
+#: Most entries one signature vouches for: a run (consecutive entries of one origin, the
+#: last one signed, the rest held by the hash chain) is at most this long, so it fits one
+#: ``msgs`` frame (linkproto.MAX_BATCH, the same number).
+MAX_RUN_ENTRIES = 64
+
+#: An origin signs every entry whose seq is a multiple of this, besides the last entry of
+#: every batch it appends: from any seq, a signed entry is at most MAX_RUN_ENTRIES - 1
+#: entries ahead, so every stretch of a feed can be sent as runs of at most MAX_RUN_ENTRIES.
+SIGN_INTERVAL = MAX_RUN_ENTRIES

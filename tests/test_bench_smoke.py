@@ -75,3 +75,19 @@ def test_ngircd_reference_speaks_irc() -> None:
     assert run["ready"] == 5, run
     assert run["deliveries"] == run["expected_deliveries"] == 1000
     assert (run["lost"], run["dups"], run["reorders"]) == (0, 0, 0)
+
+
+def test_feed_bench_smoke() -> None:
+    """bench/feed.py (signed feeds, pure CPU) runs small and reports sane figures."""
+    p = subprocess.run([sys.executable, str(RUN.parent / "feed.py"), "--messages", "640",
+                        "--repeat", "1", "--json"], capture_output=True, timeout=45, check=False)
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    lines = p.stdout.decode().splitlines()
+    assert len(lines) == 1, lines
+    r = json.loads(lines[0])["results"]
+    assert r["runs"] == 10  # 640 entries in runs of 64
+    assert r["sign_us"] > 0 and r["verify_us"] > 0
+    # one signature per run of 64 against one per entry: far cheaper, whatever the machine
+    assert r["verify_run64_us"] * 8 < r["verify_each_us"]
+    assert r["append_batch64_us"] < r["append_batch1_us"]
+    assert r["catchup_projected_each_per_s"] < r["catchup_projected_per_s"]

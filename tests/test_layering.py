@@ -12,14 +12,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lanchat"
 #: Modules with no sockets, threads, sqlite, zeroconf, clock or environment.
 PURE = {"errors", "limits", "fields", "model", "framing", "events", "render", "wire",
         "textmode", "commands", "jsonrpc", "config", "linkproto", "paths", "ratelimit",
-        "presence", "auth", "completion"}
+        "presence", "auth", "completion", "feed"}
 #: What a pure module may never import.
 IO_MODULES = {"socket", "threading", "sqlite3", "zeroconf", "select", "selectors",
               "subprocess", "asyncio", "ifaddr", "multiprocessing", "signal"}
 #: Adapters: each owns one kind of I/O and imports only the pure floor (and the two
 #: building blocks of every connection: ``stream``, ``lightthread``).
 ADAPTERS = {"stream", "lightthread", "store", "hub", "control", "client", "hubclient",
-            "discovery", "links", "sdnotify", "sdlisten", "logsetup", "memtrim"}
+            "discovery", "links", "sdnotify", "sdlisten", "logsetup", "memtrim", "keyfile"}
 BUILDING_BLOCKS = {"stream", "lightthread"}
 ENTRY_POINTS = {"daemon", "cli", "__main__"}
 
@@ -84,7 +84,8 @@ def test_only_discovery_imports_zeroconf() -> None:
 def test_cli_import_stays_light() -> None:
     code = ("import sys, lanchat.cli; "
             "print(' '.join(sorted(m for m in sys.modules if m in "
-            "('zeroconf', 'sqlite3', 'asyncio', 'ifaddr', 'lanchat.daemon', 'lanchat.store', "
+            "('zeroconf', 'sqlite3', 'asyncio', 'ifaddr', 'cryptography', 'lanchat.feed', "
+            "'lanchat.keyfile', 'lanchat.daemon', 'lanchat.store', "
             "'lanchat.router', 'lanchat.hub', 'lanchat.control', 'lanchat.discovery'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
