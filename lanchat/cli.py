@@ -343,8 +343,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
         previous = signal.signal(signal.SIGUSR1, on_gone)
         printer = threading.Thread(target=pump, name="chat-printer")
-        printer.start()
         try:
+            # Inside the try: a daemon that closes the stream at once makes the printer
+            # signal us while start() still waits for it to run.
+            printer.start()
             if sys.stdin.isatty():
                 sys.stderr.write(f"* {CHAT_HELP}\n")
             for line in sys.stdin:
