@@ -59,13 +59,25 @@ def neutralise(s: str) -> str:
     return _UNSAFE.sub(_visible, s)
 
 
-def clock(ts: float, tz: _dt.tzinfo | None = None) -> str:
-    """``HH:MM:SS`` of ``ts`` in local time (or in ``tz``)."""
-    if tz is None:
-        return time.strftime("%H:%M:%S", time.localtime(ts))
-    import datetime as _dt  # only for an explicit zone: keeps datetime off `lanchat send`
+#: What :func:`clock` shows for a time the platform cannot convert.
+NO_CLOCK = "--:--:--"
 
-    return _dt.datetime.fromtimestamp(ts, tz).strftime("%H:%M:%S")
+
+def clock(ts: float, tz: _dt.tzinfo | None = None) -> str:
+    """``HH:MM:SS`` of ``ts`` in local time (or in ``tz``); :data:`NO_CLOCK` when ``ts`` is
+    beyond what ``time_t`` or ``datetime`` can hold.
+
+    A valid message may carry any finite ``ts`` (a peer's clock, or its lie); rendering
+    must not raise, since it runs inside the router's fan-out.
+    """
+    try:
+        if tz is None:
+            return time.strftime("%H:%M:%S", time.localtime(ts))
+        import datetime as _dt  # only for an explicit zone: keeps datetime off `lanchat send`
+
+        return _dt.datetime.fromtimestamp(ts, tz).strftime("%H:%M:%S")
+    except (OverflowError, OSError, ValueError):
+        return NO_CLOCK
 
 
 def _lines(text: str) -> list[str]:

@@ -79,3 +79,19 @@ def test_format_presence() -> None:
         "* bob is now known as robert"
     assert format_presence(Presence(kind="join", nick="a", **base), tz=UTC,
                            timestamp=True) == "[00:00:00] * a joined #lobby"
+
+
+def test_a_time_beyond_time_t_renders_instead_of_raising() -> None:
+    """A valid message may carry any finite ``ts`` (a peer's clock, or its lie).  Rendering runs
+    inside the router's fan-out: an exception there once left text clients without the message
+    and the peer's link wedged, so such a time is shown as ``--:--:--`` instead."""
+    for ts in (1e17, 1e300, 2.0**63):
+        far = Message(origin=NODE, seq=1, ts=ts, room="lobby", nick="alice", host="box",
+                      text="from the far future")
+        assert format_message(far) == "[--:--:--] alice: from the far future"
+        assert format_message(far, tz=UTC) == "[--:--:--] alice: from the far future"
+        p = Presence(kind="join", nick="a", host="box", node=NODE, room="lobby", ts=ts)
+        assert format_presence(p, tz=UTC, timestamp=True) == "[--:--:--] * a joined #lobby"
+    last = Message(origin=NODE, seq=1, ts=253402300799.0, room="lobby", nick="alice",
+                   host="box", text="x")  # 9999-12-31 23:59:59 UTC: still a time
+    assert format_message(last, tz=UTC) == "[23:59:59] alice: x"
