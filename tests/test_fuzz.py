@@ -631,3 +631,45 @@ def test_json_client_hostile_numbers_get_errors_not_a_dropped_connection(
     j.send(b'{"type":"ping","t":7}\n')
     assert json.loads(j.until('"pong"')) == {"type": "pong", "t": 7}
     assert "Traceback" not in daemon.stderr(), daemon.stderr()[-3000:]
+
+
+def test_lone_surrogates_are_sent_as_escapes_not_invalid_utf8() -> None:
+    """``"\\ud800"`` is valid JSON that ``loads_line`` accepts; ``dumps_line`` must write it back
+    as that escape, so the frame is UTF-8 and decodes to what was encoded."""
+    for value in ("\ud800", {"\udfff": ["a\ud83db", 1]}, ["\udc00" * 3]):
+        line = dumps_line(value)
+        line.decode("utf-8")  # strict: raises on invalid UTF-8
+        assert loads_line(line) == value
+
+
+def test_a_lone_surrogate_reaches_everyone_else_as_valid_utf8(daemon: Daemon,
+                                                              clients: list[Any]) -> None:
+    """A JSON client may put ``"\\ud800"`` in its bye reason, which the hub shows to everyone in
+    the room.  What reaches the others -- JSON clients and control subscribers alike -- must be
+    UTF-8 their strict decoders accept, with the escape as written: otherwise one client's
+    goodbye garbles every other connection (``lanchat tail`` dies on it)."""
+    hello = '{{"type":"hello","v":1,"nick":"{}"}}\n'
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sub:
+        sub.settimeout(10)
+        sub.connect(daemon.socket)
+        notes = sub.makefile("rb")
+        sub.sendall(b'{"jsonrpc":"2.0","method":"subscribe","params":{},"id":1}\n')
+        assert loads_line(notes.readline())["id"] == 1
+        watcher = LineClient(daemon.port)
+        leaver = LineClient(daemon.port)
+        clients += [watcher, leaver]
+        watcher.send(hello.format("watcher"))
+        watcher.until('"welcome"')
+        leaver.send(hello.format("leaver"))
+        leaver.until('"welcome"')
+        watcher.until('"join"')
+        leaver.send('{"type":"bye","reason":"\\ud800 gone"}\n')
+        seen = json.loads(watcher.until('"leave"'))  # (read with errors="replace")
+        assert seen["presence"]["reason"] == "\ud800 gone", seen
+        for _ in range(10):
+            note = loads_line(notes.readline())  # strict UTF-8, as `lanchat tail` reads
+            if note["params"].get("kind") == "leave":
+                assert note["params"]["reason"] == "\ud800 gone", note
+                break
+        else:
+            raise AssertionError("the subscriber never saw the leave")
