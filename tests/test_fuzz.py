@@ -1059,9 +1059,14 @@ def _run_socket_fuzz(daemon: Daemon, clients: list[Any], *, connections: int,
     err = daemon.stderr()
     assert "Traceback" not in err, f"seed {seed}: the daemon logged a traceback:\n{err[-4000:]}"
     _assert_still_serves(daemon, clients)
+    # The watcher, connected throughout, is still served both ways: still listed, still heard.
     watcher.send("watcher still here\n")
     watcher.send("/users\n")
-    assert watcher.until("* In #lobby").startswith("* In #lobby")
+    users = watcher.until(lambda s: s.startswith("* In #lobby ("))
+    assert {"owner", "watcher"} <= set(users.split(": ", 1)[1].split(", ")), users
+    with ControlClient(daemon.socket, timeout=10) as c:
+        said = [(m["nick"], m["text"]) for m in c.call("history", limit=5)]
+    assert ("watcher", "watcher still here") in said, said
     assert after["threads"] <= base["threads"] + 2, (seed, base, after)
     assert after["fds"] <= base["fds"] + 4, (seed, base, after)
     assert after["rss_kib"] <= base["rss_kib"] + 30 * 1024, (seed, base, after)
