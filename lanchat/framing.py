@@ -129,11 +129,15 @@ def dumps_line(obj: Any) -> bytes:
     """Encode ``obj`` as one compact JSON frame, ``\\n``-terminated, UTF-8.
 
     ``json.dumps`` never emits a raw newline without ``indent``, so the result
-    is always exactly one frame.
+    is always exactly one frame.  A lone surrogate (a peer may send ``"\\ud800"``,
+    which :func:`loads_line` accepts as JSON) is written back as that same
+    ``\\ud800`` escape -- the only place UTF-8 cannot hold it is inside a JSON
+    string -- so every frame is valid UTF-8 and decodes to the value encoded,
+    instead of poisoning whoever receives it (RFC 8259 section 8.1).
     """
     return (
         json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False) + "\n"
-    ).encode("utf-8", "surrogatepass")
+    ).encode("utf-8", "backslashreplace")
 
 
 def is_finite_number(value: object) -> bool:

@@ -8,10 +8,13 @@ import signal
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from conftest import Daemon, LineClient, TextUser, unit_stop_timeout_s
 
+from lanchat.client import ControlClient
+from lanchat.config import DEFAULT_PORT
 from lanchat.limits import SEND_STALL_TIMEOUT_S
 
 MESSAGE_RE = re.compile(r"^\[\d\d:\d\d:\d\d\] (\S+): (.*)$")
@@ -309,9 +312,30 @@ def test_sigterm_says_goodbye_and_exits_cleanly(daemon: Daemon, clients: list[An
     assert "Traceback" not in daemon.stderr()
 
 
-def test_port_zero_picks_a_port_and_says_so(daemon: Daemon) -> None:
-    assert daemon.port > 0
-    assert f"127.0.0.1:{daemon.port}" in daemon.stderr()
+def test_port_zero_picks_a_port_and_says_so(daemon: Daemon, clients: list[Any]) -> None:
+    """``--port 0`` lets the kernel pick a free port, the start-up line says which, and that is
+    the port the hub really serves: TCP (its greeting), UDP (the same number) and ``status``
+    agree with the line.  (The fixture read ``daemon.port`` from that very line, so finding it
+    there again proved nothing.)"""
+    (line,) = [s for s in daemon.stderr().splitlines() if "listening on" in s]
+    assert line.endswith(f" listening on 127.0.0.1:{daemon.port} (TCP+UDP), "
+                         f"control socket {daemon.socket}"), line
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    assert low <= daemon.port <= high and daemon.port != DEFAULT_PORT  # the kernel's choice
+    tcp = LineClient(daemon.port)
+    clients.append(tcp)
+    assert tcp.line().startswith("* lanchat hub ")
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        udp.settimeout(5)
+        udp.sendto(b"udpuser\n", ("127.0.0.1", daemon.port))
+        assert b"Welcome, udpuser!" in udp.recvfrom(8192)[0]
+        udp.sendto(b"/quit", ("127.0.0.1", daemon.port))
+    finally:
+        udp.close()
+    with ControlClient(daemon.socket) as control:
+        status = control.call("status")
+    assert (status["port"], status["udp_port"]) == (daemon.port, daemon.port), status
 
 
 def test_frames_pipelined_behind_the_first_line_are_not_lost(daemon: Daemon,

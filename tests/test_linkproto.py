@@ -8,6 +8,7 @@ turns into "protocol error; closing the link"), never anything else.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 from typing import Any
 
@@ -16,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lanchat import linkproto
-from lanchat.errors import LanchatError, RemoteProtocolError, ValidationError
+from lanchat.errors import RemoteProtocolError, ValidationError
 from lanchat.model import Message, User
 from lanchat.presence import MAX_NODES, NodeRoster
 
@@ -196,9 +197,15 @@ def test_malformed_frames_are_refused_cleanly(line: bytes) -> None:
 
 
 def test_oversized_msgs_list_is_refused_before_parsing_it() -> None:
-    too_many = [msg(seq=i).to_dict() for i in range(1, linkproto.MAX_BATCH * 4 + 2)]
-    with pytest.raises(RemoteProtocolError):
+    """Refused for its length alone: with entries that are not even messages, parsing them
+    first would raise ValidationError, not the frame's RemoteProtocolError."""
+    fits = [msg(seq=i).to_dict() for i in range(1, linkproto.MAX_BATCH * 4 + 1)]
+    frame = linkproto.parse_frame(json.dumps({"type": "msgs", "m": fits}).encode())
+    assert isinstance(frame, linkproto.Msgs) and len(frame.messages) == linkproto.MAX_BATCH * 4
+    too_many = [1] * (linkproto.MAX_BATCH * 4 + 1)
+    with pytest.raises(RemoteProtocolError) as info:
         linkproto.parse_frame(json.dumps({"type": "msgs", "m": too_many}).encode())
+    assert info.value.code == "bad-frame"
 
 
 def test_message_whose_id_does_not_match_is_refused() -> None:
@@ -220,7 +227,7 @@ def test_a_timestamp_beyond_any_float_is_refused_not_an_overflow() -> None:
 @settings(max_examples=200)
 @given(st.binary(max_size=300))
 def test_garbage_never_escapes_as_another_exception(data: bytes) -> None:
-    with contextlib.suppress(LanchatError):
+    with contextlib.suppress(RemoteProtocolError, ValidationError):  # the documented refusals
         linkproto.parse_frame(data)
 
 
@@ -245,17 +252,28 @@ def test_sync_round_trip_property(cursors: dict[str, int]) -> None:
 
 # -- tie-break ------------------------------------------------------------------------------
 
-def test_tie_break_keeps_the_link_dialed_by_the_lower_node() -> None:
-    low, high = sorted([NODE_A, NODE_B])
-    # An existing link dialed by the higher node loses to one dialed by the lower ...
-    assert linkproto.keeps(high, low) is True
-    # ... and a new link dialed by the higher node never replaces one dialed by the lower.
-    assert linkproto.keeps(low, high) is False
-    # The verdict takes no "which end am I" input, so both ends of the pair reach the same one.
-    assert "my_node" not in linkproto.keeps.__code__.co_varnames
+def _kept(arrivals: list[str]) -> str:
+    """The link one end keeps when links to the same node come up in this order, each named by
+    the node that dialed it -- the rule ``links.LinkManager._register`` applies: a new link
+    replaces the existing one only if ``keeps`` says so."""
+    kept = arrivals[0]
+    for dialer in arrivals[1:]:
+        if linkproto.keeps(kept, dialer):
+            kept = dialer
+    return kept
 
 
-def test_backoff_and_heartbeat_constants_are_consistent() -> None:
-    assert 0 < linkproto.BACKOFF_FIRST_S < linkproto.BACKOFF_MAX_S
-    assert linkproto.DEAD_AFTER_S >= 3 * linkproto.HEARTBEAT_S
-    assert linkproto.DEAD_AFTER_S < 10.0  # a crashed peer is noticed within 10 s
+@given(st.lists(st.text("0123456789abcdef", min_size=8, max_size=64), min_size=2, max_size=2,
+                unique=True))
+def test_tie_break_both_ends_keep_the_same_link_whatever_the_order(pair: list[str]) -> None:
+    """Two daemons that dial each other at once each see both links come up, in either order,
+    and neither knows the other's order: both must keep the same link -- the one dialed by the
+    lower node id (lanchat-protocol(7)) -- or the pair ends with no link, or with two."""
+    a, b = pair
+    outcomes = {(tuple(at_a), tuple(at_b)): (_kept(list(at_a)), _kept(list(at_b)))
+                for at_a in itertools.permutations(pair) for at_b in itertools.permutations(pair)}
+    for orders, (kept_by_a, kept_by_b) in outcomes.items():
+        assert kept_by_a == kept_by_b == min(a, b), (orders, kept_by_a, kept_by_b)
+    # A redial by the same node never displaces the link it already has.
+    for dialer in pair:
+        assert linkproto.keeps(dialer, dialer) is False

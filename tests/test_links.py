@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
+import itertools
 import json
 import os
 import select
@@ -889,3 +890,69 @@ def test_history_since_against_a_real_daemon(daemon: Daemon, fakes: list[FakePee
     assert bad.returncode == 2
     assert "'yesterday' is not a time: use 10m, 2h, 1d, an ISO time or epoch seconds" in (
         bad.stderr.decode())
+
+
+# -- heartbeats and redial backoff, as lanchat-protocol(7) states them ---------------------------
+
+#: lanchat-protocol(7): "an idle side sends ping every 2 seconds ...; a link silent for 8
+#: seconds is dead and is redialed with backoff (0.5 s doubling to 30 s)".
+DOC_HEARTBEAT_S = 2.0
+DOC_DEAD_AFTER_S = 8.0
+DOC_BACKOFF_FIRST_S = 0.5
+
+
+def test_heartbeats_keep_an_idle_link_and_silence_ends_it(daemon: Daemon,
+                                                          fakes: list[FakePeer]) -> None:
+    """What the heartbeat numbers promise, seen from a peer: one that only pings, at the
+    documented pace, for longer than the dead time stays linked; the daemon pings an idle
+    link often enough that a peer keeping the same dead time never drops it (at least three
+    pings within it); and a peer that goes silent is dropped after the dead time -- not
+    before (that would cut live peers whose pings are late), and not long after."""
+    f = FakePeer(daemon.port)
+    fakes.append(f)
+    f.until("welcome")
+    heard: list[tuple[float, str]] = []  # when the daemon said what
+
+    def listen(until: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            for _ in range(1000):
+                frame = f.frame(max(0.01, until - time.monotonic()))
+                heard.append((time.monotonic(), str(frame.get("type"))))
+
+    started = time.monotonic()
+    while time.monotonic() - started < DOC_DEAD_AFTER_S + DOC_HEARTBEAT_S:
+        f.send({"type": "ping"})
+        silent_since = time.monotonic()  # our last word
+        listen(silent_since + DOC_HEARTBEAT_S)
+    assert peer_state(daemon, FAKE_NODE) == "linked", logs(daemon)
+
+    closed_after = None
+    try:
+        listen(silent_since + DOC_DEAD_AFTER_S + 6.0)
+    except (EOFError, ConnectionResetError):
+        closed_after = time.monotonic() - silent_since
+    pings = [round(t - silent_since, 2) for t, kind in heard if kind == "ping" and t > silent_since]
+    print(f"\nsilent peer: pinged at {pings} s, dropped after {closed_after} s")
+    assert closed_after is not None, f"a peer silent for {DOC_DEAD_AFTER_S + 6} s is still linked"
+    assert closed_after >= DOC_DEAD_AFTER_S - 0.5, (closed_after, pings)
+    within = [t for t in pings if t < DOC_DEAD_AFTER_S]
+    assert len(within) >= 3, f"only {within} s: a peer with the same dead time would drop us"
+
+
+def test_an_unreachable_peer_is_redialed_soon_then_less_and_less_often(make_daemon: Any) -> None:
+    """"Redialed with backoff (0.5 s doubling)": a static peer that accepts and at once closes
+    every connection is dialed again within about a second, then at waits that grow --
+    the third at least twice the first -- so a dead peer is not hammered."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(15.0)
+        make_daemon("--peer", f"127.0.0.1:{listener.getsockname()[1]}")
+        dialed: list[float] = []
+        for _ in range(4):
+            conn, _ = listener.accept()
+            dialed.append(time.monotonic())
+            conn.close()
+    gaps = [round(later - earlier, 2) for earlier, later in itertools.pairwise(dialed)]
+    print(f"\nredial waits: {gaps} s")
+    assert gaps[0] < 3 * DOC_BACKOFF_FIRST_S, gaps
+    assert gaps[0] < gaps[1] < gaps[2], gaps
+    assert gaps[2] >= 2 * gaps[0], gaps
