@@ -59,6 +59,7 @@ from lanchat.model import (
     Presence,
     User,
     validate_nick,
+    validate_recipient,
     validate_room,
     validate_text,
 )
@@ -349,7 +350,7 @@ def _send(conn: _Connection, params: dict[str, Any]) -> Any:
     room = _room_param(params, DEFAULT_ROOM) or DEFAULT_ROOM
     to = params.get("to")
     if to is not None:
-        validate_nick(to)
+        validate_recipient(to)
     return conn.server.backend.send(text, room=room, to=to, uid=conn.uid).to_dict()
 
 
@@ -419,7 +420,8 @@ class Method:
 
 #: The control API: the man page ``lanchat-rpc(7)`` documents exactly this table.
 METHODS: dict[str, Method] = {
-    "send": Method(_send, "send {text, room?='lobby', to?} -> the stored message"),
+    "send": Method(_send, "send {text, room?='lobby', to?} -> the stored message; "
+                            "to: nick or nick@host|node-prefix, anywhere on the network"),
     "history": Method(_history, "history {room?, limit?=50, before?, since?} -> messages, "
                                 "oldest first"),
     "subscribe": Method(_subscribe, "subscribe {room?, backlog?=0, presence?=true} -> "

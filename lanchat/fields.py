@@ -50,6 +50,28 @@ def validate_nick(nick: object) -> str:
     return nick
 
 
+def validate_recipient(to: object) -> str:
+    """Return ``to`` if it can name a direct message's addressee, else raise.
+
+    ``nick``, or ``nick@where`` with ``where`` a node's host name or a prefix
+    of its node id (lanchat(1)); which user it names is decided by whoever
+    knows the rosters (:func:`lanchat.presence.resolve_recipient`).  Nicks may
+    themselves contain ``@``, so a whole valid nick is accepted as it is.
+    """
+    if not isinstance(to, str):
+        raise ValidationError("to must be a string", code="bad-nick")
+    try:
+        return validate_nick(to)
+    except ValidationError:
+        pass
+    nick, at, where = to.rpartition("@")
+    if not at or not 0 < len(where) <= MAX_HOST_CHARS or not where.isprintable() \
+            or " " in where:
+        raise ValidationError("to must be a nick or nick@host", code="bad-nick")
+    validate_nick(nick)
+    return to
+
+
 def validate_room(room: object) -> str:
     """Return the canonical room name (lowercase, no leading ``#``) or raise."""
     if not isinstance(room, str):

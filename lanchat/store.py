@@ -136,13 +136,23 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "WHERE origin = (SELECT value FROM meta WHERE key = 'node_id') "
         "AND ts > CAST(strftime('%s', 'now') AS REAL) + 300",
     ),
+    # 4: a direct message's addressee's node: "to" + to_node name one user on the network.
+    (
+        "ALTER TABLE messages ADD COLUMN to_node TEXT",
+    ),
 )
 
-_COLUMNS = 'id, origin, seq, ts, room, nick, host, text, "to", mac'
+_COLUMNS = 'id, origin, seq, ts, room, nick, host, text, "to", mac, to_node'
 _INSERT = (
     'INSERT INTO messages (id, origin, seq, ts, room, nick, host, text, "to", uid, mac, '
-    "received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "received, to_node) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+
+#: Who may read a direct message here (history's ``viewer``): its addressee if on this
+#: node (an old DM without to_node: anyone of that nick), or its sender if it was sent
+#: from this node.  Public messages (no "to") everyone.
+_VISIBLE = ('("to" IS NULL OR ("to" = ? COLLATE NOCASE AND (to_node IS NULL OR to_node = ?))'
+            " OR (origin = ? AND nick = ? COLLATE NOCASE))")
 
 #: The ``?`` oldest messages, for retention by count: history order, except that a
 #: message that claimed a far-future time counts from its arrival.  Each half reads
@@ -156,13 +166,13 @@ _OLDEST = (
     ") ORDER BY age, origin, seq LIMIT ?)"
 )
 
-_Row = tuple[str, str, int, float, str, str, str, str, str | None, str | None]
+_Row = tuple[str, str, int, float, str, str, str, str, str | None, str | None, str | None]
 
 
 def _message(row: _Row) -> Message:
-    mid, origin, seq, ts, room, nick, host, text, to, mac = row
+    mid, origin, seq, ts, room, nick, host, text, to, mac, to_node = row
     return Message(origin=origin, seq=seq, ts=ts, room=room, nick=nick, host=host,
-                   text=text, to=to, id=mid, mac=mac)
+                   text=text, to=to, id=mid, mac=mac, to_node=to_node)
 
 
 class _Reader:
@@ -414,7 +424,7 @@ class Store:
                         for i, d in enumerate(drafts, start=1)]
             conn.executemany(_INSERT, [
                 (m.id, m.origin, m.seq, m.ts, m.room, m.nick, m.host, m.text, m.to, d.uid,
-                 m.mac, None)
+                 m.mac, None, m.to_node)
                 for m, d in zip(messages, drafts, strict=True)
             ])
         return messages
@@ -456,7 +466,7 @@ class Store:
                     continue
                 received = now if future is not None and m.ts > future else None
                 conn.execute(_INSERT, (m.id, m.origin, m.seq, m.ts, m.room, m.nick, m.host,
-                                       m.text, m.to, None, m.mac, received))
+                                       m.text, m.to, None, m.mac, received, m.to_node))
                 high[m.origin] = m.seq
                 stored.append(m)
                 if m.origin == self._node_id:
@@ -486,15 +496,18 @@ class Store:
         return True
 
     def history(self, *, room: str | None = None, limit: int = 50,
-                before: float | None = None, since: float | None = None) -> list[Message]:
+                before: float | None = None, since: float | None = None,
+                viewer: str | None = None) -> list[Message]:
         """A page of history, oldest first, ordered by (ts, origin, seq).
 
         ``room`` None means every room.  ``before`` (exclusive) and ``since``
         (inclusive) bound ts.  With ``since`` and no ``before`` the page is the
         *first* ``limit`` messages at or after ``since`` (reading forward);
         otherwise it is the *last* ``limit`` messages in range.  ``limit`` is
-        clamped to 1..MAX_HISTORY_PAGE.  Direct messages are included; the
-        caller decides who may see them.  Any thread.
+        clamped to 1..MAX_HISTORY_PAGE.  ``viewer`` None includes every direct
+        message (the caller decides who may see them); a nick keeps only the
+        direct messages this node's user of that nick sent or is sent (the page
+        is then ``limit`` messages that user may see).  Any thread.
         """
         limit = max(1, min(int(limit), MAX_HISTORY_PAGE))
         where: list[str] = []
@@ -508,6 +521,9 @@ class Store:
         if since is not None:
             where.append("ts >= ?")
             params.append(float(since))
+        if viewer is not None:
+            where.append(_VISIBLE)
+            params += [viewer, self._node_id, self._node_id, viewer]
         forward = since is not None and before is None
         direction = "ASC" if forward else "DESC"
         sql = (f"SELECT {_COLUMNS} FROM messages"
