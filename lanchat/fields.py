@@ -14,7 +14,13 @@ import math
 import re
 
 from lanchat.errors import ValidationError
-from lanchat.limits import MAX_HOST_CHARS, MAX_NICK_CHARS, MAX_ROOM_CHARS, MAX_TEXT_BYTES
+from lanchat.limits import (
+    MAX_HOST_CHARS,
+    MAX_NICK_CHARS,
+    MAX_ROOM_CHARS,
+    MAX_SEND_KEY_CHARS,
+    MAX_TEXT_BYTES,
+)
 
 #: Node ids are random lowercase hex (16 digits by default); peers may use up to 64.
 _NODE_RE = re.compile(r"[0-9a-f]{8,64}")
@@ -70,6 +76,15 @@ def validate_recipient(to: object) -> str:
         raise ValidationError("to must be a nick or nick@host", code="bad-nick")
     validate_nick(nick)
     return to
+
+
+def validate_send_key(key: object) -> str:
+    """Return ``key`` if it is a valid client key of ``send`` (1-64 printable ASCII, no space)."""
+    if not isinstance(key, str) or not 0 < len(key) <= MAX_SEND_KEY_CHARS \
+            or not all("!" <= c <= "~" for c in key):
+        raise ValidationError(f"key must be 1-{MAX_SEND_KEY_CHARS} printable ASCII characters "
+                              "without spaces", code="bad-key")
+    return key
 
 
 def validate_room(room: object) -> str:

@@ -25,6 +25,7 @@ from lanchat.fields import (
     validate_node,
     validate_recipient,
     validate_room,
+    validate_send_key,
     validate_seq,
     validate_text,
     validate_ts,
@@ -43,6 +44,7 @@ __all__ = [
     "validate_node",
     "validate_recipient",
     "validate_room",
+    "validate_send_key",
     "validate_text",
 ]
 
@@ -71,6 +73,9 @@ class Draft:
     to_node: str | None = None
     #: Unix uid of a local sender on the control socket (SO_PEERCRED); never sent to peers.
     uid: int | None = None
+    #: The local sender's idempotency key (control ``send {key}``): the same (uid, key)
+    #: stores one message however often it is sent.  Never sent to peers.
+    key: str | None = None
 
     def __post_init__(self) -> None:
         validate_text(self.text)
@@ -82,6 +87,8 @@ class Draft:
         if self.to_node is not None:
             validate_node(self.to_node)
             validate_nick(self.to)
+        if self.key is not None:
+            validate_send_key(self.key)
 
 
 @dataclass(frozen=True, slots=True)

@@ -95,6 +95,7 @@ class MessageStore(Protocol):
                 viewer: str | None = None) -> list[Message]: ...
     def prune(self, now: float) -> int: ...
     def cursors(self) -> dict[str, int]: ...
+    def sent_with_key(self, uid: int | None, key: str) -> Message | None: ...
     def advance(self, origin: str, seq: int, ts: float) -> bool: ...
 
 
@@ -154,6 +155,19 @@ def _internal(exc: Exception) -> LanchatError:
     if isinstance(exc, LanchatError):
         return exc
     return LanchatError(f"internal error: {exc!r}")
+
+
+def _both(a: PublishDone | None, b: PublishDone | None) -> PublishDone:
+    """One publisher callback that answers two publishers (the same send, sent twice)."""
+    def done(msg: Message | None, err: LanchatError | None) -> None:
+        for fn in (a, b):
+            if fn is None:
+                continue
+            try:
+                fn(msg, err)
+            except Exception:
+                log.exception("router: a publisher's callback failed")
+    return done
 
 
 class _Inbox:
@@ -508,7 +522,7 @@ class Router:
         Every publisher is answered exactly once, stored or not: the fan-out
         never raises, and neither does a publisher's callback (see :meth:`_answer`).
         """
-        batch = self._address(batch)
+        batch = self._address(self._dedupe(batch))
         if not batch:
             return
         try:
@@ -527,6 +541,42 @@ class Router:
         self._fanout([Event(msg, p.source) for p, msg in zip(batch, messages, strict=True)])
         for p, msg in zip(batch, messages, strict=True):
             self._answer(p, msg, None)
+
+    def _dedupe(self, batch: list[_Publish]) -> list[_Publish]:
+        """Answer each keyed draft already stored with its message, and leave it out.
+
+        A client key (control ``send {key}``) makes a retry idempotent: the same
+        (uid, key) is stored once and every later send of it is answered with
+        that stored message.  Two of them in this very batch become one publish
+        that answers both.  Router thread only: it alone appends, so a check and
+        the append after it cannot race.
+        """
+        if all(p.draft.key is None for p in batch):
+            return batch
+        kept: list[_Publish] = []
+        first: dict[tuple[int | None, str], int] = {}  # (uid, key) -> index in kept
+        for p in batch:
+            draft = p.draft
+            if draft.key is None:
+                kept.append(p)
+                continue
+            ident = (draft.uid, draft.key)
+            if ident in first:
+                i = first[ident]
+                kept[i] = _Publish(kept[i].draft, kept[i].source, _both(kept[i].done, p.done))
+                continue
+            try:
+                stored = self._store.sent_with_key(draft.uid, draft.key)
+            except Exception as exc:
+                log.exception("router: cannot look up a send key")
+                self._answer(p, None, _internal(exc))
+                continue
+            if stored is not None:
+                self._answer(p, stored, None)
+                continue
+            first[ident] = len(kept)
+            kept.append(p)
+        return kept
 
     def _address(self, batch: list[_Publish]) -> list[_Publish]:
         """Resolve each direct message's addressee to one user (nick + node) of the network.

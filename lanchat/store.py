@@ -140,7 +140,24 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         "ALTER TABLE messages ADD COLUMN to_node TEXT",
     ),
+    # 5: idempotent control sends: (local uid, client key) -> the message it stored.  A
+    # key goes when its message goes (retention), so it lasts the retention window.
+    (
+        """CREATE TABLE send_keys (
+            uid INTEGER NOT NULL,
+            key TEXT NOT NULL,
+            id  TEXT NOT NULL,
+            PRIMARY KEY (uid, key)
+        )""",
+        "CREATE INDEX send_keys_id ON send_keys (id)",
+        """CREATE TRIGGER messages_keys AFTER DELETE ON messages BEGIN
+            DELETE FROM send_keys WHERE id = OLD.id;
+        END""",
+    ),
 )
+
+#: The uid a key is filed under when the sender's uid is unknown (no SO_PEERCRED).
+_NO_UID = -1
 
 _COLUMNS = 'id, origin, seq, ts, room, nick, host, text, "to", mac, to_node'
 _INSERT = (
@@ -406,6 +423,8 @@ class Store:
         order (by ts) keeps our own order even if the clock steps back.  (Only
         our own stamps raise that latest ts beyond the clock: see
         :meth:`insert_remote`.)
+        A draft's client ``key`` is filed with its message (see
+        :meth:`sent_with_key`): the caller checks for it first.
         Returns the stored messages, in order.  On failure raises StoreError
         and stores nothing; the seqs are not consumed (the next call reuses
         them), so our seqs never have a gap.  Writer thread only.
@@ -427,7 +446,26 @@ class Store:
                  m.mac, None, m.to_node)
                 for m, d in zip(messages, drafts, strict=True)
             ])
+            keyed = [(_NO_UID if d.uid is None else d.uid, d.key, m.id)
+                     for m, d in zip(messages, drafts, strict=True) if d.key is not None]
+            if keyed:  # in the same transaction: a stored message always has its key
+                conn.executemany("INSERT OR REPLACE INTO send_keys (uid, key, id) "
+                                 "VALUES (?, ?, ?)", keyed)
         return messages
+
+    def sent_with_key(self, uid: int | None, key: str) -> Message | None:
+        """The message local user ``uid`` stored with client key ``key``, if still retained.
+
+        What makes a retried ``send`` idempotent (see :meth:`append_local`).  Any thread;
+        the router asks on the writer thread, which alone writes keys, so a check and the
+        append after it cannot race.
+        """
+        rows = self._select(
+            f"SELECT {_COLUMNS} FROM messages WHERE id = "
+            "(SELECT id FROM send_keys WHERE uid = ? AND key = ?)",
+            (_NO_UID if uid is None else uid, key))
+        messages = self._messages(rows)
+        return messages[0] if messages else None
 
     def insert_remote(self, messages: Iterable[Message], *,
                       now: float | None = None) -> list[Message]:
