@@ -493,7 +493,7 @@ def test_send_with_a_key_stores_once_and_answers_alike_across_a_restart(
         with pytest.raises(RpcError) as bad:
             c.call("send", text="too long a key", key="k" * 65)
     assert "key must be" in bad.value.message
-    with socket.socket(socket.AF_UNIX) as sock:  # one batch: both in one router commit
+    with socket.socket(socket.AF_UNIX) as sock:  # a JSON-RPC batch: both answered alike
         sock.connect(daemon.socket)
         batch = [{"jsonrpc": "2.0", "id": i, "method": "send",
                   "params": {"text": "batched", "key": "same"}} for i in (1, 2)]

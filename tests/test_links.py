@@ -910,9 +910,30 @@ def test_direct_messages_find_their_person_across_hubs_and_show_nowhere_else(
     wait_for("A lists carol in #dev and bob on C", lambda: {
         (u["nick"], u.get("room")) for u in rpc(a, "users")} >= {("carol", "dev"), ("bob", "lobby")}
         and sum(u["nick"] == "bob" for u in rpc(a, "users")) == 2, SETTLE_S)
-    res = a.cli("send", "--to", "carol", "psst carol")
-    assert res.returncode == 0, res.stderr
-    assert "psst carol" in carol.until("psst carol", SETTLE_S)
+    watchers = {d: ControlClient(d.socket, timeout=10.0) for d in (b, c)}  # their `tail`s
+    # notifications() waits for ever: a watchdog ends the wait (ConnectionLost) instead.
+    watchdog = threading.Timer(LINK_DEADLINE_S, lambda: [w.interrupt()
+                                                         for w in watchers.values()])
+    watchdog.start()
+    try:
+        for w in watchers.values():
+            w.subscribe(presence=False)
+        res = a.cli("send", "--to", "carol", "psst carol")
+        assert res.returncode == 0, res.stderr
+        assert "psst carol" in carol.until("psst carol", SETTLE_S)
+        assert a.cli("send", "tail marker").returncode == 0
+        for d, w in watchers.items():
+            seen = []
+            for note in w.notifications():
+                seen.append(note["params"]["text"])
+                if seen[-1] == "tail marker":
+                    break
+            assert seen == ["tail marker"], (d, seen)
+    finally:
+        watchdog.cancel()
+        watchdog.join()
+        for w in watchers.values():
+            w.close()
     sent = a.cli("send", "everyone")
     assert sent.returncode == 0, sent.stderr
     line = dave.until(lambda s: "psst" in s or "everyone" in s, SETTLE_S)
