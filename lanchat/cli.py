@@ -482,7 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("send", cmd_send, "send a message (TEXT words, or '-' to read standard input)")
     p.add_argument("text", nargs="*", metavar="TEXT")
     p.add_argument("--room", default="lobby", help="room to post in (default: lobby)")
-    p.add_argument("--to", metavar="NICK", help="send a direct message to NICK")
+    p.add_argument("--to", metavar="NICK", help="send a direct message to NICK, wherever they "
+                   "are (NICK@HOST or NICK@NODE-PREFIX if the nick is on several nodes)")
 
     p = add("tail", cmd_tail, "print the last messages and follow new ones until Ctrl-C")
     p.add_argument("-n", type=_count(0, 1000), default=10, metavar="N",
