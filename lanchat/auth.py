@@ -49,8 +49,11 @@ def check_proof(key: bytes, given: object, label: str, nonce: str, *who: str) ->
 
 def message_mac(key: bytes, msg: Message) -> str:
     """The tag a message's origin attaches, over every field that is shown or routed."""
-    return _mac(key, "message", msg.id, msg.origin, str(msg.seq), repr(msg.ts), msg.room,
-                msg.nick, msg.host, msg.text, msg.to or "")
+    parts = [msg.id, msg.origin, str(msg.seq), repr(msg.ts), msg.room,
+             msg.nick, msg.host, msg.text, msg.to or ""]
+    if msg.to_node is not None:  # only when set: the tags of older messages stay valid
+        parts.append(msg.to_node)
+    return _mac(key, "message", *parts)
 
 
 def check_message(key: bytes, msg: Message) -> bool:

@@ -37,7 +37,7 @@ from lanchat.client import (
 )
 from lanchat.errors import LanchatError, ValidationError
 from lanchat.fields import validate_text
-from lanchat.limits import MAX_TEXT_BYTES
+from lanchat.limits import MAX_TEXT_BYTES, SEND_ATTEMPTS
 from lanchat.paths import socket_path
 from lanchat.render import format_message, format_presence, neutralise, safe_json
 
@@ -202,8 +202,18 @@ def cmd_send(args: argparse.Namespace) -> int:
         validate_text(text)
     except ValidationError as exc:
         raise CliError(str(exc)) from None
-    with _client(args) as client:
-        msg = client.call("send", text=text, room=args.room, to=args.to)
+    # One key for every try: the daemon stores the message once however many tries
+    # reach it (os.urandom, not secrets: `send` starts fast -- HACKING.md).
+    key = os.urandom(12).hex()
+    for attempt in range(1, SEND_ATTEMPTS + 1):
+        try:
+            with _client(args) as client:
+                msg = client.call("send", text=text, room=args.room, to=args.to, key=key)
+            break
+        except (ControlTimeout, ConnectionLost) as exc:
+            if attempt == SEND_ATTEMPTS:
+                raise
+            _err(f"{exc}; trying again ({attempt + 1}/{SEND_ATTEMPTS}, same message)")
     if args.json:
         _json(msg)
     return EXIT_OK
@@ -474,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("send", cmd_send, "send a message (TEXT words, or '-' to read standard input)")
     p.add_argument("text", nargs="*", metavar="TEXT")
     p.add_argument("--room", default="lobby", help="room to post in (default: lobby)")
-    p.add_argument("--to", metavar="NICK", help="send a direct message to NICK")
+    p.add_argument("--to", metavar="NICK", help="send a direct message to NICK, wherever they "
+                   "are (NICK@HOST or NICK@NODE-PREFIX if the nick is on several nodes)")
 
     p = add("tail", cmd_tail, "print the last messages and follow new ones until Ctrl-C")
     p.add_argument("-n", type=_count(0, 1000), default=10, metavar="N",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from lanchat.model import validate_nick, validate_room, validate_text
+from lanchat.model import validate_nick, validate_recipient, validate_room, validate_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +25,7 @@ class Say:
     def __post_init__(self) -> None:
         validate_text(self.text)
         if self.to is not None:
-            validate_nick(self.to)
+            validate_recipient(self.to)
 
 
 @dataclass(frozen=True, slots=True)

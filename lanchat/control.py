@@ -59,7 +59,9 @@ from lanchat.model import (
     Presence,
     User,
     validate_nick,
+    validate_recipient,
     validate_room,
+    validate_send_key,
     validate_text,
 )
 from lanchat.stream import Outbox, read_frames
@@ -95,8 +97,13 @@ class Subscriber(Protocol):
 class ControlBackend(Protocol):
     """What the control socket needs from the daemon (``router.Router`` + ``daemon``)."""
 
-    def send(self, text: str, *, room: str, to: str | None, uid: int | None) -> Message:
-        """Store and route a message from the local user; return it once stored."""
+    def send(self, text: str, *, room: str, to: str | None, uid: int | None,
+             key: str | None = None) -> Message:
+        """Store and route a message from the local user; return it once stored.
+
+        The same ``key`` from the same ``uid`` stores once: a repeat returns the
+        stored message (while retention keeps it).
+        """
         ...
 
     def history(self, *, room: str | None, limit: int, before: float | None,
@@ -342,15 +349,18 @@ def _room_param(params: dict[str, Any], default: str | None) -> str | None:
 # -- the route table ---------------------------------------------------------------
 
 def _send(conn: _Connection, params: dict[str, Any]) -> Any:
-    jsonrpc.check_params(params, {"text", "room", "to"})
+    jsonrpc.check_params(params, {"text", "room", "to", "key"})
     if "text" not in params:
         raise ValidationError("missing parameter 'text'")
     text = validate_text(params["text"])
     room = _room_param(params, DEFAULT_ROOM) or DEFAULT_ROOM
     to = params.get("to")
     if to is not None:
-        validate_nick(to)
-    return conn.server.backend.send(text, room=room, to=to, uid=conn.uid).to_dict()
+        validate_recipient(to)
+    key = params.get("key")
+    if key is not None:
+        validate_send_key(key)
+    return conn.server.backend.send(text, room=room, to=to, uid=conn.uid, key=key).to_dict()
 
 
 def _history(conn: _Connection, params: dict[str, Any]) -> Any:
@@ -419,7 +429,9 @@ class Method:
 
 #: The control API: the man page ``lanchat-rpc(7)`` documents exactly this table.
 METHODS: dict[str, Method] = {
-    "send": Method(_send, "send {text, room?='lobby', to?} -> the stored message"),
+    "send": Method(_send, "send {text, room?='lobby', to?, key?} -> the stored message; "
+                            "to: nick or nick@host|node-prefix, anywhere on the network; "
+                            "key: the same key again returns the same stored message"),
     "history": Method(_history, "history {room?, limit?=50, before?, since?} -> messages, "
                                 "oldest first"),
     "subscribe": Method(_subscribe, "subscribe {room?, backlog?=0, presence?=true} -> "

@@ -238,9 +238,10 @@ class Daemon:
 
     # -- the control socket's backend --------------------------------------------
 
-    def send(self, text: str, *, room: str, to: str | None, uid: int | None) -> Message:
+    def send(self, text: str, *, room: str, to: str | None, uid: int | None,
+             key: str | None = None) -> Message:
         draft = Draft(text=text, nick=self.router.nick, host=self.hostname, room=room,
-                      to=to, uid=uid)
+                      to=to, uid=uid, key=key)
         return self.router.send(draft)
 
     def history(self, *, room: str | None, limit: int, before: float | None,

@@ -103,3 +103,15 @@ class ConfigError(LanchatError):
     """A configuration file, flag or environment variable is wrong."""
 
     code = "config"
+
+
+class NoSuchUser(LanchatError):
+    """A direct message names nobody connected anywhere on the network."""
+
+    code = "no-such-user"
+
+
+class AmbiguousUser(LanchatError):
+    """A direct message names a nick used on several nodes: it must say which (``nick@node``)."""
+
+    code = "ambiguous-user"

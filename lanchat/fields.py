@@ -14,7 +14,13 @@ import math
 import re
 
 from lanchat.errors import ValidationError
-from lanchat.limits import MAX_HOST_CHARS, MAX_NICK_CHARS, MAX_ROOM_CHARS, MAX_TEXT_BYTES
+from lanchat.limits import (
+    MAX_HOST_CHARS,
+    MAX_NICK_CHARS,
+    MAX_ROOM_CHARS,
+    MAX_SEND_KEY_CHARS,
+    MAX_TEXT_BYTES,
+)
 
 #: Node ids are random lowercase hex (16 digits by default); peers may use up to 64.
 _NODE_RE = re.compile(r"[0-9a-f]{8,64}")
@@ -48,6 +54,37 @@ def validate_nick(nick: object) -> str:
             code="bad-nick",
         )
     return nick
+
+
+def validate_recipient(to: object) -> str:
+    """Return ``to`` if it can name a direct message's addressee, else raise.
+
+    ``nick``, or ``nick@where`` with ``where`` a node's host name or a prefix
+    of its node id (lanchat(1)); which user it names is decided by whoever
+    knows the rosters (:func:`lanchat.presence.resolve_recipient`).  Nicks may
+    themselves contain ``@``, so a whole valid nick is accepted as it is.
+    """
+    if not isinstance(to, str):
+        raise ValidationError("to must be a string", code="bad-nick")
+    try:
+        return validate_nick(to)
+    except ValidationError:
+        pass
+    nick, at, where = to.rpartition("@")
+    if not at or not 0 < len(where) <= MAX_HOST_CHARS or not where.isprintable() \
+            or " " in where:
+        raise ValidationError("to must be a nick or nick@host", code="bad-nick")
+    validate_nick(nick)
+    return to
+
+
+def validate_send_key(key: object) -> str:
+    """Return ``key`` if it is a valid client key of ``send`` (1-64 printable ASCII, no space)."""
+    if not isinstance(key, str) or not 0 < len(key) <= MAX_SEND_KEY_CHARS \
+            or not all("!" <= c <= "~" for c in key):
+        raise ValidationError(f"key must be 1-{MAX_SEND_KEY_CHARS} printable ASCII characters "
+                              "without spaces", code="bad-key")
+    return key
 
 
 def validate_room(room: object) -> str:

@@ -57,10 +57,12 @@ from lanchat.commands import (
     Unknown,
 )
 from lanchat.errors import (
+    AmbiguousUser,
     ClosedError,
     FrameTooLong,
     LanchatError,
     NickInUse,
+    NoSuchUser,
     RemoteProtocolError,
     ValidationError,
 )
@@ -392,7 +394,7 @@ class _Session:
 
         def done(msg: Message | None, err: LanchatError | None) -> None:
             if err is not None:
-                self.error(err.code, f"your message was not sent: {err}")
+                self._not_sent(err)
             elif json_mode:
                 assert msg is not None
                 self._send(wire.encode_sent(ref, msg))
@@ -413,6 +415,13 @@ class _Session:
 
     def _publish_failed(self, msg: Message | None, err: LanchatError | None) -> None:
         if err is not None:
+            self._not_sent(err)
+
+    def _not_sent(self, err: LanchatError) -> None:
+        """Tell the client its message was not sent (a bad addressee says only that)."""
+        if isinstance(err, NoSuchUser | AmbiguousUser):
+            self.error(err.code, str(err))
+        else:
             self.error(err.code, f"your message was not sent: {err}")
 
 

@@ -20,6 +20,15 @@ MAX_ROOM_CHARS = 32
 #: Longest host name carried in a message (DNS names are at most 253 octets).
 MAX_HOST_CHARS = 253
 
+#: Longest client key of a control ``send`` (its idempotency key): room for a UUID or
+#: any random token; each is stored with its message until retention removes it.
+MAX_SEND_KEY_CHARS = 64
+
+#: Tries ``lanchat send`` makes (same key, so at most one message is stored) when the
+#: daemon does not answer within ``--timeout``: a brief stall is ridden out, a dead
+#: daemon costs at most this many timeouts.
+SEND_ATTEMPTS = 3
+
 #: Longest hub frame (one line of text or JSON), in bytes, newline included.
 #: A message at MAX_TEXT_BYTES, JSON-escaped (every byte may become ``\\u00XX``,
 #: six bytes) plus its envelope, fits; anything longer is hostile.

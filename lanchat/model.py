@@ -6,7 +6,7 @@ received it (one field's checks are in :mod:`lanchat.fields`).  Pure: no
 sockets, threads, clock or randomness -- times and ids are passed in.
 
 Wire shape of a message (DESIGN.md): ``{"id", "origin", "seq", "ts", "room",
-"nick", "host", "text"}`` plus ``"to"`` for a direct message.  ``id`` is
+"nick", "host", "text"}`` plus ``"to"`` and ``"to_node"`` for a direct message.  ``id`` is
 ``"<origin>:<seq>"``: unique across the network because ``origin`` is a node id
 and ``seq`` counts that node's messages 1, 2, 3 … without gaps.
 """
@@ -23,7 +23,9 @@ from lanchat.fields import (
     validate_host,
     validate_nick,
     validate_node,
+    validate_recipient,
     validate_room,
+    validate_send_key,
     validate_seq,
     validate_text,
     validate_ts,
@@ -40,7 +42,9 @@ __all__ = [
     "validate_host",  # the field validators, from lanchat.fields, for the model's users
     "validate_nick",
     "validate_node",
+    "validate_recipient",
     "validate_room",
+    "validate_send_key",
     "validate_text",
 ]
 
@@ -63,9 +67,15 @@ class Draft:
     nick: str
     host: str
     room: str = DEFAULT_ROOM
+    #: A direct message's addressee: as the sender wrote it (``nick`` or ``nick@where``)
+    #: until the router resolves it to a user's nick on node ``to_node``.
     to: str | None = None
+    to_node: str | None = None
     #: Unix uid of a local sender on the control socket (SO_PEERCRED); never sent to peers.
     uid: int | None = None
+    #: The local sender's idempotency key (control ``send {key}``): the same (uid, key)
+    #: stores one message however often it is sent.  Never sent to peers.
+    key: str | None = None
 
     def __post_init__(self) -> None:
         validate_text(self.text)
@@ -73,7 +83,12 @@ class Draft:
         validate_host(self.host)
         object.__setattr__(self, "room", validate_room(self.room))
         if self.to is not None:
+            validate_recipient(self.to)
+        if self.to_node is not None:
+            validate_node(self.to_node)
             validate_nick(self.to)
+        if self.key is not None:
+            validate_send_key(self.key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +104,9 @@ class Message:
     text: str
     to: str | None = None
     id: str = field(default="")
+    #: The node of a direct message's addressee: ``to`` + ``to_node`` name one user on the
+    #: whole network (lanchat-protocol(7)).  None on public messages (and on old DMs).
+    to_node: str | None = None
     #: The origin's authentication tag (see :mod:`lanchat.auth`), when a secret is set.
     mac: str | None = None
 
@@ -105,6 +123,10 @@ class Message:
         validate_text(self.text)
         if self.to is not None:
             validate_nick(self.to)
+        if self.to_node is not None:
+            validate_node(self.to_node)
+            if self.to is None:
+                raise ValidationError("to_node without to", code="bad-message")
         expected = message_id(self.origin, self.seq)
         if not self.id:
             object.__setattr__(self, "id", expected)
@@ -128,20 +150,23 @@ class Message:
         for name, value in (("origin", origin), ("seq", seq), ("ts", validate_ts(ts)),
                             ("room", draft.room), ("nick", draft.nick), ("host", draft.host),
                             ("text", draft.text), ("to", draft.to),
-                            ("id", message_id(origin, seq)), ("mac", None)):
+                            ("id", message_id(origin, seq)), ("to_node", draft.to_node),
+                            ("mac", None)):
             object.__setattr__(msg, name, value)
         if sign is not None:
             object.__setattr__(msg, "mac", sign(msg))
         return msg
 
     def to_dict(self) -> dict[str, Any]:
-        """The message's wire form (DESIGN.md's fields, ``to`` only when set)."""
+        """The message's wire form (DESIGN.md's fields, ``to``/``to_node`` only when set)."""
         d: dict[str, Any] = {
             "id": self.id, "origin": self.origin, "seq": self.seq, "ts": self.ts,
             "room": self.room, "nick": self.nick, "host": self.host, "text": self.text,
         }
         if self.to is not None:
             d["to"] = self.to
+        if self.to_node is not None:
+            d["to_node"] = self.to_node
         if self.mac is not None:
             d["mac"] = self.mac
         return d
@@ -159,7 +184,7 @@ class Message:
             return cls(
                 origin=d["origin"], seq=d["seq"], ts=d["ts"], room=d["room"],
                 nick=d["nick"], host=d["host"], text=d["text"], to=d.get("to"),
-                id=d.get("id", ""), mac=d.get("mac"),
+                id=d.get("id", ""), mac=d.get("mac"), to_node=d.get("to_node"),
             )
         except KeyError as exc:
             raise ValidationError(f"message lacks field {exc.args[0]!r}",

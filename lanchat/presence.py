@@ -18,10 +18,11 @@ Pure: no I/O, no clock (versions and times are passed in).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from lanchat.errors import ValidationError
+from lanchat.errors import AmbiguousUser, NoSuchUser, ValidationError
 from lanchat.model import User, validate_host, validate_nick, validate_node, validate_room
 
 #: Most users one node's roster may list: a hub's connection limit, with slack.
@@ -29,6 +30,11 @@ MAX_ROSTER_USERS = 10_000
 
 #: Most nodes a network roster tracks; a peer announcing more is lying.
 MAX_NODES = 1024
+
+#: Fewest hex digits of a node id that qualify a nick (``bob@1a2b``): fewer would
+#: often match several nodes.  Error messages suggest QUALIFIER_DIGITS.
+MIN_NODE_PREFIX = 4
+QUALIFIER_DIGITS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,3 +171,35 @@ def _diff(old: NodeRoster | None, new: NodeRoster) -> list[Change]:
     changes = [Change("leave", u) for key, u in before.items() if key not in after]
     changes += [Change("join", u) for key, u in after.items() if key not in before]
     return changes
+
+
+def resolve_recipient(to: str, users: Iterable[User], hosts: Mapping[str, str]) -> User:
+    """The one connected user a direct message's ``to`` names (see lanchat(1)).
+
+    ``to`` is a nick (matched without regard to case) when exactly one node
+    has a user of that nick; otherwise ``nick@where``, where ``where`` is a
+    node's host name (``hosts``: node -> host) or at least MIN_NODE_PREFIX
+    leading hex digits of its node id.  A whole ``to`` that is some user's
+    nick wins over reading it as ``nick@where`` (nicks may contain ``@``).
+    Raises :class:`NoSuchUser`, or :class:`AmbiguousUser` naming each
+    candidate in a form that does resolve.
+    """
+    everyone = list(users)
+    key = to.casefold()
+    matches = [u for u in everyone if u.nick.casefold() == key]
+    if not matches and "@" in to:
+        nick, _, where = to.rpartition("@")
+        nick_key, where_key = nick.casefold(), where.casefold()
+        by_prefix = len(where) >= MIN_NODE_PREFIX
+        matches = [u for u in everyone if u.nick.casefold() == nick_key and (
+            hosts.get(u.node, "").casefold() == where_key
+            or (by_prefix and u.node.startswith(where_key)))]
+    if not matches:
+        raise NoSuchUser(f"no such user: {to}")
+    if len(matches) > 1:
+        names = ", ".join(sorted(
+            f"{u.nick}@{u.node[:QUALIFIER_DIGITS]} (on {hosts.get(u.node, '?')})"
+            for u in matches))
+        raise AmbiguousUser(f"{to} is ambiguous: {len(matches)} users go by that name; "
+                            f"say which: {names}")
+    return matches[0]

@@ -32,7 +32,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
 from lanchat.errors import ClosedError, LanchatError, NickInUse, RouterTimeout, StoreError
@@ -44,7 +44,7 @@ from lanchat.limits import (
     ROUTER_HANDOFF_TIMEOUT_S,
 )
 from lanchat.model import DEFAULT_ROOM, Draft, Message, Presence, User, validate_nick
-from lanchat.presence import Change, NetworkRoster, NodeRoster
+from lanchat.presence import Change, NetworkRoster, NodeRoster, resolve_recipient
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +91,11 @@ class MessageStore(Protocol):
     def insert_remote(self, messages: Sequence[Message], *,
                       now: float | None = None) -> list[Message]: ...
     def history(self, *, room: str | None = None, limit: int = 50,
-                before: float | None = None, since: float | None = None) -> list[Message]: ...
+                before: float | None = None, since: float | None = None,
+                viewer: str | None = None) -> list[Message]: ...
     def prune(self, now: float) -> int: ...
     def cursors(self) -> dict[str, int]: ...
+    def sent_with_key(self, uid: int | None, key: str) -> Message | None: ...
     def advance(self, origin: str, seq: int, ts: float) -> bool: ...
 
 
@@ -153,6 +155,19 @@ def _internal(exc: Exception) -> LanchatError:
     if isinstance(exc, LanchatError):
         return exc
     return LanchatError(f"internal error: {exc!r}")
+
+
+def _both(a: PublishDone | None, b: PublishDone | None) -> PublishDone:
+    """One publisher callback that answers two publishers (the same send, sent twice)."""
+    def done(msg: Message | None, err: LanchatError | None) -> None:
+        for fn in (a, b):
+            if fn is None:
+                continue
+            try:
+                fn(msg, err)
+            except Exception:
+                log.exception("router: a publisher's callback failed")
+    return done
 
 
 class _Inbox:
@@ -441,8 +456,10 @@ class Router:
 
     def history(self, *, room: str | None = None, limit: int = 50,
                 before: float | None = None, since: float | None = None) -> list[Message]:
+        """Stored messages as this daemon's own user may see them (their direct messages only)."""
         limit = max(1, min(limit, MAX_HISTORY_PAGE))
-        return self._store.history(room=room, limit=limit, before=before, since=since)
+        return self._store.history(room=room, limit=limit, before=before, since=since,
+                                   viewer=self._nick)
 
     # -- router thread -----------------------------------------------------------
 
@@ -505,6 +522,9 @@ class Router:
         Every publisher is answered exactly once, stored or not: the fan-out
         never raises, and neither does a publisher's callback (see :meth:`_answer`).
         """
+        batch = self._address(self._dedupe(batch))
+        if not batch:
+            return
         try:
             messages = self._store.append_local([p.draft for p in batch], ts=self._clock(),
                                                 sign=self._sign)
@@ -521,6 +541,79 @@ class Router:
         self._fanout([Event(msg, p.source) for p, msg in zip(batch, messages, strict=True)])
         for p, msg in zip(batch, messages, strict=True):
             self._answer(p, msg, None)
+
+    def _dedupe(self, batch: list[_Publish]) -> list[_Publish]:
+        """Answer each keyed draft already stored with its message, and leave it out.
+
+        A client key (control ``send {key}``) makes a retry idempotent: the same
+        (uid, key) is stored once and every later send of it is answered with
+        that stored message.  Two of them in this very batch become one publish
+        that answers both.  Router thread only: it alone appends, so a check and
+        the append after it cannot race.
+        """
+        if all(p.draft.key is None for p in batch):
+            return batch
+        kept: list[_Publish] = []
+        first: dict[tuple[int | None, str], int] = {}  # (uid, key) -> index in kept
+        for p in batch:
+            draft = p.draft
+            if draft.key is None:
+                kept.append(p)
+                continue
+            ident = (draft.uid, draft.key)
+            if ident in first:
+                i = first[ident]
+                kept[i] = _Publish(kept[i].draft, kept[i].source, _both(kept[i].done, p.done))
+                continue
+            try:
+                stored = self._store.sent_with_key(draft.uid, draft.key)
+            except Exception as exc:
+                log.exception("router: cannot look up a send key")
+                self._answer(p, None, _internal(exc))
+                continue
+            if stored is not None:
+                self._answer(p, stored, None)
+                continue
+            first[ident] = len(kept)
+            kept.append(p)
+        return kept
+
+    def _address(self, batch: list[_Publish]) -> list[_Publish]:
+        """Resolve each direct message's addressee to one user (nick + node) of the network.
+
+        A draft whose ``to`` names nobody, or several users, is answered with
+        the error (the sender sees it) and left out; the rest go on with
+        ``to``/``to_node`` naming exactly one user.
+        """
+        if all(p.draft.to is None or p.draft.to_node is not None for p in batch):
+            return batch
+        users = [self._me, *self._local_users.values(), *self._remote_users]
+        hosts = {self.node: self.host}
+        for roster in self._roster.snapshot():
+            hosts[roster.node] = roster.host
+        kept: list[_Publish] = []
+        for p in batch:
+            draft = p.draft
+            if draft.to is None or draft.to_node is not None:
+                kept.append(p)
+                continue
+            try:
+                user = resolve_recipient(draft.to, users, hosts)
+            except LanchatError as exc:
+                self._answer(p, None, exc)
+                continue
+            kept.append(_Publish(replace(draft, to=user.nick, to_node=user.node),
+                                 p.source, p.done))
+        return kept
+
+    def _sees(self, msg: Message, nick: str) -> bool:
+        """True if this node's user ``nick`` may see ``msg`` (a direct message: one of its ends)."""
+        if msg.to is None:
+            return True
+        key = nick.casefold()
+        if msg.to.casefold() == key and msg.to_node in (None, self.node):
+            return True
+        return msg.origin == self.node and msg.nick.casefold() == key
 
     @staticmethod
     def _answer(p: _Publish, msg: Message | None, err: LanchatError | None) -> None:
@@ -601,15 +694,31 @@ class Router:
             return False
 
     def _receivers(self, event: Event) -> list[Subscriber]:
-        """Who gets ``event``: its room (a direct message: only its two ends) and the watchers."""
+        """Who gets ``event``: its room and the watchers.
+
+        A direct message goes to its two ends on this node only, whatever their
+        rooms (the addressee if ``to_node`` is us, the sender if it was sent
+        here), and to the watchers -- this daemon's own user's ``tail`` -- only
+        if that user is one of its ends.  Links relay it regardless (_fanout).
+        """
         item = event.item
         source = event.source
-        subs = [sub for sub in self._room_subs.get(item.room, ()) if sub is not source]
-        if isinstance(item, Message) and item.to:
-            ends = (item.to.casefold(), item.nick.casefold())
-            members = self._members
-            subs = [sub for sub in subs
-                    if (m := members.get(sub)) is not None and m.nick.casefold() in ends]
+        if isinstance(item, Message) and item.to is not None:
+            # A direct message: only its two ends on this node, whatever their rooms;
+            # the watchers (control subscriptions) are this daemon's own user.
+            subs: list[Subscriber] = []
+            if item.to_node in (None, self.node):
+                member = self._nicks.get(item.to.casefold())
+                if member is not None and member.sub is not source:
+                    subs.append(member.sub)
+            if item.origin == self.node:
+                member = self._nicks.get(item.nick.casefold())
+                if member is not None and member.sub is not source and member.sub not in subs:
+                    subs.append(member.sub)
+            if not self._sees(item, self._nick):
+                return subs
+        else:
+            subs = [sub for sub in self._room_subs.get(item.room, ()) if sub is not source]
         for sub in self._watchers:
             if sub is source:
                 continue
@@ -723,9 +832,11 @@ class Router:
         if backlog > 0:
             if rooms is not None and len(rooms) == 1:
                 (room,) = rooms
-                messages = self._store.history(room=room, limit=min(backlog, MAX_HISTORY_PAGE))
+                messages = self._store.history(room=room, limit=min(backlog, MAX_HISTORY_PAGE),
+                                               viewer=self._nick)
             else:
-                messages = self._store.history(limit=min(backlog, MAX_HISTORY_PAGE))
+                messages = self._store.history(limit=min(backlog, MAX_HISTORY_PAGE),
+                                               viewer=self._nick)
                 if rooms is not None:
                     messages = [m for m in messages if m.room in rooms]
         if sub not in self._watcher_rooms:

@@ -136,13 +136,40 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "WHERE origin = (SELECT value FROM meta WHERE key = 'node_id') "
         "AND ts > CAST(strftime('%s', 'now') AS REAL) + 300",
     ),
+    # 4: a direct message's addressee's node: "to" + to_node name one user on the network.
+    (
+        "ALTER TABLE messages ADD COLUMN to_node TEXT",
+    ),
+    # 5: idempotent control sends: (local uid, client key) -> the message it stored.  A
+    # key goes when its message goes (retention), so it lasts the retention window.
+    (
+        """CREATE TABLE send_keys (
+            uid INTEGER NOT NULL,
+            key TEXT NOT NULL,
+            id  TEXT NOT NULL,
+            PRIMARY KEY (uid, key)
+        )""",
+        "CREATE INDEX send_keys_id ON send_keys (id)",
+        """CREATE TRIGGER messages_keys AFTER DELETE ON messages BEGIN
+            DELETE FROM send_keys WHERE id = OLD.id;
+        END""",
+    ),
 )
 
-_COLUMNS = 'id, origin, seq, ts, room, nick, host, text, "to", mac'
+#: The uid a key is filed under when the sender's uid is unknown (no SO_PEERCRED).
+_NO_UID = -1
+
+_COLUMNS = 'id, origin, seq, ts, room, nick, host, text, "to", mac, to_node'
 _INSERT = (
     'INSERT INTO messages (id, origin, seq, ts, room, nick, host, text, "to", uid, mac, '
-    "received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "received, to_node) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+
+#: Who may read a direct message here (history's ``viewer``): its addressee if on this
+#: node (an old DM without to_node: anyone of that nick), or its sender if it was sent
+#: from this node.  Public messages (no "to") everyone.
+_VISIBLE = ('("to" IS NULL OR ("to" = ? COLLATE NOCASE AND (to_node IS NULL OR to_node = ?))'
+            " OR (origin = ? AND nick = ? COLLATE NOCASE))")
 
 #: The ``?`` oldest messages, for retention by count: history order, except that a
 #: message that claimed a far-future time counts from its arrival.  Each half reads
@@ -156,13 +183,13 @@ _OLDEST = (
     ") ORDER BY age, origin, seq LIMIT ?)"
 )
 
-_Row = tuple[str, str, int, float, str, str, str, str, str | None, str | None]
+_Row = tuple[str, str, int, float, str, str, str, str, str | None, str | None, str | None]
 
 
 def _message(row: _Row) -> Message:
-    mid, origin, seq, ts, room, nick, host, text, to, mac = row
+    mid, origin, seq, ts, room, nick, host, text, to, mac, to_node = row
     return Message(origin=origin, seq=seq, ts=ts, room=room, nick=nick, host=host,
-                   text=text, to=to, id=mid, mac=mac)
+                   text=text, to=to, id=mid, mac=mac, to_node=to_node)
 
 
 class _Reader:
@@ -396,6 +423,8 @@ class Store:
         order (by ts) keeps our own order even if the clock steps back.  (Only
         our own stamps raise that latest ts beyond the clock: see
         :meth:`insert_remote`.)
+        A draft's client ``key`` is filed with its message (see
+        :meth:`sent_with_key`): the caller checks for it first.
         Returns the stored messages, in order.  On failure raises StoreError
         and stores nothing; the seqs are not consumed (the next call reuses
         them), so our seqs never have a gap.  Writer thread only.
@@ -414,10 +443,29 @@ class Store:
                         for i, d in enumerate(drafts, start=1)]
             conn.executemany(_INSERT, [
                 (m.id, m.origin, m.seq, m.ts, m.room, m.nick, m.host, m.text, m.to, d.uid,
-                 m.mac, None)
+                 m.mac, None, m.to_node)
                 for m, d in zip(messages, drafts, strict=True)
             ])
+            keyed = [(_NO_UID if d.uid is None else d.uid, d.key, m.id)
+                     for m, d in zip(messages, drafts, strict=True) if d.key is not None]
+            if keyed:  # in the same transaction: a stored message always has its key
+                conn.executemany("INSERT OR REPLACE INTO send_keys (uid, key, id) "
+                                 "VALUES (?, ?, ?)", keyed)
         return messages
+
+    def sent_with_key(self, uid: int | None, key: str) -> Message | None:
+        """The message local user ``uid`` stored with client key ``key``, if still retained.
+
+        What makes a retried ``send`` idempotent (see :meth:`append_local`).  Any thread;
+        the router asks on the writer thread, which alone writes keys, so a check and the
+        append after it cannot race.
+        """
+        rows = self._select(
+            f"SELECT {_COLUMNS} FROM messages WHERE id = "
+            "(SELECT id FROM send_keys WHERE uid = ? AND key = ?)",
+            (_NO_UID if uid is None else uid, key))
+        messages = self._messages(rows)
+        return messages[0] if messages else None
 
     def insert_remote(self, messages: Iterable[Message], *,
                       now: float | None = None) -> list[Message]:
@@ -456,7 +504,7 @@ class Store:
                     continue
                 received = now if future is not None and m.ts > future else None
                 conn.execute(_INSERT, (m.id, m.origin, m.seq, m.ts, m.room, m.nick, m.host,
-                                       m.text, m.to, None, m.mac, received))
+                                       m.text, m.to, None, m.mac, received, m.to_node))
                 high[m.origin] = m.seq
                 stored.append(m)
                 if m.origin == self._node_id:
@@ -486,15 +534,18 @@ class Store:
         return True
 
     def history(self, *, room: str | None = None, limit: int = 50,
-                before: float | None = None, since: float | None = None) -> list[Message]:
+                before: float | None = None, since: float | None = None,
+                viewer: str | None = None) -> list[Message]:
         """A page of history, oldest first, ordered by (ts, origin, seq).
 
         ``room`` None means every room.  ``before`` (exclusive) and ``since``
         (inclusive) bound ts.  With ``since`` and no ``before`` the page is the
         *first* ``limit`` messages at or after ``since`` (reading forward);
         otherwise it is the *last* ``limit`` messages in range.  ``limit`` is
-        clamped to 1..MAX_HISTORY_PAGE.  Direct messages are included; the
-        caller decides who may see them.  Any thread.
+        clamped to 1..MAX_HISTORY_PAGE.  ``viewer`` None includes every direct
+        message (the caller decides who may see them); a nick keeps only the
+        direct messages this node's user of that nick sent or is sent (the page
+        is then ``limit`` messages that user may see).  Any thread.
         """
         limit = max(1, min(int(limit), MAX_HISTORY_PAGE))
         where: list[str] = []
@@ -508,6 +559,9 @@ class Store:
         if since is not None:
             where.append("ts >= ?")
             params.append(float(since))
+        if viewer is not None:
+            where.append(_VISIBLE)
+            params += [viewer, self._node_id, self._node_id, viewer]
         forward = since is not None and before is None
         direction = "ASC" if forward else "DESC"
         sql = (f"SELECT {_COLUMNS} FROM messages"

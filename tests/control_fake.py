@@ -37,7 +37,8 @@ class FakeBackend:
                 self.subs.remove(sub)
                 self.dropped += 1
 
-    def send(self, text: str, *, room: str, to: str | None, uid: int | None) -> Message:
+    def send(self, text: str, *, room: str, to: str | None, uid: int | None,
+             key: str | None = None) -> Message:
         with self.lock:
             msg = Message(origin=NODE, seq=len(self.messages) + 1, ts=time.time(), room=room,
                           nick=self.nick, host="box", text=text, to=to)

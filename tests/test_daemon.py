@@ -28,7 +28,7 @@ from conftest import (
     lanchatd_cmd,
 )
 
-from lanchat.client import ControlClient, DaemonNotRunning
+from lanchat.client import ControlClient, DaemonNotRunning, RpcError
 from lanchat.errors import LanchatError
 from lanchat.limits import SEND_STALL_TIMEOUT_S
 
@@ -473,3 +473,59 @@ def test_check_config_on_a_bad_file_exit_78(workdir: str) -> None:
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert bad in r.stderr and "max_ratee" in r.stderr
     assert r.stdout == ""
+
+
+# -- issue 13 case 11: `send` is idempotent ----------------------------------------------
+
+
+def _texts(daemon: Daemon, text: str) -> list[dict[str, Any]]:
+    with ControlClient(daemon.socket) as c:
+        return [m for m in c.call("history", limit=500) if m["text"] == text]
+
+
+def test_send_with_a_key_stores_once_and_answers_alike_across_a_restart(
+        daemon: Daemon) -> None:
+    with ControlClient(daemon.socket) as c:
+        first = c.call("send", text="once only", key="k-123")
+        again = c.call("send", text="once only", key="k-123")
+        other = c.call("send", text="once only", key="k-456")
+        plain = [c.call("send", text="no key"), c.call("send", text="no key")]
+        with pytest.raises(RpcError) as bad:
+            c.call("send", text="too long a key", key="k" * 65)
+    assert "key must be" in bad.value.message
+    with socket.socket(socket.AF_UNIX) as sock:  # a JSON-RPC batch: both answered alike
+        sock.connect(daemon.socket)
+        batch = [{"jsonrpc": "2.0", "id": i, "method": "send",
+                  "params": {"text": "batched", "key": "same"}} for i in (1, 2)]
+        replies = rpc(sock, json.dumps(batch).encode() + b"\n")
+    assert [r["id"] for r in replies] == [1, 2]
+    assert replies[0]["result"] == replies[1]["result"]
+    assert len(_texts(daemon, "batched")) == 1
+    assert again == first
+    assert other["id"] != first["id"]
+    assert plain[0]["id"] != plain[1]["id"]
+    assert [m["id"] for m in _texts(daemon, "once only")] == [first["id"], other["id"]]
+    daemon.stop()
+    daemon.start()
+    with ControlClient(daemon.socket) as c:
+        assert c.call("send", text="once only", key="k-123") == first
+    assert len(_texts(daemon, "once only")) == 2
+
+
+def test_lanchat_send_retries_a_timed_out_send_and_stores_it_once(daemon: Daemon) -> None:
+    """The daemon is stopped (SIGSTOP) while `lanchat send --timeout 1` waits: the first try
+    times out with the request already queued; the retry (same key) gets the stored message."""
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGSTOP)
+    try:  # the kernel still accepts the CLI's connection and takes its request
+        cli = subprocess.Popen([*lanchat_cmd(), "--socket", daemon.socket, "--timeout", "1",
+                                "--json", "send", "through a stall"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(2.5)  # longer than the first try's 1 s (plus the CLI's start-up)
+    finally:
+        daemon.proc.send_signal(signal.SIGCONT)
+    out, err = cli.communicate(timeout=30)
+    got = _texts(daemon, "through a stall")
+    assert cli.returncode == 0, err.decode()
+    assert len(got) == 1, got
+    assert json.loads(out)["id"] == got[0]["id"]

@@ -383,3 +383,38 @@ def test_quit_in_a_busy_room_is_announced_as_a_quit(daemon: Daemon, clients: lis
     finally:
         stop.set()
         t.join()
+
+
+def test_direct_message_reaches_its_addressee_in_any_room_and_nobody_else(
+        daemon: Daemon, clients: list[Any]) -> None:
+    """Issue 13 case 9: a /msg finds its person in another room; an unknown one is an error;
+    a third client in the sender's room, and the daemon's own history and tail, never show it."""
+    ann = TextUser(daemon.port, "ann")
+    ben = TextUser(daemon.port, "ben")
+    cid = TextUser(daemon.port, "cid")
+    clients += [ann, ben, cid]
+    ben.send("/join dev\n")
+    ben.until("#dev")
+    ann.send("/msg ben psst ben\n")
+    assert "psst ben" in ben.until("psst ben")
+    ann.send("/msg nobody are you there\n")
+    assert ann.until(lambda s: s.startswith("!")) == "! no such user: nobody"
+    ann.send("everyone\n")
+    assert "everyone" in cid.until(lambda s: "psst" in s or "everyone" in s)
+    j = LineClient(daemon.port)
+    clients.append(j)
+    j.line()
+    j.send(json.dumps({"type": "hello", "v": 1, "nick": "jay", "client": "test"}) + "\n")
+    j.until(lambda s: s.startswith("{"))
+    j.send(json.dumps({"type": "say", "text": "hi ghost", "to": "ghost", "ref": 1}) + "\n")
+    err = json.loads(j.until(lambda s: '"error"' in s))
+    assert err["code"] == "no-such-user" and "ghost" in err["message"]
+    j.send(json.dumps({"type": "say", "text": "hi ben from jay", "to": "ben", "ref": 2}) + "\n")
+    sent = json.loads(j.until(lambda s: '"sent"' in s))
+    assert sent["message"]["to"] == "ben" and sent["message"]["to_node"]
+    assert "hi ben from jay" in ben.until("hi ben from jay")
+    res = daemon.cli("--json", "history")
+    assert res.returncode == 0, res.stderr
+    texts = [json.loads(line)["text"] for line in res.stdout.decode().splitlines()]
+    assert "everyone" in texts
+    assert not [t for t in texts if "psst" in t or "jay" in t or "ghost" in t], texts

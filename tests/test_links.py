@@ -956,3 +956,76 @@ def test_an_unreachable_peer_is_redialed_soon_then_less_and_less_often(make_daem
     assert gaps[0] < 3 * DOC_BACKOFF_FIRST_S, gaps
     assert gaps[0] < gaps[1] < gaps[2], gaps
     assert gaps[2] >= 2 * gaps[0], gaps
+
+
+def test_direct_messages_find_their_person_across_hubs_and_show_nowhere_else(
+        make_daemon: Any, clients: list[Any]) -> None:
+    """Issue 13 case 9 across three daemons: ``send --to`` reaches a user in another room on
+    another hub; an unknown nick fails (exit 1); a nick on two nodes must be qualified
+    (``nick@node-prefix``); only the two ends' daemons' users concerned ever list it."""
+    a, b, na, nb = pair(make_daemon)
+    c = make_daemon("-vv", "--peer", f"127.0.0.1:{a.port}", nick="cyd", subdir="c")
+    nc = node_of(c)
+    wait_linked(a, b, na, nb)
+    wait_linked(a, c, na, nc)
+    carol = TextUser(b.port, "carol")
+    dave = TextUser(b.port, "dave")
+    bob2 = TextUser(c.port, "bob")  # a second "bob": daemon B's own user is bob too
+    clients += [carol, dave, bob2]
+    carol.send("/join dev\n")
+    carol.until("#dev", SETTLE_S)
+    wait_for("A lists carol in #dev and bob on C", lambda: {
+        (u["nick"], u.get("room")) for u in rpc(a, "users")} >= {("carol", "dev"), ("bob", "lobby")}
+        and sum(u["nick"] == "bob" for u in rpc(a, "users")) == 2, SETTLE_S)
+    watchers = {d: ControlClient(d.socket, timeout=10.0) for d in (b, c)}  # their `tail`s
+    # notifications() waits for ever: a watchdog ends the wait (ConnectionLost) instead.
+    watchdog = threading.Timer(LINK_DEADLINE_S, lambda: [w.interrupt()
+                                                         for w in watchers.values()])
+    watchdog.start()
+    try:
+        for w in watchers.values():
+            w.subscribe(presence=False)
+        res = a.cli("send", "--to", "carol", "psst carol")
+        assert res.returncode == 0, res.stderr
+        assert "psst carol" in carol.until("psst carol", SETTLE_S)
+        assert a.cli("send", "tail marker").returncode == 0
+        for d, w in watchers.items():
+            seen = []
+            for note in w.notifications():
+                seen.append(note["params"]["text"])
+                if seen[-1] == "tail marker":
+                    break
+            assert seen == ["tail marker"], (d, seen)
+    finally:
+        watchdog.cancel()
+        watchdog.join()
+        for w in watchers.values():
+            w.close()
+    sent = a.cli("send", "everyone")
+    assert sent.returncode == 0, sent.stderr
+    line = dave.until(lambda s: "psst" in s or "everyone" in s, SETTLE_S)
+    assert "everyone" in line and "psst" not in line
+
+    res = a.cli("send", "--to", "nobody", "hello?")
+    assert res.returncode == 1
+    assert "no such user: nobody" in res.stderr.decode()
+
+    res = a.cli("send", "--to", "bob", "which bob?")
+    assert res.returncode == 1
+    err = res.stderr.decode()
+    assert "bob@" + nb[:8] in err and "bob@" + nc[:8] in err, err
+    res = a.cli("send", "--to", "bob@" + nb[:8], "for daemon B's bob")
+    assert res.returncode == 0, res.stderr
+    ours = wait_for("B's own user has it", lambda: [
+        m for m in rpc(b, "history") if m["text"] == "for daemon B's bob"], SETTLE_S)
+    assert ours[0]["to"] == "bob" and ours[0]["to_node"] == nb
+    b2 = a.cli("send", "last public")
+    assert b2.returncode == 0, b2.stderr
+    assert "last public" in bob2.until(lambda s: "last public" in s or "daemon B" in s, SETTLE_S)
+    for d in (b, c):  # every public message has arrived; no direct message is listed
+        wait_for("the last public message arrived", lambda d=d: [
+            m for m in rpc(d, "history") if m["text"] == "last public"], SETTLE_S)
+    texts = {d: {m["text"] for m in rpc(d, "history")} for d in (a, b, c)}
+    assert "psst carol" in texts[a] and "for daemon B's bob" in texts[a]  # alice sent them
+    assert "psst carol" not in texts[b] and "psst carol" not in texts[c]
+    assert "for daemon B's bob" in texts[b] and "for daemon B's bob" not in texts[c]

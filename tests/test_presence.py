@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lanchat.errors import ValidationError
+from lanchat.errors import AmbiguousUser, NoSuchUser, ValidationError
 from lanchat.model import User
 from lanchat.presence import (
     MAX_NODES,
@@ -20,6 +20,7 @@ from lanchat.presence import (
     Change,
     NetworkRoster,
     NodeRoster,
+    resolve_recipient,
 )
 
 ME = "00" * 8
@@ -235,3 +236,25 @@ def test_a_direct_roster_revives_a_node_marked_gone_at_the_same_version() -> Non
     assert net.apply(roster(NODE_B, 4, "old"), "link-2", direct=True) is None  # never older
     net.mark_gone(NODE_B)
     assert net.apply(roster(NODE_B, 5, gone=True), "link-2", direct=True) is None
+
+
+def test_resolve_recipient_needs_one_user_and_lists_the_candidates() -> None:
+    def user(nick: str, node: str) -> User:
+        return User(nick=nick, host="10.0.0.9", node=node, local=False, since=0.0,
+                    room="lobby", via="tcp")
+
+    n1, n2 = "1a2b3c4d00000000", "9f8e7d6c00000000"
+    users = [user("Bob", n1), user("bob", n2), user("carol", n2), user("x@y", n1)]
+    hosts = {n1: "host1", n2: "host2"}
+    assert resolve_recipient("CAROL", users, hosts).node == n2
+    assert resolve_recipient("bob@host2", users, hosts).node == n2
+    assert resolve_recipient("bob@HOST1", users, hosts).node == n1
+    assert resolve_recipient("bob@9f8e", users, hosts).node == n2
+    assert resolve_recipient("x@y", users, hosts).nick == "x@y"  # a whole nick wins
+    with pytest.raises(AmbiguousUser) as amb:
+        resolve_recipient("bob", users, hosts)
+    assert "Bob@1a2b3c4d (on host1)" in str(amb.value)
+    assert "bob@9f8e7d6c (on host2)" in str(amb.value)
+    for missing in ("dave", "bob@host3", "bob@9f8", "carol@host1"):  # 3 digits: too short
+        with pytest.raises(NoSuchUser, match="no such user: "):
+            resolve_recipient(missing, users, hosts)

@@ -161,3 +161,28 @@ def test_our_own_origin_is_never_taken_from_outside(store: Store, router: Router
     mine = router.send(Draft(text="mine", nick="owner", host="box"), timeout=5.0)
     assert mine.seq == 1 and now - 1 <= mine.ts <= time.time() + 1
     assert watcher.texts() == ["honest", "mine"]
+
+
+def test_one_key_sent_twice_in_one_commit_stores_once_and_answers_both(
+        store: Store, router: Router) -> None:
+    """Issue 13 case 11: two sends of one (uid, key) taken in the same commit batch."""
+    answers: list[Message | None] = []
+    both = threading.Event()
+
+    def done(msg: Message | None, err: LanchatError | None) -> None:
+        assert err is None, err
+        answers.append(msg)
+        if len(answers) == 3:
+            both.set()
+
+    drafts = [Draft(text="twice", nick="owner", host="box", uid=7, key="k"),
+              Draft(text="other user", nick="owner", host="box", uid=8, key="k"),
+              Draft(text="twice", nick="owner", host="box", uid=7, key="k")]
+    router.publish_many(drafts, done=done)  # one inbox operation: one commit
+    assert both.wait(10.0)
+    stored = store.history()
+    assert [m.text for m in stored] == ["twice", "other user"]
+    assert sorted(m.id for m in answers if m is not None) == sorted(
+        [stored[0].id, stored[0].id, stored[1].id])
+    again = router.send(Draft(text="twice", nick="owner", host="box", uid=7, key="k"))
+    assert again == stored[0] and len(store.history()) == 2

@@ -741,3 +741,42 @@ def test_acknowledged_appends_survive_sigkill(tmp_path: Path, round_: int) -> No
         assert n <= acked[-1] + 1
         # And the store goes on where it stopped.
         assert seqs(s.append_local([draft()], ts=time.time())) == [n + 1]
+
+
+def test_send_keys_find_their_message_per_uid_and_go_with_it(db: Path) -> None:
+    """Issue 13 case 11: (uid, key) -> the stored message; retention takes the key along."""
+    with Store(db, max_messages=2) as s:
+        (m1,) = s.append_local([Draft("keyed", "me", "h", uid=1000, key="abc")], ts=1.0)
+        assert s.sent_with_key(1000, "abc") == m1
+        assert s.sent_with_key(1001, "abc") is None  # another user's key is another key
+        assert s.sent_with_key(None, "abc") is None
+        (m2,) = s.append_local([Draft("no uid", "me", "h", key="abc")], ts=2.0)
+        assert s.sent_with_key(None, "abc") == m2
+        s.append_local([Draft("later", "me", "h")], ts=3.0)
+        assert s.prune(4.0) == 1  # m1 is the oldest
+        assert s.sent_with_key(1000, "abc") is None
+        rows = sqlite3.connect(db).execute("SELECT uid, key, id FROM send_keys").fetchall()
+        assert rows == [(-1, "abc", m2.id)]
+
+
+def test_direct_messages_are_shown_to_their_ends_only(db: Path) -> None:
+    """Issue 13 case 9: history(viewer=) keeps only the direct messages that user is an end of."""
+    with Store(db) as s:
+        me = s.node_id
+        other = "ab" * 8
+        s.append_local([Draft("public", "ann", "h"), Draft("from ann", "ann", "h", to="bob",
+                                                              to_node=other)], ts=1.0)
+        s.insert_remote([
+            Message(origin=other, seq=1, ts=2.0, room="lobby", nick="bob", host="h2",
+                    text="to ann", to="ann", to_node=me),
+            Message(origin=other, seq=2, ts=3.0, room="lobby", nick="bob", host="h2",
+                    text="to another ann", to="ann", to_node="cd" * 8),
+            Message(origin=other, seq=3, ts=4.0, room="lobby", nick="bob", host="h2",
+                    text="old style", to="ANN"),
+        ])
+        def texts(viewer: str | None) -> list[str]:
+            return [m.text for m in s.history(viewer=viewer)]
+        assert texts("ann") == ["public", "from ann", "to ann", "old style"]
+        assert texts("carl") == ["public"]
+        assert texts(None) == ["public", "from ann", "to ann", "to another ann", "old style"]
+        assert s.history(viewer=None)[2].to_node == me
