@@ -40,6 +40,7 @@ from rogue import ROGUE_NODE, Rogue, RogueIdentity, fake_msg
 from lanchat import linkproto
 from lanchat.client import ControlClient
 from lanchat.limits import MAX_DAEMON_LINKS
+from lanchat.presence import MAX_ROSTER_USERS
 
 #: How long a test waits for a link to come up.  Generous on purpose: linking takes well
 #: under a second here (the time is printed; issue 3 aimed at 3 s), but a loaded two-core
@@ -740,6 +741,26 @@ def test_a_relayed_roster_is_listed_and_vanishes_with_its_link(
     assert f.closed()
     wait_for("both gone from users", lambda: not any(
         u["nick"] in ("fay", "zed") for u in rpc(daemon, "users")), SETTLE_S)
+
+
+def test_users_lists_a_roster_of_the_largest_size(
+        daemon: Daemon, fakes: list[FakePeer]) -> None:
+    """A peer's roster of MAX_ROSTER_USERS users makes a ``users`` reply twice the control
+    outbox bound; ``lanchat users`` used to fail with "lanchatd closed the connection"."""
+    f = FakePeer(daemon.port, rosters=[
+        {"node": FAKE_NODE, "ver": 1, "name": "big hub", "host": "bighost", "gone": False,
+         "users": [{"nick": f"user{i:05d}", "host": f"host{i:05d}.example", "since": 1.0,
+                    "room": "lobby", "via": "tcp"} for i in range(MAX_ROSTER_USERS)]}])
+    fakes.append(f)
+    f.until("welcome")
+    wait_for("the big roster is listed",
+             lambda: len(rpc(daemon, "users")) == 1 + MAX_ROSTER_USERS, SETTLE_S)
+    r = daemon.cli("users", timeout=60.0)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 2 + MAX_ROSTER_USERS  # the header, ours, the peer's
+    assert r.stderr == b""
+    nicks = {line.split()[0] for line in r.stdout.decode().splitlines()[1:]}
+    assert {f"user{i:05d}" for i in range(MAX_ROSTER_USERS)} <= nicks
 
 
 def test_the_65th_daemon_link_is_refused_and_real_links_carry_on(
