@@ -38,7 +38,7 @@ from lanchat.client import (
 from lanchat.errors import LanchatError, ValidationError
 from lanchat.fields import validate_text
 from lanchat.limits import MAX_TEXT_BYTES
-from lanchat.paths import socket_path
+from lanchat.paths import socket_candidates, socket_path
 from lanchat.render import format_message, format_presence, neutralise, safe_json
 
 TYPE_CHECKING = False  # not typing's: importing typing costs `lanchat send` ~3 ms (HACKING.md)
@@ -512,6 +512,7 @@ def _finish_args(args: argparse.Namespace) -> None:
     args.json = getattr(args, "json", False)
     args.timeout = getattr(args, "timeout", 5.0)
     args.socket_path = socket_path(os.environ, getattr(args, "socket", None))
+    args.sockets_looked_at = socket_candidates(os.environ, getattr(args, "socket", None))
 
 
 def _safe_streams() -> None:
@@ -523,8 +524,11 @@ def _safe_streams() -> None:
             reconfigure(errors="replace")
 
 
-def _not_running_hint(path: str) -> str:
-    return (f"lanchatd is not running (no socket at {path}). Start it with: lanchatd "
+def _not_running_hint(path: str, looked_at: Sequence[str]) -> str:
+    """Name every socket path the CLI looked for (``path`` is the one it tried last)."""
+    places = [p for p in looked_at if p != path] + [path]
+    return (f"lanchatd is not running (no socket at {' nor at '.join(places)}). "
+            "Start it with: lanchatd "
             "(or: systemctl --user start lanchatd, or: sudo systemctl start lanchatd)")
 
 
@@ -568,7 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_ERROR
     except DaemonNotRunning as exc:
-        _err(_not_running_hint(exc.path))
+        _err(_not_running_hint(exc.path, args.sockets_looked_at))
         return EXIT_NOT_RUNNING
     except PermissionDenied as exc:
         _err(f"permission denied on {exc.path}; add yourself to group 'lanchat' "

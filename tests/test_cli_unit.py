@@ -23,7 +23,7 @@ from control_fake import NODE, FakeBackend
 
 from lanchat.cli import parse_since
 from lanchat.control import ControlServer
-from lanchat.paths import SYSTEM_SOCKET, socket_path
+from lanchat.paths import SYSTEM_SOCKET, socket_candidates, socket_path
 
 ROOT = str(Path(__file__).resolve().parent.parent)
 EVIL = "\x1b]0;pwned\x07 \x1b[2J\x9b31m \u202eevil"
@@ -101,6 +101,31 @@ def test_no_daemon_exit_3(tmp_short: str) -> None:
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and path in lines[0] and "systemctl" in lines[0]
     assert "lanchatd" in lines[0]
+
+
+def test_no_daemon_names_every_socket_it_looked_for(tmp_short: str) -> None:
+    """With $XDG_RUNTIME_DIR set and no daemon, the CLI looked for the user daemon's socket
+    first and then the system one: the message names both, not just the last."""
+    runtime = os.path.join(tmp_short, "runtime")
+    os.mkdir(runtime, 0o700)
+    r = subprocess.run([sys.executable, "-m", "lanchat", "status"], capture_output=True,
+                       text=True, env={**ENV, "XDG_RUNTIME_DIR": runtime}, cwd=ROOT,
+                       timeout=20, check=False)
+    user = os.path.join(runtime, "lanchat", "control.sock")
+    if os.path.exists(SYSTEM_SOCKET):
+        pytest.fail(f"{SYSTEM_SOCKET} exists on this machine: this test needs it absent")
+    assert r.returncode == 3, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and f"no socket at {user} nor at {SYSTEM_SOCKET}" in lines[0], lines
+
+
+def test_places_the_cli_looks_for_the_socket() -> None:
+    env = {"XDG_RUNTIME_DIR": "/run/user/1"}
+    assert socket_candidates(env, None) == ["/run/user/1/lanchat/control.sock", SYSTEM_SOCKET]
+    assert socket_candidates({}, None) == [SYSTEM_SOCKET]
+    assert socket_candidates({"XDG_RUNTIME_DIR": "relative"}, None) == [SYSTEM_SOCKET]
+    assert socket_candidates({**env, "LANCHAT_SOCKET": "/a.sock"}, None) == ["/a.sock"]
+    assert socket_candidates({**env, "LANCHAT_SOCKET": "/a.sock"}, "/b.sock") == ["/b.sock"]
 
 
 def test_stale_socket_exit_3(tmp_short: str) -> None:
