@@ -1002,8 +1002,15 @@ class Hub:
 
     @property
     def client_count(self) -> int:
+        """Chat clients connected: TCP and UDP, not daemon links or unfinished handshakes.
+
+        A peer daemon's link arrives through the hub like a client, but is a
+        link (``lanchat status`` shows the two apart).
+        """
         with self._lock:
-            return len(self._sessions)
+            tcp = self._clients
+        # len() of a dict owned by the UDP thread: one atomic read, a snapshot.
+        return tcp + (len(self._udp.clients) if self._udp is not None else 0)
 
     def source_allows(self, host: str, now: float) -> bool:
         """Take a message token from ``host``'s bucket: SOURCE_RATE_FACTOR x ``max_rate``."""

@@ -259,6 +259,30 @@ def test_static_peer_links_and_each_lists_the_other(make_daemon: Any) -> None:
     assert cli_json(a, "status")["linked"] == 1
 
 
+def test_status_counts_chat_clients_and_daemon_links_apart(
+        make_daemon: Any, clients: list[Any]) -> None:
+    """B dials A: A's end of the link came in through A's hub like a chat client, and was
+    counted as one (``clients 1`` on A, ``0`` on B).  Both ends have one link; only A has
+    chat clients (carol over TCP, dave over UDP)."""
+    a, b, na, nb = pair(make_daemon)
+    wait_linked(a, b, na, nb)
+    carol = TextUser(a.port, "carol")
+    clients.append(carol)
+    dave = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a UDP chat client is one too
+    try:
+        dave.sendto(b"dave\n", ("127.0.0.1", a.port))
+        wait_for("carol and dave are listed", lambda: {"carol", "dave"} <= {
+            u["nick"] for u in rpc(a, "users")}, SETTLE_S)
+        for d, expected in ((a, {"clients": 2, "links": 1}), (b, {"clients": 0, "links": 1})):
+            status = cli_json(d, "status")
+            assert {k: status.get(k) for k in expected} == expected, status
+            shown = [line.split() for line in d.cli("status").stdout.decode().splitlines()]
+            assert ["clients", str(expected["clients"])] in shown
+            assert ["links", "1"] in shown
+    finally:
+        dave.close()
+
+
 def test_messages_flow_both_ways_exactly_once(make_daemon: Any) -> None:
     a, b, na, nb = pair(make_daemon)
     wait_linked(a, b, na, nb)
