@@ -475,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", metavar="NICK", help="send a direct message to NICK")
 
     p = add("tail", cmd_tail, "print the last messages and follow new ones until Ctrl-C")
-    p.add_argument("-n", type=_count(0, 1000), default=10, metavar="N",
+    p.add_argument("-n", "--limit", dest="n", type=_count(0, 1000), default=10, metavar="N",
                    help="messages to show first (default 10)")
     p.add_argument("--room", help="only this room (default: every room)")
     p.add_argument("-f", "--follow", action="store_true", default=True,
@@ -485,7 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("history", cmd_history, "print stored messages, oldest first")
     p.add_argument("--room", help="only this room (default: every room)")
-    p.add_argument("--limit", type=_count(1, 1000), default=50, help="at most N (default 50)")
+    p.add_argument("-n", "--limit", type=_count(1, 1000), default=50, metavar="N",
+                   help="at most N (default 50)")
     p.add_argument("--since", type=_since_arg, metavar="WHEN",
                    help="only newer messages: 10m, 2h, 1d ago, an ISO time or epoch seconds")
 
@@ -497,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("chat", cmd_chat, "chat interactively through the daemon (/quit or Ctrl-D leaves)")
     p.add_argument("--room", default="lobby", help="room to chat in (default: lobby)")
-    p.add_argument("-n", type=_count(0, 1000), default=10, metavar="N",
+    p.add_argument("-n", "--limit", dest="n", type=_count(0, 1000), default=10, metavar="N",
                    help="recent messages to show first (default 10)")
 
     p = add("connect", cmd_connect, "join a hub directly over TCP (no local daemon needed)")

@@ -242,6 +242,22 @@ def test_tail_no_follow(daemon: Daemon) -> None:
     assert [json.loads(line)["text"] for line in r.stdout.splitlines()] == ["m13", "m14"]
 
 
+def test_history_tail_and_chat_spell_the_count_alike(daemon: Daemon) -> None:
+    """``-n`` and ``--limit`` on history, tail and chat (``history -n 3`` was a usage error
+    while ``tail -n 3`` worked); the old spellings still work."""
+    for i in range(15):
+        daemon.backend.add(f"m{i}")
+    for command in (["history"], ["tail", "--no-follow"]):
+        for flag in ("-n", "--limit"):
+            r = daemon.run(*command, flag, "3", "--json")
+            assert r.returncode == 0, (command, flag, r.stderr)
+            assert [json.loads(line)["text"] for line in r.stdout.splitlines()] == \
+                ["m12", "m13", "m14"], (command, flag)
+    r = daemon.run("chat", "--limit", "2", input="/quit\n")
+    assert r.returncode == 0, r.stderr
+    assert [line.rsplit(" ", 1)[-1] for line in r.stdout.splitlines()] == ["m13", "m14"]
+
+
 def test_tail_follow_streams_and_ctrl_c_exits_130(daemon: Daemon) -> None:
     daemon.backend.add("before")
     proc = daemon.popen("tail", "-n", "1", "--json")
