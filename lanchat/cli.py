@@ -37,7 +37,7 @@ from lanchat.client import (
 )
 from lanchat.errors import LanchatError, ValidationError
 from lanchat.fields import validate_text
-from lanchat.limits import MAX_TEXT_BYTES
+from lanchat.limits import MAX_STDIN_COUNT_BYTES, MAX_TEXT_BYTES
 from lanchat.paths import socket_candidates, socket_path
 from lanchat.render import format_message, format_presence, neutralise, safe_json
 
@@ -179,13 +179,20 @@ def _client(args: argparse.Namespace) -> ControlClient:
 
 
 def _read_stdin_text() -> str:
-    data = sys.stdin.buffer.read(MAX_TEXT_BYTES + 2)
+    """Standard input less one final newline.  A text over the limit is reported with its
+    real size, counted up to MAX_STDIN_COUNT_BYTES (then "over" that)."""
+    cap = MAX_STDIN_COUNT_BYTES + 3  # room for a final CRLF, and one byte to see "more"
+    data = sys.stdin.buffer.read(cap)
+    if data.endswith(b"\n"):
+        data = data[:-2] if data.endswith(b"\r\n") else data[:-1]
+    if len(data) > MAX_TEXT_BYTES:
+        size = (f"over {MAX_STDIN_COUNT_BYTES}" if len(data) > MAX_STDIN_COUNT_BYTES
+                else str(len(data)))
+        raise CliError(f"text is {size} bytes; the limit is {MAX_TEXT_BYTES}")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise CliError("standard input is not valid UTF-8") from None
-    if text.endswith("\n"):
-        text = text[:-2] if text.endswith("\r\n") else text[:-1]
     if not text:
         raise CliError("nothing to send (standard input was empty)")
     return text

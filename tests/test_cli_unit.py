@@ -23,6 +23,7 @@ from control_fake import NODE, FakeBackend
 
 from lanchat.cli import parse_since
 from lanchat.control import ControlServer
+from lanchat.limits import MAX_STDIN_COUNT_BYTES
 from lanchat.paths import SYSTEM_SOCKET, socket_candidates, socket_path
 
 ROOT = str(Path(__file__).resolve().parent.parent)
@@ -196,6 +197,24 @@ def test_send_reads_stdin(daemon: Daemon) -> None:
     assert [m.text for m in daemon.backend.messages] == ["from a pipe", "two\nlines"]
     r = daemon.run("send", "-", input="x" * 5000)
     assert r.returncode == 1 and "limit" in r.stderr
+
+
+def test_a_too_long_message_is_reported_with_its_real_size(daemon: Daemon) -> None:
+    """It said ``text is 4098 bytes`` for any long standard input (what it had read)."""
+    for given, size in (("x" * 5000, 5000), ("x" * 5000 + "\n", 5000),
+                        ("\u00e9" * 3000 + "\r\n", 6000), ("y" * 4097, 4097)):
+        r = daemon.run("send", "-", input=given)
+        assert r.returncode == 1
+        assert r.stderr == f"lanchat: text is {size} bytes; the limit is 4096\n", size
+        r = daemon.run("send", given)
+        assert r.returncode == 1, size
+        argv_size = len(given.encode())  # an argument is sent as given, newline and all
+        assert r.stderr == f"lanchat: text is {argv_size} bytes; the limit is 4096\n"
+    r = daemon.run("send", "-", input="z" * (MAX_STDIN_COUNT_BYTES + 10))
+    assert r.returncode == 1
+    assert r.stderr == (f"lanchat: text is over {MAX_STDIN_COUNT_BYTES} bytes; "
+                        "the limit is 4096\n")
+    assert daemon.backend.messages == []
     assert daemon.run("send", "-", input="").returncode == 1
 
 
