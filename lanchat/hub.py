@@ -99,6 +99,7 @@ from lanchat.limits import (
 )
 from lanchat.model import DEFAULT_ROOM, Draft, Message, User
 from lanchat.ratelimit import ConnectionLimiter, SourceBuckets, TokenBucket, Verdict
+from lanchat.render import is_action
 from lanchat.stream import RECV_BYTES, RECV_SMALL_BYTES, SEND_FLAGS, Outbox
 
 log = logging.getLogger(__name__)
@@ -391,11 +392,11 @@ class _Session:
         json_mode = self.mode == "json"
 
         def done(msg: Message | None, err: LanchatError | None) -> None:
-            if err is not None:
-                self.error(err.code, f"your message was not sent: {err}")
-            elif json_mode:
+            if json_mode and err is None:
                 assert msg is not None
                 self._send(wire.encode_sent(ref, msg))
+            else:
+                self._published(msg, err)
 
         self.hub.backend.publish(draft, source=self, done=done)
 
@@ -409,11 +410,18 @@ class _Session:
         assert self.nick is not None
         drafts = [Draft(text=c.text, nick=self.nick, host=self.host, room=self.room, to=c.to)
                   for c in says]
-        self.hub.backend.publish_many(drafts, source=self, done=self._publish_failed)
+        self.hub.backend.publish_many(drafts, source=self, done=self._published)
 
-    def _publish_failed(self, msg: Message | None, err: LanchatError | None) -> None:
+    def _published(self, msg: Message | None, err: LanchatError | None) -> None:
+        """A text-mode line was stored (or refused).  The sender is not sent their own
+        message back (it is on their screen already) -- except an action or a direct
+        message, shown as the others see it (``* bob waves``, ``bob -> alice: hi``), so
+        that they see that it went out and how, as in irssi."""
         if err is not None:
             self.error(err.code, f"your message was not sent: {err}")
+        elif msg is not None and self.mode == "text" and (
+                msg.to is not None or is_action(msg.text)):
+            self._send(_text_message(msg))
 
 
 class _TcpSession(_Session):
