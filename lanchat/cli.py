@@ -533,8 +533,9 @@ def _safe_streams() -> None:
 
 
 def _not_running_hint(path: str, looked_at: Sequence[str]) -> str:
-    """Name every socket path the CLI looked for (``path`` is the one it tried last)."""
-    places = [p for p in looked_at if p != path] + [path]
+    """Name every socket path the CLI looked for, up to ``path``, the one it tried (a
+    stale user socket is tried, and named, alone)."""
+    places = list(looked_at[:looked_at.index(path) + 1]) if path in looked_at else [path]
     return (f"lanchatd is not running (no socket at {' nor at '.join(places)}). "
             "Start it with: lanchatd "
             "(or: systemctl --user start lanchatd, or: sudo systemctl start lanchatd)")

@@ -118,6 +118,14 @@ def test_no_daemon_names_every_socket_it_looked_for(tmp_short: str) -> None:
     assert r.returncode == 3, r.stderr
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and f"no socket at {user} nor at {SYSTEM_SOCKET}" in lines[0], lines
+    os.mkdir(os.path.dirname(user))  # a stale user socket (its daemon crashed) is the one tried
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(user)
+    stale.close()
+    r = subprocess.run([sys.executable, "-m", "lanchat", "status"], capture_output=True,
+                       text=True, env={**ENV, "XDG_RUNTIME_DIR": runtime}, cwd=ROOT,
+                       timeout=20, check=False)
+    assert r.returncode == 3 and f"(no socket at {user})" in r.stderr, r.stderr
 
 
 def test_places_the_cli_looks_for_the_socket() -> None:
