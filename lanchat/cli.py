@@ -37,8 +37,8 @@ from lanchat.client import (
 )
 from lanchat.errors import LanchatError, ValidationError
 from lanchat.fields import validate_text
-from lanchat.limits import MAX_TEXT_BYTES, SEND_ATTEMPTS
-from lanchat.paths import socket_path
+from lanchat.limits import MAX_STDIN_COUNT_BYTES, MAX_TEXT_BYTES, SEND_ATTEMPTS
+from lanchat.paths import socket_candidates, socket_path
 from lanchat.render import format_message, format_presence, neutralise, safe_json
 
 TYPE_CHECKING = False  # not typing's: importing typing costs `lanchat send` ~3 ms (HACKING.md)
@@ -179,13 +179,20 @@ def _client(args: argparse.Namespace) -> ControlClient:
 
 
 def _read_stdin_text() -> str:
-    data = sys.stdin.buffer.read(MAX_TEXT_BYTES + 2)
+    """Standard input less one final newline.  A text over the limit is reported with its
+    real size, counted up to MAX_STDIN_COUNT_BYTES (then "over" that)."""
+    cap = MAX_STDIN_COUNT_BYTES + 3  # room for a final CRLF, and one byte to see "more"
+    data = sys.stdin.buffer.read(cap)
+    if data.endswith(b"\n"):
+        data = data[:-2] if data.endswith(b"\r\n") else data[:-1]
+    if len(data) > MAX_TEXT_BYTES:
+        size = (f"over {MAX_STDIN_COUNT_BYTES}" if len(data) > MAX_STDIN_COUNT_BYTES
+                else str(len(data)))
+        raise CliError(f"text is {size} bytes; the limit is {MAX_TEXT_BYTES}")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise CliError("standard input is not valid UTF-8") from None
-    if text.endswith("\n"):
-        text = text[:-2] if text.endswith("\r\n") else text[:-1]
     if not text:
         raise CliError("nothing to send (standard input was empty)")
     return text
@@ -488,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "are (NICK@HOST or NICK@NODE-PREFIX if the nick is on several nodes)")
 
     p = add("tail", cmd_tail, "print the last messages and follow new ones until Ctrl-C")
-    p.add_argument("-n", type=_count(0, 1000), default=10, metavar="N",
+    p.add_argument("-n", "--limit", dest="n", type=_count(0, 1000), default=10, metavar="N",
                    help="messages to show first (default 10)")
     p.add_argument("--room", help="only this room (default: every room)")
     p.add_argument("-f", "--follow", action="store_true", default=True,
@@ -498,7 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("history", cmd_history, "print stored messages, oldest first")
     p.add_argument("--room", help="only this room (default: every room)")
-    p.add_argument("--limit", type=_count(1, 1000), default=50, help="at most N (default 50)")
+    p.add_argument("-n", "--limit", type=_count(1, 1000), default=50, metavar="N",
+                   help="at most N (default 50)")
     p.add_argument("--since", type=_since_arg, metavar="WHEN",
                    help="only newer messages: 10m, 2h, 1d ago, an ISO time or epoch seconds")
 
@@ -510,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("chat", cmd_chat, "chat interactively through the daemon (/quit or Ctrl-D leaves)")
     p.add_argument("--room", default="lobby", help="room to chat in (default: lobby)")
-    p.add_argument("-n", type=_count(0, 1000), default=10, metavar="N",
+    p.add_argument("-n", "--limit", dest="n", type=_count(0, 1000), default=10, metavar="N",
                    help="recent messages to show first (default 10)")
 
     p = add("connect", cmd_connect, "join a hub directly over TCP (no local daemon needed)")
@@ -525,6 +533,7 @@ def _finish_args(args: argparse.Namespace) -> None:
     args.json = getattr(args, "json", False)
     args.timeout = getattr(args, "timeout", 5.0)
     args.socket_path = socket_path(os.environ, getattr(args, "socket", None))
+    args.sockets_looked_at = socket_candidates(os.environ, getattr(args, "socket", None))
 
 
 def _safe_streams() -> None:
@@ -536,8 +545,12 @@ def _safe_streams() -> None:
             reconfigure(errors="replace")
 
 
-def _not_running_hint(path: str) -> str:
-    return (f"lanchatd is not running (no socket at {path}). Start it with: lanchatd "
+def _not_running_hint(path: str, looked_at: Sequence[str]) -> str:
+    """Name every socket path the CLI looked for, up to ``path``, the one it tried (a
+    stale user socket is tried, and named, alone)."""
+    places = list(looked_at[:looked_at.index(path) + 1]) if path in looked_at else [path]
+    return (f"lanchatd is not running (no socket at {' nor at '.join(places)}). "
+            "Start it with: lanchatd "
             "(or: systemctl --user start lanchatd, or: sudo systemctl start lanchatd)")
 
 
@@ -581,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_ERROR
     except DaemonNotRunning as exc:
-        _err(_not_running_hint(exc.path))
+        _err(_not_running_hint(exc.path, args.sockets_looked_at))
         return EXIT_NOT_RUNNING
     except PermissionDenied as exc:
         _err(f"permission denied on {exc.path}; add yourself to group 'lanchat' "

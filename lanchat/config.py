@@ -436,9 +436,26 @@ def sanitize_nick(raw: str) -> str:
         return "user"
 
 
-def default_nick(env: Mapping[str, str], username: str | None = None) -> str:
-    """The login user name (``username``, else ``$USER`` / ``$LOGNAME``), sanitised."""
-    raw = username or env.get("USER") or env.get("LOGNAME") or "user"
+def login_name() -> str | None:
+    """The user name of our uid from the password database (None if it has no entry)."""
+    import os
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return None
+
+
+def default_nick(env: Mapping[str, str], username: str | None = None, *,
+                 login: Callable[[], str | None] | None = login_name,
+                 hostname: str | None = None) -> str:
+    """The login user name, sanitised: ``username``, else ``$USER`` / ``$LOGNAME``, else
+    our uid's name (a root shell may set neither variable), else the host's first label,
+    else ``user``.  ``login`` looks the uid's name up (None: do not)."""
+    raw = (username or env.get("USER") or env.get("LOGNAME")
+           or (login() if login is not None else None)
+           or (hostname or "").split(".", 1)[0] or "user")
     return sanitize_nick(raw)
 
 
@@ -530,7 +547,7 @@ def build_config(
 
     system = bool(merged.pop("system", False))
     if "nick" not in merged:
-        merged["nick"] = default_nick(env, username)
+        merged["nick"] = default_nick(env, username, hostname=hostname)
     if "name" not in merged:
         merged["name"] = default_name(merged["nick"], hostname)
     if "state_dir" not in merged:

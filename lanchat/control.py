@@ -3,7 +3,9 @@
 This is how ``lanchat`` (and any script with ``socat``) talks to its own daemon.
 One reader thread per connection (connections are few and local) reads lines
 with a hard limit, answers them through :func:`lanchat.jsonrpc.handle_line`
-and queues the reply on the connection's :class:`~lanchat.stream.Outbox`.
+and queues the reply on the connection's :class:`~lanchat.stream.Outbox`
+(:meth:`~lanchat.stream.Outbox.put_reply`: a reply of any documented size is
+sent, and the reader takes the next request once the writer has taken it).
 ``subscribe`` turns the connection into a router :class:`Subscriber`: after
 the reply, it streams ``message`` and ``presence`` notifications; a
 subscriber that does not read is cut off with an ``overflow`` notification
@@ -264,9 +266,11 @@ class _Connection:
                 if not line.strip():
                     continue  # blank lines are keep-alives for hand-typed sessions
                 reply = jsonrpc.handle_line(line, self.routes)
-                if reply is not None and not self.outbox.put(reply):
-                    self.overflowed()
-                    return
+                # A reply of any size is accepted (a history page of 1,000 long messages
+                # is several times the outbox bound, which limits unsolicited data); this
+                # thread waits for the writer to take it before reading the next request.
+                if reply is not None and not self.outbox.put_reply(reply):
+                    return  # the outbox closed: the peer was cut or went away
                 if self._activate is not None:
                     sub, self._activate = self._activate, None
                     sub.activate()

@@ -275,6 +275,7 @@ class Daemon:
             "linked": sum(1 for p in self.peers() if p.get("state") == "linked"),
             "users": len(self.router.users()),
             "clients": hub.client_count if hub is not None else 0,
+            "links": self.links.link_count if self.links is not None else 0,
             "uptime_s": round(time.time() - self.started, 3),
             "discovery": self.cfg.discovery,
             "state_dir": self.cfg.state_dir,

@@ -101,6 +101,7 @@ from lanchat.limits import (
 )
 from lanchat.model import DEFAULT_ROOM, Draft, Message, User
 from lanchat.ratelimit import ConnectionLimiter, SourceBuckets, TokenBucket, Verdict
+from lanchat.render import is_action
 from lanchat.stream import RECV_BYTES, RECV_SMALL_BYTES, SEND_FLAGS, Outbox
 
 log = logging.getLogger(__name__)
@@ -393,11 +394,11 @@ class _Session:
         json_mode = self.mode == "json"
 
         def done(msg: Message | None, err: LanchatError | None) -> None:
-            if err is not None:
-                self._not_sent(err)
-            elif json_mode:
+            if json_mode and err is None:
                 assert msg is not None
                 self._send(wire.encode_sent(ref, msg))
+            else:
+                self._published(msg, err)
 
         self.hub.backend.publish(draft, source=self, done=done)
 
@@ -411,11 +412,18 @@ class _Session:
         assert self.nick is not None
         drafts = [Draft(text=c.text, nick=self.nick, host=self.host, room=self.room, to=c.to)
                   for c in says]
-        self.hub.backend.publish_many(drafts, source=self, done=self._publish_failed)
+        self.hub.backend.publish_many(drafts, source=self, done=self._published)
 
-    def _publish_failed(self, msg: Message | None, err: LanchatError | None) -> None:
+    def _published(self, msg: Message | None, err: LanchatError | None) -> None:
+        """A text-mode line was stored (or refused).  The sender is not sent their own
+        message back (it is on their screen already) -- except an action or a direct
+        message, shown as the others see it (``* bob waves``, ``bob -> alice: hi``), so
+        that they see that it went out and how, as in irssi."""
         if err is not None:
             self._not_sent(err)
+        elif msg is not None and self.mode == "text" and (
+                msg.to is not None or is_action(msg.text)):
+            self._send(_text_message(msg))
 
     def _not_sent(self, err: LanchatError) -> None:
         """Tell the client its message was not sent (a bad addressee says only that)."""
@@ -1011,8 +1019,15 @@ class Hub:
 
     @property
     def client_count(self) -> int:
+        """Chat clients connected: TCP and UDP, not daemon links or unfinished handshakes.
+
+        A peer daemon's link arrives through the hub like a client, but is a
+        link (``lanchat status`` shows the two apart).
+        """
         with self._lock:
-            return len(self._sessions)
+            tcp = self._clients
+        # len() of a dict owned by the UDP thread: one atomic read, a snapshot.
+        return tcp + (len(self._udp.clients) if self._udp is not None else 0)
 
     def source_allows(self, host: str, now: float) -> bool:
         """Take a message token from ``host``'s bucket: SOURCE_RATE_FACTOR x ``max_rate``."""

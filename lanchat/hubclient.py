@@ -747,7 +747,8 @@ def main(args: list[str]) -> int:
     printer = _Printer(sys.stdout, sys.stderr)
     session: TcpSession | UdpSession | None = None
     try:
-        nick = parsed.nick if parsed.nick is not None else default_nick(os.environ)
+        nick = (parsed.nick if parsed.nick is not None
+                else default_nick(os.environ, hostname=socket.gethostname()))
         try:
             validate_nick(nick)
             room = parsed.room
@@ -761,8 +762,7 @@ def main(args: list[str]) -> int:
             host, port = parse_target(parsed.target)
         else:
             host, port = _find_hub(printer)
-        if sys.stdin.isatty():
-            printer.note("* Type /help for commands, /quit or Ctrl-D to leave.")
+        # No hint of our own here: the welcome line (the hub's, over UDP) says "Type /help".
         if parsed.udp:
             if parsed.room is not None:
                 raise ConnectError("--room needs TCP; with --udp type /join ROOM", EXIT_USAGE)

@@ -11,6 +11,10 @@ from __future__ import annotations
 #: Longest chat text, in bytes of UTF-8: a screenful, far below any frame limit.
 MAX_TEXT_BYTES = 4096
 
+#: How much of a too-long standard input ``lanchat send -`` reads to say how long it
+#: was; past this it says "over" (a pipe may never end: ``yes | lanchat send -``).
+MAX_STDIN_COUNT_BYTES = 1024 * 1024
+
 #: Longest nickname, in characters: fits a terminal column and an mDNS label.
 MAX_NICK_CHARS = 32
 

@@ -813,6 +813,12 @@ class LinkManager:
             if peer is not None and peer.state != "linked":
                 peer.state = state
 
+    @property
+    def link_count(self) -> int:
+        """Daemon links up, those we dialled and those that came in."""
+        with self._lock:
+            return len(self._links)
+
     def peers(self) -> list[dict[str, Any]]:
         with self._lock:
             out = []

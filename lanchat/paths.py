@@ -35,12 +35,21 @@ def socket_path(
     exists: Callable[[str], bool] = os.path.exists,
 ) -> str:
     """The control socket path the CLI should use (see the module docstring for the order)."""
+    places = socket_candidates(env, explicit)
+    for path in places[:-1]:
+        if exists(path):
+            return path
+    return places[-1]
+
+
+def socket_candidates(env: Mapping[str, str], explicit: str | None = None) -> list[str]:
+    """Every path :func:`socket_path` considers, in order: the first that exists wins, and
+    the last is used when none does.  "Not running" names them all, so that a user with
+    ``$XDG_RUNTIME_DIR`` set is not told only about the system socket."""
     if explicit:
-        return explicit
+        return [explicit]
     from_env = env.get("LANCHAT_SOCKET", "")
     if from_env:
-        return from_env
+        return [from_env]
     user = user_socket(env)
-    if user is not None and exists(user):
-        return user
-    return SYSTEM_SOCKET
+    return [SYSTEM_SOCKET] if user is None else [user, SYSTEM_SOCKET]

@@ -120,6 +120,13 @@ def _lines(text: str) -> list[str]:
     return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
 
 
+def is_action(text: str) -> bool:
+    """True for a ``/me`` action: ``/me waves`` (or ``/me`` alone on its first line)."""
+    first = text.split("\n", 1)[0]
+    first = first[:-1] if first.endswith("\r") else first  # as _lines() does
+    return first.startswith("/me ") or (first == "/me" and "\n" in text)
+
+
 def format_message(msg: Message, *, tz: _dt.tzinfo | None = None,
                    show_room: bool = False, now: float | None = None) -> str:
     """One message as terminal-safe text, without a trailing newline.
@@ -137,7 +144,7 @@ def format_message(msg: Message, *, tz: _dt.tzinfo | None = None,
     nick = neutralise(msg.nick)
     lines = _lines(msg.text)
     first = lines[0]
-    if first.startswith("/me ") or (first == "/me" and len(lines) > 1):
+    if is_action(msg.text):
         head = f"* {nick} {neutralise(first[4:])}"
         if msg.to is not None:
             head = f"-> {neutralise(msg.to)} {head}"

@@ -91,7 +91,8 @@ class Outbox:
         self._max_bytes = max_bytes
         self._stall_timeout = stall_timeout
         self._on_stall = on_stall
-        # guards: _chunks, _queued, _writer, _closing, _sleeping, _on_stall, close_reason.
+        # guards: _chunks, _queued, _writer, _closing, _sleeping, _on_stall, close_reason,
+        # _taken_waiters.
         # A plain lock, not a Condition: put() runs once per receiver per fan-out,
         # so its cost is the hub's cost.  A sleeping writer waits on ``_wake``, a
         # binary semaphore that exactly one put() releases (the one that sees
@@ -111,15 +112,24 @@ class Outbox:
         self._cut = False
         self._at_line_start = True  # the last byte sent ended a line
         self.close_reason: str | None = None
+        # put_reply() callers waiting for the writer to take what is queued
+        self._taken_waiters: list[threading.Event] = []
         #: True once the peer was cut off for not reading (a send stalled).
         self.stalled = False
 
-    def put(self, data: bytes) -> bool:
+    def put(self, data: bytes, *, reply: bool = False) -> bool:
         """Queue ``data`` for sending.  Never blocks on the network.
 
         Returns False, queuing nothing, if the outbox is closing or ``data``
         would take it past its bound: the caller should drop this receiver
         (typically with :meth:`close_with` and a notice).
+
+        ``reply``: ``data`` answers a request of the peer's, so it is accepted
+        whatever its size and not counted against the bound, which is for
+        *unsolicited* data (notifications, fan-out) that a peer which stopped
+        reading would let pile up.  A reply costs memory once, and only as fast
+        as the peer asks: use :meth:`put_reply`, which holds the requester's
+        thread until the writer has taken the reply.
 
         The fast path, for a connection with nothing queued: one non-blocking
         ``send`` right here, on the caller's thread, with no thread switch; only
@@ -130,11 +140,12 @@ class Outbox:
         failed: str | None = None
         action: str | None = None
         with self._lock:
-            if self._closing or self._queued + len(data) > self._max_bytes:
+            if self._closing or (self._queued + len(data) > self._max_bytes and not reply):
                 return False
             if self._chunks or self._sending:  # the writer has the socket: queue behind it
                 self._chunks.append(data)
-                self._queued += len(data)
+                if not reply:
+                    self._queued += len(data)
                 action = None if self._sending else self._kick()
             else:
                 try:
@@ -150,13 +161,43 @@ class Outbox:
                         return True
                     rest = data[sent:]
                     self._chunks.append(rest)
-                    self._queued += len(rest)
+                    if not reply:
+                        self._queued += len(rest)
                     action = self._kick()
         if failed is not None:
             self._give_up(failed)
             return True  # the reader sees the broken socket and cleans up
         self._act(action)
         return True
+
+    def put_reply(self, data: bytes) -> bool:
+        """Queue the reply to a request, of any size; wait until the writer has taken it.
+
+        The backpressure for replies: the requester's thread (a control
+        connection's reader, which serves only that peer) does not read the next
+        request while a reply still waits in the queue, so at most one reply is
+        queued and one in flight, however many requests the peer pipelines.  The
+        wait ends when the writer takes the reply or the outbox closes (a peer
+        that stops reading is cut after ``stall_timeout``, as for any data).
+        Returns False if the outbox was already closing.
+        """
+        if not self.put(data, reply=True):
+            return False
+        with self._lock:
+            if not self._chunks or self._closing:
+                return True
+            taken = threading.Event()
+            self._taken_waiters.append(taken)
+        while not taken.wait(self._stall_timeout + self._final_timeout):
+            with self._lock:  # a safety net: every path that empties the queue sets it
+                if not self._chunks or self._closing:
+                    break
+        return True
+
+    def _release_waiters(self) -> list[threading.Event]:
+        """Under the lock: hand over the put_reply() waiters (the caller sets them unlocked)."""
+        waiters, self._taken_waiters = self._taken_waiters, []
+        return waiters
 
     def _kick(self) -> str | None:
         """Under the lock: get the writer going; returns "wake" if the caller must wake it.
@@ -206,6 +247,9 @@ class Outbox:
             action: str | None = "shutdown"
             if self._chunks or self._writer is not None:  # a writer (even mid-send) closes it
                 action = self._kick()  # else: nothing to flush, no thread needed to close
+            waiters = self._release_waiters()
+        for taken in waiters:
+            taken.set()
         if action == "shutdown":
             self._shutdown()
         else:
@@ -234,6 +278,9 @@ class Outbox:
                 self._on_stall = None
                 self._chunks.clear()
                 self._queued = 0
+                waiters = self._release_waiters()
+            for taken in waiters:
+                taken.set()
             return
         while True:
             with self._lock:
@@ -251,6 +298,9 @@ class Outbox:
                         self._at_line_start = True
                 droppable = not self._cut  # backlog now; dropped if a cut comes mid-send
                 stall_timeout = self._stall_timeout
+                waiters = self._release_waiters()
+            for taken in waiters:
+                taken.set()
             if idle:
                 if not self._sleep():
                     return
@@ -332,6 +382,9 @@ class Outbox:
                 self.close_reason = reason
             self._chunks.clear()
             self._queued = 0
+            waiters = self._release_waiters()
+        for taken in waiters:
+            taken.set()
         log.debug("%s: %s", self._name, reason)
         self._shutdown()
 

@@ -27,6 +27,8 @@ class FakeBackend:
         self.uids: list[int | None] = []
         self.nick = "alice"
         self.dropped = 0
+        self.extra_users = 0  # remote users beyond the two below (a big network roster)
+        self.history_calls = 0  # pages built: what a client that pipelines requests costs
 
     def _fan_out(self, item: Message | Presence) -> None:
         event = Event(item)
@@ -65,6 +67,7 @@ class FakeBackend:
     def history(self, *, room: str | None, limit: int, before: float | None,
                 since: float | None) -> list[Message]:
         with self.lock:
+            self.history_calls += 1
             msgs = [m for m in self.messages
                     if (room is None or m.room == room)
                     and (before is None or m.ts < before)
@@ -86,7 +89,9 @@ class FakeBackend:
         return [User(nick=self.nick, host="box", node=NODE, local=True, since=1000.0,
                      via="daemon"),
                 User(nick="bob", host="otherbox", node="fedcba9876543210", local=False,
-                     since=2000.0)]
+                     since=2000.0),
+                *(User(nick=f"user{i:05d}", host="farbox", node="fedcba9876543210",
+                       local=False, since=3000.0) for i in range(self.extra_users))]
 
     def peers(self) -> list[dict[str, Any]]:
         return [{"node": "fedcba9876543210", "name": "bob's box\x1b]0;pwned\x07",

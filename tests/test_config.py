@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pwd
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -189,7 +190,10 @@ def test_bad_env_and_flag_values_name_their_source() -> None:
 def test_default_nick_is_the_sanitised_login_name() -> None:
     assert cfg.default_nick({"USER": "Mary Ann"}) == "Mary_Ann"
     assert cfg.default_nick({"LOGNAME": "#root:x"}) == "root_x"
-    assert cfg.default_nick({}) == "user"
+    # No $USER or $LOGNAME (root under sudo -i, a service): the login name of our uid.
+    assert cfg.default_nick({}) == cfg.sanitize_nick(pwd.getpwuid(os.getuid()).pw_name)
+    assert cfg.default_nick({}, login=None, hostname="box.example.org") == "box"
+    assert cfg.default_nick({}, login=None, hostname="") == "user"
     assert cfg.default_nick({"USER": "x" * 50}) == "x" * 32
     assert cfg.default_nick({"USER": "///"}) == "user"
     assert cfg.default_name("alice", "") == "alice on localhost"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pty
+import pwd
 import re
 import select
 import signal
@@ -316,6 +318,40 @@ def test_udp_chat_both_ways(daemon: Daemon, clients: list[Any], connects: list[C
     status, _, err = bob.finish()
     assert status == 0 and err == b""
     assert alice.line() == "* bob left #lobby (quit)"
+
+
+@pytest.mark.parametrize("udp", [False, True], ids=["tcp", "udp"])
+def test_a_terminal_sees_one_help_banner(daemon: Daemon, udp: bool) -> None:
+    """On a terminal, ``connect`` said "Type /help" twice: its own hint (on stderr) and the
+    welcome line (on stdout), overlapping.  Only the welcome says it now."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([*lanchat_cmd(), "connect", f"127.0.0.1:{daemon.port}",
+                             "--nick", "bob", *(["--udp"] if udp else [])],
+                            stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    os.close(slave)
+    try:
+        os.write(master, b"/quit\n")  # waits in the terminal until the client reads it
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=5)
+        os.close(master)
+    assert proc.returncode == 0, err
+    shown = out.decode() + err.decode()
+    assert shown.count("/help") == 1, shown
+    assert "Welcome, bob!" in shown or "as bob, in #lobby" in shown
+
+
+def test_default_nick_without_user_is_the_login_name(daemon: Daemon) -> None:
+    """With no $USER or $LOGNAME (root in a bare shell) the nick was ``user``."""
+    login = pwd.getpwuid(os.getuid()).pw_name
+    env = {k: v for k, v in os.environ.items() if k not in ("USER", "LOGNAME")}
+    proc = subprocess.run([*lanchat_cmd(), "connect", f"127.0.0.1:{daemon.port}"],
+                          input=b"/quit\n", capture_output=True, env=env, timeout=20,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert f" as {login}, in #lobby" in proc.stdout.decode().splitlines()[0]
 
 
 def test_udp_nick_taken_exits_1(daemon: Daemon, clients: list[Any],

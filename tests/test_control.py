@@ -19,12 +19,15 @@ from control_fake import NODE, FakeBackend
 from lanchat.client import ConnectionLost, ControlClient, RpcError
 from lanchat.control import AlreadyRunning, ControlServer
 from lanchat.limits import (
+    MAX_HISTORY_PAGE,
     MAX_OUTBOX_BYTES,
     MAX_RPC_BATCH_REPLY_BYTES,
     MAX_RPC_LINE_BYTES,
+    MAX_TEXT_BYTES,
     SEND_STALL_TIMEOUT_S,
 )
 from lanchat.model import Presence
+from lanchat.presence import MAX_ROSTER_USERS
 
 
 @pytest.fixture
@@ -240,6 +243,65 @@ def test_a_batch_of_history_pages_is_bounded(
     assert {r["error"]["data"]["code"] for r in refused} == {"limit"}
     with ControlClient(path) as c:  # and the connection's daemon serves on
         assert len(c.call("history", limit=1000)) == 1000
+
+
+def test_a_history_page_of_long_messages_arrives(
+        served: tuple[ControlServer, FakeBackend, str]) -> None:
+    """The documented largest page, 1,000 messages of MAX_TEXT_BYTES, is several times the
+    outbox bound (which is for unsolicited data): the reply must arrive whole."""
+    _, backend, path = served
+    for i in range(MAX_HISTORY_PAGE):
+        backend.add(f"{i:04d}" + "z" * (MAX_TEXT_BYTES - 4), ts=1000.0 + i)
+    with ControlClient(path, timeout=30.0) as c:
+        page = c.call("history", limit=MAX_HISTORY_PAGE)
+        assert len(json.dumps(page)) > 4 * MAX_OUTBOX_BYTES
+        assert [m["text"][:4] for m in page] == [f"{i:04d}" for i in range(MAX_HISTORY_PAGE)]
+        assert all(len(m["text"]) == MAX_TEXT_BYTES for m in page)
+        assert c.call("status")["node"] == NODE  # and the connection serves on
+
+
+def test_pipelined_pages_are_built_only_as_fast_as_they_are_read(
+        served: tuple[ControlServer, FakeBackend, str]) -> None:
+    """Replies are not bounded by the outbox, so the backpressure is the reader's: a client
+    that pipelines many large requests and reads nothing gets at most a reply in flight and
+    one queued (plus the one being built), not every page in the daemon's memory; when it
+    reads, every reply arrives, in order."""
+    _, backend, path = served
+    for i in range(MAX_HISTORY_PAGE):
+        backend.add("p" * MAX_TEXT_BYTES, ts=1000.0 + i)
+    requests = 20
+    s = raw(path)
+    s.settimeout(30.0)
+    f = s.makefile("rb")
+    try:
+        s.sendall(b"".join(
+            json.dumps({"jsonrpc": "2.0", "method": "history",
+                        "params": {"limit": MAX_HISTORY_PAGE}, "id": i}).encode() + b"\n"
+            for i in range(requests)))
+        wait_for(lambda: backend.history_calls >= 2)
+        time.sleep(1.0)  # time to build every page, if nothing held the reader back
+        built = backend.history_calls
+        print(f"\npages built while the client read nothing: {built} of {requests}")
+        assert built <= 3
+        ids = []
+        for _ in range(requests):
+            reply = json.loads(f.readline())
+            assert len(reply["result"]) == MAX_HISTORY_PAGE
+            ids.append(reply["id"])
+        assert ids == list(range(requests))
+    finally:
+        f.close()
+        s.close()
+
+
+def test_users_reply_of_a_big_roster_arrives(
+        served: tuple[ControlServer, FakeBackend, str]) -> None:
+    _, backend, path = served
+    backend.extra_users = MAX_ROSTER_USERS
+    with ControlClient(path, timeout=30.0) as c:
+        users = c.call("users")
+    assert len(json.dumps(users)) > MAX_OUTBOX_BYTES
+    assert len(users) == 2 + MAX_ROSTER_USERS
 
 
 def test_notification_and_batch_over_socket(

@@ -82,6 +82,7 @@ def test_commands_nick_me_join_users_help(daemon: Daemon, clients: list[Any]) ->
     assert bob.line() == "* In #lobby (3): owner, alice, bob"
     bob.send("/me waves\n")
     assert re.match(r"^\[\d\d:\d\d:\d\d\] \* bob waves$", alice.line())
+    assert re.match(r"^\[\d\d:\d\d:\d\d\] \* bob waves$", bob.line())  # his confirmation
     bob.send("/nick robert\n")
     assert bob.line() == "* You are now known as robert"
     assert alice.line() == "* bob is now known as robert"
@@ -104,6 +105,29 @@ def test_commands_nick_me_join_users_help(daemon: Daemon, clients: list[Any]) ->
     assert bob.line().endswith("alice: hello dev")  # and not the lobby line before it
     bob.send("//slash at the start\n")
     assert alice.line().endswith("robert: /slash at the start")
+
+
+def test_me_and_msg_are_confirmed_to_the_sender(daemon: Daemon, clients: list[Any]) -> None:
+    """Text mode shows its sender nothing of a plain line (it is on their screen already),
+    but an action or a direct message is shown back as the others see it, as irssi does:
+    ``* bob waves``, ``bob -> alice: hi``.  Also for lines that arrive together."""
+    alice = TextUser(daemon.port, "alice")
+    bob = TextUser(daemon.port, "bob")
+    clients += [alice, bob]
+    alice.line()  # bob joined
+    stamp = r"^\[\d\d:\d\d:\d\d\] "
+    bob.send("/me waves\n")
+    assert re.match(stamp + r"\* bob waves$", bob.line())
+    bob.send("/msg alice psst\n")
+    assert re.match(stamp + r"bob -> alice: psst$", bob.line())
+    assert re.match(stamp + r"\* bob waves$", alice.line())
+    assert re.match(stamp + r"bob -> alice: psst$", alice.line())
+    bob.send("plain words\n/me nods\n/msg alice again\n")  # one read: published together
+    assert re.match(stamp + r"\* bob nods$", bob.line())
+    assert re.match(stamp + r"bob -> alice: again$", bob.line())
+    bob.send("/ping\n")
+    assert bob.line() == "* pong"  # and no echo of the plain line came before it
+    assert alice.line().endswith("bob: plain words")
 
 
 def test_crlf_and_multiline_and_escapes_are_safe(daemon: Daemon, clients: list[Any]) -> None:

@@ -13,7 +13,6 @@ import contextlib
 import json
 import re
 import resource
-import shutil
 import socket
 import subprocess
 import threading
@@ -593,7 +592,6 @@ def test_a_client_that_stops_reading_is_cut_after_the_send_stall_timeout(
     assert watcher.until("* stuck left") == "* stuck left #lobby (too slow)"
 
 
-@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
 def test_hub_sockets_have_keepalive(daemon: Daemon, clients: list[Any]) -> None:
     ss = require_tool("ss", "iproute2")
     user = TextUser(daemon.port, "kept")

@@ -41,6 +41,7 @@ from rogue import ROGUE_NODE, Rogue, RogueIdentity, fake_msg
 from lanchat import linkproto
 from lanchat.client import ControlClient
 from lanchat.limits import MAX_DAEMON_LINKS
+from lanchat.presence import MAX_ROSTER_USERS
 
 #: How long a test waits for a link to come up.  Generous on purpose: linking takes well
 #: under a second here (the time is printed; issue 3 aimed at 3 s), but a loaded two-core
@@ -257,6 +258,30 @@ def test_static_peer_links_and_each_lists_the_other(make_daemon: Any) -> None:
         mine = [u for u in cli_json(me, "users") if u["local"]]
         assert [u["nick"] for u in mine] == [me.nick]
     assert cli_json(a, "status")["linked"] == 1
+
+
+def test_status_counts_chat_clients_and_daemon_links_apart(
+        make_daemon: Any, clients: list[Any]) -> None:
+    """B dials A: A's end of the link came in through A's hub like a chat client, and was
+    counted as one (``clients 1`` on A, ``0`` on B).  Both ends have one link; only A has
+    chat clients (carol over TCP, dave over UDP)."""
+    a, b, na, nb = pair(make_daemon)
+    wait_linked(a, b, na, nb)
+    carol = TextUser(a.port, "carol")
+    clients.append(carol)
+    dave = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a UDP chat client is one too
+    try:
+        dave.sendto(b"dave\n", ("127.0.0.1", a.port))
+        wait_for("carol and dave are listed", lambda: {"carol", "dave"} <= {
+            u["nick"] for u in rpc(a, "users")}, SETTLE_S)
+        for d, expected in ((a, {"clients": 2, "links": 1}), (b, {"clients": 0, "links": 1})):
+            status = cli_json(d, "status")
+            assert {k: status.get(k) for k in expected} == expected, status
+            shown = [line.split() for line in d.cli("status").stdout.decode().splitlines()]
+            assert ["clients", str(expected["clients"])] in shown
+            assert ["links", "1"] in shown
+    finally:
+        dave.close()
 
 
 def test_messages_flow_both_ways_exactly_once(make_daemon: Any) -> None:
@@ -741,6 +766,26 @@ def test_a_relayed_roster_is_listed_and_vanishes_with_its_link(
     assert f.closed()
     wait_for("both gone from users", lambda: not any(
         u["nick"] in ("fay", "zed") for u in rpc(daemon, "users")), SETTLE_S)
+
+
+def test_users_lists_a_roster_of_the_largest_size(
+        daemon: Daemon, fakes: list[FakePeer]) -> None:
+    """A peer's roster of MAX_ROSTER_USERS users makes a ``users`` reply twice the control
+    outbox bound; ``lanchat users`` used to fail with "lanchatd closed the connection"."""
+    f = FakePeer(daemon.port, rosters=[
+        {"node": FAKE_NODE, "ver": 1, "name": "big hub", "host": "bighost", "gone": False,
+         "users": [{"nick": f"user{i:05d}", "host": f"host{i:05d}.example", "since": 1.0,
+                    "room": "lobby", "via": "tcp"} for i in range(MAX_ROSTER_USERS)]}])
+    fakes.append(f)
+    f.until("welcome")
+    wait_for("the big roster is listed",
+             lambda: len(rpc(daemon, "users")) == 1 + MAX_ROSTER_USERS, SETTLE_S)
+    r = daemon.cli("users", timeout=60.0)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 2 + MAX_ROSTER_USERS  # the header, ours, the peer's
+    assert r.stderr == b""
+    nicks = {line.split()[0] for line in r.stdout.decode().splitlines()[1:]}
+    assert {f"user{i:05d}" for i in range(MAX_ROSTER_USERS)} <= nicks
 
 
 def test_the_65th_daemon_link_is_refused_and_real_links_carry_on(
