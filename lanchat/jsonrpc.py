@@ -271,27 +271,9 @@ def check_params(params: Mapping[str, Any], allowed: frozenset[str] | set[str]) 
             raise ValidationError(f"unknown parameter {key!r}")
 
 
-def response_is_valid(obj: object) -> bool:
-    """True if ``obj`` is a spec-valid response object (used by tests and the client)."""
-    if not isinstance(obj, dict) or obj.get("jsonrpc") != "2.0" or "id" not in obj:
-        return False
-    if not is_valid_id(obj["id"]):
-        return False
-    if ("result" in obj) == ("error" in obj):
-        return False
-    if "error" in obj:
-        err = obj["error"]
-        if not isinstance(err, dict) or not isinstance(err.get("message"), str):
-            return False
-        code = err.get("code")
-        if isinstance(code, bool) or not isinstance(code, int):
-            return False
-    return set(obj) <= {"jsonrpc", "id", "result", "error"}
-
-
 __all__ = [
     "ERROR_CODES", "INTERNAL_ERROR", "INVALID_PARAMS", "INVALID_REQUEST", "METHOD_NOT_FOUND",
     "PARSE_ERROR", "ErrorCode", "Handler", "Id", "Request", "Routes", "RpcFailure",
     "check_params", "dispatch", "error_code_for", "error_object", "handle_line",
-    "notification", "parse_line", "parse_request", "response_is_valid", "result_object",
+    "notification", "parse_line", "parse_request", "result_object",
 ]

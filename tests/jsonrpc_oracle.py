@@ -1,7 +1,7 @@
 """An oracle for JSON-RPC 2.0 replies that owes nothing to lanchat's codec.
 
-The tests used to judge lanchat's replies with ``lanchat.jsonrpc.response_is_valid`` -- the
-code under test grading itself.  This module judges them from the specification
+The tests once judged lanchat's replies with a validator of lanchat's own -- the code under
+test grading itself (it is gone).  This module judges them from the specification
 (https://www.jsonrpc.org/specification) alone:
 
 - :data:`RESPONSE_SCHEMA` / :data:`REPLY_SCHEMA`: the shape of a response object and of a whole
