@@ -240,3 +240,31 @@ MAX_RUN_ENTRIES = 64
 #: every batch it appends: from any seq, a signed entry is at most MAX_RUN_ENTRIES - 1
 #: entries ahead, so every stretch of a feed can be sent as runs of at most MAX_RUN_ENTRIES.
 SIGN_INTERVAL = MAX_RUN_ENTRIES
+
+# -- origins (each daemon's feed of messages; see lanchat.linkproto) ----------------------
+
+#: Most origins (node ids) a daemon keeps a cursor for.  A network has at most
+#: presence.MAX_NODES daemons at once; node ids change rarely (a reinstall, a cloned
+#: state directory that makes itself a new identity), so four times that leaves room
+#: for the ones retention has not yet emptied.  Past it, an origin that holds no
+#: retained message is forgotten first; if none does, a new origin is refused.  At
+#: about 40 bytes of cursor each (more in a ``sync``), the whole map stays under 200 KiB.
+MAX_ORIGINS = 4096
+
+#: New origins one link may introduce at once, and per second after that (a token
+#: bucket per link).  A daemon joining a full network learns every live origin --
+#: at most presence.MAX_NODES -- from its first link; after that a new origin is a
+#: new daemon, a few a day.  A peer inventing origins is held to this, so one link
+#: cannot fill MAX_ORIGINS on its own in less than about an hour.
+NEW_ORIGINS_BURST = 1024
+NEW_ORIGINS_PER_S = 1.0
+
+#: Most cursors in one ``sync`` frame: a longer map is sent as pages (``more: true``
+#: on all but the last).  Below the 16,384 that daemons before paging refused, so an
+#: old peer reads every page (as a whole sync of its own; see lanchat-protocol(7)).
+MAX_SYNC_PAGE = 4096
+
+#: Most cursors a receiver accumulates from the pages of one ``sync``; cursors past
+#: it are ignored (the peer is then sent those origins again, which it drops as
+#: duplicates), never a protocol error: a sync between honest daemons never fails.
+MAX_SYNC_CURSORS = 4 * MAX_ORIGINS

@@ -9,7 +9,11 @@ A link is a TCP connection to the other daemon's hub port, speaking JSON lines
    line of a hub connection is held to the hub's frame limit.
 2. Each side's first frame is ``sync {cursors}``: every origin mapped to the
    highest sequence number it holds (a node holds each origin's messages 1..n
-   without gaps).  On receiving it, each side sends what the other lacks --
+   without gaps).  A map of more than MAX_SYNC_PAGE cursors goes as pages:
+   ``sync {cursors, more: true}`` frames, then a last one without ``more``;
+   the receiver adds pages up (at most MAX_SYNC_CURSORS, the rest ignored) and
+   acts on the last.  A sync never fails on its size between honest daemons.
+   On receiving it, each side sends what the other lacks --
    per origin, everything after its cursor, read from history and sent in
    order as ``msgs {m: [...]}`` -- and only then live messages.  Rosters of
    every node known follow as ``roster`` frames.
@@ -46,9 +50,9 @@ from typing import Any
 
 from lanchat.errors import RemoteProtocolError, ValidationError
 from lanchat.framing import dumps_line, loads_line
-from lanchat.limits import MAX_HOST_CHARS
+from lanchat.limits import MAX_HOST_CHARS, MAX_SYNC_CURSORS, MAX_SYNC_PAGE
 from lanchat.model import Message, validate_host, validate_node
-from lanchat.presence import MAX_NODES, NodeRoster
+from lanchat.presence import NodeRoster
 
 VERSION = 1
 
@@ -81,9 +85,15 @@ class PeerHello:
     proof: str | None = None
 
 
-def parse_cursors(raw: object) -> dict[str, int]:
-    """Validate a cursor map from a peer; raises :class:`RemoteProtocolError`."""
-    if not isinstance(raw, dict) or len(raw) > MAX_NODES * 16:
+def parse_cursors(raw: object, limit: int = MAX_SYNC_CURSORS) -> dict[str, int]:
+    """Validate a cursor map from a peer; raises :class:`RemoteProtocolError`.
+
+    Keeps the first ``limit`` cursors and ignores the rest (each is still
+    checked): a long map is not an error -- a peer holding many origins is not
+    hostile for it, and the frame limit bounds the work -- and an origin left
+    out only means it is sent to that peer again, which drops the duplicates.
+    """
+    if not isinstance(raw, dict):
         raise RemoteProtocolError("cursors must be an object", code="bad-frame")
     out: dict[str, int] = {}
     for origin, seq in raw.items():
@@ -93,7 +103,8 @@ def parse_cursors(raw: object) -> dict[str, int]:
             raise RemoteProtocolError(str(exc), code="bad-frame") from None
         if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
             raise RemoteProtocolError("a cursor must be a non-negative integer", code="bad-frame")
-        out[origin] = seq
+        if len(out) < limit:
+            out[origin] = seq
     return out
 
 
@@ -155,8 +166,14 @@ def encode_roster(roster: NodeRoster) -> bytes:
     return dumps_line({"type": "roster", "roster": roster.to_dict()})
 
 
-def encode_sync(cursors: Mapping[str, int]) -> bytes:
-    return dumps_line({"type": "sync", "cursors": dict(cursors)})
+def encode_sync(cursors: Mapping[str, int], page: int = MAX_SYNC_PAGE) -> bytes:
+    """One ``sync``, as pages of at most ``page`` cursors (``more: true`` on all but the last)."""
+    items = list(cursors.items())
+    starts = range(0, len(items), page) if items else range(1)
+    return b"".join(
+        dumps_line({"type": "sync", "cursors": dict(items[i:i + page]),
+                    **({"more": True} if i + page < len(items) else {})})
+        for i in starts)
 
 
 def encode_floor(origin: str, seq: int) -> bytes:
@@ -192,6 +209,8 @@ class Roster:
 @dataclass(frozen=True, slots=True)
 class Sync:
     cursors: dict[str, int]
+    #: More pages of this sync follow; act on the last (see :class:`SyncPages`).
+    more: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,14 +267,14 @@ def parse_frame(line: bytes) -> Frame:
     if kind == "roster":
         return Roster(NodeRoster.from_dict(frame.get("roster")))
     if kind == "sync":
-        return Sync(parse_cursors(frame.get("cursors")))
+        return Sync(parse_cursors(frame.get("cursors")), more=frame.get("more") is True)
     if kind == "auth":
         proof = frame.get("proof")
         if not isinstance(proof, str) or len(proof) > 128:
             raise RemoteProtocolError("auth needs a proof", code="bad-frame")
         return Auth(proof)
     if kind == "floor":
-        cursor = parse_cursors({frame.get("origin"): frame.get("seq")})
+        cursor = parse_cursors({frame.get("origin"): frame.get("seq")}, 1)
         ((origin, seq),) = cursor.items()
         return Floor(origin, seq)
     if kind == "ping":
@@ -271,6 +290,24 @@ def parse_frame(line: bytes) -> Frame:
         code, message = frame.get("code"), frame.get("message")
         return Refused(str(code)[:50], str(message)[:300])
     raise RemoteProtocolError(f"unknown link frame type {kind!r}", code="bad-frame")
+
+
+class SyncPages:
+    """Adds up the pages of one ``sync`` until its last; holds at most MAX_SYNC_CURSORS."""
+
+    def __init__(self) -> None:
+        self._acc: dict[str, int] = {}
+
+    def add(self, sync: Sync) -> dict[str, int] | None:
+        """The whole cursor map once ``sync`` is the last page; None while more follow."""
+        for origin, seq in sync.cursors.items():
+            if len(self._acc) >= MAX_SYNC_CURSORS and origin not in self._acc:
+                break
+            self._acc[origin] = seq
+        if sync.more:
+            return None
+        whole, self._acc = self._acc, {}
+        return whole
 
 
 def missing(ours: Mapping[str, int], theirs: Mapping[str, int]) -> dict[str, int]:

@@ -77,7 +77,7 @@ class LinkRouter(Protocol):
                       source: object | None) -> tuple[list[Message], bool]: ...
     def apply_roster(self, roster: NodeRoster, *, source: Any) -> None: ...
     def cursors(self) -> dict[str, int]: ...
-    def skip_pruned(self, origin: str, seq: int) -> None: ...
+    def skip_pruned(self, origin: str, seq: int, *, source: object = None) -> None: ...
 
 
 class History(Protocol):
@@ -183,6 +183,7 @@ class Link:
             # Generous, and a throttle rather than a filter: a link must lose nothing, so
             # a peer past LINK_MAX_RATE is simply read more slowly (TCP pushes back).
             throttle = TokenBucket(LINK_MAX_RATE, LINK_BURST)
+            pages = linkproto.SyncPages()
             for frame in self._frames():
                 self.last_heard = time.time()
                 pause = throttle.consume(time.monotonic(), max(
@@ -194,13 +195,16 @@ class Link:
                 elif isinstance(frame, linkproto.Roster):
                     router.apply_roster(frame.roster, source=self)
                 elif isinstance(frame, linkproto.Sync):
+                    cursors = pages.add(frame)
+                    if cursors is None:
+                        continue  # more pages of this sync follow
                     with self._cond:
-                        self._peer_has = dict(frame.cursors)
+                        self._peer_has = cursors
                         self._synced = True
                         self._resync = True
                         self._cond.notify()
                 elif isinstance(frame, linkproto.Floor):
-                    router.skip_pruned(frame.origin, frame.seq)
+                    router.skip_pruned(frame.origin, frame.seq, source=self)
                 elif isinstance(frame, linkproto.Ping):
                     self._queue_control(linkproto.encode_pong())
                 elif isinstance(frame, linkproto.Bye):

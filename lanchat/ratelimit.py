@@ -19,8 +19,11 @@ from lanchat.limits import (
     COMMAND_RATE,
     FLOOD_FACTOR,
     FLOOD_GRACE_S,
+    MAX_TRACKED_SOURCES,
     MESSAGE_BURST_S,
     MIN_MESSAGE_BURST,
+    NEW_ORIGINS_BURST,
+    NEW_ORIGINS_PER_S,
     RATE_NOTICE_INTERVAL_S,
 )
 
@@ -208,3 +211,32 @@ class SourceBuckets:
             bucket = TokenBucket(self.rate, self.burst)
         self._buckets[source] = bucket
         return bucket.take(now, n)
+
+
+class NewOrigins:
+    """How many new origins each peer may introduce: a token bucket per peer address.
+
+    A peer that invents origins (each a cursor we keep and send in every
+    ``sync``) is held to NEW_ORIGINS_PER_S after a burst of NEW_ORIGINS_BURST.
+    Kept per address, not per link, so that redialing buys no fresh burst; at
+    most MAX_TRACKED_SOURCES addresses, the least recently used forgotten first.
+    The total is bounded apart (limits.MAX_ORIGINS, in the router).
+    Not thread-safe: the router thread owns it.
+    """
+
+    def __init__(self, rate: float = NEW_ORIGINS_PER_S, burst: float = NEW_ORIGINS_BURST) -> None:
+        self._rate, self._burst = rate, burst
+        self._buckets: dict[object, TokenBucket] = {}
+
+    def admit(self, source: object, wanted: int, now: float) -> int:
+        """How many of ``wanted`` new origins ``source`` may bring now (spends that many)."""
+        bucket = self._buckets.pop(source, None)
+        if bucket is None:
+            bucket = TokenBucket(self._rate, self._burst)
+            if len(self._buckets) >= MAX_TRACKED_SOURCES:
+                del self._buckets[next(iter(self._buckets))]
+        self._buckets[source] = bucket  # now the most recently used
+        n = 0
+        while n < wanted and bucket.take(now):
+            n += 1
+        return n

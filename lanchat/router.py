@@ -40,11 +40,15 @@ from lanchat.events import Event
 from lanchat.limits import (
     MAX_COMMIT_BATCH,
     MAX_HISTORY_PAGE,
+    MAX_ORIGINS,
     MAX_ROUTER_QUEUE,
+    NEW_ORIGINS_BURST,
+    NEW_ORIGINS_PER_S,
     ROUTER_HANDOFF_TIMEOUT_S,
 )
 from lanchat.model import DEFAULT_ROOM, Draft, Message, Presence, User, validate_nick
 from lanchat.presence import Change, NetworkRoster, NodeRoster, resolve_recipient
+from lanchat.ratelimit import NewOrigins
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +101,7 @@ class MessageStore(Protocol):
     def cursors(self) -> dict[str, int]: ...
     def sent_with_key(self, uid: int | None, key: str) -> Message | None: ...
     def advance(self, origin: str, seq: int, ts: float) -> bool: ...
+    def forget_idle(self, limit: int) -> list[str]: ...
 
 
 #: Called on the router thread once a publish is stored (message) or failed (error).
@@ -138,6 +143,7 @@ class _Remote:
 _STOP = object()
 
 T = TypeVar("T")
+_M = TypeVar("_M", Message, str)  # what _admitted filters: messages or origins
 
 
 def _wait(future: Future[T], timeout: float) -> T:
@@ -266,6 +272,8 @@ class Router:
         #: origin -> highest seq stored: the store's cursors, kept in memory so
         #: that gap detection costs no query.  Router thread only.
         self._cursors: dict[str, int] = store.cursors()
+        self._new_origins = NewOrigins()
+        self._origins_refused_by: set[object] = set()  # peers told of once (logged)
         self._roster = NetworkRoster(node)
         # Microseconds of the clock: newer than any version we announced before a restart.
         self._roster_ver = int(clock() * 1_000_000)
@@ -369,16 +377,18 @@ class Router:
         """A roster arrived over ``source``: take it if newer, show changes, pass it on."""
         self._post(lambda: self._do_apply_roster(roster, source), "apply a roster")
 
-    def skip_pruned(self, origin: str, seq: int) -> None:
+    def skip_pruned(self, origin: str, seq: int, *, source: object = None) -> None:
         """A peer has pruned ``origin``'s messages up to ``seq``: stop waiting for them.
 
         Only moves a cursor that is below ``seq`` (see :meth:`Store.advance`).
         """
-        self._post(lambda: self._do_skip(origin, seq), "skip pruned history")
+        self._post(lambda: self._do_skip(origin, seq, source), "skip pruned history")
 
-    def _do_skip(self, origin: str, seq: int) -> None:
+    def _do_skip(self, origin: str, seq: int, source: object) -> None:
         if origin == self.node or self._cursors.get(origin, 0) >= seq:
             return  # never skip our own messages, never move back
+        if origin not in self._cursors and not self._admitted([origin], source, [origin]):
+            return
         try:
             if self._store.advance(origin, seq, self._clock()):
                 self._cursors[origin] = seq
@@ -632,6 +642,7 @@ class Router:
         # so no peer can speak in our name or drag our clock (append_local) along.
         fresh = [m for m in item.messages
                  if m.origin != self.node and m.seq > cursors.get(m.origin, 0)]
+        fresh = self._admit_origins(fresh, item.source)
         try:
             new = self._store.insert_remote(fresh, now=self._clock()) if fresh else []
         except Exception as exc:
@@ -647,6 +658,49 @@ class Router:
         if new:
             self._fanout([Event(msg, item.source) for msg in new])
         item.future.set_result((new, gap))
+
+    def _admit_origins(self, fresh: list[Message], source: object) -> list[Message]:
+        """``fresh`` without the messages of new origins that ``source`` may not bring.
+
+        Two bounds (lanchat-protocol(7), "Limits"): each peer address brings at most
+        NEW_ORIGINS_BURST new origins at once and NEW_ORIGINS_PER_S after that (the
+        linked peer's own origin is free), and we hold at most MAX_ORIGINS, forgetting
+        origins that hold no message first.  A refused message is not a gap: its
+        origin is simply unknown here.
+        """
+        new = list(dict.fromkeys(m.origin for m in fresh if m.origin not in self._cursors))
+        if not new:
+            return fresh
+        return self._admitted(new, source, fresh)
+
+    def _admitted(self, new: list[str], source: object, fresh: list[_M]) -> list[_M]:
+        """``fresh`` (messages, or origins) without those of the ``new`` origins refused."""
+        own: object = getattr(source, "node", None)
+        if isinstance(own, str) and own in new:  # first, and free of the budget
+            new = [own, *(o for o in new if o != own)]
+        address = getattr(source, "address", None)
+        key = address[0] if isinstance(address, tuple) and address else source
+        free = 1 if isinstance(own, str) and own in new else 0
+        allowed = free + self._new_origins.admit(key, len(new) - free, self._clock())
+        room = MAX_ORIGINS - len(self._cursors)
+        if allowed > room:
+            try:
+                for origin in self._store.forget_idle(allowed - room):
+                    self._cursors.pop(origin, None)
+            except StoreError as exc:
+                log.error("cannot forget idle origins: %s", exc)
+            room = MAX_ORIGINS - len(self._cursors)
+        allowed = max(0, min(allowed, room))
+        refused = set(new[allowed:])
+        if not refused:
+            return fresh
+        if source not in self._origins_refused_by:
+            self._origins_refused_by.add(source)
+            log.warning("refusing messages of %d new origin(s) from %r: it brings new "
+                        "origins faster than %g/s after %d, or we hold %d (the most); "
+                        "said once per link", len(refused), source, NEW_ORIGINS_PER_S,
+                        NEW_ORIGINS_BURST, MAX_ORIGINS)
+        return [m for m in fresh if (m if isinstance(m, str) else m.origin) not in refused]
 
     def _fanout(self, events: list[Event]) -> None:
         """Hand events to everyone who should see them.  Router thread only.
@@ -858,6 +912,7 @@ class Router:
         if link not in self._links:
             return
         self._links = tuple(lk for lk in self._links if lk is not link)
+        self._origins_refused_by.discard(link)
         direct = {lk.node for lk in self._links}
         for node in self._roster.vouched_by(link):
             if node in direct:

@@ -533,6 +533,25 @@ class Store:
                 (origin, seq, ts))
         return True
 
+    def forget_idle(self, limit: int) -> list[str]:
+        """Forget the cursors of up to ``limit`` origins that hold no message here.
+
+        For the bound on origins held (limits.MAX_ORIGINS): an origin whose
+        messages retention has removed is only a number we keep sending in
+        ``sync``; forgetting it loses no history.  Never our own origin.
+        Returns the origins forgotten.  Writer thread only.
+        """
+        if limit <= 0:
+            return []
+        with self._writing("write") as conn:
+            rows = conn.execute(
+                "SELECT origin FROM high WHERE origin != ? AND origin NOT IN "
+                "(SELECT DISTINCT origin FROM messages) LIMIT ?",
+                (self._node_id, limit)).fetchall()
+            gone = [str(r[0]) for r in rows]
+            conn.executemany("DELETE FROM high WHERE origin = ?", [(o,) for o in gone])
+        return gone
+
     def history(self, *, room: str | None = None, limit: int = 50,
                 before: float | None = None, since: float | None = None,
                 viewer: str | None = None) -> list[Message]:

@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 
 from lanchat import linkproto
 from lanchat.errors import RemoteProtocolError, ValidationError
+from lanchat.limits import MAX_SYNC_CURSORS, MAX_SYNC_PAGE
 from lanchat.model import Message, User
-from lanchat.presence import MAX_NODES, NodeRoster
+from lanchat.presence import NodeRoster
 
 NODE_A = "a1" * 8
 NODE_B = "b2" * 8
@@ -100,12 +101,6 @@ def test_cursors_accept_zero_and_big_numbers() -> None:
     {"UPPERCASE1": 1}, {"short": 1}, {"": 1},
 ])
 def test_bad_cursors_are_refused(raw: object) -> None:
-    with pytest.raises(RemoteProtocolError):
-        linkproto.parse_cursors(raw)
-
-
-def test_too_many_cursors_are_refused() -> None:
-    raw = {f"{i:016x}": 1 for i in range(MAX_NODES * 16 + 1)}
     with pytest.raises(RemoteProtocolError):
         linkproto.parse_cursors(raw)
 
@@ -277,3 +272,42 @@ def test_tie_break_both_ends_keep_the_same_link_whatever_the_order(pair: list[st
     # A redial by the same node never displaces the link it already has.
     for dialer in pair:
         assert linkproto.keeps(dialer, dialer) is False
+
+
+# -- sync pages (issue 13, case 4) --------------------------------------------------------------
+
+def test_a_long_cursor_map_goes_as_pages_and_adds_up_on_the_other_side() -> None:
+    n = 3 * MAX_SYNC_PAGE + 5  # four pages
+    cursors = {f"{i:016x}": i for i in range(1, n + 1)}
+    lines = [x for x in linkproto.encode_sync(cursors).split(b"\n") if x]
+    assert len(lines) == 4
+    pages = linkproto.SyncPages()
+    whole = None
+    for n, line in enumerate(lines):
+        raw = json.loads(line)
+        assert len(raw["cursors"]) <= MAX_SYNC_PAGE
+        assert raw.get("more", False) is (n < len(lines) - 1)
+        frame = linkproto.parse_frame(line)
+        assert isinstance(frame, linkproto.Sync)
+        whole = pages.add(frame)
+        assert (whole is None) is (n < len(lines) - 1)
+    assert whole == cursors
+    # An empty map is still one sync, and a short one has no "more".
+    assert json.loads(linkproto.encode_sync({})) == {"type": "sync", "cursors": {}}
+
+
+def test_an_oversized_sync_is_cut_short_not_a_protocol_error() -> None:
+    # One frame as a daemon before paging sends it: more cursors than a receiver keeps.
+    many = {f"{i:016x}": 1 for i in range(MAX_SYNC_CURSORS + 100)}
+    frame = linkproto.parse_frame(json.dumps({"type": "sync", "cursors": many}).encode())
+    assert isinstance(frame, linkproto.Sync)
+    assert len(frame.cursors) == MAX_SYNC_CURSORS
+    pages = linkproto.SyncPages()
+    assert pages.add(linkproto.Sync(frame.cursors, more=True)) is None
+    extra = linkproto.Sync({"ffffffffffffffff": 3})
+    total = pages.add(extra)
+    assert total is not None and len(total) == MAX_SYNC_CURSORS  # bounded however many pages
+    # A bad cursor anywhere is still refused.
+    bad = {**many, "nothex": 1}
+    with pytest.raises(RemoteProtocolError):
+        linkproto.parse_frame(json.dumps({"type": "sync", "cursors": bad}).encode())

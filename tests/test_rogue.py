@@ -10,9 +10,12 @@ daemon under attack must keep serving its honest peers and clients throughout.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
+import sqlite3
 import time
+from contextlib import closing
 from typing import Any
 
 from conftest import Daemon, TextUser, wait_for
@@ -25,6 +28,7 @@ from lanchat.limits import (
     LINK_BYE_GRACE_S,
     LINK_HANDSHAKE_TIMEOUT_S,
     MAX_LINK_HANDSHAKES_PER_IP,
+    MAX_ORIGINS,
     SHUTDOWN_TIMEOUT_S,
 )
 
@@ -303,3 +307,51 @@ def test_a_handshake_has_an_overall_deadline_and_a_per_address_bound(
     extra.hello()
     refusal = extra.until("error")
     assert refusal["code"] == "too-many-handshakes" and refusal["fatal"], refusal
+
+
+# -- case 4: invented origins -------------------------------------------------------------------
+
+#: More origins than an honest peer of the old code would take in one ``sync`` (16,384).
+INVENTED_ORIGINS = 16_400
+
+
+def _origins_held(d: Daemon) -> int:
+    """How many origins ``d`` keeps a cursor for, read from its SQLite file (read-only)."""
+    db = os.path.join(d.state_dir, "history.db")
+    with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10.0)) as conn:
+        (n,) = conn.execute("SELECT count(*) FROM high").fetchone()
+    return int(n)
+
+
+def test_invented_origins_cannot_cut_a_node_off_the_mesh(make_daemon: Any,
+                                                         clients: list[Any]) -> None:
+    a = make_daemon("-v", nick="alice", subdir="a")
+    rogue = Rogue(a.port, source="127.0.0.2")  # another machine than B's
+    clients.append(rogue)
+    rogue.handshake()
+    origins = [f"{i:016x}" for i in range(1, INVENTED_ORIGINS + 1)]
+    for start in range(0, len(origins), 256):
+        rogue.msgs([rogue.message(1, f"o{start + k}", origin=o)
+                    for k, o in enumerate(origins[start:start + 256])])
+    rogue.ping()
+    rogue.until("pong", 60.0)  # every batch before it has been handled
+    rogue.close()
+    held = _origins_held(a)
+    assert held <= MAX_ORIGINS, f"A keeps {held} origins (bound {MAX_ORIGINS})"
+    # An honest daemon links to A and stays linked: its sync never fails.
+    b = make_daemon("-v", "--peer", f"127.0.0.1:{a.port}", nick="bob", subdir="b")
+    node_a, node_b = node_of(a), node_of(b)
+    wait_for("A and B linked", lambda: linked(b, node_a) and linked(a, node_b), 20.0,
+             diag=lambda: logs(a, b))
+    sent_a = json.loads(a.cli("--json", "send", "from alice").stdout)
+    sent_b = json.loads(b.cli("--json", "send", "from bob").stdout)
+    wait_for("honest messages both ways",
+             lambda: sent_a["id"] in {m["id"] for m in _history(b, "-n", "1000")}
+             and sent_b["id"] in {m["id"] for m in _history(a, "-n", "1000")},
+             20.0, diag=lambda: logs(a, b))
+    time.sleep(3.0)  # a looping link would come and go in this time
+    assert linked(b, node_a), logs(a, b)
+    assert b.stderr().count("linked to") == 1, logs(b)
+    assert "protocol error" not in a.stderr() + b.stderr(), logs(a, b)
+    # Whatever A relayed, B holds no more origins than the bound either.
+    assert _origins_held(b) <= MAX_ORIGINS
