@@ -268,3 +268,21 @@ MAX_SYNC_PAGE = 4096
 #: it are ignored (the peer is then sent those origins again, which it drops as
 #: duplicates), never a protocol error: a sync between honest daemons never fails.
 MAX_SYNC_CURSORS = 4 * MAX_ORIGINS
+
+# -- rosters (who is connected where; see lanchat.presence) -------------------------------
+
+#: Most users one node's roster may list: a hub's default client limits (1024 TCP
+#: connections and 1024 UDP clients) twice over, for a hub configured above them.  A
+#: roster listing more is refused whole (logged once per link; the link stays up).
+MAX_ROSTER_USERS = 4096
+
+#: Most users of other nodes a daemon holds, over all rosters: a roster that would
+#: take the total past it is refused.  A user costs about 650 bytes in memory (the
+#: issue measured 6.5 MB for 10,000), so all rosters together stay near 21 MB,
+#: where 1,024 nodes of 10,000 users each would have been about 6.7 GB.
+MAX_NETWORK_USERS = 32_768
+
+#: A roster change that makes more than this many people join (or leave) one room is
+#: shown as one notice per room (``* bob and 36 others joined #lobby``), not one each:
+#: a node coming back with thousands of users must not flood every text client.
+PRESENCE_SUMMARY_OVER = 10

@@ -207,6 +207,13 @@ class Roster:
 
 
 @dataclass(frozen=True, slots=True)
+class RosterRefused:
+    """A well-formed roster over a bound (presence limits): refused, the link stays up."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Sync:
     cursors: dict[str, int]
     #: More pages of this sync follow; act on the last (see :class:`SyncPages`).
@@ -250,7 +257,7 @@ class Refused:
     message: str
 
 
-Frame = Msgs | Roster | Sync | Floor | Auth | Ping | Pong | Bye | Welcome | Refused
+Frame = Msgs | Roster | RosterRefused | Sync | Floor | Auth | Ping | Pong | Bye | Welcome | Refused
 
 
 def parse_frame(line: bytes) -> Frame:
@@ -265,7 +272,12 @@ def parse_frame(line: bytes) -> Frame:
             raise RemoteProtocolError("msgs needs a list 'm'", code="bad-frame")
         return Msgs(tuple(Message.from_dict(m) for m in raw))
     if kind == "roster":
-        return Roster(NodeRoster.from_dict(frame.get("roster")))
+        try:
+            return Roster(NodeRoster.from_dict(frame.get("roster")))
+        except ValidationError as exc:
+            if exc.code != "roster-limit":
+                raise
+            return RosterRefused(str(exc))
     if kind == "sync":
         return Sync(parse_cursors(frame.get("cursors")), more=frame.get("more") is True)
     if kind == "auth":

@@ -78,6 +78,7 @@ class LinkRouter(Protocol):
     def apply_roster(self, roster: NodeRoster, *, source: Any) -> None: ...
     def cursors(self) -> dict[str, int]: ...
     def skip_pruned(self, origin: str, seq: int, *, source: object = None) -> None: ...
+    def refuse_roster(self, reason: str, *, source: Any) -> None: ...
 
 
 class History(Protocol):
@@ -194,6 +195,8 @@ class Link:
                     self._received(frame.messages)
                 elif isinstance(frame, linkproto.Roster):
                     router.apply_roster(frame.roster, source=self)
+                elif isinstance(frame, linkproto.RosterRefused):
+                    router.refuse_roster(frame.reason, source=self)
                 elif isinstance(frame, linkproto.Sync):
                     cursors = pages.add(frame)
                     if cursors is None:

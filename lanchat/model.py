@@ -207,6 +207,9 @@ class Presence:
     old: str | None = None
     #: Why someone left ("quit", "timeout", "too slow", …); shown in leave notices.
     reason: str | None = None
+    #: How many more people joined or left the room along with ``nick``: one notice
+    #: summing up a big roster change (limits.PRESENCE_SUMMARY_OVER).
+    others: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in ("join", "leave", "nick"):
@@ -229,6 +232,8 @@ class Presence:
             d["old"] = self.old
         if self.reason is not None:
             d["reason"] = self.reason
+        if self.others:
+            d["others"] = self.others
         return d
 
     @classmethod
@@ -239,9 +244,14 @@ class Presence:
         if reason is not None and (not isinstance(reason, str) or len(reason) > 200):
             raise ValidationError("presence reason must be a short string",
                                   code="bad-presence")
+        others = d.get("others", 0)
+        if isinstance(others, bool) or not isinstance(others, int) or others < 0:
+            raise ValidationError("presence others must be a non-negative integer",
+                                  code="bad-presence")
         try:
             return cls(kind=d["kind"], nick=d["nick"], host=d["host"], node=d["node"],
-                       room=d["room"], ts=d["ts"], old=d.get("old"), reason=reason)
+                       room=d["room"], ts=d["ts"], old=d.get("old"), reason=reason,
+                       others=others)
         except KeyError as exc:
             raise ValidationError(f"presence lacks field {exc.args[0]!r}",
                                   code="bad-presence") from None

@@ -23,10 +23,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from lanchat.errors import AmbiguousUser, NoSuchUser, ValidationError
+from lanchat.limits import MAX_NETWORK_USERS, MAX_ROSTER_USERS
 from lanchat.model import User, validate_host, validate_nick, validate_node, validate_room
-
-#: Most users one node's roster may list: a hub's connection limit, with slack.
-MAX_ROSTER_USERS = 10_000
 
 #: Most nodes a network roster tracks; a peer announcing more is lying.
 MAX_NODES = 1024
@@ -70,8 +68,11 @@ class NodeRoster:
                                   code="bad-roster")
         host = validate_host(d.get("host"))
         raw = d.get("users", [])
-        if not isinstance(raw, list) or len(raw) > MAX_ROSTER_USERS:
+        if not isinstance(raw, list):
             raise ValidationError("roster users must be a list", code="bad-roster")
+        if len(raw) > MAX_ROSTER_USERS:
+            raise ValidationError(f"the roster of {node} lists {len(raw)} users, more than "
+                                  f"{MAX_ROSTER_USERS}", code="roster-limit")
         users = tuple(_user_from(u, node) for u in raw)
         return cls(node=node, ver=ver, name=name, host=host, users=users,
                    gone=bool(d.get("gone", False)))
@@ -125,17 +126,29 @@ class NetworkRoster:
 
         ``direct``: the roster came from its own node over a link that is up
         now, which proves the node is alive -- it then also replaces a "gone"
-        mark of the same version (set when an earlier link to it dropped).
+        mark of the same version (set when an earlier link to it dropped), and
+        any roster of it that came another way, whatever its version: a node
+        speaks for itself, so a relayed roster with a forged ``ver`` cannot hide
+        its users once we hear it directly.  Raises :class:`ValidationError`
+        (``roster-limit``) if taking it would hold more than MAX_NETWORK_USERS.
         """
         if roster.node == self.me:
             return None
         old = self._rosters.get(roster.node)
         revived = (direct and old is not None and old.gone and not roster.gone
                    and roster.ver >= old.ver)
-        if not (revived or roster.newer_than(old)):
+        overrides = direct and old is not None and self._via.get(roster.node) is not via
+        if not (revived or overrides or roster.newer_than(old)):
             return None
         if old is None and len(self._rosters) >= MAX_NODES:
             return None
+        held = sum(len(r.users) for r in self._rosters.values() if not r.gone)
+        before = len(old.users) if old is not None and not old.gone else 0
+        after = 0 if roster.gone else len(roster.users)
+        if after > before and held - before + after > MAX_NETWORK_USERS:
+            raise ValidationError(
+                f"the roster of {roster.node} ({after} users) would make {held - before + after} "
+                f"users of other nodes, more than {MAX_NETWORK_USERS}", code="roster-limit")
         self._rosters[roster.node] = roster
         self._via[roster.node] = via
         return _diff(old, roster)

@@ -162,6 +162,8 @@ def format_presence(p: Presence, *, tz: _dt.tzinfo | None = None,
     ``* bob is now known as robert``.  With ``timestamp`` the time is prefixed.
     """
     nick = neutralise(p.nick)
+    if p.others:
+        nick += f" and {p.others} other{'s' if p.others > 1 else ''}"
     room = neutralise(p.room)
     if p.kind == "join":
         line = f"* {nick} joined #{room}"

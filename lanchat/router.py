@@ -35,15 +35,24 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
-from lanchat.errors import ClosedError, LanchatError, NickInUse, RouterTimeout, StoreError
+from lanchat.errors import (
+    ClosedError,
+    LanchatError,
+    NickInUse,
+    RouterTimeout,
+    StoreError,
+    ValidationError,
+)
 from lanchat.events import Event
 from lanchat.limits import (
+    FUTURE_SKEW_S,
     MAX_COMMIT_BATCH,
     MAX_HISTORY_PAGE,
     MAX_ORIGINS,
     MAX_ROUTER_QUEUE,
     NEW_ORIGINS_BURST,
     NEW_ORIGINS_PER_S,
+    PRESENCE_SUMMARY_OVER,
     ROUTER_HANDOFF_TIMEOUT_S,
 )
 from lanchat.model import DEFAULT_ROOM, Draft, Message, Presence, User, validate_nick
@@ -273,7 +282,8 @@ class Router:
         #: that gap detection costs no query.  Router thread only.
         self._cursors: dict[str, int] = store.cursors()
         self._new_origins = NewOrigins()
-        self._origins_refused_by: set[object] = set()  # peers told of once (logged)
+        #: (link, what) said once in the log for that link, until it detaches.
+        self._warned: set[tuple[object, str]] = set()
         self._roster = NetworkRoster(node)
         # Microseconds of the clock: newer than any version we announced before a restart.
         self._roster_ver = int(clock() * 1_000_000)
@@ -376,6 +386,15 @@ class Router:
     def apply_roster(self, roster: NodeRoster, *, source: LinkPeer) -> None:
         """A roster arrived over ``source``: take it if newer, show changes, pass it on."""
         self._post(lambda: self._do_apply_roster(roster, source), "apply a roster")
+
+    def refuse_roster(self, reason: str, *, source: LinkPeer) -> None:
+        """``source`` sent a roster over a bound (:mod:`lanchat.presence`): log it, once."""
+        self._post(lambda: self._log_refused_roster(reason, source), "refuse a roster")
+
+    def _log_refused_roster(self, reason: str, source: object) -> None:
+        if self._first(source, "roster"):
+            log.warning("refused a roster from %r: %s (said once per link; the link stays up)",
+                        source, reason)
 
     def skip_pruned(self, origin: str, seq: int, *, source: object = None) -> None:
         """A peer has pruned ``origin``'s messages up to ``seq``: stop waiting for them.
@@ -659,6 +678,13 @@ class Router:
             self._fanout([Event(msg, item.source) for msg in new])
         item.future.set_result((new, gap))
 
+    def _first(self, source: object, what: str) -> bool:
+        """True the first time ``source`` (a link) earns a log line about ``what``."""
+        if (source, what) in self._warned:
+            return False
+        self._warned.add((source, what))
+        return True
+
     def _admit_origins(self, fresh: list[Message], source: object) -> list[Message]:
         """``fresh`` without the messages of new origins that ``source`` may not bring.
 
@@ -694,8 +720,7 @@ class Router:
         refused = set(new[allowed:])
         if not refused:
             return fresh
-        if source not in self._origins_refused_by:
-            self._origins_refused_by.add(source)
+        if self._first(source, "origins"):
             log.warning("refusing messages of %d new origin(s) from %r: it brings new "
                         "origins faster than %g/s after %d, or we hold %d (the most); "
                         "said once per link", len(refused), source, NEW_ORIGINS_PER_S,
@@ -912,7 +937,7 @@ class Router:
         if link not in self._links:
             return
         self._links = tuple(lk for lk in self._links if lk is not link)
-        self._origins_refused_by.discard(link)
+        self._warned = {w for w in self._warned if w[0] is not link}
         direct = {lk.node for lk in self._links}
         for node in self._roster.vouched_by(link):
             if node in direct:
@@ -926,10 +951,21 @@ class Router:
         self._remote_users = tuple(self._roster.users())
 
     def _do_apply_roster(self, roster: NodeRoster, source: LinkPeer) -> None:
-        if roster.gone and any(lk.node == roster.node for lk in self._links):
-            return  # we hear from that node directly: a relayed "gone" is stale news
         direct = roster.node == source.node
-        changes = self._roster.apply(roster, source, direct=direct)
+        if not direct and any(lk.node == roster.node for lk in self._links):
+            return  # a neighbour speaks for itself: a relayed roster of it is stale or forged
+        # Versions are microseconds of their node's clock: a relayed one far ahead of ours
+        # would hide that node's real rosters until its clock got there.
+        if not direct and roster.ver > (self._clock() + FUTURE_SKEW_S) * 1_000_000:
+            self._log_refused_roster(
+                f"the roster of {roster.node} claims version {roster.ver}, more than "
+                f"{FUTURE_SKEW_S:g} s ahead of our clock", source)
+            return
+        try:
+            changes = self._roster.apply(roster, source, direct=direct)
+        except ValidationError as exc:
+            self._log_refused_roster(str(exc), source)
+            return
         if direct:  # the node's own link vouches for it, whichever copy came first
             self._roster.claim(roster.node, source)
         if changes is None:
@@ -941,14 +977,20 @@ class Router:
         self._remote_users = tuple(self._roster.users())
 
     def _show_changes(self, changes: list[Change], reason: str) -> None:
+        """Notices for a roster's changes; over PRESENCE_SUMMARY_OVER per room and kind, one."""
         now = self._clock()
-        events = []
+        groups: dict[tuple[str, str], list[Change]] = {}
         for change in changes:
-            u = change.user
-            p = Presence(kind=change.kind, nick=u.nick, host=u.host,  # type: ignore[arg-type]
-                         node=u.node, room=u.room, ts=now,
-                         reason=reason if change.kind == "leave" else None)
-            events.append(Event(p, None))
+            groups.setdefault((change.kind, change.user.room), []).append(change)
+        events = []
+        for (kind, _room), group in groups.items():
+            others = len(group) - 1 if len(group) > PRESENCE_SUMMARY_OVER else 0
+            for change in group[:1] if others else group:
+                u = change.user
+                p = Presence(kind=kind, nick=u.nick, host=u.host,  # type: ignore[arg-type]
+                             node=u.node, room=u.room, ts=now,
+                             reason=reason if kind == "leave" else None, others=others)
+                events.append(Event(p, None))
         if events:
             self._fanout(events)
 

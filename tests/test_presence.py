@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from lanchat.errors import AmbiguousUser, NoSuchUser, ValidationError
 from lanchat.model import User
 from lanchat.presence import (
+    MAX_NETWORK_USERS,
     MAX_NODES,
     MAX_ROSTER_USERS,
     Change,
@@ -258,3 +259,34 @@ def test_resolve_recipient_needs_one_user_and_lists_the_candidates() -> None:
     for missing in ("dave", "bob@host3", "bob@9f8", "carol@host1"):  # 3 digits: too short
         with pytest.raises(NoSuchUser, match="no such user: "):
             resolve_recipient(missing, users, hosts)
+
+
+# -- bounds and who may speak for a node (issue 13, case 8) -------------------------------------
+
+def test_rosters_together_hold_at_most_max_network_users() -> None:
+    net = NetworkRoster(ME)
+    per = MAX_ROSTER_USERS
+    full = MAX_NETWORK_USERS // per
+    nodes = [f"{i + 1:016x}" for i in range(full + 1)]
+    for node in nodes[:full]:
+        assert net.apply(roster(node, 1, *(f"u{i}" for i in range(per))), "link") is not None
+    with pytest.raises(ValidationError) as exc:
+        net.apply(roster(nodes[full], 1, "one too many"), "link")
+    assert exc.value.code == "roster-limit"
+    assert len(net.users()) == MAX_NETWORK_USERS
+    # Shrinking is always allowed, and makes room.
+    assert net.apply(roster(nodes[0], 2, "few"), "link") is not None
+    assert net.apply(roster(nodes[full], 1, "now fits"), "link") is not None
+
+
+def test_a_nodes_own_roster_overrides_a_relayed_one_whatever_its_version() -> None:
+    net = NetworkRoster(ME)
+    relay, direct = object(), object()
+    net.apply(roster(NODE_B, 2**62), relay)  # forged: "B has nobody", far ahead
+    changes = net.apply(roster(NODE_B, 5, "bob"), direct, direct=True)
+    assert kinds(changes) == {("join", "bob")}
+    net.claim(NODE_B, direct)
+    # From then on B's own link decides by version as usual.
+    assert net.apply(roster(NODE_B, 4, "old"), direct, direct=True) is None
+    assert kinds(net.apply(roster(NODE_B, 6, "bob", "ann"), direct, direct=True)) == {
+        ("join", "ann")}

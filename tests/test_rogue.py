@@ -19,7 +19,7 @@ from contextlib import closing
 from typing import Any
 
 from conftest import Daemon, TextUser, wait_for
-from rogue import Rogue, RogueIdentity, RogueListener
+from rogue import BASE_TS, Rogue, RogueIdentity, RogueListener
 from test_auth import config_file, secret_file
 from test_links import linked, logs, node_of, peer_state, rpc
 
@@ -29,6 +29,7 @@ from lanchat.limits import (
     LINK_HANDSHAKE_TIMEOUT_S,
     MAX_LINK_HANDSHAKES_PER_IP,
     MAX_ORIGINS,
+    MAX_ROSTER_USERS,
     SHUTDOWN_TIMEOUT_S,
 )
 
@@ -355,3 +356,90 @@ def test_invented_origins_cannot_cut_a_node_off_the_mesh(make_daemon: Any,
     assert "protocol error" not in a.stderr() + b.stderr(), logs(a, b)
     # Whatever A relayed, B holds no more origins than the bound either.
     assert _origins_held(b) <= MAX_ORIGINS
+
+
+# -- case 8: rosters ----------------------------------------------------------------------------
+
+def _roster(node: str, ver: int, nicks: list[str], **over: Any) -> dict[str, Any]:
+    return {"node": node, "ver": ver, "name": f"node {node[:4]}", "host": "fakehost",
+            "gone": False, **over,
+            "users": [{"nick": n, "host": "fakehost", "since": BASE_TS, "room": "lobby",
+                       "via": "tcp"} for n in nicks]}
+
+
+def _nicks(d: Daemon) -> set[str]:
+    return {u["nick"] for u in rpc(d, "users")}
+
+
+def test_an_oversized_roster_is_refused_and_the_link_stays_up(make_daemon: Any,
+                                                              clients: list[Any]) -> None:
+    d = make_daemon("-v")
+    rogue = Rogue(d.port)
+    clients.append(rogue)
+    rogue.handshake()
+    for ver in (1, 2):  # said once per link, however often
+        rogue.roster(_roster(rogue.node, ver, [f"u{i}" for i in range(MAX_ROSTER_USERS + 1)]))
+    rogue.roster(_roster(rogue.node, 3, ["within", "bounds"]))
+    rogue.ping()
+    rogue.until("pong", 10.0)  # the link is up, and read on after the refusal
+    wait_for("the roster within bounds", lambda: {"within", "bounds"} <= _nicks(d), 10.0,
+             diag=lambda: logs(d))
+    assert not any(n.startswith("u") and n[1:].isdigit() for n in _nicks(d))
+    err = d.stderr()
+    assert err.count("refused a roster") == 1, logs(d)
+    assert f"more than {MAX_ROSTER_USERS}" in err, logs(d)
+
+
+def test_a_forged_roster_cannot_hide_a_linked_nodes_users(make_daemon: Any,
+                                                          clients: list[Any]) -> None:
+    a = make_daemon("-v", nick="alice", subdir="a")
+    b = make_daemon("-v", "--peer", f"127.0.0.1:{a.port}", nick="bob", subdir="b")
+    node_b = node_of(b)
+    wait_for("bob on A", lambda: "bob" in _nicks(a), 20.0, diag=lambda: logs(a, b))
+    rogue = Rogue(a.port, source="127.0.0.2")
+    clients.append(rogue)
+    rogue.handshake()
+    huge = 2**62
+    rogue.roster(_roster(node_b, huge, []))  # "B has nobody", far newer than B's own
+    rogue.roster(_roster(node_b, huge, [], gone=True))
+    rogue.ping()
+    rogue.until("pong", 10.0)
+    assert "bob" in _nicks(a), logs(a)
+    # B's later changes still show on A: its own newer rosters are not hidden behind 2**62.
+    tess = TextUser(b.port, "tess")
+    clients.append(tess)
+    wait_for("tess on A", lambda: "tess" in _nicks(a), 20.0, diag=lambda: logs(a, b))
+    # A relayed roster of a node that is not our neighbour may not jump far ahead either.
+    far = int((time.time() + 3600) * 1_000_000)
+    rogue.roster(_roster("c3" * 8, far, ["carol"]))
+    rogue.ping()
+    rogue.until("pong", 10.0)
+    assert "carol" not in _nicks(a)
+    assert "ahead of our clock" in a.stderr(), logs(a)
+
+
+def test_a_big_roster_change_is_one_notice_per_room(make_daemon: Any,
+                                                    clients: list[Any]) -> None:
+    d = make_daemon("-v")
+    tess = TextUser(d.port, "tess")
+    clients.append(tess)
+    rogue = Rogue(d.port)
+    clients.append(rogue)
+    rogue.handshake()
+    many = [f"p{i:03d}" for i in range(500)]
+    rogue.roster(_roster(rogue.node, 1, many))
+    line = tess.until("joined #lobby", 10.0)
+    assert line.endswith(f"and {len(many) - 1} others joined #lobby"), line
+    rogue.roster(_roster(rogue.node, 2, ["p000", "p001"]))  # 498 leave
+    line = tess.until("left #lobby", 10.0)
+    assert f"and {len(many) - 3} others left #lobby" in line, line
+    # A small change is still told person by person.
+    rogue.roster(_roster(rogue.node, 3, ["p000", "p001", "newbie"]))
+    assert tess.until("joined", 10.0).endswith("* newbie joined #lobby")
+    tess.send("/ping\n")
+    seen = []
+    for _ in range(50):  # bounded: nothing else but the pong may be waiting
+        seen.append(tess.line(5.0))
+        if "pong" in seen[-1].lower():
+            break
+    assert not any("joined" in x or "left" in x for x in seen), seen
