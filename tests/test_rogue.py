@@ -30,6 +30,8 @@ from lanchat.limits import (
     MAX_LINK_HANDSHAKES_PER_IP,
     MAX_ORIGINS,
     MAX_ROSTER_USERS,
+    NEW_ORIGINS_BURST,
+    NEW_ORIGINS_PER_S,
     SHUTDOWN_TIMEOUT_S,
 )
 
@@ -331,14 +333,19 @@ def test_invented_origins_cannot_cut_a_node_off_the_mesh(make_daemon: Any,
     clients.append(rogue)
     rogue.handshake()
     origins = [f"{i:016x}" for i in range(1, INVENTED_ORIGINS + 1)]
+    started = time.monotonic()
     for start in range(0, len(origins), 256):
         rogue.msgs([rogue.message(1, f"o{start + k}", origin=o)
                     for k, o in enumerate(origins[start:start + 256])])
     rogue.ping()
     rogue.until("pong", 60.0)  # every batch before it has been handled
     rogue.close()
+    took = time.monotonic() - started
     held = _origins_held(a)
     assert held <= MAX_ORIGINS, f"A keeps {held} origins (bound {MAX_ORIGINS})"
+    # One address brings NEW_ORIGINS_BURST at once, then NEW_ORIGINS_PER_S (its own is free).
+    assert held <= 1 + NEW_ORIGINS_BURST + NEW_ORIGINS_PER_S * (took + 1), (held, took)
+    assert a.stderr().count("new origin(s) from") == 1, logs(a)
     # An honest daemon links to A and stays linked: its sync never fails.
     b = make_daemon("-v", "--peer", f"127.0.0.1:{a.port}", nick="bob", subdir="b")
     node_a, node_b = node_of(a), node_of(b)
@@ -399,9 +406,10 @@ def test_a_forged_roster_cannot_hide_a_linked_nodes_users(make_daemon: Any,
     rogue = Rogue(a.port, source="127.0.0.2")
     clients.append(rogue)
     rogue.handshake()
-    huge = 2**62
-    rogue.roster(_roster(node_b, huge, []))  # "B has nobody", far newer than B's own
-    rogue.roster(_roster(node_b, huge, [], gone=True))
+    # "B has nobody": newer than B's own (versions are microseconds of a node's clock),
+    # and within the clock skew a relayed roster may have; then as "gone", far ahead.
+    rogue.roster(_roster(node_b, int((time.time() + 60) * 1_000_000), []))
+    rogue.roster(_roster(node_b, 2**62, [], gone=True))
     rogue.ping()
     rogue.until("pong", 10.0)
     assert "bob" in _nicks(a), logs(a)

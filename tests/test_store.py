@@ -387,6 +387,17 @@ def test_cursors_and_after(filled: Store) -> None:
 # ---- retention -----------------------------------------------------------------
 
 
+def test_forget_idle_forgets_only_origins_that_hold_no_message(db: Path) -> None:
+    with Store(db, max_messages=2) as s:
+        s.insert_remote([msg(A, 1, ts=1.0), msg(B, 1, ts=2.0), msg(B, 2, ts=3.0)])
+        s.advance("c3" * 8, 5, 4.0)  # a floor: a cursor with no message at all
+        assert s.prune(now=1e9) == 1  # A's one message went; B's two stay
+        assert sorted(s.forget_idle(10)) == sorted([A, "c3" * 8])
+        assert s.cursors() == {B: 2}
+        assert s.forget_idle(10) == []  # B holds messages: never forgotten
+        assert s.forget_idle(0) == []
+
+
 def test_retention_by_count_keeps_cursors_and_the_prefix_rule(db: Path) -> None:
     with Store(db, max_messages=5) as s:
         s.insert_remote([msg(A, i) for i in range(1, 9)])
