@@ -35,10 +35,10 @@ LEFT, UP, CTRL_D = "\x1b[D", "\x1b[A", "\x04"
 class Terminal:
     """A client on a pty, with a pyte screen of everything it has written."""
 
-    def __init__(self, argv: list[str]) -> None:
+    def __init__(self, argv: list[str], term: str = "xterm") -> None:
         master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLS, 0, 0))
-        env = dict(os.environ, TERM="xterm", INPUTRC="/dev/null",
+        env = dict(os.environ, TERM=term, INPUTRC="/dev/null",
                    COLUMNS=str(COLS), LINES=str(ROWS))
         self.master = master
         self.screen = pyte.HistoryScreen(COLS, ROWS, history=SCROLLBACK)
@@ -121,8 +121,8 @@ def terminals() -> Iterator[list[Terminal]]:
             t.close()
 
 
-def chat(daemon: Daemon, terminals: list[Terminal]) -> Terminal:
-    t = Terminal([*lanchat_cmd(), "--socket", daemon.socket, "chat", "-n", "0"])
+def chat(daemon: Daemon, terminals: list[Terminal], term: str = "xterm") -> Terminal:
+    t = Terminal([*lanchat_cmd(), "--socket", daemon.socket, "chat", "-n", "0"], term)
     terminals.append(t)
     t.wait("the prompt", lambda: t.shows_input(""))
     return t
@@ -209,6 +209,21 @@ def test_chat_redraws_the_half_typed_line_under_200_messages(
         assert time.monotonic() < deadline, stored_texts(daemon)[-3:]
         time.sleep(0.1)
     assert stored_texts(daemon)[-1] == "half typed and done"
+
+
+def test_chat_on_a_dumb_terminal_redraws_without_escape_sequences(
+        daemon: Daemon, terminals: list[Terminal], clients: list[LineClient]) -> None:
+    """TERM=dumb understands no escape sequence: the input line is overwritten with blanks."""
+    t = chat(daemon, terminals, term="dumb")
+    flood(daemon, clients, t, count=20)
+    t.wait("the input line redrawn", lambda: t.shows_input("half typed"))
+    assert_input_intact(t, count=20)
+    assert b"\x1b" not in t.raw, t.raw[:300]
+    t.type(" and done\r")
+    deadline = time.monotonic() + SETTLE_S
+    while "half typed and done" not in stored_texts(daemon):
+        assert time.monotonic() < deadline, stored_texts(daemon)[-3:]
+        time.sleep(0.1)
 
 
 def test_chat_up_recalls_the_previous_line(daemon: Daemon, terminals: list[Terminal]) -> None:
