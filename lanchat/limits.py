@@ -240,3 +240,13 @@ MAX_RUN_ENTRIES = 64
 #: every batch it appends: from any seq, a signed entry is at most MAX_RUN_ENTRIES - 1
 #: entries ahead, so every stretch of a feed can be sent as runs of at most MAX_RUN_ENTRIES.
 SIGN_INTERVAL = MAX_RUN_ENTRIES
+
+#: The line mode's console (lanchat.lineedit) signals the main thread again every this many
+#: seconds until it has printed what a receiver thread queued (or left its read, for a
+#: wake-up): a signal that lands while the main thread is busy inside readline, or in the
+#: handler of the previous one, is only acted on at the next one.
+CONSOLE_KICK_INTERVAL_S = 0.05
+
+#: At most this many signals per queued line or wake-up (5 s in all): a main thread that
+#: takes longer is not in a read (it prints what is queued when it next reads a line).
+CONSOLE_MAX_KICKS = 100

@@ -13,8 +13,12 @@ being handled.  So on a terminal the receiver thread only queues a line and send
 the main thread :data:`WAKE_SIGNAL`; Python runs the handler in the main thread,
 between two keys (readline polls stdin and checks for signals), where it clears the
 input line, prints what is queued, and asks readline to draw the prompt and buffer
-again.  The same signal ends a read when the stream is gone (:meth:`wake`).  Without
-a terminal, printing is a lock-guarded write from any thread, one whole line at a time.
+again.  The same signal ends a read when the stream is gone (:meth:`wake`).  A signal
+that lands while the main thread is not waiting in readline's poll (handling a key,
+or running the previous handler) is only acted on at the next interruption of that
+poll, so the sender repeats it until the main thread has done what was asked (see
+:meth:`LineConsole._kick`).  Without a terminal, printing is a lock-guarded write
+from any thread, one whole line at a time.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any, TextIO
+
+from lanchat.limits import CONSOLE_KICK_INTERVAL_S, CONSOLE_MAX_KICKS
 
 #: Sent to the main thread when a line is queued for it or the stream has ended.
 WAKE_SIGNAL = signal.SIGUSR1
@@ -54,8 +60,12 @@ class LineConsole:
         self._lock = threading.Lock()  # guards: writes to both streams, _queue
         self._queue: deque[tuple[TextIO, str]] = deque()
         self._main = threading.get_ident()
-        self._reading = False   # main thread only: inside input()
+        self._reading = False   # main thread only: inside read()
+        self._idle = threading.Event()  # set while the main thread is not inside read()
+        self._idle.set()
         self._woken = threading.Event()
+        self._drained = threading.Event()  # set by the main thread when the queue is empty
+        self._closed = False    # after __exit__: no more signals (the handler is gone)
         self.broken = False     # stdout went away (a closed pipe)
         self._previous: Any = None
         self._readline: Any = None
@@ -75,6 +85,7 @@ class LineConsole:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._closed = True
         signal.signal(WAKE_SIGNAL, self._previous)
         self._drain()
 
@@ -83,6 +94,8 @@ class LineConsole:
     def read(self) -> str | None:
         """The next typed line without its newline; None at EOF or after :meth:`wake`."""
         try:
+            self._idle.clear()
+            self._drain()  # what this thread printed while a receiver held the lock
             self._reading = True
             if self._woken.is_set():
                 return None
@@ -94,12 +107,14 @@ class LineConsole:
             return None
         finally:
             self._reading = False
+            self._idle.set()
             self._drain()
 
     def wake(self) -> None:
         """From any thread: end the current (or next) :meth:`read` with None."""
         self._woken.set()
-        self._signal_main()
+        if threading.get_ident() != self._main:
+            self._kick(self._idle)
 
     # -- printing (any thread) --------------------------------------------------------------
 
@@ -117,16 +132,24 @@ class LineConsole:
             return
         with self._lock:
             self._queue.append((stream, text))
+            self._drained.clear()
         if threading.get_ident() == self._main:
             self._drain()
         else:
-            self._signal_main()
+            self._kick(self._drained)
 
     # -- internals --------------------------------------------------------------------------
 
-    def _signal_main(self) -> None:
-        with contextlib.suppress(ProcessLookupError):  # the main thread has ended
-            signal.pthread_kill(self._main, WAKE_SIGNAL)
+    def _kick(self, done: threading.Event) -> None:
+        """Signal the main thread until it sets ``done``: one signal can go unnoticed
+        (module docstring).  Bounded: a main thread busy elsewhere drains when it next
+        reads."""
+        for _ in range(CONSOLE_MAX_KICKS):
+            if self._closed or done.is_set():
+                return
+            with contextlib.suppress(ProcessLookupError):  # the main thread has ended
+                signal.pthread_kill(self._main, WAKE_SIGNAL)
+            done.wait(CONSOLE_KICK_INTERVAL_S)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self._drain()
@@ -140,6 +163,7 @@ class LineConsole:
         while self._lock.acquire(blocking=False):
             try:
                 if not self._queue:
+                    self._drained.set()
                     return
                 items = list(self._queue)
                 self._queue.clear()
