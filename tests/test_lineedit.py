@@ -128,11 +128,12 @@ def chat(daemon: Daemon, terminals: list[Terminal], term: str = "xterm") -> Term
     return t
 
 
-def connect(daemon: Daemon, terminals: list[Terminal]) -> Terminal:
-    t = Terminal([*lanchat_cmd(), "connect", f"127.0.0.1:{daemon.port}", "--nick", "bob"])
+def connect(daemon: Daemon, terminals: list[Terminal], *, udp: bool = False) -> Terminal:
+    t = Terminal([*lanchat_cmd(), "connect", f"127.0.0.1:{daemon.port}", "--nick", "bob",
+                  *(["--udp"] if udp else [])])
     terminals.append(t)
-    t.wait("the welcome", lambda: any("Connected to" in r for r in t.lines())
-           and t.shows_input(""))
+    welcome = "Welcome, bob!" if udp else "Connected to"
+    t.wait("the welcome", lambda: any(welcome in r for r in t.lines()) and t.shows_input(""))
     return t
 
 
@@ -245,11 +246,12 @@ def test_chat_ctrl_d_leaves_with_exit_0(daemon: Daemon, terminals: list[Terminal
 
 # -- lanchat connect, straight to the hub -------------------------------------------------------
 
+@pytest.mark.parametrize("udp", [False, True], ids=["tcp", "udp"])
 def test_connect_arrow_keys_edit_the_line(daemon: Daemon, terminals: list[Terminal],
-                                          clients: list[LineClient]) -> None:
+                                          clients: list[LineClient], udp: bool) -> None:
     alice = TextUser(daemon.port, "alice")
     clients.append(alice)
-    t = connect(daemon, terminals)
+    t = connect(daemon, terminals, udp=udp)
     edit(t)
     got = alice.until("bob: ")
     assert got.endswith(f"] bob: {EDITED}"), got
