@@ -100,26 +100,31 @@ def _when(ts: Any) -> str:
         return "-"
 
 
-def _print_item(method: str, params: Any, *, show_room: bool) -> None:
-    """Print one notification's item for humans; skip (with a note) anything malformed."""
+def _print_item(method: str, params: Any, *, show_room: bool,
+                out: Callable[[str], None] = _out, err: Callable[[str], None] = _err) -> None:
+    """Print one notification's item for humans; skip (with a note) anything malformed.
+
+    ``out`` and ``err`` print one line (the chat passes its console's, which keep the
+    line being typed intact)."""
     from lanchat.model import Message, Presence  # dataclasses: ~10 ms that `send` does not need
 
     try:
         if method == "message":
-            _out(format_message(Message.from_dict(params), show_room=show_room,
-                                now=time.time()))
+            out(format_message(Message.from_dict(params), show_room=show_room,
+                               now=time.time()))
         elif method == "presence":
-            _out(format_presence(Presence.from_dict(params), timestamp=True))
+            out(format_presence(Presence.from_dict(params), timestamp=True))
     except ValidationError as exc:
-        _err(f"skipped a malformed {neutralise(method)} from lanchatd: {neutralise(str(exc))}")
+        err(f"skipped a malformed {neutralise(method)} from lanchatd: {neutralise(str(exc))}")
 
 
-def _print_messages(messages: Iterable[Any], *, as_json: bool, show_room: bool) -> None:
+def _print_messages(messages: Iterable[Any], *, as_json: bool, show_room: bool,
+                    out: Callable[[str], None] = _out) -> None:
     for m in messages:
         if as_json:
             _json(m)
         else:
-            _print_item("message", m, show_room=show_room)
+            _print_item("message", m, show_room=show_room, out=out)
 
 
 # -- argument parsing helpers ------------------------------------------------------------
@@ -226,7 +231,8 @@ def cmd_send(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _follow(notes: Iterator[dict[str, Any]], *, as_json: bool, show_room: bool) -> int:
+def _follow(notes: Iterator[dict[str, Any]], *, as_json: bool, show_room: bool,
+            out: Callable[[str], None] = _out, err: Callable[[str], None] = _err) -> int:
     for note in notes:
         method = note.get("method")
         params = note.get("params")
@@ -237,7 +243,7 @@ def _follow(notes: Iterator[dict[str, Any]], *, as_json: bool, show_room: bool) 
             if method == "message":
                 _json(params)
         elif isinstance(method, str):
-            _print_item(method, params, show_room=show_room)
+            _print_item(method, params, show_room=show_room, out=out, err=err)
     return EXIT_OK  # pragma: no cover - notifications() ends by raising
 
 
@@ -317,38 +323,34 @@ def cmd_nick(args: argparse.Namespace) -> int:
 CHAT_HELP = "commands: /nick NAME, /me ACTION, /quit (or Ctrl-D)"
 
 
-class _DaemonGone(Exception):
-    """Raised in the main thread (by a signal) when the chat's stream ends."""
-
-
 def cmd_chat(args: argparse.Namespace) -> int:
     """Interactive chat: a thread prints the subscription while this one reads stdin.
 
     Two connections: the listener's blocks in ``recv`` for the stream, the
-    sender's makes calls, so neither waits for the other.  When the stream ends
-    on its own (the daemon went away), the printer wakes this thread out of its
-    blocking read with SIGUSR1.
+    sender's makes calls, so neither waits for the other.  Lines are read and
+    printed through a :class:`lanchat.lineedit.LineConsole`: on a terminal it
+    edits with readline and prints incoming lines above the half-typed one.
+    When the stream ends on its own (the daemon went away), the printer ends
+    this thread's read with :meth:`~lanchat.lineedit.LineConsole.wake`.
     """
-    import signal
     import threading
+
+    from lanchat.lineedit import LineConsole  # readline and signal: not for `send`
 
     room = args.room
     closing = threading.Event()
     gone: list[str] = []
-    main_ident = threading.get_ident()
 
-    def on_gone(signum: int, frame: object) -> None:
-        if not closing.is_set():
-            raise _DaemonGone
-
-    with _client(args) as sender, ControlClient(args.socket_path, args.timeout) as listener:
+    with _client(args) as sender, ControlClient(args.socket_path, args.timeout) as listener, \
+            LineConsole(sys.stdout, sys.stderr, sys.stdin) as console:
         backlog, notes = listener.subscribe(room=room, backlog=args.n)
-        _print_messages(backlog, as_json=False, show_room=False)
+        _print_messages(backlog, as_json=False, show_room=False, out=console.out)
 
         def pump() -> None:
             reason = "lanchatd closed the connection (it stopped or restarted)"
             try:
-                _follow(notes, as_json=False, show_room=False)
+                _follow(notes, as_json=False, show_room=False, out=console.out,
+                        err=lambda line: console.err(f"{PROG}: {line}"))
             except CliError as exc:
                 reason = str(exc)
             except LanchatError:
@@ -356,26 +358,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
             if closing.is_set():
                 return  # we stopped it: the user left
             gone.append(reason)
-            signal.pthread_kill(main_ident, signal.SIGUSR1)
+            console.wake()
 
-        previous = signal.signal(signal.SIGUSR1, on_gone)
         printer = threading.Thread(target=pump, name="chat-printer")
         try:
-            # Inside the try: a daemon that closes the stream at once makes the printer
-            # signal us while start() still waits for it to run.
             printer.start()
             if sys.stdin.isatty():
-                sys.stderr.write(f"* {CHAT_HELP}\n")
-            for line in sys.stdin:
-                if not _chat_line(sender, line.rstrip("\r\n"), room):
+                console.err(f"* {CHAT_HELP}")
+            while (line := console.read()) is not None:
+                if not _chat_line(sender, line, room):
                     break
-        except _DaemonGone:
-            pass
         finally:
             closing.set()
             listener.interrupt()
             printer.join(5.0)
-            signal.signal(signal.SIGUSR1, previous)
         if gone:
             raise CliError(gone[0])
     return EXIT_OK
@@ -517,6 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME")
 
     p = add("chat", cmd_chat, "chat interactively through the daemon (/quit or Ctrl-D leaves)")
+    p.add_argument("--plain", action="store_true",
+                   help="line mode (what every terminal gets for now): lines edited with "
+                        "readline on a terminal, plain lines in pipes")
     p.add_argument("--room", default="lobby", help="room to chat in (default: lobby)")
     p.add_argument("-n", "--limit", dest="n", type=_count(0, 1000), default=10, metavar="N",
                    help="recent messages to show first (default 10)")

@@ -17,8 +17,10 @@ With no HOST, hubs are found by mDNS through :mod:`lanchat.discovery`, imported
 lazily so that ``zeroconf`` is loaded only on that path.
 
 Thread-safety: the main thread owns stdin and sending; the receiver thread owns
-receiving; both print through one :class:`_Printer` (a lock per line).  The
-receiver wakes the main thread out of its wait on stdin through a self-pipe.
+receiving; both print through one :class:`_Printer` over a
+:class:`lanchat.lineedit.LineConsole` (whole lines; on a terminal, readline editing and
+incoming lines printed above the half-typed one).  The receiver wakes the main thread
+out of its wait on stdin through a self-pipe, or the console's signal under readline.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TextIO
+from typing import Any, Protocol
 
 from lanchat import auth
 from lanchat.commands import Command, Help, Join, ListUsers, Nick, Ping, Quit, Say, Unknown
@@ -42,6 +44,7 @@ from lanchat.config import DEFAULT_PORT, default_nick, sanitize_nick
 from lanchat.errors import LanchatError, RemoteProtocolError, ValidationError
 from lanchat.framing import LineDecoder, dumps_line, loads_line
 from lanchat.limits import MAX_DATAGRAM_BYTES, MAX_RPC_LINE_BYTES, UDP_IDLE_TIMEOUT_S
+from lanchat.lineedit import LineConsole
 from lanchat.model import Message, Presence, validate_nick
 from lanchat.render import format_message, format_presence, neutralise
 from lanchat.textmode import HELP_LINES, parse_line
@@ -209,33 +212,27 @@ def choose_hub(hubs: Sequence[HubAd], ask: Callable[[str], str] | None) -> tuple
 # -- output -------------------------------------------------------------------------------------
 
 class _Printer:
-    """Whole lines to stdout (chat) and stderr (errors), one lock so threads never interleave
-    within a line.  A closed stdout (the reader of a pipe went away) is remembered, not raised
-    on a receiver thread."""
+    """Whole lines to stdout (chat) and stderr (errors) through the line console, which
+    never interleaves two lines and, on a terminal, prints them above the line being typed.
+    A closed stdout (the reader of a pipe went away) is remembered, not raised on a
+    receiver thread."""
 
-    def __init__(self, out: TextIO, err: TextIO) -> None:
-        self._out = out
-        self._err = err
-        self._lock = threading.Lock()  # guards: writes to both streams
-        self.broken = False
+    def __init__(self, console: LineConsole) -> None:
+        self.console = console
 
-    def _write(self, stream: TextIO, text: str) -> None:
-        with self._lock:
-            try:
-                stream.write(text + "\n")
-                stream.flush()
-            except (BrokenPipeError, ValueError):
-                self.broken = True
+    @property
+    def broken(self) -> bool:
+        return self.console.broken
 
     def out(self, text: str) -> None:
-        self._write(self._out, text)
+        self.console.out(text)
 
     def error(self, text: str) -> None:
-        self._write(self._err, f"{PROG}: {text}")
+        self.console.err(f"{PROG}: {text}")
 
     def note(self, text: str) -> None:
         """A local remark (``! ...`` from the hub, usage hints) on stderr."""
-        self._write(self._err, text)
+        self.console.err(text)
 
 
 # -- stdin --------------------------------------------------------------------------------------
@@ -313,12 +310,24 @@ class _Session:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
+    def _wake_main(self) -> None:
+        """Receiver thread: end the main thread's wait for a typed line."""
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        self.printer.console.wake()
+
     def _typed(self, line: str) -> bool:
         """Handle one typed line; False to leave."""
         raise NotImplementedError
 
     def _pump(self, stdin_fd: int) -> None:
         """Hand typed lines to :meth:`_typed` until EOF, a quit, or the stream ends."""
+        console = self.printer.console
+        if console.interactive:  # readline: line editing and history on a terminal
+            while (typed := console.read()) is not None:
+                if not self._typed(typed):
+                    return
+            return
         reader = _Stdin(stdin_fd, self._wake_r)
         while True:
             lines = reader.lines()
@@ -485,8 +494,7 @@ class TcpSession(_Session):
             log.debug("receive from %s: %s", self.where, exc)
         finally:
             self.gone.set()
-            with contextlib.suppress(OSError):
-                os.write(self._wake_w, b"x")
+            self._wake_main()
 
     def _pending_frames(self) -> list[dict[str, Any]]:
         frames: list[dict[str, Any]] = []
@@ -637,8 +645,7 @@ class UdpSession(_Session):
         finally:
             if not self.closing.is_set():
                 self.gone.set()
-            with contextlib.suppress(OSError):
-                os.write(self._wake_w, b"x")
+            self._wake_main()
 
     def _typed(self, line: str) -> bool:
         command = _parse_typed(line, self.printer)
@@ -702,6 +709,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nick", metavar="NAME", help="your nickname (default: login name)")
     parser.add_argument("--room", metavar="ROOM", help="room to start in (default: lobby)")
     parser.add_argument("--udp", action="store_true", help="speak UDP text mode instead of TCP")
+    parser.add_argument("--plain", action="store_true",
+                        help="line mode (what every terminal gets for now): lines edited with "
+                             "readline on a terminal, plain lines in pipes")
     parser.add_argument("--secret-file", metavar="FILE",
                         help="prove the network's shared secret (a hub with a secret requires it)")
     return parser
@@ -744,7 +754,11 @@ def _ask_tty(prompt: str) -> str:
 def main(args: list[str]) -> int:
     """Run ``lanchat connect ARGS``; return the exit status."""
     parsed = build_parser().parse_args(args)  # exits 2 on a usage error
-    printer = _Printer(sys.stdout, sys.stderr)
+    with LineConsole(sys.stdout, sys.stderr, sys.stdin) as console:
+        return _run(parsed, _Printer(console))
+
+
+def _run(parsed: argparse.Namespace, printer: _Printer) -> int:
     session: TcpSession | UdpSession | None = None
     try:
         nick = (parsed.nick if parsed.nick is not None

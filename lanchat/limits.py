@@ -286,3 +286,13 @@ MAX_NETWORK_USERS = 32_768
 #: shown as one notice per room (``* bob and 36 others joined #lobby``), not one each:
 #: a node coming back with thousands of users must not flood every text client.
 PRESENCE_SUMMARY_OVER = 10
+
+#: The line mode's console (lanchat.lineedit) signals the main thread again every this many
+#: seconds until it has printed what a receiver thread queued (or left its read, for a
+#: wake-up): a signal that lands while the main thread is busy inside readline, or in the
+#: handler of the previous one, is only acted on at the next one.
+CONSOLE_KICK_INTERVAL_S = 0.05
+
+#: At most this many signals per queued line or wake-up (5 s in all): a main thread that
+#: takes longer is not in a read (it prints what is queued when it next reads a line).
+CONSOLE_MAX_KICKS = 100

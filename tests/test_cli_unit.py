@@ -434,7 +434,8 @@ def test_cli_import_is_light() -> None:
 #: Each costs start-up time (HACKING.md, "Start-up of lanchat send").
 SEND_MUST_NOT_LOAD = (
     "zeroconf", "sqlite3", "asyncio", "pathlib", "dataclasses", "inspect", "typing",
-    "datetime", "threading", "signal", "lanchat.model", "lanchat.stream", "lanchat.hubclient",
+    "datetime", "threading", "signal", "readline", "lanchat.model", "lanchat.stream",
+    "lanchat.hubclient", "lanchat.lineedit",
     "lanchat.store", "lanchat.router", "lanchat.hub", "lanchat.control", "lanchat.daemon",
 )
 

@@ -16,11 +16,13 @@ PURE = {"errors", "limits", "fields", "model", "framing", "events", "render", "w
 #: What a pure module may never import.
 IO_MODULES = {"socket", "threading", "sqlite3", "zeroconf", "select", "selectors",
               "subprocess", "asyncio", "ifaddr", "multiprocessing", "signal"}
-#: Adapters: each owns one kind of I/O and imports only the pure floor (and the two
-#: building blocks of every connection: ``stream``, ``lightthread``).
+#: Adapters: each owns one kind of I/O and imports only the pure floor (and the
+#: building blocks: ``stream`` and ``lightthread`` of every connection, ``lineedit``
+#: of the terminal the two interactive clients read from and print to).
 ADAPTERS = {"stream", "lightthread", "store", "hub", "control", "client", "hubclient",
-            "discovery", "links", "sdnotify", "sdlisten", "logsetup", "memtrim", "keyfile"}
-BUILDING_BLOCKS = {"stream", "lightthread"}
+            "discovery", "links", "sdnotify", "sdlisten", "logsetup", "memtrim", "keyfile",
+            "lineedit"}
+BUILDING_BLOCKS = {"stream", "lightthread", "lineedit"}
 ENTRY_POINTS = {"daemon", "cli", "__main__"}
 
 
