@@ -704,8 +704,10 @@ def _worker_main(conn: Connection, spec: LoadSpec, cids: list[int]) -> None:
     if spec.cpus:
         os.sched_setaffinity(0, spec.cpus)
     w = Worker(spec, cids)
+    cpu_start = _cpu_s()
     w.connect_all(time.monotonic() + spec.connect_timeout_s)
-    conn.send(("ready", sum(1 for c in w.clients.values() if c.state == READY)))
+    conn.send(("ready", sum(1 for c in w.clients.values() if c.state == READY),
+               _cpu_s() - cpu_start))
     limit = spec.connect_timeout_s + spec.max_run_s + 60
     msg = w.keep_reading_until_told(conn, limit)
     if msg is not None and msg[0] == "probe":
@@ -753,6 +755,7 @@ class Fleet:
         self.conns: list[Connection] = []
         self.ready = 0
         self.connect_s = 0.0
+        self.connect_cpu_s = 0.0  # the workers' CPU while connecting
 
     def connect(self) -> int:
         t = time.monotonic()
@@ -771,7 +774,9 @@ class Fleet:
         for conn in self.conns:
             if not conn.poll(max(0.0, deadline - time.monotonic())):
                 raise TimeoutError("worker did not finish connecting")
-            self.ready += conn.recv()[1]
+            _, n_ready, cpu = conn.recv()
+            self.ready += n_ready
+            self.connect_cpu_s += cpu
         self.connect_s = time.monotonic() - t
         return self.ready
 
