@@ -534,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     for kind in kinds:
         runs: list[Result] = []
         for _ in range(a.repeat):
-            quiet = _wait_quiet(a.quiet_wait, a.quiet_below) if a.quiet_wait > 0 else {}
+            quiet = (_wait_quiet(a.quiet_wait, a.quiet_below) if a.quiet_wait > 0
+                     else {"loadavg_1m_before": _loadavg()})
             try:
                 srv = servers.start(kind, cpus=a.server_cpus)
             except RuntimeError as exc:
