@@ -57,6 +57,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 PAYLOAD_RE = re.compile(rb"@lg (\d+) (\d+) (\d+)")
+#: The one message of the room-probe phase (big room): ``@pr T_NS``.
+ROOM_PROBE_RE = re.compile(rb"@pr (\d+)")
 #: Bytes a sender may have queued locally before further messages are skipped.
 MAX_OUTBUF = 256 * 1024
 #: Handshakes a worker keeps in progress at once (the server's accept backlog is finite).
@@ -101,6 +103,13 @@ class LoadSpec:
     record_latency: bool = True
     latency_every: int = 1  # record the latency of every Nth sequence number
     cpus: tuple[int, ...] | None = None  # CPUs the worker processes run on (None: any)
+    #: Measured clients (the first ``probes`` send/recv clients) read the moment they become
+    #: readable; latency is sampled from them only.  The other measured clients are read in
+    #: batches every ``batch_ms``, idle ones every ``idle_batch_ms``.  0: every socket is read
+    #: the moment it becomes readable and every measured one is sampled (the old generator).
+    probes: int = 0
+    batch_ms: float = 5.0
+    idle_batch_ms: float = 50.0
 
 
 @dataclass
@@ -128,6 +137,8 @@ class Client:
     sent: int = 0
     skipped: int = 0
     witness: Client | None = None
+    batched: bool = False  # read in batches (not registered for reading in the selector)
+    probe_seen_ns: int = 0  # room-probe phase: when this client read the probe
 
 
 def _hello(spec: LoadSpec, c: ClientSpec) -> bytes:
@@ -152,6 +163,12 @@ class Worker:
         self.clients: dict[int, Client] = {}  # fd -> client
         self.slow_poll = select.poll()
         self.slow: list[Client] = []
+        self.bulk_poll = select.poll()  # measured clients read in batches
+        self.idle_poll = select.poll()  # idle clients, read in slower batches
+        self.n_batched = 0
+        measured_cids = [c.cid for c in spec.clients if c.role in ("send", "recv")]
+        self.probe_cids = set(measured_cids[:spec.probes]) if spec.probes > 0 else set(
+            measured_cids)
         self.lat = array.array("q")
         self.net_lat = array.array("q")
         self.clock_offset = _realtime_offset_ns()
@@ -192,6 +209,11 @@ class Worker:
         c.close_reason = reason
         with contextlib.suppress(KeyError, ValueError):
             self.sel.unregister(c.sock)
+        if c.batched:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.bulk_poll.unregister(c.sock)
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.idle_poll.unregister(c.sock)
         c.sock.close()
 
     def _send_now(self, c: Client, data: bytes) -> None:
@@ -211,6 +233,12 @@ class Worker:
         want = bool(c.outbuf)
         if want != c.writing and c.state != CLOSED and c not in self.slow:
             c.writing = want
+            if c.batched:  # in the selector only while it has something to write
+                if want:
+                    self.sel.register(c.sock, selectors.EVENT_WRITE, c)
+                else:
+                    self.sel.unregister(c.sock)
+                return
             ev = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
             self.sel.modify(c.sock, ev, c)
 
@@ -293,6 +321,74 @@ class Worker:
                 self.slow.append(c)
                 self.slow_poll.register(c.sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
 
+    def keep_reading_until_told(self, conn: Connection, limit_s: float) -> Any:
+        """Wait for the coordinator's next message while reading every socket the moment it
+        becomes readable: a server announces every join to the room, and clients nobody reads
+        meanwhile would look like slow consumers to it.  None if nothing came within
+        ``limit_s``."""
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            if conn.poll(0):
+                return conn.recv()
+            for key, ev in self.sel.select(timeout=0.01):
+                c = key.data
+                if ev & selectors.EVENT_READ and c.state == READY:
+                    self._read(c)
+                if ev & selectors.EVENT_WRITE and c.state == READY:
+                    self._flush(c)
+        return None
+
+    def room_probe(self, sender_cid: int, t_ns: int, deadline_ns: int) -> dict[str, Any]:
+        """Big room: one message (``@pr T_NS``) from ``sender_cid``; read every socket at once
+        until each of ours saw it or ``deadline_ns``.  The sender counts as reached."""
+        ready = [c for c in self.clients.values() if c.state == READY]
+        for c in ready:
+            if c.spec.cid == sender_cid:
+                c.probe_seen_ns = t_ns
+                text = b"@pr %d" % t_ns
+                if self.spec.mode == "irc":
+                    line = b"PRIVMSG #%s :%s\r\n" % ((c.spec.room or "lobby").encode(), text)
+                elif self.spec.mode == "json":
+                    line = b'{"type":"say","text":"%s"}\n' % text
+                else:
+                    line = text + b"\n"
+                self._send_now(c, line)
+        while time.monotonic_ns() < deadline_ns:
+            if all(c.probe_seen_ns or c.state != READY for c in ready):
+                break
+            for key, ev in self.sel.select(timeout=0.01):
+                c = key.data
+                if ev & selectors.EVENT_READ and c.state == READY:
+                    self._read(c)
+                if ev & selectors.EVENT_WRITE and c.state == READY:
+                    self._flush(c)
+        seen = [c.probe_seen_ns for c in ready if c.probe_seen_ns]
+        return {"held": len(ready), "reached": len(seen),
+                "last_ns": max(seen) if seen else 0}
+
+    def arrange_batches(self) -> None:
+        """From here on only the probe clients stay in the selector for reading; the rest of
+        the measured clients go to a poll read every ``batch_ms``, idle ones to one read every
+        ``idle_batch_ms`` (see LoadSpec.probes)."""
+        if self.spec.probes <= 0:
+            return
+        for c in self.clients.values():
+            if c.state != READY or c.spec.role == "slow" or c.spec.cid in self.probe_cids:
+                continue
+            self.sel.unregister(c.sock)
+            c.writing = False
+            c.batched = True
+            (self.idle_poll if c.spec.role == "idle" else self.bulk_poll).register(
+                c.sock, select.POLLIN)
+            self.n_batched += 1
+            self._flush(c)  # back in the selector for writing if it has output pending
+
+    def _read_batch(self, poll: select.poll) -> None:
+        for fd, _ev in poll.poll(0):
+            c = self.clients[fd]
+            if c.state == READY:
+                self._read(c)
+
     # --- receive ----------------------------------------------------------------------
     def _read(self, c: Client, handshake: bool = False) -> None:
         try:
@@ -325,6 +421,13 @@ class Worker:
                     self._handshake_line(c, line.rstrip(b"\r"))
             if c.state != READY:
                 return
+        if c.spec.role == "idle":  # a member of the room, not measured: count, do not parse
+            c.unique += buf.count(b"@lg ", 0, end)
+            if c.probe_seen_ns == 0 and b"@pr " in buf:
+                c.probe_seen_ns = now
+            return
+        if c.probe_seen_ns == 0 and b"@pr " in buf:
+            c.probe_seen_ns = now
         self._account(c, buf, end, now, net_now)
 
     def _account(self, c: Client, buf: bytes, end: int, now: int, net_now: int) -> None:
@@ -332,7 +435,7 @@ class Worker:
         # so it keys by the sender id's bytes and converts the timestamp only when sampled.
         own = c.own_b
         n = self.spec.msgs_per_sender + 2
-        lat = self.lat if self.spec.record_latency else None
+        lat = self.lat if self.spec.record_latency and c.spec.cid in self.probe_cids else None
         net_lat = self.net_lat
         every = self.spec.latency_every
         state = c.rx
@@ -420,8 +523,10 @@ class Worker:
                    if c.spec.role == "send" and c.state == READY]
         measured = [c for c in self.clients.values()
                     if c.spec.role in ("send", "recv") and c.state == READY]
-        for s in senders:
-            s.witness = next((m for m in measured if m is not s), None)
+        probes = [m for m in measured if m.spec.cid in self.probe_cids]
+        for s in senders:  # a probe if possible: read at once, it clocks the window promptly
+            s.witness = next((m for m in probes if m is not s),
+                             next((m for m in measured if m is not s), None))
         expected = {m.spec.cid: spec.msgs_per_sender * sum(
             1 for cs in spec.clients if cs.role == "send" and cs.cid != m.spec.cid)
             for m in measured}
@@ -445,10 +550,20 @@ class Worker:
         if not rate_mode:
             self._top_up_window(senders)
         last_slow_check = 0
+        batch_ns = int(self.spec.batch_ms * 1e6)
+        idle_batch_ns = int(self.spec.idle_batch_ms * 1e6)
+        next_batch = next_idle_batch = time.monotonic_ns()
         while True:
             now = time.monotonic_ns()
             if now >= end_ns:
                 break
+            if self.n_batched:
+                if now >= next_batch:
+                    self._read_batch(self.bulk_poll)
+                    next_batch = now + batch_ns
+                if now >= next_idle_batch:
+                    self._read_batch(self.idle_poll)
+                    next_idle_batch = now + idle_batch_ns
             if rate_mode:
                 while heap and heap[0][0] <= now:
                     due, cid, s = heapq.heappop(heap)
@@ -466,6 +581,8 @@ class Worker:
                 timeout = 0.05 if not heap else max(0.0, min(0.05, (heap[0][0] - now) / 1e9))
             else:
                 timeout = 0.05
+            if self.n_batched:
+                timeout = max(0.0, min(timeout, (next_batch - now) / 1e9))
             for key, ev in self.sel.select(timeout=timeout):
                 c = key.data
                 if ev & selectors.EVENT_READ and c.state == READY:
@@ -522,6 +639,8 @@ class Worker:
                   for c in measured}
         return {
             "ready": sum(1 for c in self.clients.values() if c.state == READY),
+            "idle_deliveries": sum(c.unique for c in self.clients.values()
+                                   if c.spec.role == "idle"),
             "closed": sum(1 for c in self.clients.values() if c.state == CLOSED),
             "close_reasons": _count(c.close_reason for c in self.clients.values()
                                     if c.state == CLOSED and c.spec.role != "slow"),
@@ -585,11 +704,19 @@ def _worker_main(conn: Connection, spec: LoadSpec, cids: list[int]) -> None:
     if spec.cpus:
         os.sched_setaffinity(0, spec.cpus)
     w = Worker(spec, cids)
+    cpu_start = _cpu_s()
     w.connect_all(time.monotonic() + spec.connect_timeout_s)
-    conn.send(("ready", sum(1 for c in w.clients.values() if c.state == READY)))
-    msg = conn.recv()
-    if msg[0] != "go":
+    conn.send(("ready", sum(1 for c in w.clients.values() if c.state == READY),
+               _cpu_s() - cpu_start))
+    limit = spec.connect_timeout_s + spec.max_run_s + 60
+    msg = w.keep_reading_until_told(conn, limit)
+    if msg is not None and msg[0] == "probe":
+        _, sender, t_ns, until_ns = msg
+        conn.send(("probed", w.room_probe(sender, t_ns, until_ns)))
+        msg = w.keep_reading_until_told(conn, limit)
+    if msg is None or msg[0] != "go":
         return
+    w.arrange_batches()
     _, t0_ns, deadline_ns = msg
     cpu0 = _cpu_s()
     w.run(t0_ns, deadline_ns)
@@ -597,6 +724,7 @@ def _worker_main(conn: Connection, spec: LoadSpec, cids: list[int]) -> None:
     w.drain_slow()
     rep = w.report()
     rep["cpu_s"] = cpu
+    rep["batched"] = w.n_batched
     rep["end_ns"] = w.end_ns
     rep["last_delivery_ns"] = w.last_delivery_ns
     conn.send(("done", rep))
@@ -627,6 +755,7 @@ class Fleet:
         self.conns: list[Connection] = []
         self.ready = 0
         self.connect_s = 0.0
+        self.connect_cpu_s = 0.0  # the workers' CPU while connecting
 
     def connect(self) -> int:
         t = time.monotonic()
@@ -645,9 +774,33 @@ class Fleet:
         for conn in self.conns:
             if not conn.poll(max(0.0, deadline - time.monotonic())):
                 raise TimeoutError("worker did not finish connecting")
-            self.ready += conn.recv()[1]
+            _, n_ready, cpu = conn.recv()
+            self.ready += n_ready
+            self.connect_cpu_s += cpu
         self.connect_s = time.monotonic() - t
         return self.ready
+
+    def room_probe(self, wait_s: float = 5.0) -> dict[str, Any]:
+        """One message from the first client to the room; how many of the clients held saw
+        it within ``wait_s``, and when the last did (seconds after sending)."""
+        sender = self.spec.clients[0].cid
+        t_ns = time.monotonic_ns()
+        until = t_ns + int(wait_s * 1e9)
+        for conn in self.conns:
+            conn.send(("probe", sender, t_ns, until))
+        outs = []
+        for conn in self.conns:
+            if not conn.poll(wait_s + 30):
+                raise TimeoutError("worker did not report the room probe")
+            outs.append(conn.recv()[1])
+        held = sum(o["held"] for o in outs)
+        reached = sum(o["reached"] for o in outs)
+        last = max(o["last_ns"] for o in outs)
+        return {"probe_held": held, "probe_reached": reached,
+                "probe_last_s": round((last - t_ns) / 1e9, 3) if reached > 1 else None,
+                "probe_all_s": (round((last - t_ns) / 1e9, 3)
+                                if held and reached == held else None),
+                "probe_wait_s": wait_s}
 
     def run(self) -> dict[str, Any]:
         spec = self.spec
@@ -730,6 +883,9 @@ def merge(spec: LoadSpec, reps: list[dict[str, Any]], t0: int) -> dict[str, Any]
         "timeline": [{"s": k, "delivered": deliv.get(k, 0), "offered": int(expect.get(k, 0))}
                      for k in range(0, max([*deliv, *expect, 0]) + 1)],
         "gen_cpu_s": sum(r["cpu_s"] for r in reps),
+        "ready_end": sum(r["ready"] for r in reps),
+        "idle_deliveries": sum(r["idle_deliveries"] for r in reps),
+        "batched_clients": sum(r["batched"] for r in reps),
         "gen_max_send_lag_ms": max(r["max_lag_ms"] for r in reps),
         "close_reasons": _merge_counts(r["close_reasons"] for r in reps),
         "errors": _merge_counts(r["errors"] for r in reps),

@@ -1,7 +1,7 @@
 """Run one benchmark scenario against servers it starts itself; print ONE JSON line.
 
     python bench/run.py fanout      [--server classic,lanchat] [--repeat 3] [--mode text|json]
-    python bench/run.py latency | scale | slowconsumer | idle | cli | discovery
+    python bench/run.py latency | scale | bigroom | slowconsumer | idle | cli | discovery
 
 Each server is started fresh on 127.0.0.1 port 0 for every repetition (``bench/servers.py``),
 the scenario runs ``--repeat`` times, and the line holds every run, the median of each key
@@ -38,13 +38,14 @@ Result = dict[str, Any]
 #: Scenarios that offer a fixed load and measure latency: with --pin auto the server and the
 #: generator run on different cores there (the generator needs less than one core for them).
 #: Throughput scenarios are not pinned: there the generator needs every core it can get.
-PINNED_BY_DEFAULT = ("latency", "scale", "slowconsumer")
+PINNED_BY_DEFAULT = ("latency", "scale", "bigroom", "slowconsumer")
 
 #: The figure each scenario is judged by, and whether bigger is better.
 PRIMARY: dict[str, tuple[str, bool]] = {
     "fanout": ("deliveries_per_s", True),
     "latency": ("p99_ms", False),
     "scale": ("p99_ms", False),
+    "bigroom": ("p99_ms", False),
     "slowconsumer": ("others_min_ratio", True),
     "idle": ("cpu_pct", False),
     "cli": ("send_median_ms", False),
@@ -76,25 +77,45 @@ def _wait_quiet(max_s: float, below_pct: float) -> Result:
             "loadavg_1m_before": _loadavg()}
 
 
-def _measure(srv: servers.Server, spec: loadgen.LoadSpec) -> tuple[Result, Result]:
-    """Connect, run, and return (merged generator report, resource figures)."""
+def _measure(srv: servers.Server, spec: loadgen.LoadSpec,
+             room_probe_s: float = 0.0) -> tuple[Result, Result]:
+    """Connect, (with ``room_probe_s``) send one message to the room and see who gets it
+    within that time, run, and return (merged generator report, resource figures).
+
+    ``server_cpu_us_per_delivery``: the server's CPU over the run divided by every delivery
+    the generator counted (measured receivers, plus idle members of the room); ``gen_cpu_pct``:
+    the generator workers' CPU over the run in % of one core."""
     fleet = loadgen.Fleet(spec)
     try:
+        srv_cpu_before_connect = servers.cpu_s(srv.pid)
         ready = fleet.connect()
+        connect_cpu = servers.cpu_s(srv.pid) - srv_cpu_before_connect
+        probe = fleet.room_probe(room_probe_s) if room_probe_s > 0 else {}
         rss_connected = servers.rss_mib(srv.pid)
         st = servers.status(srv.pid)
         cpu0, mach0, t0 = servers.cpu_s(srv.pid), servers.machine_cpu_s(), time.monotonic()
         rep = fleet.run()
         wall = time.monotonic() - t0
         cpu1, mach1 = servers.cpu_s(srv.pid), servers.machine_cpu_s()
+        all_deliveries = rep["deliveries"] + rep["idle_deliveries"]
         res = {
             "ready": ready,
+            "cut": ready - rep["ready_end"],
+            **probe,
             "connect_s": round(fleet.connect_s, 3),
+            "server_connect_cpu_s": round(connect_cpu, 3),
+            "gen_connect_cpu_s": round(fleet.connect_cpu_s, 3),
             "server_rss_mib_connected": rss_connected,
             "server_rss_mib_end": servers.rss_mib(srv.pid),
             "server_threads": st.get("Threads"),
             "server_cpu_s": round(cpu1 - cpu0, 3),
+            "server_cpu_pct": round(100 * (cpu1 - cpu0) / wall, 1) if wall > 0 else None,
+            "all_deliveries": all_deliveries,
+            "server_cpu_us_per_delivery": (round(1e6 * (cpu1 - cpu0) / all_deliveries, 3)
+                                           if all_deliveries else None),
             "gen_cpu_s": round(rep["gen_cpu_s"], 3),
+            "gen_cpu_pct": round(100 * rep["gen_cpu_s"] / wall, 1) if wall > 0 else None,
+            "gen_batched_clients": rep["batched_clients"],
             "machine_busy_cpu_s": round(mach1 - mach0, 3),
             # busy CPU of everything but this server and the generator's workers (other
             # people's work on a shared machine, plus our coordinator): how quiet the run was
@@ -125,7 +146,7 @@ def sc_fanout(srv: servers.Server, a: argparse.Namespace) -> Result:
     spec = loadgen.LoadSpec("127.0.0.1", srv.port, a.mode, _clients(a.clients, a.senders),
                             msgs_per_sender=a.messages, window=a.window, pad=a.pad,
                             workers=a.workers, max_run_s=a.max_run_s, latency_every=16,
-                            cpus=a.gen_cpus)
+                            cpus=a.gen_cpus, probes=a.probes, batch_ms=a.batch_ms)
     rep, res = _measure(srv, spec)
     lat = rep["last_delivery_s"]
     return {"deliveries_per_s": round(rep["deliveries"] / lat) if lat > 0 else 0,
@@ -134,13 +155,15 @@ def sc_fanout(srv: servers.Server, a: argparse.Namespace) -> Result:
 
 
 def _latency_spec(srv: servers.Server, a: argparse.Namespace,
-                  extra: list[loadgen.ClientSpec] | None = None) -> loadgen.LoadSpec:
+                  extra: list[loadgen.ClientSpec] | None = None,
+                  connect_timeout_s: float = 120) -> loadgen.LoadSpec:
     rate_each = a.rate / a.senders
     return loadgen.LoadSpec(
         "127.0.0.1", srv.port, a.mode, _clients(a.clients, a.senders, extra),
         msgs_per_sender=int(rate_each * a.duration) + 2, rate_per_sender=rate_each,
         pad=a.pad, workers=a.workers, duration_s=a.duration, drain_s=3.0,
-        max_run_s=a.duration + 10, connect_timeout_s=120, cpus=a.gen_cpus)
+        max_run_s=a.duration + 10, connect_timeout_s=connect_timeout_s, cpus=a.gen_cpus,
+        probes=a.probes, batch_ms=a.batch_ms)
 
 
 def _lat_figures(rep: Result) -> Result:
@@ -167,13 +190,32 @@ def sc_scale(srv: servers.Server, a: argparse.Namespace) -> Result:
             **_lat_figures(rep), **res, **_quality(rep)}
 
 
+#: Big room: seconds the generator waits for everyone to connect and join, and for the one
+#: probe message to reach every member.
+BIGROOM_CONNECT_S = 90.0
+BIGROOM_PROBE_S = 5.0
+
+
+def sc_bigroom(srv: servers.Server, a: argparse.Namespace) -> Result:
+    """``--idle`` members who stay in the room the measured clients chat in (lanchat: the
+    default room; ngircd: #lobby; classic and floor: their only room), then one message to
+    all of them, then the latency scenario in that room (so every member receives it)."""
+    base = a.clients
+    members = [loadgen.ClientSpec(base + i, "idle") for i in range(a.idle)]
+    spec = _latency_spec(srv, a, members, connect_timeout_s=BIGROOM_CONNECT_S)
+    rep, res = _measure(srv, spec, room_probe_s=BIGROOM_PROBE_S)
+    return {"members_wanted": base + a.idle, "connected": res["ready"],
+            "all_connected": res["ready"] == base + a.idle,
+            **_lat_figures(rep), **res, **_quality(rep)}
+
+
 def sc_slowconsumer(srv: servers.Server, a: argparse.Namespace) -> Result:
     rate_each = a.rate / a.senders
     spec = loadgen.LoadSpec(
         "127.0.0.1", srv.port, a.mode, _clients(a.clients, a.senders, slow=1),
         msgs_per_sender=int(rate_each * a.duration) + 2, rate_per_sender=rate_each,
         pad=a.pad, workers=a.workers, duration_s=a.duration, drain_s=3.0,
-        max_run_s=a.duration + 10, cpus=a.gen_cpus)
+        max_run_s=a.duration + 10, cpus=a.gen_cpus, probes=a.probes, batch_ms=a.batch_ms)
     rep, res = _measure(srv, spec)
     tl = [t for t in rep["timeline"] if t["s"] < a.duration]
     ratios = [round(t["delivered"] / t["offered"], 3) if t["offered"] else None for t in tl]
@@ -396,7 +438,7 @@ def sc_discovery(srv: servers.Server | None, a: argparse.Namespace) -> Result:
 
 
 SCENARIOS: dict[str, Callable[..., Result]] = {
-    "fanout": sc_fanout, "latency": sc_latency, "scale": sc_scale,
+    "fanout": sc_fanout, "latency": sc_latency, "scale": sc_scale, "bigroom": sc_bigroom,
     "slowconsumer": sc_slowconsumer, "idle": sc_idle, "cli": sc_cli,
 }
 
@@ -437,7 +479,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=None, help="messages/s offered in total")
     ap.add_argument("--duration", type=float, default=None, help="seconds of sending/idling")
     ap.add_argument("--pad", type=int, default=None, help="payload padding bytes")
-    ap.add_argument("--idle", type=int, default=5000, help="scale: idle connections")
+    ap.add_argument("--idle", type=int, default=None,
+                    help="scale: idle connections; bigroom: members besides --clients")
+    ap.add_argument("--probes", type=int, default=10,
+                    help="measured clients read the moment they are readable (latency is "
+                         "sampled from them); the rest are read in batches (0: all at once)")
+    ap.add_argument("--batch-ms", type=float, default=5.0,
+                    help="how often the non-probe measured clients are read")
     ap.add_argument("--runs", type=int, default=20, help="cli: lanchat send runs")
     ap.add_argument("--max-run-s", type=float, default=120.0)
     ap.add_argument("--pin", choices=["auto", "on", "off"], default="auto",
@@ -451,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     table: dict[str, dict[str, Any]] = {
         "fanout": dict(clients=100, senders=10, pad=16),
         "latency": dict(clients=100, senders=100, rate=1000.0, duration=10.0, pad=16),
-        "scale": dict(clients=100, senders=100, rate=1000.0, duration=10.0, pad=16),
+        "scale": dict(clients=100, senders=100, rate=1000.0, duration=10.0, pad=16, idle=5000),
+        "bigroom": dict(clients=100, senders=10, rate=20.0, duration=5.0, pad=16, idle=4900),
         "slowconsumer": dict(clients=20, senders=4, rate=500.0, duration=20.0, pad=2000),
         "idle": dict(duration=60.0),
         "cli": {}, "discovery": {},
@@ -485,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     for kind in kinds:
         runs: list[Result] = []
         for _ in range(a.repeat):
-            quiet = _wait_quiet(a.quiet_wait, a.quiet_below) if a.quiet_wait > 0 else {}
+            quiet = (_wait_quiet(a.quiet_wait, a.quiet_below) if a.quiet_wait > 0
+                     else {"loadavg_1m_before": _loadavg()})
             try:
                 srv = servers.start(kind, cpus=a.server_cpus)
             except RuntimeError as exc:

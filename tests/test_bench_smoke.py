@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import require_tool
@@ -91,3 +92,50 @@ def test_feed_bench_smoke() -> None:
     assert r["verify_run64_us"] * 8 < r["verify_each_us"]
     assert r["append_batch64_us"] < r["append_batch1_us"]
     assert r["catchup_projected_each_per_s"] < r["catchup_projected_per_s"]
+
+
+def test_probes_are_read_at_once_the_rest_in_batches() -> None:
+    """--probes 2 of 12: latency is sampled from the 2 probes only, the other 10 measured
+    clients are read in batches and still count every delivery; the generator's CPU and the
+    server's CPU per delivery are reported."""
+    out: Any = _run("latency", "--server", "classic", "--repeat", "1", "--clients", "12",
+               "--senders", "12", "--rate", "120", "--duration", "1", "--probes", "2")
+    run = out["results"]["classic"]["runs"][0]
+    assert run["gen_batched_clients"] == 10, run
+    assert (run["lost"], run["dups"]) == (0, 0), run
+    assert run["deliveries"] == run["expected_deliveries"] > 0
+    assert run["samples"] * 6 == run["deliveries"]  # 2 of the 12 receivers sample
+    assert run["gen_cpu_s"] > 0 and run["gen_cpu_pct"] > 0
+    assert run["all_deliveries"] == run["deliveries"]
+    assert run["server_cpu_us_per_delivery"] == pytest.approx(
+        1e6 * run["server_cpu_s"] / run["deliveries"], rel=0.01, abs=0.002)
+
+
+def _bigroom(server: str) -> dict[str, Any]:
+    out: Any = _run("bigroom", "--server", server, "--repeat", "1", "--clients", "6",
+                    "--senders", "2", "--idle", "60", "--rate", "20", "--duration", "1")
+    return {name: r["runs"][0] for name, r in out["results"].items()}
+
+
+def _check_bigroom(name: str, r: dict[str, Any]) -> None:
+    assert r["connected"] == r["members_wanted"] == 66 and r["cut"] == 0, (name, r)
+    # the probe reached every member, the sender included
+    assert r["probe_held"] == r["probe_reached"] == 66, (name, r)
+    assert r["probe_all_s"] is not None and 0 <= r["probe_all_s"] < 5, (name, r)
+    assert (r["lost"], r["dups"]) == (0, 0), (name, r)
+    # the 60 members who only listen got every message too, and count as deliveries
+    assert r["all_deliveries"] == r["deliveries"] + 60 * r["sent"], (name, r)
+    assert 0 < r["p50_ms"] <= r["p99_ms"], (name, r)
+    assert r["server_cpu_us_per_delivery"] > 0 and r["gen_cpu_pct"] is not None, (name, r)
+
+
+def test_bigroom_smoke() -> None:
+    """The big-room scenario, small: every member stays in the one room and hears everything."""
+    for name, run in _bigroom("classic,floor").items():
+        _check_bigroom(name, run)
+
+
+def test_bigroom_ngircd() -> None:
+    """The big room on ngircd: every member JOINs #lobby."""
+    require_tool("ngircd", "ngircd", "/usr/sbin/ngircd")
+    _check_bigroom("ngircd", _bigroom("ngircd")["ngircd"])
