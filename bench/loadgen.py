@@ -321,6 +321,16 @@ class Worker:
                 self.slow.append(c)
                 self.slow_poll.register(c.sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
 
+    def _serve_ready(self, timeout: float) -> None:
+        """One round of the selector: read and flush every ready client that is readable or
+        writable now (waiting at most ``timeout`` seconds for one)."""
+        for key, ev in self.sel.select(timeout=timeout):
+            c = key.data
+            if ev & selectors.EVENT_READ and c.state == READY:
+                self._read(c)
+            if ev & selectors.EVENT_WRITE and c.state == READY:
+                self._flush(c)
+
     def keep_reading_until_told(self, conn: Connection, limit_s: float) -> Any:
         """Wait for the coordinator's next message while reading every socket the moment it
         becomes readable: a server announces every join to the room, and clients nobody reads
@@ -330,12 +340,7 @@ class Worker:
         while time.monotonic() < deadline:
             if conn.poll(0):
                 return conn.recv()
-            for key, ev in self.sel.select(timeout=0.01):
-                c = key.data
-                if ev & selectors.EVENT_READ and c.state == READY:
-                    self._read(c)
-                if ev & selectors.EVENT_WRITE and c.state == READY:
-                    self._flush(c)
+            self._serve_ready(0.01)
         return None
 
     def room_probe(self, sender_cid: int, t_ns: int, deadline_ns: int) -> dict[str, Any]:
@@ -356,12 +361,7 @@ class Worker:
         while time.monotonic_ns() < deadline_ns:
             if all(c.probe_seen_ns or c.state != READY for c in ready):
                 break
-            for key, ev in self.sel.select(timeout=0.01):
-                c = key.data
-                if ev & selectors.EVENT_READ and c.state == READY:
-                    self._read(c)
-                if ev & selectors.EVENT_WRITE and c.state == READY:
-                    self._flush(c)
+            self._serve_ready(0.01)
         seen = [c.probe_seen_ns for c in ready if c.probe_seen_ns]
         return {"held": len(ready), "reached": len(seen),
                 "last_ns": max(seen) if seen else 0}
