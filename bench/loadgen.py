@@ -583,12 +583,7 @@ class Worker:
                 timeout = 0.05
             if self.n_batched:
                 timeout = max(0.0, min(timeout, (next_batch - now) / 1e9))
-            for key, ev in self.sel.select(timeout=timeout):
-                c = key.data
-                if ev & selectors.EVENT_READ and c.state == READY:
-                    self._read(c)
-                if ev & selectors.EVENT_WRITE and c.state == READY:
-                    self._flush(c)
+            self._serve_ready(timeout)
             if not rate_mode:
                 self._top_up_window(senders)
             if self.slow and now - last_slow_check > 50_000_000:
