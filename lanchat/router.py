@@ -172,16 +172,29 @@ def _internal(exc: Exception) -> LanchatError:
     return LanchatError(f"internal error: {exc!r}")
 
 
+def _call_done(fn: PublishDone | None, msg: Message | None, err: LanchatError | None) -> None:
+    """Tell a publisher how its message fared; a callback that raises is a bug, logged."""
+    if fn is None:
+        return
+    try:
+        fn(msg, err)
+    except Exception:
+        log.exception("router: a publisher's callback failed")
+
+
+def _log_store_failure(what: str, exc: Exception) -> None:
+    """One line for a store that refused (disk full, read-only); a traceback for a bug."""
+    if isinstance(exc, StoreError):
+        log.error("cannot store %s: %s", what, exc)
+    else:
+        log.exception("router: storing %s failed", what)
+
+
 def _both(a: PublishDone | None, b: PublishDone | None) -> PublishDone:
     """One publisher callback that answers two publishers (the same send, sent twice)."""
     def done(msg: Message | None, err: LanchatError | None) -> None:
-        for fn in (a, b):
-            if fn is None:
-                continue
-            try:
-                fn(msg, err)
-            except Exception:
-                log.exception("router: a publisher's callback failed")
+        _call_done(a, msg, err)
+        _call_done(b, msg, err)
     return done
 
 
@@ -557,11 +570,8 @@ class Router:
         try:
             messages = self._store.append_local([p.draft for p in batch], ts=self._clock(),
                                                 sign=self._sign)
-        except Exception as exc:
-            if isinstance(exc, StoreError):
-                log.error("cannot store %d message(s): %s", len(batch), exc)
-            else:
-                log.exception("router: storing %d message(s) failed", len(batch))
+        except Exception as exc:  # noqa: BLE001 -- logged there, a traceback for a bug
+            _log_store_failure(f"{len(batch)} message(s)", exc)
             for p in batch:
                 self._answer(p, None, _internal(exc))
             return
@@ -646,13 +656,8 @@ class Router:
 
     @staticmethod
     def _answer(p: _Publish, msg: Message | None, err: LanchatError | None) -> None:
-        """Tell a publisher how its message fared; a callback that raises is a bug, logged."""
-        if p.done is None:
-            return
-        try:
-            p.done(msg, err)
-        except Exception:
-            log.exception("router: a publisher's callback failed")
+        """Tell a publisher how its message fared."""
+        _call_done(p.done, msg, err)
 
     def _take_remote(self, item: _Remote) -> None:
         """Store a peer's batch and fan out what is new; always resolves ``item.future``."""
@@ -664,11 +669,8 @@ class Router:
         fresh = self._admit_origins(fresh, item.source)
         try:
             new = self._store.insert_remote(fresh, now=self._clock()) if fresh else []
-        except Exception as exc:
-            if isinstance(exc, StoreError):
-                log.error("cannot store %d message(s) from a peer: %s", len(fresh), exc)
-            else:
-                log.exception("router: storing %d message(s) from a peer failed", len(fresh))
+        except Exception as exc:  # noqa: BLE001 -- logged there, a traceback for a bug
+            _log_store_failure(f"{len(fresh)} message(s) from a peer", exc)
             item.future.set_exception(_internal(exc))
             return
         for msg in new:
