@@ -26,7 +26,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from lanchat import __version__, auth, config, sdlisten, sdnotify
+from lanchat import __version__, auth, config, keyfile, sdlisten, sdnotify
 from lanchat.control import AlreadyRunning, ControlServer
 from lanchat.errors import ConfigError, LanchatError
 from lanchat.hub import Hub
@@ -79,8 +79,14 @@ class Daemon:
         self.hostname = socket.gethostname() or "localhost"
         self.started = time.time()
         self.key = _read_secret(cfg)  # first: a bad secret_file fails before anything opens
+        #: The node's Ed25519 identity (issue 13): its key names the node.
+        self.identity = keyfile.load_identity(cfg.state_dir)
+        note = self.identity.note()
+        if note is not None:
+            log.warning("%s", note)
         self.store = Store(Path(cfg.state_dir) / "history.db",
-                           max_age_days=cfg.max_age_days, max_messages=cfg.max_messages)
+                           max_age_days=cfg.max_age_days, max_messages=cfg.max_messages,
+                           node_id=self.identity.node)
         key = self.key
         self.router = Router(self.store, node=self.store.node_id, host=self.hostname,
                              nick=cfg.nick, name=cfg.name,

@@ -215,7 +215,7 @@ class Store:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, max_age_days: float | None = None,
-                 max_messages: int | None = None) -> None:
+                 max_messages: int | None = None, node_id: str | None = None) -> None:
         if max_age_days is not None and not max_age_days > 0:
             raise ValueError("max_age_days must be positive or None")
         if max_messages is not None and max_messages < 1:
@@ -236,7 +236,7 @@ class Store:
         self._writer = self._connect("open")
         try:
             with self._errors("open"):
-                self._setup()
+                self._setup(node_id)
         except BaseException:
             self._writer.close()
             raise
@@ -269,7 +269,7 @@ class Store:
                 raise
             return conn
 
-    def _setup(self) -> None:
+    def _setup(self, node_id: str | None) -> None:
         conn = self._writer
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
@@ -296,8 +296,17 @@ class Store:
                     version += 1
                     conn.execute(f"PRAGMA user_version = {version}")
         with self._transaction():
-            conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('node_id', ?)",
-                         (secrets.token_hex(8),))
+            if node_id is not None:
+                # The daemon's identity key names the node (lanchat.keyfile); a new key
+                # (first start after the upgrade, or a state directory that moved to
+                # another machine) starts a new feed at seq 1.  Earlier messages keep
+                # the origin they were written under.
+                conn.execute("INSERT INTO meta (key, value) VALUES ('node_id', ?) "
+                             "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                             (node_id,))
+            else:
+                conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('node_id', ?)",
+                             (secrets.token_hex(8),))
             row = conn.execute("SELECT value FROM meta WHERE key = 'node_id'").fetchone()
         self._node_id: str = row[0]
 
@@ -412,7 +421,8 @@ class Store:
 
     @property
     def node_id(self) -> str:
-        """This node's id: 16 random lowercase hex digits, created once, kept forever."""
+        """This node's id: the daemon's key-derived one (``node_id=``), else 16 random
+        lowercase hex digits made once and kept (a store opened on its own)."""
         return self._node_id
 
     def append_local(self, drafts: Iterable[Draft], *, ts: float,

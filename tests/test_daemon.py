@@ -15,6 +15,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -171,6 +172,20 @@ def test_history_survives_a_restart(daemon: Daemon) -> None:
     assert [(m["id"], m["seq"], m["text"]) for m in got] == [
         (m["id"], m["seq"], m["text"]) for m in sent]
     assert [m["seq"] for m in got] == [1, 2, 3, 4, 5]
+
+
+def test_the_node_is_named_by_its_key_file_across_restarts(daemon: Daemon) -> None:
+    """Issue 13: the node id is derived from node.key (0600), not a random number."""
+    path = os.path.join(daemon.state_dir, "node.key")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    node = json.loads(Path(path).read_bytes())["node"]
+    with ControlClient(daemon.socket) as c:
+        assert c.call("status")["node"] == node
+        assert c.call("send", text="mine", room="lobby")["origin"] == node
+    assert daemon.stop() == 0
+    daemon.start()
+    with ControlClient(daemon.socket) as c:
+        assert c.call("status")["node"] == node
 
 
 def test_history_limit_1000_of_4096_byte_messages_prints_all(daemon: Daemon) -> None:

@@ -102,6 +102,22 @@ def test_node_id_is_created_once_and_kept(db: Path) -> None:
         assert s.node_id != node
 
 
+def test_a_key_derived_node_id_starts_a_new_feed_and_keeps_old_messages(db: Path) -> None:
+    """Upgrade in place (issue 13): history written under the old random id stays under it."""
+    with Store(db) as s:
+        old = s.node_id
+        s.append_local([draft("before the key")], ts=1.0)
+    new = "ab" * 16
+    with Store(db, node_id=new) as s:
+        assert s.node_id == new
+        (m,) = s.append_local([draft("after the key")], ts=2.0)
+        assert (m.origin, m.seq) == (new, 1)
+        assert [(x.origin, x.seq, x.text) for x in s.history(limit=10)] == [
+            (old, 1, "before the key"), (new, 1, "after the key")]
+    with Store(db) as s:  # opened on its own later: the daemon's id is the one kept
+        assert s.node_id == new
+
+
 def test_refuses_a_database_from_a_newer_version(db: Path) -> None:
     Store(db).close()
     conn = raw(db)
