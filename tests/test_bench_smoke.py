@@ -94,6 +94,22 @@ def test_feed_bench_smoke() -> None:
     assert r["catchup_projected_each_per_s"] < r["catchup_projected_per_s"]
 
 
+def test_mesh_bench_smoke() -> None:
+    """bench/mesh.py: a 2- and a 3-daemon mesh, every message everywhere once, copies sane."""
+    p = subprocess.run([sys.executable, str(RUN.parent / "mesh.py"), "--sizes", "2,3",
+                        "--messages", "20", "--rate", "50"], capture_output=True, timeout=55,
+                       check=False)
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    lines = p.stdout.decode().splitlines()
+    assert len(lines) == 1, lines
+    two, three = json.loads(lines[0])["runs"]
+    assert two["copies_per_daemon"] == [1.0]  # the calibration: one copy by definition
+    assert two["delivered_min"] == three["delivered_min"] == 20
+    # each of 3 receivers takes in at least one copy, and no mesh of 3 needs more than 3
+    assert all(1.0 <= c <= 3.0 for c in three["copies_per_daemon"]), three
+    assert not two["link_sockets_changed"] and not three["link_sockets_changed"]
+
+
 def test_probes_are_read_at_once_the_rest_in_batches() -> None:
     """--probes 2 of 12: latency is sampled from the 2 probes only, the other 10 measured
     clients are read in batches and still count every delivery; the generator's CPU and the
