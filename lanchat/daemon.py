@@ -49,6 +49,12 @@ log = logging.getLogger("lanchatd")
 #: Seconds between two retention passes over the history (the first runs at start-up).
 PRUNE_INTERVAL_S = 3600.0
 
+#: Messages one retention step deletes (one short transaction on the router thread,
+#: ~0.1 s here).  A pass is a sequence of steps, one per turn of the main loop, so
+#: sends interleave with it and the watchdog is still fed while millions of rows go
+#: (deleted in one transaction, 500,000 rows held the writer for 5.6 s).
+PRUNE_BATCH_ROWS = 10_000
+
 #: Seconds between the main loop's looks at the connection count, to give memory
 #: back after a crowd has left (lanchat.memtrim).
 TRIM_CHECK_S = 5.0
@@ -81,6 +87,7 @@ class Daemon:
         self.key = _read_secret(cfg)  # first: a bad secret_file fails before anything opens
         #: The node's Ed25519 identity (issue 13): its key names the node.
         self.identity = keyfile.load_identity(cfg.state_dir)
+        self._pruned = 0  # messages the retention pass under way removed so far
         note = self.identity.note()
         if note is not None:
             log.warning("%s", note)
@@ -225,22 +232,37 @@ class Daemon:
             self.store.max_messages = new.max_messages
         self.cfg = dataclasses.replace(new, **{k: old for k, (old, _) in changes.restart.items()})
         if retention:
-            self.prune()
+            self.prune_all()
         log.info("configuration reloaded")
 
-    def prune(self) -> None:
-        """One retention pass, on the router thread (the store's only writer).
+    def prune(self) -> bool:
+        """One retention step (at most PRUNE_BATCH_ROWS messages) on the router thread,
+        the store's only writer.  True if there may be more to remove: call again.
 
         Called by the main thread: at start-up, every PRUNE_INTERVAL_S, and
-        after a reload that changes the retention.
+        after a reload that changes the retention; a pass logs one line when
+        it ends.
         """
         try:
-            removed = self.router.prune()
+            removed = self.router.prune(limit=PRUNE_BATCH_ROWS)
         except LanchatError as exc:
             log.warning("retention pass failed: %s", exc)
-            return
-        if removed:
-            log.info("retention: removed %d old message(s)", removed)
+            removed = 0
+        self._pruned += removed
+        if removed >= PRUNE_BATCH_ROWS:
+            return True
+        if self._pruned:
+            log.info("retention: removed %d old message(s)", self._pruned)
+        self._pruned = 0
+        return False
+
+    def prune_all(self) -> None:
+        """A whole retention pass now, step by step (bounded: the steps needed for every
+        message the store held when it began, and one more)."""
+        steps = 1 + self.store.count() // PRUNE_BATCH_ROWS
+        for _ in range(steps):
+            if not self.prune():
+                return
 
     # -- the control socket's backend --------------------------------------------
 
@@ -427,8 +449,9 @@ def main(argv: list[str] | None = None) -> int:
                 sdnotify.notify("WATCHDOG=1")
             trimmer.check(daemon.hub.client_count)
             if time.monotonic() >= next_prune:
-                next_prune = time.monotonic() + PRUNE_INTERVAL_S
-                daemon.prune()
+                more = daemon.prune()
+                # More to remove: the next step right after this turn of the loop.
+                next_prune = time.monotonic() + (0.0 if more else PRUNE_INTERVAL_S)
     finally:
         sdnotify.notify("STOPPING=1")
         log.info("shutting down")

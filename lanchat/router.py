@@ -106,7 +106,7 @@ class MessageStore(Protocol):
     def history(self, *, room: str | None = None, limit: int = 50,
                 before: float | None = None, since: float | None = None,
                 viewer: str | None = None) -> list[Message]: ...
-    def prune(self, now: float) -> int: ...
+    def prune(self, now: float, *, limit: int | None = None) -> int: ...
     def cursors(self) -> dict[str, int]: ...
     def sent_with_key(self, uid: int | None, key: str) -> Message | None: ...
     def advance(self, origin: str, seq: int, ts: float) -> bool: ...
@@ -473,9 +473,11 @@ class Router:
     def unsubscribe(self, sub: Subscriber) -> None:
         self._post(lambda: self._do_unsubscribe(sub), "unsubscribe")
 
-    def prune(self) -> int:
-        """Apply the store's retention on the router thread (the store's only writer)."""
-        return self._call(lambda: self._store.prune(self._clock()))  # type: ignore[no-any-return]
+    def prune(self, *, limit: int | None = None) -> int:
+        """Apply the store's retention on the router thread (the store's only writer):
+        at most ``limit`` messages per call (see :meth:`Store.prune`)."""
+        return self._call(  # type: ignore[no-any-return]
+            lambda: self._store.prune(self._clock(), limit=limit))
 
     # -- queries -----------------------------------------------------------------
 

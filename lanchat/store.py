@@ -183,6 +183,14 @@ _OLDEST = (
     ") ORDER BY age, origin, seq LIMIT ?)"
 )
 
+#: Messages older than a cutoff, by their ts or (far-future ones) by when they arrived;
+#: at most ? of them (-1: all).
+_EXPIRED = {
+    column: f"DELETE FROM messages WHERE arrival IN (SELECT arrival FROM messages "
+            f"WHERE {column} < ? LIMIT ?)"
+    for column in ("ts", "received")
+}
+
 _Row = tuple[str, str, int, float, str, str, str, str, str | None, str | None, str | None]
 
 
@@ -602,6 +610,12 @@ class Store:
             rows.reverse()
         return self._messages(rows)
 
+    def count(self) -> int:
+        """How many messages the store holds now.  Any thread."""
+        ((n,),) = self._select("SELECT count(*) FROM messages", ())
+        assert isinstance(n, int)
+        return n
+
     def cursors(self) -> dict[str, int]:
         """``{origin: highest seq ever stored}`` -- each origin's prefix 1..n.
 
@@ -624,30 +638,39 @@ class Store:
             "ORDER BY seq LIMIT ?", (origin, seq, limit))
         return self._messages(rows)
 
-    def prune(self, now: float) -> int:
+    def prune(self, now: float, *, limit: int | None = None) -> int:
         """Delete messages older than ``max_age_days`` or beyond ``max_messages``.
 
         The oldest go first, in history order.  A message that claimed a time
         far in the future when it arrived is as old as its arrival: it goes
         when one received then would (else it would sort last and stay for
         ever).  Cursors are kept (the ``high`` table), so the prefix rule still
-        refuses pruned ids that come back.  Returns how many messages were
-        deleted.  Writer thread only.
+        refuses pruned ids that come back.  At most ``limit`` messages go in
+        one call (one short transaction: a pass over millions of rows would
+        hold the writer for a minute; the caller repeats while a call
+        returns ``limit``).  Returns how many messages were deleted.  Writer
+        thread only.
         """
+        if limit is not None and limit < 1:
+            raise ValueError("limit must be at least 1 or None")
         if self.max_age_days is None and self.max_messages is None:
             self._check_open()
             return 0
         deleted = 0
+        room = -1 if limit is None else limit  # SQLite: LIMIT -1 is no limit
         with self._writing("prune") as conn:
             if self.max_age_days is not None:
                 cutoff = float(now) - self.max_age_days * _SECONDS_PER_DAY
-                deleted += conn.execute("DELETE FROM messages WHERE ts < ?",
-                                        (cutoff,)).rowcount
-                deleted += conn.execute("DELETE FROM messages WHERE received < ?",
-                                        (cutoff,)).rowcount
-            if self.max_messages is not None:
+                for column in ("ts", "received"):
+                    if room != 0:
+                        n = conn.execute(_EXPIRED[column], (cutoff, room)).rowcount
+                        deleted += n
+                        room = room - n if room > 0 else room
+            if self.max_messages is not None and room != 0:
                 count = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
                 excess = count - self.max_messages
+                if room > 0:
+                    excess = min(excess, room)
                 if excess > 0:
                     deleted += conn.execute(_OLDEST, (excess, excess)).rowcount
         if deleted:

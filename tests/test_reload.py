@@ -15,6 +15,7 @@ from conftest import Daemon, TextUser, skip_or_fail, wait_for
 from test_limits import JsonClient
 from test_links import cli_history, cli_json, send_many
 
+from lanchat.daemon import PRUNE_BATCH_ROWS
 from lanchat.model import Draft
 from lanchat.store import Store
 
@@ -198,6 +199,28 @@ def test_retention_runs_at_start_up(workdir: str) -> None:
                  diag=d.stderr)
         print(f"pruned {time.monotonic() - started:.2f} s after the start")
         assert "retention: removed 3 old message(s)" in d.stderr()
+    finally:
+        d.stop()
+
+
+def test_a_retention_pass_over_more_than_one_step_finishes_at_start_up(workdir: str) -> None:
+    """A big pass runs as steps of PRUNE_BATCH_ROWS (sends interleave, the watchdog is
+    fed); the main loop takes the next step at once, not an hour later, and logs once."""
+    conf = os.path.join(workdir, "lanchatd.toml")
+    with open(conf, "w") as f:
+        f.write('max_messages = 10\nlog_level = "info"\n')
+    d = Daemon(workdir, "--config", conf)
+    n = 2 * PRUNE_BATCH_ROWS + 500
+    _old_history(d.state_dir, days_ago=1, n=n)
+    started = time.monotonic()
+    d.start()
+    try:
+        wait_for("10 messages left",
+                 lambda: _texts(d) == [f"old {i}" for i in range(n - 10, n)], 60.0,
+                 diag=d.stderr)
+        print(f"pruned {n - 10} in {time.monotonic() - started:.2f} s after the start")
+        assert d.stderr().count("retention: removed") == 1
+        assert f"retention: removed {n - 10} old message(s)" in d.stderr()
     finally:
         d.stop()
 

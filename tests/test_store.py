@@ -452,6 +452,36 @@ def test_retention_by_age(db: Path) -> None:
         assert s.history()[-1] == mine[0]
 
 
+@pytest.mark.parametrize("limit", [1, 2, 3, 7])
+def test_retention_in_steps_removes_exactly_what_one_pass_does(tmp_path: Path,
+                                                                 limit: int) -> None:
+    """A pass over millions of rows runs as short steps of at most ``limit`` messages (the
+    daemon repeats while a step is full): the survivors equal one unlimited pass's."""
+    day = 86400.0
+    now = 1_700_000_000.0
+
+    def fill(s: Store) -> None:
+        s.insert_remote([msg(A, i, ts=now - (12 - i) * day) for i in range(1, 12)], now=now)
+        s.insert_remote([msg(B, 1, ts=1e17), msg(B, 2, ts=now)], now=now - 5 * day)
+        s.append_local([draft(f"mine {i}") for i in range(4)], ts=now - 4 * day)
+
+    survivors = []
+    for path, step in ((tmp_path / "one.db", None), (tmp_path / "steps.db", limit)):
+        with Store(path, max_age_days=3, max_messages=6) as s:
+            fill(s)
+            total, steps = 0, 0
+            while True:
+                n = s.prune(now=now, limit=step)
+                assert step is None or n <= step
+                total, steps = total + n, steps + 1
+                if step is None or n < step:
+                    break
+                assert steps < 100
+            survivors.append(([(m.origin, m.seq) for m in s.history(limit=100)], total))
+    assert survivors[0] == survivors[1]
+    assert survivors[0][1] > limit  # it took several steps
+
+
 def test_a_far_future_message_ages_from_its_arrival(db: Path) -> None:
     """A peer's ts of 1e17 sorts last for ever: retention must still remove it, by age
     counted from when it arrived (issue 13, case 1)."""
