@@ -444,7 +444,8 @@ METHODS: dict[str, Method] = {
     "unsubscribe": Method(_unsubscribe, "unsubscribe {} -> true if a subscription was ended"),
     "users": Method(_users, "users {} -> [{nick, host, node, local, since, room, via}]"),
     "peers": Method(_peers, "peers {} -> [{node, name, address, port, state, last_seen}]"),
-    "status": Method(_status, "status {} -> {version, node, nick, port, peers, uptime_s, ...}"),
+    "status": Method(_status, "status {} -> {version, node, key, fingerprint, nick, port, "
+                              "peers, uptime_s, ...}"),
     "nick": Method(_nick, "nick {nick} -> {nick}: change this node's nickname"),
     "methods": Method(_methods, "methods {} -> [{name, description}]"),
 }

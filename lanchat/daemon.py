@@ -26,7 +26,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from lanchat import __version__, auth, config, keyfile, sdlisten, sdnotify
+from lanchat import __version__, auth, config, feed, keyfile, sdlisten, sdnotify
 from lanchat.control import AlreadyRunning, ControlServer
 from lanchat.errors import ConfigError, LanchatError
 from lanchat.hub import Hub
@@ -88,6 +88,8 @@ class Daemon:
         #: The node's Ed25519 identity (issue 13): its key names the node.
         self.identity = keyfile.load_identity(cfg.state_dir)
         self._pruned = 0  # messages the retention pass under way removed so far
+        #: What people compare to check this node's key (feed.fingerprint: ~2 ms, once).
+        self.fingerprint = feed.fingerprint(self.identity.key.public)
         note = self.identity.note()
         if note is not None:
             log.warning("%s", note)
@@ -294,6 +296,8 @@ class Daemon:
         return {
             "version": __version__,
             "node": self.node,
+            "key": self.identity.key.public.text,
+            "fingerprint": self.fingerprint,
             "nick": self.router.nick,
             "name": self.cfg.name,
             "host": self.hostname,

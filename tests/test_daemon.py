@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import select
 import signal
 import socket
@@ -32,6 +33,7 @@ from conftest import (
 
 from lanchat.client import ControlClient, DaemonNotRunning, RpcError
 from lanchat.errors import LanchatError
+from lanchat.feed import PublicKey, fingerprint
 from lanchat.limits import MAX_HISTORY_PAGE, MAX_TEXT_BYTES, SEND_STALL_TIMEOUT_S
 
 
@@ -180,8 +182,14 @@ def test_the_node_is_named_by_its_key_file_across_restarts(daemon: Daemon) -> No
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     node = json.loads(Path(path).read_bytes())["node"]
     with ControlClient(daemon.socket) as c:
-        assert c.call("status")["node"] == node
+        status = c.call("status")
+        assert status["node"] == node
         assert c.call("send", text="mine", room="lobby")["origin"] == node
+    key = PublicKey.for_node(node, PublicKey.from_text(status["key"]).raw)
+    assert status["fingerprint"] == fingerprint(key)
+    assert re.fullmatch(r"\d{5}( \d{5}){5}", status["fingerprint"])
+    shown = daemon.cli("status").stdout.decode()
+    assert f"fingerprint  {status['fingerprint']}\n" in shown
     assert daemon.stop() == 0
     daemon.start()
     with ControlClient(daemon.socket) as c:
