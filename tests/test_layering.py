@@ -18,11 +18,12 @@ IO_MODULES = {"socket", "threading", "sqlite3", "zeroconf", "select", "selectors
               "subprocess", "asyncio", "ifaddr", "multiprocessing", "signal"}
 #: Adapters: each owns one kind of I/O and imports only the pure floor (and the
 #: building blocks: ``stream`` and ``lightthread`` of every connection, ``lineedit``
-#: of the terminal the two interactive clients read from and print to).
+#: of the terminal the two interactive clients read from and print to, ``tlsid`` the TLS
+#: contexts and key pinning of hub, links and hub client alike).
 ADAPTERS = {"stream", "lightthread", "store", "hub", "control", "client", "hubclient",
             "discovery", "links", "sdnotify", "sdlisten", "logsetup", "memtrim", "keyfile",
-            "lineedit"}
-BUILDING_BLOCKS = {"stream", "lightthread", "lineedit"}
+            "lineedit", "tlsid"}
+BUILDING_BLOCKS = {"stream", "lightthread", "lineedit", "tlsid"}
 ENTRY_POINTS = {"daemon", "cli", "__main__"}
 
 
