@@ -53,8 +53,8 @@ What it does not hide: who writes to whom (the entry's ``to`` and the slot keys)
 No forward secrecy: whoever later steals a node's X25519 key can read the direct messages
 sealed to it (a daemon keeps them in its history anyway).
 
-Pure: no I/O or clock; randomness only through the ``entropy`` argument (default
-``secrets.token_bytes``), so tests can make a seal reproducible.
+Pure: no I/O, clock or randomness; :func:`seal` takes its random bytes from the caller
+(``entropy=secrets.token_bytes``), so a test can make a seal reproducible.
 """
 
 from __future__ import annotations
@@ -63,7 +63,6 @@ import base64
 import hashlib
 import json
 import re
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -303,10 +302,12 @@ def _wrap_info(slot: int, header: bytes) -> bytes:
     return WRAP_INFO + bytes([slot]) + header
 
 
-def seal(text: bytes, *, sender: DhPublic, recipient: DhPublic, context: bytes = b"",
-         entropy: Callable[[int], bytes] = secrets.token_bytes) -> bytes:
+def seal(text: bytes, *, sender: DhPublic, recipient: DhPublic,
+         entropy: Callable[[int], bytes], context: bytes = b"") -> bytes:
     """Seal ``text`` so that only ``recipient``'s and ``sender``'s X25519 keys open it.
 
+    ``entropy(n)`` returns ``n`` random bytes: ``secrets.token_bytes`` (passed in, as this
+    floor draws no randomness itself; a test may replay it).
     ``context`` binds the seal to where it is used (the wiring passes the message's
     origin, room and recipient nick); the opener must pass the same bytes.
     """

@@ -30,7 +30,8 @@ CONTEXT = b"origin=alice-node room=lobby to=bob"
 
 
 def sealed(text: bytes = b"meet at 5", context: bytes = CONTEXT) -> bytes:
-    return seal.seal(text, sender=ALICE.public, recipient=BOB.public, context=context)
+    return seal.seal(text, sender=ALICE.public, recipient=BOB.public, context=context,
+                     entropy=secrets.token_bytes)
 
 
 def open_as(node: Node, blob: bytes, *, sender: Node = ALICE, recipient: Node = BOB,
