@@ -304,6 +304,14 @@ CONSOLE_MAX_KICKS = 100
 #: finished after this is stalling and holds a connection slot for nothing.
 TLS_HANDSHAKE_TIMEOUT_S = 10.0
 
+#: Seconds the hub waits for a new TCP connection's first byte before it takes the client
+#: for a plain text user and sends the greeting: a text client (``nc``) waits to be
+#: greeted, while a TLS client sends its ClientHello at once, so silence means plain.
+#: Above Linux's minimum retransmission timeout (200 ms), so a ClientHello whose first
+#: segment was lost once still arrives in time; short enough that a person at ``nc``
+#: barely notices the prompt's delay.
+FIRST_BYTE_GRACE_S = 0.3
+
 #: Longest peer certificate (DER) we parse.  Ours is about 300 bytes (an Ed25519 key, a
 #: name, two dates, a signature); 4 KiB leaves room for another implementation's
 #: extensions and refuses a certificate built to make the parser work.

@@ -9,10 +9,15 @@ byte decides, and the next five confirm a TLS connection before the hub hands it
 ``ssl``: a connection that starts with ``0x16`` and is not a ClientHello is neither
 protocol and is closed.
 
-The hub reads these bytes with ``MSG_PEEK`` (``ssl`` must then see them again), waiting
-for more only while :func:`classify` says :data:`FirstBytes.NEED_MORE` -- at most
-:data:`SNIFF_BYTES` bytes and ``limits.TLS_HANDSHAKE_TIMEOUT_S``.  A plain client is
-decided by its first byte, so a text user who types nothing is not kept waiting for more.
+Who speaks first.  A text-mode client (``nc``) waits for the hub's greeting before it
+types its nickname, while a TLS client sends its ClientHello as soon as it has connected
+(and a JSON client its hello).  So the hub waits up to ``limits.FIRST_BYTE_GRACE_S`` for a
+first byte: silence then means a text user (``classify(b"", timed_out=True)`` is
+:data:`FirstBytes.PLAIN`), who is greeted as today, only that much later.  Once a first
+byte is there it decides at once, except after ``0x16``, where the hub waits (at most
+:data:`SNIFF_BYTES` bytes, within ``limits.TLS_HANDSHAKE_TIMEOUT_S``) for the rest of the
+record header; a header still partial at that deadline is :data:`FirstBytes.INVALID`.
+The hub reads with ``MSG_PEEK``: ``ssl`` must see the ClientHello again.
 
 An SSL 2.0-style ClientHello (first byte ``0x80``) is not TLS 1.3 and is classed plain; the
 text reader then refuses it as it refuses any line that is not UTF-8.
@@ -39,7 +44,7 @@ _MAX_RECORD = 2**14
 class FirstBytes(enum.Enum):
     """What the first bytes of a connection say."""
 
-    #: Not enough bytes yet to decide (only ever after a first byte ``0x16``, or none).
+    #: Not enough bytes yet to decide (no byte yet, or part of a TLS record header).
     NEED_MORE = "need-more"
     #: A TLS ClientHello: wrap the connection with the server context.
     TLS = "tls"
@@ -49,10 +54,14 @@ class FirstBytes(enum.Enum):
     INVALID = "invalid"
 
 
-def classify(data: bytes) -> FirstBytes:
-    """Decide from the first bytes received (any number; only the first 6 are looked at)."""
+def classify(data: bytes, *, timed_out: bool = False) -> FirstBytes:
+    """Decide from the first bytes received (any number; only the first 6 are looked at).
+
+    ``timed_out``: the wait for more is over (the first-byte grace with no data, or the
+    handshake deadline with part of a header): never :data:`FirstBytes.NEED_MORE` then.
+    """
     if not data:
-        return FirstBytes.NEED_MORE
+        return FirstBytes.PLAIN if timed_out else FirstBytes.NEED_MORE
     if data[0] != TLS_HANDSHAKE_RECORD:
         return FirstBytes.PLAIN
     head = data[:SNIFF_BYTES]
@@ -64,5 +73,5 @@ def classify(data: bytes) -> FirstBytes:
     if len(head) > 4 and not 4 <= int.from_bytes(head[3:5], "big") <= _MAX_RECORD:
         return FirstBytes.INVALID
     if len(head) < SNIFF_BYTES:
-        return FirstBytes.NEED_MORE
+        return FirstBytes.INVALID if timed_out else FirstBytes.NEED_MORE
     return FirstBytes.TLS if head[5] == _CLIENT_HELLO else FirstBytes.INVALID

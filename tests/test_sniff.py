@@ -87,9 +87,17 @@ def test_a_first_byte_0x16_that_is_no_client_hello_is_refused_early(start: bytes
     assert all(classify(start[:n]) is FirstBytes.NEED_MORE for n in range(1, len(start)))
 
 
-def test_nothing_yet_is_undecided() -> None:
+def test_nothing_yet_is_undecided_and_silence_is_a_text_user() -> None:
     assert classify(b"") is FirstBytes.NEED_MORE
     assert classify(b"\x16") is FirstBytes.NEED_MORE
+    # nc waits for the greeting: no first byte within the grace means plain text
+    assert classify(b"", timed_out=True) is FirstBytes.PLAIN
+    # part of a record header when the handshake deadline passes: neither protocol
+    hello = stdlib_client_hello()
+    for n in range(1, SNIFF_BYTES):
+        assert classify(hello[:n], timed_out=True) is FirstBytes.INVALID
+    assert classify(hello, timed_out=True) is FirstBytes.TLS
+    assert classify(b"alice", timed_out=True) is FirstBytes.PLAIN
 
 
 def test_only_the_first_six_bytes_count() -> None:
