@@ -34,18 +34,31 @@ Server and client alike:
   node we may never have seen.  Links authenticate the client inside the tunnel instead
   (:mod:`lanchat.keyproof`).
 
+Threads.  OpenSSL forbids two threads in one ``SSL`` object at once, and CPython releases
+the GIL inside ``SSL_read``/``SSL_write``, so an ``ssl.SSLSocket`` cannot be shared by the
+hub's reader thread and its outbox writer (a known source of corrupted records and
+crashes).  :class:`TlsSocket` is what they share instead: an ``SSLObject`` on memory BIOs
+whose every call holds one lock (CPU only, microseconds), with the socket I/O done outside
+it; it offers the few socket methods ``stream`` uses (``recv``, ``send`` with
+``MSG_DONTWAIT``, ``sendall``, ``shutdown``, ``fileno``).
+
 Building block (like ``stream``): hub, links and the hub client may import it; it owns one
-kind of I/O, handing a key to ``ssl``.
+kind of I/O, TLS over a socket.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import hashlib
 import os
+import select
+import socket
 import ssl
 import tempfile
+import threading
+import time
 from typing import Protocol
 
 from cryptography import x509
@@ -55,11 +68,12 @@ from cryptography.x509.oid import NameOID
 
 from lanchat.errors import RemoteProtocolError, ValidationError
 from lanchat.feed import PublicKey, SigningKey, fingerprint
-from lanchat.limits import MAX_PEER_CERT_BYTES
+from lanchat.limits import MAX_PEER_CERT_BYTES, TLS_HANDSHAKE_TIMEOUT_S
 
 __all__ = [
     "BadPeerCertificate",
     "PeerKeyMismatch",
+    "TlsSocket",
     "certificate_der",
     "certificate_pem",
     "client_context",
@@ -68,6 +82,7 @@ __all__ = [
     "peer_key",
     "peer_key_for",
     "server_context",
+    "tls_handshake",
 ]
 
 #: Validity of every lanchat certificate: nobody checks it, so it never expires (RFC 5280
@@ -269,3 +284,214 @@ def expect_key(conn: HasPeerCert, key: PublicKey, *, where: str = "") -> PublicK
     if got != key:
         raise PeerKeyMismatch(key.node, got, expected=key, where=where)
     return got
+
+
+# -- a TLS connection two threads can share ----------------------------------------------
+
+#: Bytes asked of the socket per read: a TLS record is at most 16 KiB plus overhead.
+_RECV_BYTES = 64 * 1024
+#: Most plaintext encrypted per ``send`` call: a bound on the ciphertext held back when
+#: the socket is full (four full records).
+_MAX_PLAIN_PER_SEND = 64 * 1024
+
+
+def tls_handshake(sock: socket.socket, ctx: ssl.SSLContext, *, server_side: bool,
+                  timeout: float = TLS_HANDSHAKE_TIMEOUT_S) -> TlsSocket:
+    """Run the TLS handshake on the connected ``sock``; the :class:`TlsSocket` over it.
+
+    The whole handshake must end within ``timeout`` seconds (``TimeoutError`` otherwise:
+    a peer that stalls holds no slot for long).  ``ssl.SSLError`` for a failed handshake,
+    ``ConnectionError`` if the peer closes during it.  ``sock``'s timeout is restored.
+    A client checks the server's key (:func:`expect_node`) before it sends anything.
+    """
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_side=server_side)
+    saved = sock.gettimeout()
+    end = time.monotonic() + timeout
+    try:
+        for _ in range(1000):  # a handshake is a few flights; the deadline ends it anyway
+            try:
+                obj.do_handshake()
+                done = True
+            except ssl.SSLWantReadError:
+                done = False
+            data = outgoing.read()
+            if data:
+                sock.settimeout(max(end - time.monotonic(), 0.001))
+                sock.sendall(data)
+            if done:
+                return TlsSocket(sock, obj, incoming, outgoing)
+            left = end - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the TLS handshake took too long")
+            sock.settimeout(left)
+            chunk = sock.recv(_RECV_BYTES)
+            if not chunk:
+                raise ConnectionError("the peer closed the connection during the TLS "
+                                      "handshake")
+            incoming.write(chunk)
+        raise TimeoutError("the TLS handshake did not end")
+    finally:
+        sock.settimeout(saved)
+
+
+class TlsSocket:
+    """TLS over a connected socket, for one reader thread and any writer threads at once.
+
+    Locks: ``_ssl`` guards the ``SSLObject`` and both memory BIOs, and is never held
+    during socket I/O.  ``_send`` (taken before ``_ssl``, never after) orders the writers:
+    records leave in the order they were made.  The reader takes only ``_ssl``, so it
+    never waits for a writer blocked on a full socket; what reading produces (the answer
+    to a peer's KeyUpdate) leaves with the next write, or at :meth:`flush`.
+
+    ``send(data, MSG_DONTWAIT)`` keeps the plain socket's promise that the count it
+    returns is exactly what will reach the peer.  Once encrypted, plaintext cannot be
+    taken back, so when the socket takes only part of the new records, the rest waits
+    (``_pending``) and the count *withholds the last byte* encrypted: the caller sends
+    that byte again with the rest of its data, and it is recognized and skipped
+    (``_carry``), so it is sent once, and the caller -- which now has something left to
+    send -- is sure to come back and flush what waits.  (Only if the caller then drops
+    its data instead, as an outbox cutting a stalled receiver does, has that one byte
+    already gone: the receiver is being cut off anyway.)
+    """
+
+    def __init__(self, sock: socket.socket, obj: ssl.SSLObject, incoming: ssl.MemoryBIO,
+                 outgoing: ssl.MemoryBIO) -> None:
+        self._sock = sock
+        self._obj = obj
+        self._in = incoming
+        self._out = outgoing
+        self._ssl = threading.Lock()  # guards _obj, _in, _out
+        self._send = threading.Lock()  # guards _pending, _carry and the order of writes
+        #: Ciphertext made but not yet taken by the socket.
+        self._pending = b""
+        #: The last plaintext byte encrypted but not counted as sent (see above).
+        self._carry: int | None = None
+
+    # -- what the caller needs of a socket --
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        """Up to ``bufsize`` bytes of plaintext; ``b""`` at the end of the stream.
+
+        Blocks, or raises ``BlockingIOError``/``TimeoutError``, as the socket does.  An end
+        without TLS's close_notify is an end too: lanchat's frames are lines, and a line
+        cut short is dropped whole.
+        """
+        if flags & socket.MSG_PEEK:
+            raise ValueError("MSG_PEEK is not supported on a TLS connection")
+        while True:
+            with self._ssl:
+                try:
+                    return self._obj.read(bufsize)
+                except ssl.SSLWantReadError:
+                    pass
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    return b""
+            chunk = self._sock.recv(_RECV_BYTES, flags)
+            with self._ssl:
+                if chunk:
+                    self._in.write(chunk)
+                else:
+                    self._in.write_eof()
+
+    def send(self, data: bytes | memoryview, flags: int = 0) -> int:
+        """Encrypt and send a prefix of ``data``; how many bytes of it (see the class).
+
+        Non-blocking with ``MSG_DONTWAIT`` or a non-blocking socket: ``BlockingIOError``
+        when nothing can be taken, like a socket; never 0 for non-empty ``data``.  On a
+        blocking socket (or one with a timeout) it sends all it accepts before returning.
+        """
+        view = memoryview(data).cast("B")
+        if not (flags & socket.MSG_DONTWAIT) and self._sock.gettimeout() != 0.0:
+            chunk = view[:_MAX_PLAIN_PER_SEND]
+            self.sendall(chunk)
+            return len(chunk)
+        with self._send:
+            skip = self._skip_carry(view)
+            self._pending = self._pending[self._raw_send(self._pending, flags):]
+            if self._pending:  # the socket is still full: accept nothing new
+                if skip:
+                    self._carry = view[0]
+                raise BlockingIOError(errno.EAGAIN, "the socket is full")
+            chunk = view[skip:skip + _MAX_PLAIN_PER_SEND]
+            if not chunk:
+                return skip
+            with self._ssl:
+                self._obj.write(chunk)
+                out = self._out.read()
+            self._pending = out[self._raw_send(out, flags):]
+            if not self._pending:
+                return skip + len(chunk)
+            self._carry = chunk[-1]  # withheld: the caller comes back with it
+            if skip + len(chunk) - 1 == 0:
+                raise BlockingIOError(errno.EAGAIN, "the socket is full")
+            return skip + len(chunk) - 1
+
+    def sendall(self, data: bytes | memoryview) -> None:
+        """Encrypt and send all of ``data`` (blocking, with the socket's timeout)."""
+        view = memoryview(data).cast("B")
+        with self._send:
+            skip = self._skip_carry(view)
+            with self._ssl:
+                if len(view) > skip:
+                    self._obj.write(view[skip:])
+                out = self._out.read()
+            data_out, self._pending = self._pending + out, b""
+            self._sock.sendall(data_out)
+
+    def flush(self) -> None:
+        """Send what waits (records a read made, a full socket's rest); blocking."""
+        self.sendall(b"")
+
+    def _skip_carry(self, view: memoryview) -> int:
+        """1 if ``view`` starts with the byte withheld last time (already encrypted)."""
+        carry, self._carry = self._carry, None
+        return 1 if carry is not None and len(view) and view[0] == carry else 0
+
+    def _raw_send(self, data: bytes, flags: int) -> int:
+        if not data:
+            return 0
+        try:
+            return self._sock.send(data, flags)
+        except BlockingIOError:
+            return 0
+
+    def wait_writable(self, timeout: float) -> bool:
+        """True once the socket can take more (for a caller without its own poller)."""
+        poller = select.poll()
+        poller.register(self._sock, select.POLLOUT)
+        return bool(poller.poll(timeout * 1000))
+
+    def shutdown(self, how: int) -> None:
+        self._sock.shutdown(how)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def settimeout(self, timeout: float | None) -> None:
+        self._sock.settimeout(timeout)
+
+    def gettimeout(self) -> float | None:
+        return self._sock.gettimeout()
+
+    def getpeername(self) -> object:
+        return self._sock.getpeername()
+
+    # -- TLS --
+
+    def getpeercert(self, binary_form: bool = False) -> object:
+        with self._ssl:
+            return self._obj.getpeercert(binary_form)
+
+    def version(self) -> str | None:
+        with self._ssl:
+            return self._obj.version()
+
+    def __enter__(self) -> TlsSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
