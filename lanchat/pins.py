@@ -42,6 +42,7 @@ from lanchat.limits import MAX_KNOWN_PINS, MAX_PIN_NAME_CHARS
 __all__ = [
     "HUBS_HEADER",
     "PEERS_HEADER",
+    "HubDecision",
     "PeerDecision",
     "PeerPins",
     "PeerVerdict",
@@ -53,6 +54,7 @@ __all__ = [
     "accept_key_command",
     "changed_hub_message",
     "check_name",
+    "decide_hub",
     "hub_name",
     "new_hub_message",
 ]
@@ -248,6 +250,48 @@ def changed_hub_message(check: PinCheck, path: str) -> str:
             "If you know why the key changed, compare the presented fingerprint with "
             "`lanchat status`\non the hub's machine, then accept the new key with:\n"
             f"  {accept_key_command(check.name, check.key)}")
+
+
+@dataclass(frozen=True, slots=True)
+class HubDecision:
+    """``lanchat connect``'s whole decision on the key a hub presented."""
+
+    check: PinCheck
+    #: Go on (a match, a new hub, a change the user accepted); else refuse, sending nothing.
+    proceed: bool
+    #: The pins to save, or None when they stay as they are.
+    pins: Pins | None
+    #: What to print (to stderr), or None.
+    message: str | None
+
+
+def decide_hub(pins: Pins, name: str, key: PublicKey, path: str, *,
+               accept: str | None = None) -> HubDecision:
+    """Decide on hub ``name`` presenting ``key``, the pins of ``path`` being ``pins``.
+
+    ``accept`` is ``--accept-key NODE``: a changed key is accepted only if it is that
+    node's, and with it any other key is refused, even at first contact (the user said
+    which hub they expect).  Run it inside ``pinfile.update`` so that two clients at once
+    decide on the same file.
+    """
+    check = pins.check(name, key)
+    if accept is not None and accept != key.node:
+        text = (f"hub {name} presented node {key.node} (fingerprint {fingerprint(key)}), "
+                f"not node {accept} as --accept-key says. Not connected: nothing was sent.")
+        if check.status is PinStatus.CHANGED:
+            text = changed_hub_message(check, path) + "\n" + text
+        return HubDecision(check, False, None, text)
+    if check.status is PinStatus.MATCH:
+        return HubDecision(check, True, None, None)
+    if check.status is PinStatus.NEW:
+        return HubDecision(check, True, pins.pinned(name, key), new_hub_message(check, path))
+    if accept is None:
+        return HubDecision(check, False, None, changed_hub_message(check, path))
+    assert check.old is not None
+    return HubDecision(check, True, pins.pinned(name, key),
+                       f"hub {name}: the new key is accepted as you asked and pinned in "
+                       f"{path}: node {key.node}, fingerprint {fingerprint(key)} (it was node "
+                       f"{check.old.node}, fingerprint {fingerprint(check.old)})")
 
 
 # -- the daemon's peers -------------------------------------------------------------------

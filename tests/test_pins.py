@@ -20,12 +20,14 @@ from lanchat.pins import (
     PEERS_HEADER,
     PeerPins,
     PeerVerdict,
+    PinCheck,
     PinFileError,
     Pins,
     PinStatus,
     TrustPolicy,
     changed_hub_message,
     check_name,
+    decide_hub,
     hub_name,
     new_hub_message,
 )
@@ -126,6 +128,24 @@ def test_check_new_match_changed_and_the_messages() -> None:
     assert warning.rstrip().endswith(f"lanchat connect --accept-key {new.node} hub:7000")
     with pytest.raises(ValueError):
         changed_hub_message(pins.check("hub:7000", old), "x")
+
+
+def test_decide_hub_with_accept_key_expects_that_node_even_at_first_contact() -> None:
+    k, other = key(), key()
+    fresh = decide_hub(Pins(), "hub:1", k, "kh", accept=k.node)
+    assert fresh.proceed and fresh.pins is not None and fresh.pins.get("hub:1") == k
+    refused = decide_hub(Pins(), "hub:1", k, "kh", accept=other.node)
+    assert not refused.proceed and refused.pins is None
+    assert f"not node {other.node}" in (refused.message or "")
+    pinned = Pins().pinned("hub:1", other)
+    changed = decide_hub(pinned, "hub:1", k, "kh")
+    assert not changed.proceed and changed.pins is None
+    assert isinstance(changed.check, PinCheck) and changed.check.old == other
+    ok = decide_hub(pinned, "hub:1", k, "kh", accept=k.node)
+    assert ok.proceed and ok.pins is not None and ok.pins.get("hub:1") == k
+    assert fingerprint(other) in (ok.message or "") and fingerprint(k) in (ok.message or "")
+    match = decide_hub(pinned, "hub:1", other, "kh")
+    assert match.proceed and match.pins is None and match.message is None
 
 
 # -- the daemon's peers -------------------------------------------------------------------

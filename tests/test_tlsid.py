@@ -26,9 +26,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from lanchat import tlsid
+from lanchat import pinfile, tlsid
 from lanchat.feed import PublicKey, SigningKey, fingerprint
 from lanchat.limits import MAX_PEER_CERT_BYTES
+from lanchat.pins import HUBS_HEADER, HubDecision, Pins, PinStatus, decide_hub, hub_name
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -43,10 +44,11 @@ class EchoServer:
     """Accepts TLS connections on 127.0.0.1 one after another; answers each line with
     ``<node id> <line>`` and closes at ``quit``; records what each connection negotiated."""
 
-    def __init__(self, key: SigningKey, ctx: ssl.SSLContext | None = None) -> None:
+    def __init__(self, key: SigningKey, ctx: ssl.SSLContext | None = None,
+                 port: int = 0) -> None:
         self.key = key
         self.ctx = ctx or tlsid.server_context(key)
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener = socket.create_server(("127.0.0.1", port))
         self.listener.settimeout(0.2)
         self.port = self.listener.getsockname()[1]
         self.versions: list[str | None] = []
@@ -296,3 +298,64 @@ def test_expect_node_refuses_a_connection_without_certificate() -> None:
     with pytest.raises(tlsid.BadPeerCertificate):
         tlsid.expect_node(_Der(None), new_key().node)  # type: ignore[arg-type]
 
+
+
+# -- lanchat connect's trust on first use, over real TLS ---------------------------------
+
+def connect_pinned(port: int, path: str, accept: str | None = None) -> HubDecision:
+    """What the wired ``lanchat connect`` is to do: TLS, the hub's key, decide under the
+    pin file's lock, and speak only if the decision says so."""
+    with tls_connect(port) as conn:
+        key = tlsid.peer_key(conn.getpeercert(binary_form=True))
+        decided: list[HubDecision] = []
+
+        def change(pins: Pins) -> Pins:
+            decided.append(decide_hub(pins, hub_name("127.0.0.1", port), key, path,
+                                      accept=accept))
+            return decided[-1].pins or pins
+
+        pinfile.update(path, change, HUBS_HEADER)
+        decision = decided[-1]
+        if decision.proceed:
+            conn.sendall(b"hello\nquit\n")
+            assert conn.makefile("rb").readline() == key.node.encode() + b" hello\n"
+        return decision
+
+
+def test_connect_pins_at_first_contact_and_refuses_a_changed_hub_key(tmp_path: Path) -> None:
+    path = str(tmp_path / "state" / "known_hubs")
+    first, second = new_key(), new_key()
+    srv = EchoServer(first)
+    port = srv.port
+    try:
+        new = connect_pinned(port, path)
+        assert new.check.status is PinStatus.NEW and new.proceed
+        assert fingerprint(first.public) in (new.message or "")
+        again = connect_pinned(port, path)
+        assert again.check.status is PinStatus.MATCH and again.proceed and not again.message
+    finally:
+        srv.close()
+    srv = EchoServer(second, port=port)  # the "same hub" comes back with another key
+    try:
+        changed = connect_pinned(port, path)
+        assert changed.check.status is PinStatus.CHANGED and not changed.proceed
+        warning = changed.message or ""
+        assert "HAS CHANGED" in warning and fingerprint(first.public) in warning
+        assert fingerprint(second.public) in warning
+        command = f"lanchat connect --accept-key {second.node} 127.0.0.1:{port}"
+        assert command in warning
+        assert srv.versions == ["TLSv1.3"] and not srv.errors  # nothing was sent to it
+        assert pinfile.load(path).get(f"127.0.0.1:{port}") == first.public  # unchanged
+        # accepting another node id than the one presented accepts nothing
+        wrong = connect_pinned(port, path, accept=first.node)
+        assert not wrong.proceed and "not node" in (wrong.message or "")
+        accepted = connect_pinned(port, path, accept=second.node)
+        assert accepted.proceed and "accepted" in (accepted.message or "")
+        assert connect_pinned(port, path).check.status is PinStatus.MATCH
+    finally:
+        srv.close()
+    srv = EchoServer(first, port=port)  # the old key again: a change like any other
+    try:
+        assert not connect_pinned(port, path).proceed
+    finally:
+        srv.close()
