@@ -180,7 +180,9 @@ def _load_chain(ctx: ssl.SSLContext, key: SigningKey, scratch_dir: str | None) -
             fd = -1  # a kernel without memfd (or a seccomp filter): use a file
         if fd >= 0:
             try:
-                os.write(fd, data)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
                 ctx.load_cert_chain(f"/proc/self/fd/{fd}")
                 return
             except (OSError, ssl.SSLError):

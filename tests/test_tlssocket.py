@@ -213,6 +213,37 @@ def test_the_hubs_outbox_writes_through_it_to_a_slow_reader(
     assert bytes(received) == expected  # in order, nothing lost, nothing twice
 
 
+def test_send_on_a_blocking_socket_sends_what_it_counts(
+        pair: tuple[tlsid.TlsSocket, tlsid.TlsSocket]) -> None:
+    server, client = pair
+    data = os.urandom(200_000)
+    got = bytearray()
+    thread = threading.Thread(target=lambda: got.extend(_read_n(server, len(data))),
+                              name="reader")
+    thread.start()
+    try:
+        view = memoryview(data)
+        for _ in range(100):
+            if not view:
+                break
+            n = client.send(view)  # no MSG_DONTWAIT, a timeout socket: blocking
+            assert 0 < n <= 64 * 1024
+            view = view[n:]
+    finally:
+        thread.join(IO_TIMEOUT_S)
+    assert bytes(got) == data
+
+
+def _read_n(conn: tlsid.TlsSocket, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
 def test_handshake_deadline_and_a_peer_that_closes() -> None:
     ctx = tlsid.server_context(new_key())
     with socket.create_server(("127.0.0.1", 0)) as listener:
