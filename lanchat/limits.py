@@ -296,3 +296,47 @@ CONSOLE_KICK_INTERVAL_S = 0.05
 #: At most this many signals per queued line or wake-up (5 s in all): a main thread that
 #: takes longer is not in a read (it prints what is queued when it next reads a line).
 CONSOLE_MAX_KICKS = 100
+
+# -- private by default (issue 14: lanchat.tlsid, keyproof, sniff, pins, seal) -------------
+
+#: Seconds a TLS handshake (hub client or link) may take, from the first byte to the
+#: end of the handshake.  A LAN handshake takes a few milliseconds; a peer that has not
+#: finished after this is stalling and holds a connection slot for nothing.
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
+
+#: Seconds the hub waits for a new TCP connection's first byte before it takes the client
+#: for a plain text user and sends the greeting: a text client (``nc``) waits to be
+#: greeted, while a TLS client sends its ClientHello at once, so silence means plain.
+#: Above Linux's minimum retransmission timeout (200 ms), so a ClientHello whose first
+#: segment was lost once still arrives in time; short enough that a person at ``nc``
+#: barely notices the prompt's delay.
+FIRST_BYTE_GRACE_S = 0.3
+
+#: Longest peer certificate (DER) we parse.  Ours is about 300 bytes (an Ed25519 key, a
+#: name, two dates, a signature); 4 KiB leaves room for another implementation's
+#: extensions and refuses a certificate built to make the parser work.
+MAX_PEER_CERT_BYTES = 4096
+
+#: Longest known_hubs or known_peers file read, in bytes: MAX_KNOWN_PINS lines of about
+#: 120 bytes (a name, a node id, a key) each, with room for comments.
+MAX_PIN_FILE_BYTES = 1024 * 1024
+
+#: Most pins (hubs in known_hubs, peers in known_peers) one file may hold.  A person
+#: meets a few hubs; a daemon pins at most every peer it ever links to (presence allows
+#: 1,024 live nodes at once).  Past it the file is refused as corrupt, never trimmed.
+MAX_KNOWN_PINS = 4096
+
+#: Longest pin name (``host:port``, ``[v6 address]:port``, ``mdns:<instance>``): a DNS
+#: name (253) with a port and a prefix.
+MAX_PIN_NAME_CHARS = 300
+
+#: Longest signed X25519 key record (lanchat.seal): its body is about 130 bytes of ASCII
+#: JSON; anything much longer is not one.
+MAX_DH_RECORD_BYTES = 512
+
+#: A sealed direct message's plaintext is padded to a multiple of this many bytes, so its
+#: size says only roughly how long the text is (a 2-byte length comes first).
+SEAL_PAD_BYTES = 64
+
+#: Longest plaintext a seal holds, in bytes: one message text.
+MAX_SEALED_TEXT_BYTES = MAX_TEXT_BYTES

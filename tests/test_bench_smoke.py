@@ -155,3 +155,18 @@ def test_bigroom_ngircd() -> None:
     """The big room on ngircd: every member JOINs #lobby."""
     require_tool("ngircd", "ngircd", "/usr/sbin/ngircd")
     _check_bigroom("ngircd", _bigroom("ngircd")["ngircd"])
+
+
+def test_tls_bench_smoke() -> None:
+    """bench/tls.py (issue 14's building blocks, pure CPU) runs small, figures are sane."""
+    p = subprocess.run([sys.executable, str(RUN.parent / "tls.py"), "--messages", "640",
+                        "--handshakes", "3", "--repeat", "1", "--json"],
+                       capture_output=True, timeout=45, check=False)
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    lines = p.stdout.decode().splitlines()
+    assert len(lines) == 1, lines
+    r = json.loads(lines[0])["results"]
+    assert r["handshake_ms"] > 0 and r["link_proof_us"] > 0 and r["open_us"] > 0
+    # a record per frame costs more than frames batched in one write, whatever the machine
+    assert r["tls_us_per_msg"] < r["tls_us_per_single"]
+    assert "OpenSSL" in r["openssl"]

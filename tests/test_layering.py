@@ -12,17 +12,19 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lanchat"
 #: Modules with no sockets, threads, sqlite, zeroconf, clock or environment.
 PURE = {"errors", "limits", "fields", "model", "framing", "events", "render", "wire",
         "textmode", "commands", "jsonrpc", "config", "linkproto", "paths", "ratelimit",
-        "presence", "auth", "completion", "feed"}
+        "presence", "auth", "completion", "feed", "keyproof", "sniff", "pins", "seal"}
 #: What a pure module may never import.
 IO_MODULES = {"socket", "threading", "sqlite3", "zeroconf", "select", "selectors",
               "subprocess", "asyncio", "ifaddr", "multiprocessing", "signal"}
 #: Adapters: each owns one kind of I/O and imports only the pure floor (and the
 #: building blocks: ``stream`` and ``lightthread`` of every connection, ``lineedit``
-#: of the terminal the two interactive clients read from and print to).
+#: of the terminal the two interactive clients read from and print to, ``tlsid`` the TLS
+#: contexts and key pinning of hub, links and hub client alike, ``pinfile`` the pin files
+#: of the hub client and the daemon).
 ADAPTERS = {"stream", "lightthread", "store", "hub", "control", "client", "hubclient",
             "discovery", "links", "sdnotify", "sdlisten", "logsetup", "memtrim", "keyfile",
-            "lineedit"}
-BUILDING_BLOCKS = {"stream", "lightthread", "lineedit"}
+            "lineedit", "tlsid", "pinfile"}
+BUILDING_BLOCKS = {"stream", "lightthread", "lineedit", "tlsid", "pinfile"}
 ENTRY_POINTS = {"daemon", "cli", "__main__"}
 
 
