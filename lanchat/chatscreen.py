@@ -20,6 +20,7 @@ a prompt_toolkit buffer the loop alone touches, is never disturbed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -414,7 +415,9 @@ class ChatScreen:
                 return
             self._scheduled = True
             loop = self._loop
-        loop.call_soon_threadsafe(self._drain)
+        # A loop that closed meanwhile raises: the screen is gone, and the event with it.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._drain)
 
     def _drain(self) -> None:
         with self._lock:
@@ -468,6 +471,8 @@ class ChatScreen:
             self._finish()
 
     def _finish(self) -> None:
+        with self._lock:
+            self._loop = None  # what the source still says is dropped, not scheduled
         self.source.stop()
         for p in self._notifiers:
             try:
