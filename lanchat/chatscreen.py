@@ -98,9 +98,9 @@ STYLE = Style.from_dict({
 
 
 def notifications_wanted(env: dict[str, str]) -> bool:
-    """Desktop notifications: only where a session bus runs, ``notify-send`` exists, and
-    neither ``LANCHAT_NO_NOTIFY`` nor ``NO_COLOR``-style quiet (``LANCHAT_NOTIFY=0``) says no."""
-    if env.get("LANCHAT_NO_NOTIFY") or env.get("LANCHAT_NOTIFY", "1") == "0":
+    """Desktop notifications: only where a session bus runs and ``notify-send`` exists, and
+    not when ``LANCHAT_NO_NOTIFY`` is set (to anything non-empty, as ``NO_COLOR`` is)."""
+    if env.get("LANCHAT_NO_NOTIFY"):
         return False
     return bool(env.get("DBUS_SESSION_BUS_ADDRESS")) and shutil.which("notify-send") is not None
 

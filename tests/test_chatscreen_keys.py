@@ -22,7 +22,7 @@ from prompt_toolkit.input.base import PipeInput
 from prompt_toolkit.output.vt100 import Vt100_Output
 
 from lanchat.chatmodel import ChatModel, Event, Got, People, Person
-from lanchat.chatscreen import EXIT_INTERRUPTED, EXIT_OK, ChatScreen
+from lanchat.chatscreen import EXIT_INTERRUPTED, EXIT_OK, ChatScreen, notifications_wanted
 from lanchat.limits import SCREEN_PASTE_CONFIRM_OVER
 from lanchat.model import Message
 
@@ -279,3 +279,18 @@ def test_sixteen_colours_and_no_color(monkeypatch: pytest.MonkeyPatch, no_color:
     else:
         assert not any(c.startswith(("38;", "48;")) for c in used), used  # no 256/true colour
         assert len(used - {"39", "49"}) >= 3
+
+
+def test_desktop_notifications_need_a_bus_and_notify_send_and_no_opt_out(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    tool = tmp_path / "notify-send"
+    tool.write_text("#!/bin/sh\nexit 0\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    bus = {"DBUS_SESSION_BUS_ADDRESS": "unix:path=/run/user/1000/bus"}
+    assert notifications_wanted(bus)
+    assert not notifications_wanted({})
+    assert not notifications_wanted({**bus, "LANCHAT_NO_NOTIFY": "1"})
+    assert notifications_wanted({**bus, "LANCHAT_NO_NOTIFY": ""})
+    tool.unlink()
+    assert not notifications_wanted(bus)
