@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 import zlib
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from lanchat.limits import (
@@ -470,14 +471,18 @@ def _moves_text(entry: Entry) -> str:
     return f"-- {entry.text.split(' ', 1)[0]}: " + "; ".join(parts)
 
 
+def lines_backwards(buf: Buffer) -> Iterator[Fragments]:
+    """The buffer's lines, newest first, with a day separator above the first line of each
+    date: the screen takes only as many as it shows, however long the buffer."""
+    entries = buf.entries
+    for i in range(len(entries) - 1, -1, -1):
+        entry = entries[i]
+        yield fragments(entry)
+        day = day_of(entry.ts)
+        if i == 0 or day_of(entries[i - 1].ts) != day:
+            yield [("class:day", f"─── {day} ───")]
+
+
 def buffer_lines(buf: Buffer) -> list[Fragments]:
     """The buffer's lines, oldest first, with a day separator wherever the date changes."""
-    out: list[Fragments] = []
-    day = ""
-    for entry in buf.entries:
-        d = day_of(entry.ts)
-        if d != day:
-            out.append([("class:day", f"─── {d} ───")])
-            day = d
-        out.append(fragments(entry))
-    return out
+    return list(lines_backwards(buf))[::-1]

@@ -54,7 +54,7 @@ from lanchat.chatmodel import (
     ChatModel,
     Event,
     Fragments,
-    buffer_lines,
+    lines_backwards,
     paste_lines,
 )
 from lanchat.chatsource import Source
@@ -139,10 +139,9 @@ class _Log(UIControl):
     def create_content(self, width: int, height: int) -> UIContent:
         self.height = height
         buf = self.screen.model.shown
-        lines = buffer_lines(buf)
         rows: list[StyleAndTextTuples] = []
         need = height + buf.scroll
-        for line in reversed(lines):  # only as much as is shown is wrapped
+        for line in lines_backwards(buf):  # only as much as is shown is made and wrapped
             rows[:0] = wrap(line, width)
             if len(rows) >= need:
                 break

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -59,7 +60,8 @@ class FakeSource:
 
 
 class Harness:
-    def __init__(self, pipe: PipeInput, cols: int = COLS, rows: int = ROWS) -> None:
+    def __init__(self, pipe: PipeInput, cols: int = COLS, rows: int = ROWS, *,
+                 notify: bool = False) -> None:
         self.pipe = pipe
         self.raw = io.StringIO()
         self.size = Size(rows=rows, columns=cols)
@@ -68,7 +70,7 @@ class Harness:
         self.source = FakeSource()
         self.model = ChatModel(me="alice", room="lobby", node="a" * 16)
         self.screen = ChatScreen(self.model, self.source, input=pipe, output=self.output,
-                                 clock=lambda: T0)
+                                 clock=lambda: T0, notify=notify)
         self.term = pyte.Screen(cols, rows)
         self.stream = pyte.Stream(self.term)
         self._read = 0
@@ -294,3 +296,23 @@ def test_desktop_notifications_need_a_bus_and_notify_send_and_no_opt_out(
     assert notifications_wanted({**bus, "LANCHAT_NO_NOTIFY": ""})
     tool.unlink()
     assert not notifications_wanted(bus)
+
+
+def test_a_mention_and_a_direct_message_notify_the_desktop(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = tmp_path / "notified"
+    tool = tmp_path / "notify-send"
+    tool.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+
+    async def steps(h: Harness) -> None:
+        assert h.source.emit is not None
+        h.source.emit(Got(message("no name here")))
+        h.source.emit(Got(message("alice?")))
+        await h.settle()
+        h.source.emit(Got(message("psst", to="alice")))
+        await h.settle()
+    drive(steps, notify=True)  # leaving waits for the notifiers
+    assert log.read_text().splitlines() == ["--app-name=lanchat lanchat you were mentioned",
+                                            "--app-name=lanchat lanchat a direct message"]
