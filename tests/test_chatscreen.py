@@ -332,3 +332,26 @@ def test_plain_and_dumb_terminals_keep_the_line_mode(daemon: Daemon,
         assert t.pane("#{alternate_on}") == "0"
         t.keys("C-d")
         assert t.exit_status()[0] == 0
+
+
+def test_connect_reconnects_to_a_hub_that_restarts(daemon: Daemon,
+                                                   screens: Callable[..., Tmux]) -> None:
+    t = screens("connect", f"127.0.0.1:{daemon.port}", "--nick", "dora", "--room", "ops")
+    t.wait("the screen", lambda: "[connected]" in t.text() and "[1:#ops]" in t.text())
+    rpc(daemon, "send", text="psst dora", to="dora")
+    t.wait_text(" 2 owner")
+    t.keys("M-2")
+    t.wait_text("<owner> psst dora")
+    t.keys("M-1")
+    t.wait_text("[1:#ops]")
+    daemon.stop()
+    t.wait("reconnecting", lambda: "[reconnecting in" in t.text())
+    daemon.start()
+    t.wait("connected again", lambda: "[connected]" in t.text())
+    wait_for("dora back in #ops", lambda: any(u["nick"] == "dora" and u["room"] == "ops"
+                                              for u in rpc(daemon, "users")) or None, SETTLE_S)
+    t.type("back again")
+    t.keys("Enter")
+    wait_for("stored", lambda: "back again" in texts(daemon, "ops") or None, SETTLE_S)
+    t.keys("C-d")
+    assert t.exit_status()[0] == 0
