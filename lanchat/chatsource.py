@@ -93,6 +93,7 @@ class _Threads:
     def __init__(self) -> None:
         self.stopping = threading.Event()
         self.jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self.people_asked = threading.Event()  # a user-list refresh is queued
         self.emit: Emit = lambda event: None
         self._threads: list[threading.Thread] = []
 
@@ -118,6 +119,18 @@ class _Threads:
 
     def idle(self) -> None:
         """Run by the worker every REFRESH_S without jobs."""
+
+    def soon(self, job: Callable[[], None], pending: threading.Event) -> None:
+        """Queue ``job`` unless it is queued already (``pending`` set): a burst of joins
+        asks for the user list once, not once per join."""
+        if pending.is_set():
+            return
+        pending.set()
+
+        def once() -> None:
+            pending.clear()
+            job()
+        self.jobs.put(once)
 
     def join(self) -> None:
         self.stopping.set()
@@ -190,7 +203,7 @@ class DaemonSource(_Threads):
                 self.emit(Got(Message.from_dict(params)))
             elif method == "presence":
                 self.emit(Moved(Presence.from_dict(params)))
-                self.jobs.put(self._refresh)
+                self.soon(self._refresh, self.people_asked)
             elif method == "overflow":
                 raise ConnectionLost("lanchatd dropped this stream (we fell behind)")
         except ValidationError as exc:
@@ -368,7 +381,7 @@ class HubSource(_Threads):
                 self.emit(Got(Message.from_dict(frame.get("message")), own=True))
             elif kind == "presence":
                 self.emit(Moved(Presence.from_dict(frame.get("presence"))))
-                self._send(ListUsers())
+                self.soon(lambda: self._send(ListUsers()), self.people_asked)
             elif kind == "joined":
                 nick, room = frame.get("nick"), frame.get("room")
                 if isinstance(nick, str) and nick != self.my_nick:
@@ -404,14 +417,20 @@ class HubSource(_Threads):
         except OSError as exc:
             self.emit(Note(f"not sent: {exc.strerror or exc}", time.time(), error=True))
 
+    # Requests go through the worker, in order: the screen's loop never waits on a socket.
+
     def say(self, text: str, *, room: str, to: str | None) -> None:
-        if to is None and room != self.room:
-            self._send(Join(room))
-        self._send(Say(text, to=to))
+        def send() -> None:
+            if to is None and room != self.room:
+                self._send(Join(room))
+            self._send(Say(text, to=to))
+        self.jobs.put(send)
 
     def enter(self, room: str) -> None:
-        if room != self.room:
-            self._send(Join(room))
+        def join() -> None:
+            if room != self.room:
+                self._send(Join(room))
+        self.jobs.put(join)
 
     def nick(self, name: str) -> None:
-        self._send(Nick(name))
+        self.jobs.put(lambda: self._send(Nick(name)))
