@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import SETTLE_S, Daemon, lanchat_cmd, skip_or_fail, wait_for
+from conftest import SETTLE_S, Daemon, TextUser, lanchat_cmd, skip_or_fail, wait_for
 
 from lanchat.client import ControlClient
 
@@ -355,3 +355,14 @@ def test_connect_reconnects_to_a_hub_that_restarts(daemon: Daemon,
     wait_for("stored", lambda: "back again" in texts(daemon, "ops") or None, SETTLE_S)
     t.keys("C-d")
     assert t.exit_status()[0] == 0
+
+
+def test_a_crowd_joining_is_one_dimmed_line(daemon: Daemon, screens: Callable[..., Tmux],
+                                            clients: list[Any]) -> None:
+    t = chat(screens, daemon)
+    for i in range(12):
+        clients.append(TextUser(daemon.port, f"guest{i:02d}"))
+    t.wait_text("-- #lobby: 12 joined: guest00, guest01, guest02")
+    assert "guest04 and 7 more" in t.text()
+    t.wait("the user list", lambda: "13 here" in t.text())
+    assert "guest05 joined" not in t.text()
