@@ -366,3 +366,13 @@ def test_a_crowd_joining_is_one_dimmed_line(daemon: Daemon, screens: Callable[..
     assert "guest04 and 7 more" in t.text()
     t.wait("the user list", lambda: "13 here" in t.text())
     assert "guest05 joined" not in t.text()
+
+
+def test_connect_reports_a_refusal_before_opening_the_screen(
+        daemon: Daemon, screens: Callable[..., Tmux], clients: list[Any]) -> None:
+    clients.append(TextUser(daemon.port, "erin"))
+    t = screens("connect", f"127.0.0.1:{daemon.port}", "--nick", "erin")
+    status, flags = t.exit_status()
+    assert status == 1 and flags.split() == ["icanon", "echo"]
+    assert "the nick erin is taken" in t.stderr()
+    assert t.pane("#{alternate_on}") == "0"
