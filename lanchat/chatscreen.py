@@ -73,6 +73,9 @@ ROOMS_WIDTH = 18
 USERS_WIDTH = 20
 SIDE_PANELS_FROM = 70
 
+#: Seconds between redraws with nothing new: the status line's clock stays right.
+STATUS_REFRESH_S = 10.0
+
 #: Continuation rows of a wrapped line start under the text, after ``[HH:MM] ``.
 WRAP_INDENT = 8
 
@@ -183,6 +186,7 @@ class ChatScreen:
             layout=self._layout(), key_bindings=merge_key_bindings(
                 [load_key_bindings(), self._keys()]),
             style=STYLE, full_screen=True, mouse_support=True, input=input, output=output,
+            refresh_interval=STATUS_REFRESH_S,
             color_depth=ColorDepth.DEPTH_1_BIT if os.environ.get("NO_COLOR") else None)
 
     # -- layout ----------------------------------------------------------------------------
@@ -220,7 +224,7 @@ class ChatScreen:
         for p in people:
             mark = " " if p.local else "~"
             out.append(("" if p.local else "class:user.remote", f"{mark}{neutralise(p.nick)}"))
-            out.append(("class:dim", f" {neutralise(p.host)}\n"[:USERS_WIDTH]))
+            out.append(("class:dim", f" {neutralise(p.host)}"[:USERS_WIDTH] + "\n"))
         return out
 
     def _prompt(self) -> StyleAndTextTuples:

@@ -316,3 +316,15 @@ def test_a_mention_and_a_direct_message_notify_the_desktop(
     drive(steps, notify=True)  # leaving waits for the notifiers
     assert log.read_text().splitlines() == ["--app-name=lanchat lanchat you were mentioned",
                                             "--app-name=lanchat lanchat a direct message"]
+
+
+def test_the_user_list_keeps_one_person_a_row_whatever_their_host() -> None:
+    async def steps(h: Harness) -> None:
+        assert h.source.emit is not None
+        h.source.emit(People([Person("bob", "a-very-long-host-name.example.org", "lobby", True),
+                              Person("carol", "pc", "lobby", False)]))
+        await h.settle()
+        rows = h.rows()
+        assert any(r.endswith("│ bob a-very-long-hos") for r in rows)
+        assert any(r.endswith("│~carol pc") for r in rows)
+    drive(steps)
