@@ -1,10 +1,11 @@
 """The full-screen client in a real terminal: ``lanchat chat`` and ``lanchat connect`` in tmux.
 
-Each client runs in its own tmux server (``tmux -L <unique name>``, killed in a fixture's
-finally): the test types with ``send-keys`` and reads the screen with ``capture-pane``, so
-the assertions are on what a user sees.  What was sent is checked where it arrives: the
-other client's screen, or a daemon's history.  The daemons run on 127.0.0.1 with
-``--no-discovery`` and are linked with ``--peer``.
+Each client runs in its own tmux server (``tmux -S <socket in the test's directory>``,
+killed in a fixture's finally; the directory goes with the socket): the test types with
+``send-keys`` and reads the screen with ``capture-pane``, so the assertions are on what a
+user sees.  What was sent is checked where it arrives: the other client's screen, or a
+daemon's history.  The daemons run on 127.0.0.1 with ``--no-discovery`` and are linked
+with ``--peer``.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ class Tmux:
 
     def __init__(self, argv: list[str], workdir: str, *, env: dict[str, str] | None = None
                  ) -> None:
-        self.server = f"lanchat-test-{uuid.uuid4().hex[:12]}"
-        self.bell_file = os.path.join(workdir, f"{self.server}.bells")
-        self.err_file = os.path.join(workdir, f"{self.server}.err")
+        name = f"tmux-{uuid.uuid4().hex[:12]}"
+        self.server = os.path.join(workdir, name)  # the server's socket
+        self.bell_file = os.path.join(workdir, f"{name}.bells")
+        self.err_file = os.path.join(workdir, f"{name}.err")
         flags = "stty -a | tr ' ;' '\\n\\n' | grep -x -e icanon -e -icanon -e echo -e -echo"
         line = (f"{' '.join(f'{k}={shlex.quote(v)}' for k, v in (env or {}).items())} "
                 f"{shlex.join(argv)} 2>{shlex.quote(self.err_file)}; echo EXIT=$?; "
@@ -52,7 +54,7 @@ class Tmux:
                    f"run-shell 'echo bell >> {shlex.quote(self.bell_file)}'")
 
     def _tmux(self, *args: str) -> str:
-        return subprocess.run(["tmux", "-L", self.server, *args], capture_output=True,
+        return subprocess.run(["tmux", "-S", self.server, *args], capture_output=True,
                               text=True, timeout=20, check=True).stdout
 
     def keys(self, *keys: str, literal: bool = False) -> None:
@@ -104,7 +106,7 @@ class Tmux:
 
     def kill(self) -> None:
         with contextlib.suppress(subprocess.SubprocessError, OSError):
-            subprocess.run(["tmux", "-L", self.server, "kill-server"], capture_output=True,
+            subprocess.run(["tmux", "-S", self.server, "kill-server"], capture_output=True,
                            timeout=20, check=False)
 
 
@@ -253,7 +255,7 @@ def test_resizing_redraws(linked: tuple[Daemon, Daemon], screens: Callable[..., 
     rpc(b, "send", text="a line to keep on screen", room="lobby")
     alice.wait_text("<bob> a line to keep on screen")
     alice.type("typed")
-    subprocess.run(["tmux", "-L", alice.server, "resize-window", "-t", "main", "-x", "60",
+    subprocess.run(["tmux", "-S", alice.server, "resize-window", "-t", "main", "-x", "60",
                     "-y", "15"], check=True, timeout=20)
     # Narrow: no side lists; the message, the status line and the input are redrawn.
     alice.wait("the narrow layout", lambda: any(r.startswith("[") and "<bob> a line to keep"
