@@ -28,6 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 from prompt_toolkit.application import Application
 from prompt_toolkit.buffer import Buffer as InputBuffer
@@ -57,7 +58,6 @@ from lanchat.chatmodel import (
     lines_backwards,
     paste_lines,
 )
-from lanchat.chatsource import Source
 from lanchat.commands import Help, Join, ListUsers, Nick, Quit, Say
 from lanchat.errors import ValidationError
 from lanchat.limits import SCREEN_PASTE_CONFIRM_OVER
@@ -98,6 +98,16 @@ STYLE = Style.from_dict({
     "prompt": "bold",
     "confirm": "reverse bold",
 })
+
+
+class Source(Protocol):
+    """What the screen asks of where its events come from (lanchat.chatsource has two)."""
+
+    def start(self, emit: Callable[[Event], None]) -> None: ...
+    def say(self, text: str, *, room: str, to: str | None) -> None: ...
+    def enter(self, room: str) -> None: ...
+    def nick(self, name: str) -> None: ...
+    def stop(self) -> None: ...
 
 
 def notifications_wanted(env: dict[str, str]) -> bool:

@@ -2,7 +2,7 @@
 
 Both sources hand the screen the same :data:`lanchat.chatmodel.Event` values through
 one ``emit`` callable (which the screen makes safe to call from any thread), and take
-the same requests (:class:`Source`): say something, show a room, change nick.
+the same requests (``lanchat.chatscreen.Source``): say something, show a room, change nick.
 
 - :class:`DaemonSource` (``lanchat chat``): two control-socket connections, as the line
   mode has: a reader thread holds a subscription to every room, a worker thread makes
@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from lanchat.chatmodel import Event, Got, History, InRoom, Moved, Note, People, Person, State
 from lanchat.client import ConnectionLost, ControlClient, ControlTimeout, RpcError
@@ -47,16 +47,6 @@ from lanchat.render import neutralise
 REFRESH_S = 10.0
 
 Emit = Callable[[Event], None]
-
-
-class Source(Protocol):
-    """What the screen asks of where its events come from."""
-
-    def start(self, emit: Emit) -> None: ...
-    def say(self, text: str, *, room: str, to: str | None) -> None: ...
-    def enter(self, room: str) -> None: ...
-    def nick(self, name: str) -> None: ...
-    def stop(self) -> None: ...
 
 
 def _people(items: object, *, room: str | None = None) -> list[Person]:
