@@ -41,12 +41,11 @@ from prompt_toolkit.key_binding.defaults import load_key_bindings
 from prompt_toolkit.keys import Keys
 from prompt_toolkit.layout import HSplit, Layout, VSplit, Window
 from prompt_toolkit.layout.containers import ConditionalContainer
-from prompt_toolkit.layout.controls import BufferControl, FormattedTextControl, UIContent, UIControl
-from prompt_toolkit.mouse_events import MouseEvent, MouseEventType
+from prompt_toolkit.layout.controls import BufferControl, FormattedTextControl
 from prompt_toolkit.output import ColorDepth, Output
 from prompt_toolkit.styles import Style
-from prompt_toolkit.utils import get_cwidth
 
+from lanchat.chatlog import LogControl
 from lanchat.chatmodel import (
     DIRECT,
     HELP_LINES,
@@ -54,8 +53,6 @@ from lanchat.chatmodel import (
     ROOM,
     ChatModel,
     Event,
-    Fragments,
-    lines_backwards,
     paste_lines,
 )
 from lanchat.commands import Help, Join, ListUsers, Nick, Quit, Say
@@ -75,9 +72,6 @@ SIDE_PANELS_FROM = 70
 
 #: Seconds between redraws with nothing new: the status line's clock stays right.
 STATUS_REFRESH_S = 10.0
-
-#: Continuation rows of a wrapped line start under the text, after ``[HH:MM] ``.
-WRAP_INDENT = 8
 
 STYLE = Style.from_dict({
     "time": "ansibrightblack",
@@ -118,59 +112,6 @@ def notifications_wanted(env: dict[str, str]) -> bool:
     return bool(env.get("DBUS_SESSION_BUS_ADDRESS")) and shutil.which("notify-send") is not None
 
 
-def wrap(line: Fragments, width: int) -> list[StyleAndTextTuples]:
-    """Screen rows of one buffer line: ``\\n`` starts a row; a row wider than ``width``
-    goes on under the text (WRAP_INDENT columns in)."""
-    rows: list[StyleAndTextTuples] = [[]]
-    used = 0
-    indent = min(WRAP_INDENT, max(0, width // 3))
-    for style, text in line:
-        for ch in text:
-            if ch == "\n":
-                rows.append([])
-                used = 0
-                continue
-            w = get_cwidth(ch)
-            if used + w > width and used > indent:
-                rows.append([("", " " * indent)])
-                used = indent
-            rows[-1].append((style, ch))
-            used += w
-    return rows
-
-
-class _Log(UIControl):
-    """The shown buffer, bottom-anchored, scrolled by ``Buffer.scroll`` rows."""
-
-    def __init__(self, screen: ChatScreen) -> None:
-        self.screen = screen
-        self.height = 10
-
-    def is_focusable(self) -> bool:
-        return False
-
-    def create_content(self, width: int, height: int) -> UIContent:
-        self.height = height
-        buf = self.screen.model.shown
-        rows: list[StyleAndTextTuples] = []
-        need = height + buf.scroll
-        for line in lines_backwards(buf):  # only as much as is shown is made and wrapped
-            rows[:0] = wrap(line, width)
-            if len(rows) >= need:
-                break
-        buf.scroll = max(0, min(buf.scroll, len(rows) - height))
-        end = len(rows) - buf.scroll
-        shown: list[StyleAndTextTuples] = [[] for _ in range(height - (end - max(0, end - height)))]
-        shown += rows[max(0, end - height):end]
-        return UIContent(get_line=lambda i: shown[i], line_count=len(shown), show_cursor=False)
-
-    def mouse_handler(self, mouse_event: MouseEvent) -> None:
-        if mouse_event.event_type == MouseEventType.SCROLL_UP:
-            self.screen.scroll(3)
-        elif mouse_event.event_type == MouseEventType.SCROLL_DOWN:
-            self.screen.scroll(-3)
-
-
 class ChatScreen:
     """The application: ``run()`` until /quit, Ctrl-D (0) or Ctrl-C on an empty line (130)."""
 
@@ -191,7 +132,7 @@ class ChatScreen:
         history = InMemoryHistory()
         self.input = InputBuffer(multiline=False, history=history,
                                  accept_handler=self._accept)
-        self.log = _Log(self)
+        self.log = LogControl(self.model, self.scroll)
         self.app: Application[int] = Application(
             layout=self._layout(), key_bindings=merge_key_bindings(
                 [load_key_bindings(), self._keys()]),

@@ -437,7 +437,7 @@ SEND_MUST_NOT_LOAD = (
     "zeroconf", "sqlite3", "asyncio", "pathlib", "dataclasses", "inspect", "typing",
     "datetime", "threading", "signal", "readline", "lanchat.model", "lanchat.stream",
     "lanchat.hubclient", "lanchat.lineedit", "prompt_toolkit", "wcwidth",
-    "lanchat.chatscreen", "lanchat.chatsource", "lanchat.chatmodel",
+    "lanchat.chatscreen", "lanchat.chatsource", "lanchat.chatmodel", "lanchat.chatlog",
     "lanchat.store", "lanchat.router", "lanchat.hub", "lanchat.control", "lanchat.daemon",
 )
 
