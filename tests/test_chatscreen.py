@@ -378,3 +378,13 @@ def test_connect_reports_a_refusal_before_opening_the_screen(
     assert status == 1 and flags.split() == ["icanon", "echo"]
     assert "the nick erin is taken" in t.stderr()
     assert t.pane("#{alternate_on}") == "0"
+
+
+def test_remote_escapes_are_shown_not_obeyed(daemon: Daemon,
+                                             screens: Callable[..., Tmux]) -> None:
+    t = chat(screens, daemon)
+    title = t.pane("#{pane_title}")
+    rpc(daemon, "send", text="\x1b]2;pwned\x07\x1b[2J\x1b[31mred\u202e!", room="lobby")
+    t.wait_text("<owner> ^[]2;pwned^G^[[2J^[[31mred\\u202e!")
+    assert t.pane("#{pane_title}") == title and "pwned" not in title
+    assert "[connected]" in t.text()  # not cleared

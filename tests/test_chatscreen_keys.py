@@ -22,6 +22,7 @@ from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.input.base import PipeInput
 from prompt_toolkit.output.vt100 import Vt100_Output
 
+from lanchat.chatlog import WRAP_INDENT, wrap
 from lanchat.chatmodel import ChatModel, Event, Got, People, Person
 from lanchat.chatscreen import EXIT_INTERRUPTED, EXIT_OK, ChatScreen, notifications_wanted
 from lanchat.limits import SCREEN_PASTE_CONFIRM_OVER
@@ -328,3 +329,12 @@ def test_the_user_list_keeps_one_person_a_row_whatever_their_host() -> None:
         assert any(r.endswith("│ bob a-very-long-hos") for r in rows)
         assert any(r.endswith("│~carol pc") for r in rows)
     drive(steps)
+
+
+def test_wrapping_counts_terminal_cells() -> None:
+    rows = wrap([("class:time", "[12:00] "), ("", "漢字" * 10)], 30)
+    text = ["".join(t for _, t in r) for r in rows]
+    assert text[0] == "[12:00] " + ("漢字" * 6)[:11]  # 8 + 22 cells: no half character
+    assert all(line.startswith(" " * WRAP_INDENT) for line in text[1:])
+    assert sum(line.count("漢") + line.count("字") for line in text) == 20
+    assert wrap([("", "a\nb")], 20) == [[("", "a")], [("", "b")]]
