@@ -320,11 +320,19 @@ def cmd_nick(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def full_screen_terminal() -> bool:
+    """True when ``chat`` and ``connect`` open the full-screen client: standard input and
+    output are both terminals, and ``TERM`` names one that can draw (not unset or dumb)."""
+    return (sys.stdin.isatty() and sys.stdout.isatty()
+            and os.environ.get("TERM", "") not in ("", "dumb"))
+
+
 CHAT_HELP = "commands: /nick NAME, /me ACTION, /quit (or Ctrl-D)"
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    """Interactive chat: a thread prints the subscription while this one reads stdin.
+    """Interactive chat: the full-screen client on a terminal (lanchat.chatscreen), else
+    the line mode, where a thread prints the subscription while this one reads stdin.
 
     Two connections: the listener's blocks in ``recv`` for the stream, the
     sender's makes calls, so neither waits for the other.  Lines are read and
@@ -333,6 +341,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
     When the stream ends on its own (the daemon went away), the printer ends
     this thread's read with :meth:`~lanchat.lineedit.LineConsole.wake`.
     """
+    if not args.plain and full_screen_terminal():
+        from lanchat import chatscreen  # prompt_toolkit: only for the screen, never `send`
+
+        return chatscreen.run_daemon(args.socket_path, args.timeout, room=args.room)
+
     import threading
 
     from lanchat.lineedit import LineConsole  # readline and signal: not for `send`
@@ -447,7 +460,12 @@ def cmd_connect(args: argparse.Namespace) -> int:
     # Imported lazily: the hub client is only needed by this subcommand.
     from lanchat import hubclient  # type: ignore[attr-defined,unused-ignore]
 
-    result: int = hubclient.main(args.rest)
+    def screen(host: str, port: int, nick: str, room: str | None, key: bytes | None) -> int:
+        from lanchat import chatscreen  # prompt_toolkit: only for the screen
+
+        return chatscreen.run_hub(host, port, nick, room=room, key=key)
+
+    result: int = hubclient.main(args.rest, screen=screen if full_screen_terminal() else None)
     return result
 
 
@@ -514,8 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("chat", cmd_chat, "chat interactively through the daemon (/quit or Ctrl-D leaves)")
     p.add_argument("--plain", action="store_true",
-                   help="line mode (what every terminal gets for now): lines edited with "
-                        "readline on a terminal, plain lines in pipes")
+                   help="line mode even on a terminal (lines edited with readline) instead "
+                        "of the full-screen client; pipes and TERM=dumb always get it")
     p.add_argument("--room", default="lobby", help="room to chat in (default: lobby)")
     p.add_argument("-n", "--limit", dest="n", type=_count(0, 1000), default=10, metavar="N",
                    help="recent messages to show first (default 10)")

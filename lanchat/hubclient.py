@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import logging
 import os
 import select
@@ -496,6 +497,14 @@ class TcpSession(_Session):
             self.gone.set()
             self._wake_main()
 
+    def frames(self, data: bytes) -> list[dict[str, Any]]:
+        """The complete JSON frames ``data`` ends (with what came before it), in order.
+
+        For the full-screen client (:mod:`lanchat.chatsource`), which reads the socket
+        itself after :func:`open_json`.  Raises RemoteProtocolError for a runaway line."""
+        self._pending.extend(self.decoder.feed(data))
+        return self._pending_frames()
+
     def _pending_frames(self) -> list[dict[str, Any]]:
         frames: list[dict[str, Any]] = []
         pending, self._pending = self._pending, []
@@ -696,6 +705,27 @@ def _parse_typed(line: str, printer: _Printer) -> Command | None:
     return command
 
 
+def open_json(host: str, port: int, nick: str, *, room: str | None = None,
+              key: bytes | None = None) -> tuple[TcpSession, _Welcome]:
+    """Connect to a hub and say hello with no terminal: the full-screen client's way in.
+
+    The session prints nothing (its console writes to a discarded buffer); its caller
+    reads ``session.sock`` and turns data into frames with :meth:`TcpSession.frames`.
+    Raises :class:`ConnectError` as ``lanchat connect`` reports it."""
+    quiet = io.StringIO()
+    session = TcpSession(host, port, nick, _Printer(LineConsole(quiet, quiet, quiet)),
+                         room=room, key=key)
+    try:
+        session._connect()
+        welcome = session._handshake()
+    except BaseException:
+        session.close()
+        raise
+    assert session.sock is not None
+    session.sock.settimeout(None)
+    return session, welcome
+
+
 # -- entry point --------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -710,8 +740,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--room", metavar="ROOM", help="room to start in (default: lobby)")
     parser.add_argument("--udp", action="store_true", help="speak UDP text mode instead of TCP")
     parser.add_argument("--plain", action="store_true",
-                        help="line mode (what every terminal gets for now): lines edited with "
-                             "readline on a terminal, plain lines in pipes")
+                        help="line mode even on a terminal (lines edited with readline) instead "
+                             "of the full-screen client; pipes, TERM=dumb and --udp always get it")
     parser.add_argument("--secret-file", metavar="FILE",
                         help="prove the network's shared secret (a hub with a secret requires it)")
     return parser
@@ -751,14 +781,26 @@ def _ask_tty(prompt: str) -> str:
     return sys.stdin.readline()
 
 
-def main(args: list[str]) -> int:
-    """Run ``lanchat connect ARGS``; return the exit status."""
+#: The full-screen client, given by the CLI when the terminal can show it:
+#: ``screen(host, port, nick, room, key)`` runs it and returns the exit status.
+Screen = Callable[[str, int, str, "str | None", "bytes | None"], int]
+
+
+def main(args: list[str], *, screen: Screen | None = None) -> int:
+    """Run ``lanchat connect ARGS``; return the exit status.
+
+    With ``screen`` (stdin and stdout are a terminal), a TCP session without ``--plain``
+    opens the full-screen client; the line console then only reports errors and the hub
+    choice, so it is not given the terminal's stdin (no readline set-up under the screen)."""
     parsed = build_parser().parse_args(args)  # exits 2 on a usage error
-    with LineConsole(sys.stdout, sys.stderr, sys.stdin) as console:
-        return _run(parsed, _Printer(console))
+    if parsed.plain or parsed.udp:
+        screen = None
+    stdin = sys.stdin if screen is None else io.StringIO()
+    with LineConsole(sys.stdout, sys.stderr, stdin) as console:
+        return _run(parsed, _Printer(console), screen)
 
 
-def _run(parsed: argparse.Namespace, printer: _Printer) -> int:
+def _run(parsed: argparse.Namespace, printer: _Printer, screen: Screen | None = None) -> int:
     session: TcpSession | UdpSession | None = None
     try:
         nick = (parsed.nick if parsed.nick is not None
@@ -777,6 +819,8 @@ def _run(parsed: argparse.Namespace, printer: _Printer) -> int:
         else:
             host, port = _find_hub(printer)
         # No hint of our own here: the welcome line (the hub's, over UDP) says "Type /help".
+        if screen is not None:
+            return screen(host, port, nick, parsed.room, _secret(parsed.secret_file))
         if parsed.udp:
             if parsed.room is not None:
                 raise ConnectError("--room needs TCP; with --udp type /join ROOM", EXIT_USAGE)

@@ -340,3 +340,27 @@ SEAL_PAD_BYTES = 64
 
 #: Longest plaintext a seal holds, in bytes: one message text.
 MAX_SEALED_TEXT_BYTES = MAX_TEXT_BYTES
+# -- the full-screen chat client (lanchat.chatmodel, lanchat.chatscreen) ------------------------
+
+#: Lines a chat screen keeps per buffer (room or conversation): a long day in a busy room,
+#: a few hundred KB; older lines are dropped from the screen (the daemon keeps the history).
+SCREEN_MAX_LINES = 5000
+
+#: Messages loaded into a room's buffer when it is first shown (``lanchat chat``).
+SCREEN_HISTORY_ON_ENTRY = 100
+
+#: A paste of more lines than this asks before sending them (one message per line).
+SCREEN_PASTE_CONFIRM_OVER = 3
+
+#: Most lines one paste may send: a pasted file is not a conversation.
+SCREEN_MAX_PASTE_LINES = 200
+
+#: More join/leave notices than this in a row are folded into one line of the buffer.
+SCREEN_FOLD_PRESENCE_OVER = 3
+
+#: Typed lines kept for Up/Down.
+SCREEN_INPUT_HISTORY = 500
+
+#: Reconnecting to a daemon (or hub) that went away: first wait, then doubled up to the most.
+SCREEN_RECONNECT_FIRST_S = 0.5
+SCREEN_RECONNECT_MAX_S = 8.0

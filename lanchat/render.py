@@ -115,7 +115,7 @@ def stamp(ts: float, tz: _dt.tzinfo | None = None, *, now: float | None = None) 
     return f"[{clock(ts, tz)}]"
 
 
-def _lines(text: str) -> list[str]:
+def text_lines(text: str) -> list[str]:
     # LF splits lines; a CR before it is the sender's line ending, not content.
     return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
 
@@ -123,7 +123,7 @@ def _lines(text: str) -> list[str]:
 def is_action(text: str) -> bool:
     """True for a ``/me`` action: ``/me waves`` (or ``/me`` alone on its first line)."""
     first = text.split("\n", 1)[0]
-    first = first[:-1] if first.endswith("\r") else first  # as _lines() does
+    first = first[:-1] if first.endswith("\r") else first  # as text_lines() does
     return first.startswith("/me ") or (first == "/me" and "\n" in text)
 
 
@@ -142,7 +142,7 @@ def format_message(msg: Message, *, tz: _dt.tzinfo | None = None,
     if show_room:
         prefix += f"#{neutralise(msg.room)} "
     nick = neutralise(msg.nick)
-    lines = _lines(msg.text)
+    lines = text_lines(msg.text)
     first = lines[0]
     if is_action(msg.text):
         head = f"* {nick} {neutralise(first[4:])}"

@@ -430,12 +430,14 @@ def test_cli_import_is_light() -> None:
 
 
 #: What ``lanchat send`` must not load: the daemon's pieces, and what only other commands
-#: need (the message model and its dataclasses/inspect, datetime, threading, signal, typing).
+#: need (the message model and its dataclasses/inspect, datetime, threading, signal, typing,
+#: and the full-screen client of `chat` and `connect` with its library, prompt_toolkit).
 #: Each costs start-up time (HACKING.md, "Start-up of lanchat send").
 SEND_MUST_NOT_LOAD = (
     "zeroconf", "sqlite3", "asyncio", "pathlib", "dataclasses", "inspect", "typing",
     "datetime", "threading", "signal", "readline", "lanchat.model", "lanchat.stream",
-    "lanchat.hubclient", "lanchat.lineedit",
+    "lanchat.hubclient", "lanchat.lineedit", "prompt_toolkit", "wcwidth",
+    "lanchat.chatscreen", "lanchat.chatsource", "lanchat.chatmodel", "lanchat.chatlog",
     "lanchat.store", "lanchat.router", "lanchat.hub", "lanchat.control", "lanchat.daemon",
 )
 

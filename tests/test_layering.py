@@ -12,7 +12,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lanchat"
 #: Modules with no sockets, threads, sqlite, zeroconf, clock or environment.
 PURE = {"errors", "limits", "fields", "model", "framing", "events", "render", "wire",
         "textmode", "commands", "jsonrpc", "config", "linkproto", "paths", "ratelimit",
-        "presence", "auth", "completion", "feed", "keyproof", "sniff", "pins", "seal", "relay"}
+        "presence", "auth", "completion", "feed", "keyproof", "sniff", "pins", "seal", "relay",
+        "chatmodel"}
 #: What a pure module may never import.
 IO_MODULES = {"socket", "threading", "sqlite3", "zeroconf", "select", "selectors",
               "subprocess", "asyncio", "ifaddr", "multiprocessing", "signal"}
@@ -26,6 +27,9 @@ ADAPTERS = {"stream", "lightthread", "store", "hub", "control", "client", "hubcl
             "lineedit", "tlsid", "pinfile"}
 BUILDING_BLOCKS = {"stream", "lightthread", "lineedit", "tlsid", "pinfile"}
 ENTRY_POINTS = {"daemon", "cli", "__main__"}
+#: The full-screen chat client: above the adapters it reads from (the control-socket
+#: client and the hub client), below the CLI that opens it; the only prompt_toolkit users.
+SCREEN = {"chatsource", "chatscreen", "chatlog"}
 
 
 def imports_of(name: str) -> set[str]:
@@ -48,7 +52,21 @@ def modules() -> list[str]:
 
 def test_every_module_has_a_floor() -> None:
     for name in modules():
-        assert name in PURE | ADAPTERS | ENTRY_POINTS | {"router"}, f"{name}: which floor?"
+        assert name in PURE | ADAPTERS | ENTRY_POINTS | SCREEN | {"router"}, \
+            f"{name}: which floor?"
+
+
+def test_the_screen_uses_the_clients_only() -> None:
+    for name in sorted(SCREEN):
+        inner = {m.split(".")[1] for m in imports_of(name) if m.startswith("lanchat.")}
+        allowed = PURE | SCREEN | {"client", "hubclient"}
+        assert inner <= allowed, f"lanchat.{name} imports lanchat.{inner - allowed}"
+
+
+def test_only_the_screen_imports_prompt_toolkit() -> None:
+    for name in modules():
+        if any(m.split(".")[0] == "prompt_toolkit" for m in imports_of(name)):
+            assert name in ("chatscreen", "chatlog"), f"lanchat.{name} imports prompt_toolkit"
 
 
 def test_pure_floor_imports_no_io() -> None:
@@ -89,6 +107,7 @@ def test_cli_import_stays_light() -> None:
     code = ("import sys, lanchat.cli; "
             "print(' '.join(sorted(m for m in sys.modules if m in "
             "('zeroconf', 'sqlite3', 'asyncio', 'ifaddr', 'cryptography', 'lanchat.feed', "
+            "'prompt_toolkit', 'lanchat.chatscreen', 'lanchat.chatsource', "
             "'lanchat.keyfile', 'lanchat.daemon', 'lanchat.store', "
             "'lanchat.router', 'lanchat.hub', 'lanchat.control', 'lanchat.discovery'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

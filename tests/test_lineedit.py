@@ -122,7 +122,8 @@ def terminals() -> Iterator[list[Terminal]]:
 
 
 def chat(daemon: Daemon, terminals: list[Terminal], term: str = "xterm") -> Terminal:
-    t = Terminal([*lanchat_cmd(), "--socket", daemon.socket, "chat", "-n", "0"], term)
+    t = Terminal([*lanchat_cmd(), "--socket", daemon.socket, "chat", "--plain", "-n", "0"],
+                 term)
     terminals.append(t)
     t.wait("the prompt", lambda: t.shows_input(""))
     return t
@@ -130,7 +131,7 @@ def chat(daemon: Daemon, terminals: list[Terminal], term: str = "xterm") -> Term
 
 def connect(daemon: Daemon, terminals: list[Terminal], *, udp: bool = False) -> Terminal:
     t = Terminal([*lanchat_cmd(), "connect", f"127.0.0.1:{daemon.port}", "--nick", "bob",
-                  *(["--udp"] if udp else [])])
+                  "--plain", *(["--udp"] if udp else [])])
     terminals.append(t)
     welcome = "Welcome, bob!" if udp else "Connected to"
     t.wait("the welcome", lambda: any(welcome in r for r in t.lines()) and t.shows_input(""))
