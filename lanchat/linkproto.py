@@ -17,14 +17,17 @@ A link is a TCP connection to the other daemon's hub port, speaking JSON lines
    per origin, everything after its cursor, read from history and sent in
    order as ``msgs {m: [...]}`` -- and only then live messages.  Rosters of
    every node known follow as ``roster`` frames.
-3. Live messages follow as ``msgs`` frames too.  A receiver that gets a
-   message beyond a gap (it missed something) answers ``sync {cursors}``, and
-   the sender replays from there.  Duplicates are dropped by id.
+3. Live messages follow as ``msgs`` frames too, forwarded by the rule of
+   :mod:`lanchat.relay` (one copy per daemon in a full mesh).  A receiver that
+   gets a message beyond a gap (it missed something) answers ``sync {cursors}``,
+   and the sender replays from there; each side also sends its ``sync``
+   unasked every ANTI_ENTROPY_S.  Duplicates are dropped by id.
    When retention has pruned the start of an origin's history, the sender
    first says ``floor {origin, seq}``: "nobody can get you messages 1..seq of
    this origin from me"; the receiver moves its cursor there, and what
    follows extends its prefix again.
-4. ``roster {…}`` carries a node's users (see :mod:`lanchat.presence`).
+4. ``roster {…}`` carries a node's users and the nodes it is linked to (see
+   :mod:`lanchat.presence`).
 With a shared secret (:mod:`lanchat.auth`) the hello carries a ``nonce``; the
 welcome carries the acceptor's own ``nonce`` and a ``proof`` answering the
 dialer's; the dialer's first frame is then ``auth {proof}`` answering the
@@ -61,6 +64,10 @@ HEARTBEAT_S = 2.0
 #: Seconds of silence after which a link is declared dead (a crashed or
 #: unplugged peer is noticed this fast; four missed heartbeats).
 DEAD_AFTER_S = 8.0
+#: Seconds between two ``sync`` frames a link sends unasked (anti-entropy): the peer
+#: replays whatever we lack, e.g. a message the relay rule (lanchat.relay) expected us
+#: to get from a neighbour whose link to us had just died.
+ANTI_ENTROPY_S = 15.0
 #: Most messages in one ``msgs`` frame: keeps a frame far below MAX_LINK_FRAME.
 MAX_BATCH = 64
 #: Longest link frame: MAX_BATCH messages of 4 KiB, JSON-escaped, with slack.

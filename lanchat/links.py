@@ -160,6 +160,17 @@ class Link:
             self._cond.notify()
         return True
 
+    def vouch(self, events: Sequence[Event]) -> None:
+        """The peer gets these from their origin or sender (the router's relay rule), not
+        from us: count them as held, so the next message we do send it is in order.  If it
+        missed one after all, its next sync (anti-entropy) says so and we replay."""
+        with self._cond:
+            has = self._peer_has
+            for event in events:
+                m = event.item
+                if isinstance(m, Message) and m.seq == has.get(m.origin, 0) + 1:
+                    has[m.origin] = m.seq
+
     def send_roster(self, roster: NodeRoster) -> None:
         with self._cond:
             self._rosters[roster.node] = roster  # only the newest of each node matters
@@ -268,8 +279,14 @@ class Link:
     # -- the sender -------------------------------------------------------------------
 
     def _send_loop(self) -> None:
+        next_digest = time.monotonic() + linkproto.ANTI_ENTROPY_S
         try:
             while True:
+                if time.monotonic() >= next_digest:
+                    # Anti-entropy: what we hold, so the peer replays anything the relay
+                    # rule (or a lost link) made us miss.
+                    next_digest = time.monotonic() + linkproto.ANTI_ENTROPY_S
+                    self._queue_control(linkproto.encode_sync(self.manager.router.cursors()))
                 with self._cond:
                     while not (self._rosters or self._control or self._closing or (
                             self._synced and (self._live or self._resync))):

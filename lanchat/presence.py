@@ -45,13 +45,17 @@ class NodeRoster:
     host: str
     users: tuple[User, ...] = ()
     gone: bool = False
+    #: The nodes this node says it has a link up to (lanchat.relay: a link counts
+    #: when both ends list each other).
+    links: tuple[str, ...] = ()
 
     def newer_than(self, other: NodeRoster | None) -> bool:
         return other is None or (self.ver, self.gone) > (other.ver, other.gone)
 
     def to_dict(self) -> dict[str, Any]:
         return {"node": self.node, "ver": self.ver, "name": self.name, "host": self.host,
-                "gone": self.gone, "users": [_user_dict(u) for u in self.users]}
+                "gone": self.gone, "users": [_user_dict(u) for u in self.users],
+                "links": list(self.links)}
 
     @classmethod
     def from_dict(cls, d: object) -> NodeRoster:
@@ -74,8 +78,15 @@ class NodeRoster:
             raise ValidationError(f"the roster of {node} lists {len(raw)} users, more than "
                                   f"{MAX_ROSTER_USERS}", code="roster-limit")
         users = tuple(_user_from(u, node) for u in raw)
+        links = d.get("links", [])
+        if not isinstance(links, list):
+            raise ValidationError("roster links must be a list", code="bad-roster")
+        if len(links) > MAX_NODES:
+            raise ValidationError(f"the roster of {node} lists {len(links)} links, more than "
+                                  f"{MAX_NODES}", code="roster-limit")
+        linked = tuple(sorted({validate_node(x) for x in links} - {node}))
         return cls(node=node, ver=ver, name=name, host=host, users=users,
-                   gone=bool(d.get("gone", False)))
+                   gone=bool(d.get("gone", False)), links=linked)
 
 
 def _user_dict(u: User) -> dict[str, Any]:
@@ -167,7 +178,7 @@ class NetworkRoster:
         old = self._rosters.get(node)
         if old is None or old.gone:
             return None
-        gone = replace(old, users=(), gone=True)
+        gone = replace(old, users=(), gone=True, links=())
         self._rosters[node] = gone
         return gone, _diff(old, gone)
 

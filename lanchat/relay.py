@@ -63,15 +63,17 @@ def relay_targets(neighbours: Collection[str], *, me: str, origin: str, sender: 
                   links: LinkMap) -> list[str]:
     """The neighbours of ``me`` to pass a message of ``origin`` on to, first received from
     ``sender`` (None: from a client of ours).  See the module docstring."""
+    return [q for q in neighbours
+            if should_relay(q, me=me, origin=origin, sender=sender, links=links)]
+
+
+def should_relay(q: str, *, me: str, origin: str, sender: str | None, links: LinkMap) -> bool:
+    """Whether ``me`` passes a message of ``origin``, first received from ``sender``, on to
+    its neighbour ``q`` (see the module docstring)."""
+    if q == sender:
+        return False
     if origin == me:  # the origin sends to every neighbour: that is what the rule relies on
-        return [q for q in neighbours if q != sender]
-    out = []
-    for q in neighbours:
-        if q in (origin, sender):
-            continue
-        if links.linked(q, origin):
-            continue
-        if sender is not None and links.linked(q, sender):
-            continue
-        out.append(q)
-    return out
+        return True
+    if q == origin or links.linked(q, origin):
+        return False
+    return sender is None or not links.linked(q, sender)

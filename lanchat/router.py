@@ -58,6 +58,7 @@ from lanchat.limits import (
 from lanchat.model import DEFAULT_ROOM, Draft, Message, Presence, User, validate_nick
 from lanchat.presence import Change, NetworkRoster, NodeRoster, resolve_recipient
 from lanchat.ratelimit import NewOrigins
+from lanchat.relay import LinkMap, should_relay
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,10 @@ class LinkPeer(Protocol):
     node: str
 
     def deliver(self, events: Sequence[Event]) -> bool: ...
+    def vouch(self, events: Sequence[Event]) -> None:
+        """Messages the peer gets from their origin or sender (:mod:`lanchat.relay`), not
+        from us: count them as held.  Never blocks."""
+        ...
     def send_roster(self, roster: NodeRoster) -> None: ...
     def abort(self, reason: str) -> None:
         """End the link at once, never blocking (its ``deliver`` raised: a bug)."""
@@ -298,6 +303,8 @@ class Router:
         #: (link, what) said once in the log for that link, until it detaches.
         self._warned: set[tuple[object, str]] = set()
         self._roster = NetworkRoster(node)
+        #: Who is linked to whom, from every roster's ``links`` (lanchat.relay).
+        self._linkmap = LinkMap()
         # Microseconds of the clock: newer than any version we announced before a restart.
         self._roster_ver = int(clock() * 1_000_000)
         # Who is connected: kept per connection, changed one entry at a time by
@@ -752,8 +759,23 @@ class Router:
                         batch.append(event)
             dead = [sub for sub, batch in batches.items() if not self._hand(sub, batch)]
         broken: list[LinkPeer] = []
+        # Whom a message came from, if a link: the relay rule skips the sender's neighbours.
+        senders = {id(lk): lk.node for lk in self._links}
         for link in self._links:
-            mine = [e for e in events if isinstance(e.item, Message) and e.source is not link]
+            mine: list[Event] = []
+            vouched: list[Event] = []
+            for e in events:
+                m = e.item
+                if not isinstance(m, Message) or e.source is link:
+                    continue
+                sender = senders.get(id(e.source))
+                if should_relay(link.node, me=self.node, origin=m.origin, sender=sender,
+                                links=self._linkmap):
+                    mine.append(e)
+                else:
+                    vouched.append(e)
+            if vouched:
+                link.vouch(vouched)
             if mine and not self._hand(link, mine):
                 broken.append(link)
         for sub in dead:
@@ -934,6 +956,7 @@ class Router:
     def _do_attach(self, link: LinkPeer) -> None:
         if link not in self._links:
             self._links = (*self._links, link)
+            self._links_changed()
         for roster in (self._own_roster(), *self._roster.snapshot()):
             link.send_roster(roster)
 
@@ -941,12 +964,14 @@ class Router:
         if link not in self._links:
             return
         self._links = tuple(lk for lk in self._links if lk is not link)
+        self._links_changed()
         self._warned = {w for w in self._warned if w[0] is not link}
         direct = {lk.node for lk in self._links}
         for node in self._roster.vouched_by(link):
             if node in direct:
                 continue
             marked = self._roster.mark_gone(node)
+            self._linkmap.forget(node)
             if marked is not None:
                 gone, changes = marked
                 self._show_changes(changes, "unreachable")
@@ -974,6 +999,7 @@ class Router:
             self._roster.claim(roster.node, source)
         if changes is None:
             return
+        self._linkmap.set(roster.node, () if roster.gone else roster.links)
         self._show_changes(changes, "quit")
         for link in self._links:
             if link is not source:
@@ -1001,7 +1027,16 @@ class Router:
     def _own_roster(self) -> NodeRoster:
         mine = (self._me, *self._local_users.values())
         return NodeRoster(node=self.node, ver=self._roster_ver, name=self.name,
-                          host=self.host, users=mine)
+                          host=self.host, users=mine, links=tuple(sorted(self._linked_nodes())))
+
+    def _linked_nodes(self) -> set[str]:
+        return {lk.node for lk in self._links}
+
+    def _links_changed(self) -> None:
+        """Our links changed: our own entry of the link map now, our roster (which lists
+        them for the others' relay decisions) at the next flush."""
+        self._linkmap.set(self.node, self._linked_nodes())
+        self._roster_dirty = True
 
     def _own_user(self) -> User:
         return User(nick=self._nick, host=self.host, node=self.node, local=True,

@@ -95,7 +95,7 @@ def test_feed_bench_smoke() -> None:
 
 
 def test_mesh_bench_smoke() -> None:
-    """bench/mesh.py: a 2- and a 3-daemon mesh, every message everywhere once, copies sane."""
+    """bench/mesh.py: a 2- and a 3-daemon mesh, every message everywhere once, one copy."""
     p = subprocess.run([sys.executable, str(RUN.parent / "mesh.py"), "--sizes", "2,3",
                         "--messages", "20", "--rate", "50"], capture_output=True, timeout=55,
                        check=False)
@@ -105,8 +105,10 @@ def test_mesh_bench_smoke() -> None:
     two, three = json.loads(lines[0])["runs"]
     assert two["copies_per_daemon"] == [1.0]  # the calibration: one copy by definition
     assert two["delivered_min"] == three["delivered_min"] == 20
-    # each of 3 receivers takes in at least one copy, and no mesh of 3 needs more than 3
-    assert all(1.0 <= c <= 3.0 for c in three["copies_per_daemon"]), three
+    # lanchat.relay: in a full mesh each daemon takes in one copy (flooding: 1.6-1.8 here),
+    # and none goes back to the origin
+    assert all(0.9 <= c <= 1.2 for c in three["copies_per_daemon"]), three
+    assert three["copies_origin"] <= 0.1, three
     assert not two["link_sockets_changed"] and not three["link_sockets_changed"]
 
 

@@ -66,6 +66,25 @@ def test_roster_round_trips_and_users_are_remote_on_the_roster_node() -> None:
     assert all(u.node == NODE_C and not u.local for u in back.users)
 
 
+def test_a_rosters_links_round_trip_bounded_and_without_itself() -> None:
+    """The links a node lists (lanchat.relay) travel with its roster, checked and bounded."""
+    d = roster(NODE_B, 3).to_dict()
+    d["links"] = [NODE_C, ME, NODE_B, NODE_C]
+    r = NodeRoster.from_dict(d)
+    assert r.links == tuple(sorted({NODE_C, ME}))  # itself and repeats dropped
+    assert NodeRoster.from_dict(r.to_dict()) == r
+    assert NodeRoster.from_dict(roster(NODE_B, 3).to_dict()).links == ()  # none listed
+    too_many = [f"{i:016x}" for i in range(MAX_NODES + 1)]
+    for bad in ("x", [1], ["not a node"], too_many):
+        d["links"] = bad
+        with pytest.raises(ValidationError):
+            NodeRoster.from_dict(d)
+    net = NetworkRoster(ME)
+    net.apply(NodeRoster.from_dict({**r.to_dict(), "links": [NODE_C]}), via="l")
+    gone = net.mark_gone(NODE_B)
+    assert gone is not None and gone[0].links == ()  # an unreachable node is linked to none
+
+
 def test_users_claiming_another_node_are_pinned_to_the_roster_node() -> None:
     d = roster(NODE_C, 1, "carol").to_dict()
     d["users"][0]["node"] = NODE_B   # ignored: a node only speaks for its own users

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wait_for
 
 from lanchat.errors import LanchatError, RouterTimeout
 from lanchat.events import Event
@@ -52,9 +53,14 @@ class FakeLink(Sink):
         super().__init__(f"link {node}", **kw)
         self.node = node
         self.aborted: str | None = None
+        self.vouched: list[Event] = []
+        self.rosters: list[NodeRoster] = []
+
+    def vouch(self, events: Sequence[Event]) -> None:
+        self.vouched.extend(events)
 
     def send_roster(self, roster: NodeRoster) -> None:
-        pass
+        self.rosters.append(roster)
 
     def abort(self, reason: str) -> None:
         self.aborted = reason
@@ -103,6 +109,44 @@ def test_a_receiver_that_raises_is_dropped_and_the_fan_out_goes_on(router: Route
     broken.fail = False
     router.send(Draft(text="third", nick="owner", host="box"), timeout=5.0)
     assert broken.got == [] and after.texts() == ["first", "second", "third"]
+
+
+def test_a_full_mesh_relays_nothing_and_a_partial_one_relays_where_needed(
+        router: Router) -> None:
+    """lanchat.relay wired: a message of A, from A, goes to no neighbour that both says and
+    is said to be linked to A (they get it from A; the link counts it as held); our own
+    messages go to every link; our roster lists our links."""
+    a, b, c = "a1" * 8, "b2" * 8, "c3" * 8
+    me = router.node
+    links = {n: FakeLink(n) for n in (a, b, c)}
+    for link in links.values():
+        router.attach_link(link)
+
+    def roster(node: str, linked: set[str], ver: int = 1) -> NodeRoster:
+        return NodeRoster(node=node, ver=ver, name=node, host="h", links=tuple(sorted(linked)))
+
+    def got(node: str) -> list[str]:
+        return [e.item.text for e in links[node].got if isinstance(e.item, Message)]
+
+    # Nothing known yet: flood (the safe default).
+    router.accept_remote([remote(1, "a1", origin=a)], source=links[a])
+    assert got(b) == got(c) == ["a1"] and got(a) == []
+    # A, B and C say they are linked to each other and to us: a full mesh.
+    router.apply_roster(roster(a, {me, b, c}), source=links[a])
+    router.apply_roster(roster(b, {me, a, c}), source=links[b])
+    router.apply_roster(roster(c, {me, a, b}), source=links[c])
+    router.accept_remote([remote(2, "a2", origin=a)], source=links[a])
+    assert got(b) == got(c) == ["a1"]  # a2: from A itself
+    assert [e.item.text for e in links[b].vouched] == ["a2"]  # type: ignore[union-attr]
+    own = router.send(Draft(text="mine", nick="owner", host="box"), timeout=5.0)
+    assert all(got(n)[-1] == own.text for n in (a, b, c))
+    # C loses its link to A (C says so; A's claim alone no longer makes a link): C needs us.
+    router.apply_roster(roster(c, {me, b}, ver=2), source=links[c])
+    router.accept_remote([remote(3, "a3", origin=a)], source=links[a])
+    assert got(c)[-1] == "a3" and got(b)[-1] == "mine"
+    # Our roster lists our three links, for the others' decisions (at the next flush).
+    wait_for("our roster listing our links", lambda: any(
+        r.node == me and set(r.links) == {a, b, c} for r in list(links[a].rosters)), 10.0)
 
 
 def test_a_bug_while_storing_a_peers_batch_answers_the_link(store: Store, router: Router,
