@@ -35,6 +35,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,15 +145,23 @@ def _pump(sel: selectors.BaseSelector, until: float) -> None:
             key.data.read()
 
 
-def run_mesh(n: int, messages: int, rate: float) -> dict[str, Any]:
+def run_mesh(n: int, messages: int, rate: float, state_root: str | None = None
+             ) -> dict[str, Any]:
+    """One mesh of ``n``; ``state_root``: where the daemons keep their history (default:
+    each one's temporary directory under /tmp, on the disk)."""
     ports = [servers.free_port() for _ in range(n)]
     mesh: list[servers.Server] = []
     probes: list[Probe] = []
+    states: list[str] = []
     sel = selectors.DefaultSelector()
     try:
         for i in range(n):
             peers = [a for j in range(n) if j != i for a in ("--peer", f"127.0.0.1:{ports[j]}")]
-            srv = servers.start("lanchat", ["--port", str(ports[i]), "--nick", f"d{i}", *peers])
+            extra = ["--port", str(ports[i]), "--nick", f"d{i}", *peers]
+            if state_root is not None:
+                states.append(tempfile.mkdtemp(prefix="lcmesh", dir=state_root))
+                extra += ["--state-dir", states[-1]]  # the last --state-dir wins
+            srv = servers.start("lanchat", extra)
             mesh.append(srv)
         t0 = time.monotonic()
         while not _all_linked(mesh, n):
@@ -164,7 +173,9 @@ def run_mesh(n: int, messages: int, rate: float) -> dict[str, Any]:
             p = _probe(srv.port, f"p{i}")
             probes.append(p)
             sel.register(p.sock, selectors.EVENT_READ, p)
-        _pump(sel, time.monotonic() + 2.0)  # welcomes, presence settle
+        # Welcomes, and the rosters that every new link sets off (each relayed everywhere)
+        # settle before the idle window, or that window would count them as keepalives.
+        _pump(sel, time.monotonic() + 2.0 + 0.25 * n)
         pids = {s.pid for s in mesh}
         send_s = messages / rate
         # Idle window as long as the send: what links carry with nothing to say.
@@ -210,6 +221,8 @@ def run_mesh(n: int, messages: int, rate: float) -> dict[str, Any]:
         sel.close()
         for srv in mesh:
             _stop(srv)
+        for path in states:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _stop(srv: servers.Server) -> None:
@@ -229,11 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="2,4,10,20")
     ap.add_argument("--messages", type=int, default=300)
     ap.add_argument("--rate", type=float, default=100.0)
+    ap.add_argument("--state-root", default=None,
+                    help="keep the daemons' history here (e.g. /dev/shm: no disk flushes)")
     a = ap.parse_args(argv)
     sizes = sorted({int(x) for x in a.sizes.split(",")} | {2})
     if not 2 <= sizes[-1] <= 32 or not 1 <= a.messages <= 20_000 or not 0 < a.rate <= 2000:
         ap.error("sizes 2..32, messages 1..20000, rate (0, 2000]")
-    runs = [run_mesh(n, a.messages, a.rate) for n in sizes]
+    runs = [run_mesh(n, a.messages, a.rate, a.state_root) for n in sizes]
     one_copy = runs[0]["link_bytes"][1] / a.messages  # the 2-mesh receiver: one copy each
     for r in runs:
         per = [b / a.messages / one_copy for b in r["link_bytes"]]
@@ -242,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         r["copies_max"] = round(max(per[1:]), 2)
         r["copies_mean"] = round(statistics.mean(per[1:]), 2)
     print(json.dumps({"scenario": "mesh", "bytes_per_copy": round(one_copy, 1),
+                      "state_root": a.state_root or "/tmp (disk)",
                       "loadavg_1m": float(Path("/proc/loadavg").read_text().split()[0]),
                       "cpus": os.cpu_count(), "runs": runs}))
     return 0
