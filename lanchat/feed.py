@@ -530,15 +530,18 @@ class RunResult:
     """What became of a run a peer sent (:meth:`lanchat.router.Router.accept_run`).
 
     ``new``: the entries stored (and fanned out).  ``gap``: the run lies beyond a gap
-    (the link asks for a replay with ``sync``).  ``probe``: the run starts right after
-    our head but does not chain to it -- a fork we cannot prove yet; the link asks the
-    peer once to replay from that seq (so that it sends an entry we hold, and the two
-    versions overlap where :class:`ForkProof` can show them).
+    (the link asks for a replay with ``sync``).  ``fork``: see below.  ``probe``: the run
+    starts right after our head but does not chain to it -- a fork we cannot prove yet;
+    the link asks the peer once to replay from that seq (so that it sends an entry we hold,
+    and the two versions overlap where :class:`ForkProof` can show them).
     """
 
     new: list[Entry]
     gap: bool = False
     probe: int | None = None
+    #: The run showed a fork (we keep our version): the link sends the peer our version
+    #: once, so that it finds the fork too (it believed we held its version).
+    fork: bool = False
 
 
 

@@ -143,10 +143,11 @@ class Link:
         self._peer_has: dict[str, int] = {}
         # Reader thread only: origins' keys known on this link (checked against their
         # node ids, at most MAX_ORIGINS), the floor the peer announced for its next run,
-        # and the origins we asked once for an overlap that would prove a fork.
+        # the origins we asked once for an overlap that would prove a fork, and those
+        # whose fork we showed the peer (our version), once.
         self._keys: dict[str, PublicKey] = {}
         self._floor: linkproto.Floor | None = None
-        self._probed: set[str] = set()
+        self._probed: set[str | tuple[str, str]] = set()
         # Sender thread only: origins whose key went with a run on this link, and those
         # whose stored entries cannot be cut into runs (the origin broke its signing).
         self._keyed: set[str] = set()
@@ -274,6 +275,13 @@ class Link:
         result: RunResult = self.manager.router.accept_run(run, key, floor=pruned, source=self)
         if result.gap:
             self._queue_control(linkproto.encode_sync(self.manager.router.cursors()))
+        elif result.fork and ("fork", origin) not in self._probed:
+            # It holds the other version and believes we hold it too: show it ours, once.
+            self._probed.add(("fork", origin))
+            with self._cond:
+                self._peer_has[origin] = min(self._peer_has.get(origin, 0), run[0].seq - 1)
+                self._resync = True
+                self._cond.notify()
         elif result.probe is not None and origin not in self._probed:
             self._probed.add(origin)
             log.info("%r: %s's entry #%d does not follow the one we hold; asking for the "

@@ -728,12 +728,13 @@ class Router:
             ours = self._store.hash_at(origin, last)
             if ours is not None and ours != run[-1].hash:
                 self._fork(origin, run, item.key, source)
+                return RunResult([], fork=True)
             return RunResult([])
         if first <= cur:  # overlaps our head: it must hold our head's version
             head = self._hashes.get(origin)
             if head is not None and run[cur - first].hash != head:
                 self._fork(origin, run, item.key, source)
-                return RunResult([])
+                return RunResult([], fork=True)
         elif first == cur + 1:
             head = self._hashes.get(origin)
             if cur > 0 and head is not None and run[0].prev != head:
