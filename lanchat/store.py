@@ -17,9 +17,19 @@ The per-origin prefix invariant
     a message only when it extends its origin's prefix; anything else is a
     duplicate (already held) or sits beyond a gap (the link asks for a replay).
     The table ``high`` remembers, per origin, the highest seq *ever* stored
-    and the latest ts; a trigger keeps it up to date on every insert, so it
+    and the latest ts (and, for a signed feed, its head's entry hash and the
+    origin's public key); every write raises it in the same transaction (once
+    per origin, not per row: schema 6 dropped the per-row trigger), so it
     survives retention deleting old rows and is the one source of truth for
     ``cursors()``, the prefix rule and our own next seq.
+
+Signed feeds (schema 6)
+    A message of a signed feed (:mod:`lanchat.feed`) is stored with its entry:
+    the body bytes as signed (never re-serialized), the signature if it has
+    one, the entry hash, and ``checked`` -- we verified (a received run's
+    head) or made (our own) its signature, so a run we serve may end there.
+    Messages stored before schema 6 have none of these: they are shown
+    (``Message.signed`` False) but never served as entries.
 
 Thread model
     One thread writes (the router thread, HACKING.md): ``append_local``,
@@ -177,6 +187,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE high ADD COLUMN hash TEXT",
         "ALTER TABLE high ADD COLUMN key BLOB",
         "ALTER TABLE high ADD COLUMN forked INTEGER",
+        # ``high`` is now kept by the store's writes, once per origin and transaction: the
+        # trigger's upsert per row was most of what storing a catch-up cost.
+        "DROP TRIGGER messages_high",
     ),
 )
 
@@ -187,6 +200,14 @@ _COLUMNS = 'id, origin, seq, ts, room, nick, host, text, "to", mac, to_node, bod
 _INSERT = (
     'INSERT INTO messages (id, origin, seq, ts, room, nick, host, text, "to", uid, mac, '
     "received, to_node) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+#: Raise an origin's cursor (and latest ts) to a batch's; its head hash and key with it.
+_RAISE_HIGH = (
+    "INSERT INTO high (origin, seq, ts, hash, key) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (origin) DO UPDATE SET seq = max(seq, excluded.seq), "
+    "ts = max(ts, excluded.ts), "
+    "hash = CASE WHEN excluded.seq >= seq THEN excluded.hash ELSE hash END, "
+    "key = coalesce(key, excluded.key)"
 )
 _INSERT_ENTRY = (
     'INSERT INTO messages (id, origin, seq, ts, room, nick, host, text, "to", uid, '
@@ -517,6 +538,7 @@ class Store:
                      None, None, m.to_node)
                     for m, d in zip(messages, drafts, strict=True)
                 ])
+                conn.execute(_RAISE_HIGH, (origin, messages[-1].seq, stamp, None, None))
             else:
                 head = None if row is None or row[2] is None else FeedHead(row[0], row[2])
                 if row is not None and row[0] > 0 and head is None:
@@ -527,8 +549,8 @@ class Store:
                      None, m.to_node, e.body, e.sig, e.hash, e.sig is not None)
                     for e, m, d in zip(entries, messages, drafts, strict=True)
                 ])
-                conn.execute("UPDATE high SET hash = ?, key = ? WHERE origin = ?",
-                             (entries[-1].hash, key.public.raw, origin))
+                conn.execute(_RAISE_HIGH, (origin, messages[-1].seq, stamp, entries[-1].hash,
+                                           key.public.raw))
             keyed = [(_NO_UID if d.uid is None else d.uid, d.key, m.id)
                      for m, d in zip(messages, drafts, strict=True) if d.key is not None]
             if keyed:  # in the same transaction: a stored message always has its key
@@ -575,6 +597,7 @@ class Store:
         own_before = 0.0  # our latest ts before them
         stored: list[Message] = []
         high: dict[str, int] = {}
+        latest: dict[str, float] = {}  # origin -> the latest ts stored here
         with self._writing("write") as conn:
             for m in messages:
                 if m.origin not in high:
@@ -589,11 +612,14 @@ class Store:
                 conn.execute(_INSERT, (m.id, m.origin, m.seq, m.ts, m.room, m.nick, m.host,
                                        m.text, m.to, None, None, received, m.to_node))
                 high[m.origin] = m.seq
+                latest[m.origin] = max(latest.get(m.origin, m.ts), m.ts)
                 stored.append(m)
                 if m.origin == self._node_id:
                     own = m.ts if own is None else max(own, m.ts)
+            conn.executemany(_RAISE_HIGH, [(o, high[o], ts, None, None)
+                                           for o, ts in latest.items()])
             if own is not None and future is not None and own > future:
-                # The trigger took the claim as it was; bring our clock back to now (+ skew).
+                # The cursor took the claim as it was; bring our clock back to now (+ skew).
                 conn.execute("UPDATE high SET ts = max(?, ?) WHERE origin = ?",
                              (own_before, future, self._node_id))
         return stored
@@ -630,14 +656,13 @@ class Store:
                  e.body, e.sig, e.hash, m.seq == last_seq)
                 for e in fresh for m in (e.message,)
             ])
-            if fresh[0].message.seq != high + 1:  # a floor: the cursor jumps to the run
-                conn.execute("UPDATE high SET seq = ? WHERE origin = ?",
-                             (fresh[-1].message.seq, origin))
-            conn.execute("UPDATE high SET hash = ?, key = coalesce(key, ?) WHERE origin = ?",
-                         (fresh[-1].hash, key, origin))
+            # (after a floor, the cursor jumps to the run's end)
+            newest = max(e.message.ts for e in fresh)
+            conn.execute(_RAISE_HIGH, (origin, fresh[-1].message.seq, newest, fresh[-1].hash,
+                                       key))
             if origin == self._node_id and future is not None:
-                own = max(e.message.ts for e in fresh)
-                if own > future:  # the trigger took the claim; back to now (+ skew)
+                own = newest
+                if own > future:  # the cursor took the claim; back to now (+ skew)
                     conn.execute("UPDATE high SET ts = max(?, ?) WHERE origin = ?",
                                  (own_before, future, origin))
         return fresh

@@ -62,7 +62,7 @@ def test_a_message_forged_in_an_honest_nodes_name_is_refused(make_daemon: Any,
     wait_for("the forgery logged", lambda: f"the signature is not {nb}'s" in a.stderr(),
              SETTLE_S)
     # With B's real public key sent along (anyone can copy it), no better.
-    again = Rogue(a.port)
+    again = Rogue(a.port, RogueIdentity(signing=rogue_key("another rogue")))
     clients.append(again)
     again.handshake()
     again.feeds[nb] = forged
