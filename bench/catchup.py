@@ -72,7 +72,10 @@ def _daemon(python: str, env: dict[str, str], state: str, *extra: str) -> tuple[
     args = [python, "-m", "lanchat.daemon", "--port", "0", "--bind", "127.0.0.1",
             "--no-discovery", "--state-dir", state, "--socket", os.path.join(state, "c.sock"),
             "--nick", "bench", *extra]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    # cwd: `python -m` puts the working directory first on sys.path; run from a checkout,
+    # it would import that checkout's lanchat instead of the one being measured.
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                            cwd=state)
     assert proc.stderr is not None
     deadline = time.monotonic() + 30
     seen = b""
@@ -114,8 +117,9 @@ def one_run(repo: Path, messages: int, max_run_s: float) -> dict[str, Any]:
     try:
         src, dst = os.path.join(tmp, "s"), os.path.join(tmp, "r")
         os.makedirs(src, mode=0o700)
+        os.makedirs(dst, mode=0o700)
         subprocess.run([python, "-c", _FILL, src, str(messages)], env=env, check=True,
-                       capture_output=True, timeout=300)
+                       capture_output=True, timeout=300, cwd=tmp)
         sender, port = _daemon(python, env, src)
         try:
             t0 = time.monotonic()
