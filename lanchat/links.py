@@ -31,12 +31,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from lanchat import auth, linkproto
 from lanchat.commands import Hello
-from lanchat.errors import LanchatError, RemoteProtocolError, ValidationError
+from lanchat.errors import LanchatError, RemoteProtocolError, RouterTimeout, ValidationError
 from lanchat.events import Event
 from lanchat.feed import Entry, PublicKey, RunResult, SigningKey, StoredEntry, cut_runs, verify_run
 from lanchat.framing import LineDecoder
@@ -47,6 +48,7 @@ from lanchat.limits import (
     LINK_MAX_RATE,
     MAX_DAEMON_LINKS,
     MAX_ORIGINS,
+    ROUTER_HANDOFF_TIMEOUT_S,
     SHUTDOWN_TIMEOUT_S,
 )
 from lanchat.presence import NodeRoster
@@ -77,8 +79,8 @@ class LinkRouter(Protocol):
 
     def attach_link(self, link: Any) -> None: ...
     def detach_link(self, link: Any) -> None: ...
-    def accept_run(self, run: Sequence[Entry], key: PublicKey, *, floor: bool = False,
-                   source: object | None) -> RunResult: ...
+    def submit_run(self, run: Sequence[Entry], key: PublicKey, *, floor: bool = False,
+                   source: object | None) -> Future[RunResult]: ...
     def apply_roster(self, roster: NodeRoster, *, source: Any) -> None: ...
     def cursors(self) -> dict[str, int]: ...
     def refuse_roster(self, reason: str, *, source: Any) -> None: ...
@@ -146,6 +148,7 @@ class Link:
         # the origins we asked once for an overlap that would prove a fork, and those
         # whose fork we showed the peer (our version), once.
         self._keys: dict[str, PublicKey] = {}
+        self._in_flight: tuple[Future[RunResult], Sequence[Entry]] | None = None
         self._floor: linkproto.Floor | None = None
         self._probed: set[str | tuple[str, str]] = set()
         # Sender thread only: origins whose key went with a run on this link, and those
@@ -247,6 +250,7 @@ class Link:
                 yield linkproto.parse_frame(line)
         self._pending = []
         while True:
+            self._settle()  # what the router made of the last run, before we wait for more
             data = self.sock.recv(262144)
             if not data:
                 return
@@ -272,7 +276,19 @@ class Link:
             if run[-1].seq > self._peer_has.get(origin, 0):
                 self._peer_has[origin] = run[-1].seq
         pruned = floor is not None and floor.origin == origin and floor.seq == run[0].seq - 1
-        result: RunResult = self.manager.router.accept_run(run, key, floor=pruned, source=self)
+        # One run in flight: the router stores this one while we read and verify the next.
+        future = self.manager.router.submit_run(run, key, floor=pruned, source=self)
+        self._settle()
+        self._in_flight = (future, run)
+
+    def _settle(self) -> None:
+        """Wait for the router's answer to the run in flight (if any) and act on it."""
+        if self._in_flight is None:
+            return
+        future, run = self._in_flight
+        self._in_flight = None
+        result = _wait_run(future)
+        origin = run[0].origin
         if result.gap:
             self._queue_control(linkproto.encode_sync(self.manager.router.cursors()))
         elif result.fork and ("fork", origin) not in self._probed:
@@ -478,6 +494,18 @@ class Link:
         self.sock.close()
         self.manager._unregister(self, reason)
         self.done.set()
+
+
+def _wait_run(future: Future[RunResult]) -> RunResult:
+    """The router's answer to a run (LinkRouter.submit_run), as the router's own hand-offs
+    wait: RouterTimeout after ROUTER_HANDOFF_TIMEOUT_S (then the link ends)."""
+    try:
+        return future.result(ROUTER_HANDOFF_TIMEOUT_S)
+    except TimeoutError:
+        if future.done():
+            raise
+        raise RouterTimeout(f"the router did not answer within "
+                            f"{ROUTER_HANDOFF_TIMEOUT_S:g} s") from None
 
 
 def _checked(row: StoredEntry) -> bool:

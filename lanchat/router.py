@@ -430,9 +430,21 @@ class Router:
         storing it raised (always a :class:`LanchatError`): the answer comes back
         whatever happens on the router thread.
         """
+        return _wait(self.submit_run(run, key, floor=floor, source=source),
+                     ROUTER_HANDOFF_TIMEOUT_S)
+
+    def submit_run(self, run: Sequence[Entry], key: PublicKey, *, floor: bool = False,
+                   source: object | None) -> Future[RunResult]:
+        """:meth:`accept_run` without waiting: the answer comes in the future returned.
+
+        A link parses and verifies its next frame while the router stores this run (one
+        run in flight per link: it waits with :func:`wait_run` before the next).  Runs are
+        taken in the order submitted.  Raises :class:`RouterTimeout` if the inbox has no
+        room for ROUTER_HANDOFF_TIMEOUT_S.
+        """
         future: Future[RunResult] = Future()
         self._inbox.put(_Remote(run, key, floor, source, future), ROUTER_HANDOFF_TIMEOUT_S)
-        return _wait(future, ROUTER_HANDOFF_TIMEOUT_S)
+        return future
 
     def forked(self) -> dict[str, int]:
         """``{origin: seq}``: the origins found to have signed two entries for one seq."""

@@ -8,6 +8,7 @@ peer is dialed again, never dropped for good).  (Issue 13, case 10.)
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import pytest
@@ -45,9 +46,11 @@ class FakeRouter:
 
     key: SigningKey | None = None
 
-    def accept_run(self, run: Sequence[Entry], key: PublicKey, *, floor: bool = False,
-                   source: object | None) -> RunResult:
-        return RunResult(list(run))
+    def submit_run(self, run: Sequence[Entry], key: PublicKey, *, floor: bool = False,
+                   source: object | None) -> Future[RunResult]:
+        done: Future[RunResult] = Future()
+        done.set_result(RunResult(list(run)))
+        return done
 
     def forked(self) -> dict[str, int]:
         return {}
