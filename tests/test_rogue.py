@@ -1,10 +1,10 @@
 """A rogue daemon against a real lanchatd: what one hostile or broken peer cannot break.
 
-Each test plays a rogue peer with :class:`rogue.Rogue` (the real link protocol, a node id of
-its own choosing) against a daemon on loopback (discovery off), and checks what users see:
+Each test plays a rogue peer with :class:`rogue.Rogue` (the real link protocol, a key of its
+own, signed runs) against a daemon on loopback (discovery off), and checks what users see:
 text clients on the hub, ``lanchat history``/``tail``, ``lanchat peers``, the journal.  The
 daemon under attack must keep serving its honest peers and clients throughout.
-(Issue 13, cases 1, 2, 6, 10 and 12; signatures come later.)
+(Issue 13, cases 1, 2, 6, 10 and 12; the attacks on signed feeds are in test_rogue_feeds.py.)
 """
 
 from __future__ import annotations
