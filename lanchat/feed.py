@@ -83,6 +83,7 @@ __all__ = [
     "ENTRY_DOMAIN",
     "FEED_VERSION",
     "MSG_DOMAIN",
+    "UNSIGNED_PREV",
     "Entry",
     "FeedError",
     "FeedHead",
@@ -112,6 +113,9 @@ FEED_VERSION = 1
 MSG_DOMAIN = b"lanchat/msg/v1\x00"
 #: What an entry hash is over: this label, the body, then the signature (if any).
 ENTRY_DOMAIN = b"lanchat/entry/v1\x00"
+#: The ``prev`` of a feed's first signed entry when the entries before it were stored
+#: unsigned (a node whose key already named it before signed feeds): its chain starts there.
+UNSIGNED_PREV = "0" * 64
 #: Hex digits of a node id: 128 bits of SHA-256 of the public key.
 NODE_ID_DIGITS = 32
 PUBLIC_KEY_BYTES = 32

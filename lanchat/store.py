@@ -68,6 +68,7 @@ from pathlib import Path
 
 from lanchat.errors import ClosedError, LocalProtocolError, StoreError, ValidationError
 from lanchat.feed import (
+    UNSIGNED_PREV,
     Entry,
     FeedError,
     FeedHead,
@@ -540,9 +541,12 @@ class Store:
                 ])
                 conn.execute(_RAISE_HIGH, (origin, messages[-1].seq, stamp, None, None))
             else:
-                head = None if row is None or row[2] is None else FeedHead(row[0], row[2])
-                if row is not None and row[0] > 0 and head is None:
-                    raise StoreError(f"history at {self.path}: our feed's head has no hash")
+                head = None
+                if row is not None and row[0] > 0:
+                    # Our messages so far may be unsigned (stored by a lanchat that already
+                    # named the node by its key, before signed feeds): the chain starts
+                    # after them, from UNSIGNED_PREV.
+                    head = FeedHead(row[0], row[2] if row[2] is not None else UNSIGNED_PREV)
                 entries = sign_entries(key, messages, head)
                 conn.executemany(_INSERT_ENTRY, [
                     (m.id, m.origin, m.seq, m.ts, m.room, m.nick, m.host, m.text, m.to, d.uid,

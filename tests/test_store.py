@@ -25,7 +25,14 @@ from hypothesis import strategies as st
 
 from lanchat import store as store_module
 from lanchat.errors import ClosedError, LocalProtocolError, StoreError
-from lanchat.feed import Entry, FeedHead, SigningKey, sign_entries, verify_run
+from lanchat.feed import (
+    UNSIGNED_PREV,
+    Entry,
+    FeedHead,
+    SigningKey,
+    sign_entries,
+    verify_run,
+)
 from lanchat.limits import FUTURE_SKEW_S, MAX_HISTORY_PAGE
 from lanchat.model import Draft, Message
 from lanchat.store import MIGRATIONS, Store
@@ -890,3 +897,26 @@ def test_insert_run_extends_skips_held_and_jumps_only_on_a_floor(tmp_path: Path)
         s.mark_forked(PEER_KEY.node, 4)
         s.mark_forked(PEER_KEY.node, 2)  # the first one found stays
         assert s.forked() == {PEER_KEY.node: 4}
+
+
+def test_our_unsigned_messages_under_our_key_are_followed_by_a_signed_feed(
+        db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node that already used its key's node id (33cc028) stored its messages unsigned;
+    after the upgrade it appends signed entries after them (the chain starts from
+    UNSIGNED_PREV) instead of failing to send, and serves only the signed ones."""
+    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS[:5])
+    with Store(db, node_id=OWN_KEY.node):
+        pass
+    conn = raw(db)
+    for seq in (1, 2):
+        conn.execute("INSERT INTO messages (id, origin, seq, ts, room, nick, host, text)"
+                     " VALUES (?, ?, ?, 1.0, 'lobby', 'me', 'here', 'unsigned')",
+                     (f"{OWN_KEY.node}:{seq}", OWN_KEY.node, seq))
+    conn.close()
+    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS)
+    with Store(db, node_id=OWN_KEY.node) as s:
+        (e,) = s.append_entries([draft("signed")], ts=2.0, key=OWN_KEY)
+        assert e.seq == 3 and e.prev == UNSIGNED_PREV and e.sig is not None
+        verify_run([e], OWN_KEY.public)
+        assert [r.seq for r in s.entries_after(OWN_KEY.node, 0, 10)] == [3]
+        assert s.heads() == {OWN_KEY.node: e.head}
