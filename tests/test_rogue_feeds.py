@@ -5,7 +5,8 @@ against daemons on loopback (discovery off) and checks what users see: ``lanchat
 ``lanchat peers``, the journal.  One attack per test (issue 13, build 2 and 3): a message
 forged in an honest node's name, a relay that changes what it relays, an origin that signs
 two histories (a fork), a floor that would silence an origin, and a restore from backup
-that must extend our own feed instead of reusing its seqs (case 11).  Our own origin
+that must extend our own feed instead of reusing its seqs (case 11), and a node upgraded
+with unsigned history under its key's node id.  Our own origin
 spoofed is in test_rogue.py (case 2).  Honest links stay up throughout.
 """
 
@@ -14,13 +15,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 from typing import Any
 
 from conftest import SETTLE_S, Daemon, wait_for
 from rogue import Rogue, RogueIdentity, rogue_key
 from test_links import LINK_DEADLINE_S, history_ids, linked, logs, node_of, rpc, send_many
 
+from lanchat import store as store_module
 from lanchat.feed import ForkProof
+from lanchat.keyfile import load_identity
+from lanchat.store import MIGRATIONS, Store
 
 
 def _texts(d: Daemon) -> list[str]:
@@ -212,3 +217,33 @@ def test_a_node_restored_from_backup_continues_its_feed(make_daemon: Any, workdi
     wait_for("A holds B's fourth", lambda: fourth in history_ids(a), SETTLE_S,
              diag=lambda: logs(a, b))
     assert "took our own messages #3-#3 back" in b.stderr()
+
+
+def test_a_node_upgraded_with_unsigned_history_under_its_key_links_and_sends(
+        make_daemon: Any, workdir: str, monkeypatch: Any) -> None:
+    """A state directory written by 33cc028 (node id already its key's, messages unsigned):
+    after the upgrade the daemon shows its old messages, never relays them, and its new,
+    signed ones reach a fresh peer (a floor before them, since the peer lacks the old)."""
+    state = os.path.join(workdir, "old", "state")
+    os.makedirs(state, mode=0o700)
+    node = load_identity(state).node
+    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS[:5])
+    with Store(os.path.join(state, "history.db"), node_id=node):
+        pass
+    monkeypatch.undo()
+    conn = sqlite3.connect(os.path.join(state, "history.db"), isolation_level=None)
+    for seq in (1, 2):
+        conn.execute("INSERT INTO messages (id, origin, seq, ts, room, nick, host, text)"
+                     " VALUES (?, ?, ?, 1700000000.0, 'lobby', 'owner', 'here', ?)",
+                     (f"{node}:{seq}", node, seq, f"unsigned {seq}"))
+    conn.close()
+    old = make_daemon("-v", subdir="old")
+    assert node_of(old) == node
+    assert [m.get("signed", True) for m in rpc(old, "history", limit=10)] == [False, False]
+    fresh = make_daemon("-v", "--peer", f"127.0.0.1:{old.port}", nick="fresh", subdir="new")
+    wait_for("linked", lambda: linked(fresh, node), LINK_DEADLINE_S)
+    (sent,) = send_many(old, 1, "signed after the upgrade")
+    assert sent == f"{node}:3"
+    wait_for("the signed one on the fresh peer", lambda: sent in history_ids(fresh), SETTLE_S,
+             diag=lambda: logs(old, fresh))
+    assert f"{node}:1" not in history_ids(fresh)  # unsigned: never relayed
