@@ -3,13 +3,13 @@
 Off by default.  With a ``secret`` in the configuration, every daemon link and
 every JSON-mode client proves it knows the secret by answering a fresh
 challenge (HMAC-SHA256 over the other side's random nonce, both node ids or
-the nick, and a label saying what is being proved), and every message carries
-a ``mac`` made by its origin, so a message relayed through any number of
-daemons can still be checked against the secret.  Without the secret a daemon
-can neither link nor inject messages.
+the nick, and a label saying what is being proved).  The secret is admission
+only: who wrote a message is proved by its origin's signature
+(:mod:`lanchat.feed`), so turning a secret on or changing it never touches
+history.
 
 Labels keep each proof to its purpose: a welcome proof can never be replayed
-as a hello proof, a message tag never as either.
+as a hello proof.
 
 Pure: no randomness here -- callers pass the nonces (from ``secrets``).
 """
@@ -19,8 +19,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-
-from lanchat.model import Message
 
 #: Bytes of randomness in a challenge nonce (as hex, twice as many characters).
 NONCE_BYTES = 16
@@ -45,20 +43,6 @@ def check_proof(key: bytes, given: object, label: str, nonce: str, *who: str) ->
     """
     return (isinstance(given, str) and given.isascii()
             and hmac.compare_digest(given, proof(key, label, nonce, *who)))
-
-
-def message_mac(key: bytes, msg: Message) -> str:
-    """The tag a message's origin attaches, over every field that is shown or routed."""
-    parts = [msg.id, msg.origin, str(msg.seq), repr(msg.ts), msg.room,
-             msg.nick, msg.host, msg.text, msg.to or ""]
-    if msg.to_node is not None:  # only when set: the tags of older messages stay valid
-        parts.append(msg.to_node)
-    return _mac(key, "message", *parts)
-
-
-def check_message(key: bytes, msg: Message) -> bool:
-    """True if ``msg`` carries a valid tag."""
-    return msg.mac is not None and hmac.compare_digest(msg.mac, message_mac(key, msg))
 
 
 def load_secret(text: str) -> bytes:

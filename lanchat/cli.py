@@ -295,7 +295,16 @@ def cmd_peers(args: argparse.Namespace) -> int:
     return _list_command(args, "peers", ["NODE", "NAME", "ADDRESS", "PORT", "STATE", "LAST SEEN"],
                          lambda p: [str(p.get("node", "")), str(p.get("name", "")),
                                     str(p.get("address", "")), str(p.get("port", "")),
-                                    str(p.get("state", "")), _when(p.get("last_seen"))])
+                                    _peer_state(p), _when(p.get("last_seen"))])
+
+
+def _peer_state(peer: dict[str, Any]) -> str:
+    """A peer's state, and loudly whether its node forked its feed (signed two histories)."""
+    state, forked = str(peer.get("state", "")), peer.get("forked")
+    if forked is None:
+        return state
+    mark = f"FORKED at #{forked}"
+    return mark if state == "forked" else f"{state}, {mark}"
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -96,10 +96,8 @@ class Daemon:
         self.store = Store(Path(cfg.state_dir) / "history.db",
                            max_age_days=cfg.max_age_days, max_messages=cfg.max_messages,
                            node_id=self.identity.node)
-        key = self.key
         self.router = Router(self.store, node=self.store.node_id, host=self.hostname,
-                             nick=cfg.nick, name=cfg.name,
-                             sign=(lambda m: auth.message_mac(key, m)) if key else None)
+                             nick=cfg.nick, name=cfg.name, key=self.identity.key)
         self.hub: Hub | None = None
         self.control: ControlServer | None = None
         self.links: LinkManager | None = None

@@ -10,9 +10,12 @@ hundred times.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lanchat.model import Message, Presence
+
+if TYPE_CHECKING:
+    from lanchat.feed import Entry
 
 Item = Message | Presence
 
@@ -21,16 +24,21 @@ class Event:
     """One item on its way to subscribers.
 
     ``source`` is the subscriber it came from (a hub connection, a link), so the
-    router does not echo it back; ``None`` for the node's own messages.
+    router does not echo it back; ``None`` for the node's own messages.  A message
+    of a signed feed carries its ``entry`` (the bytes links relay) and ``checked``:
+    we verified or made its signature, so a run we relay may end there.
     Thread-safety: events are shared between writer threads; the cache is a
     dict whose racing writers store equal values, which is harmless.
     """
 
-    __slots__ = ("_cache", "item", "source")
+    __slots__ = ("_cache", "checked", "entry", "item", "source")
 
-    def __init__(self, item: Item, source: object | None = None) -> None:
+    def __init__(self, item: Item, source: object | None = None,
+                 entry: Entry | None = None, checked: bool = False) -> None:
         self.item = item
         self.source = source
+        self.entry = entry
+        self.checked = checked
         self._cache: dict[Callable[[Any], bytes], bytes] = {}
 
     @property

@@ -16,7 +16,8 @@ Identity
 
 Entry
     ``body`` = compact ASCII JSON (``ensure_ascii``, so the bytes are unambiguous) of
-    ``{"v": 1, "origin", "seq", "ts", "room", "nick", "host", "text", "to"?, "prev"}``.
+    ``{"v": 1, "origin", "seq", "ts", "room", "nick", "host", "text", "to"?, "to_node"?,
+    "prev"}`` (``to``/``to_node``: a direct message's addressee and that user's node).
     ``prev`` is the entry hash of the origin's entry ``seq - 1`` (``null`` at seq 1 only).
     ``sig`` = Ed25519 over ``MSG_DOMAIN + body``; ``hash`` = SHA-256 of
     ``ENTRY_DOMAIN + body + sig``: the chain covers the signatures, so a verified entry
@@ -68,7 +69,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -82,12 +83,15 @@ __all__ = [
     "ENTRY_DOMAIN",
     "FEED_VERSION",
     "MSG_DOMAIN",
+    "UNSIGNED_PREV",
     "Entry",
     "FeedError",
     "FeedHead",
     "ForkProof",
     "PublicKey",
+    "RunResult",
     "SigningKey",
+    "StoredEntry",
     "b64decode",
     "b64encode",
     "cut_runs",
@@ -109,6 +113,9 @@ FEED_VERSION = 1
 MSG_DOMAIN = b"lanchat/msg/v1\x00"
 #: What an entry hash is over: this label, the body, then the signature (if any).
 ENTRY_DOMAIN = b"lanchat/entry/v1\x00"
+#: The ``prev`` of a feed's first signed entry when the entries before it were stored
+#: unsigned (a node whose key already named it before signed feeds): its chain starts there.
+UNSIGNED_PREV = "0" * 64
 #: Hex digits of a node id: 128 bits of SHA-256 of the public key.
 NODE_ID_DIGITS = 32
 PUBLIC_KEY_BYTES = 32
@@ -130,7 +137,15 @@ _B64_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-
 _B64_FORMS = {64: (re.compile(r"[A-Za-z0-9_-]{86}"), frozenset(_B64_ALPHABET[::16])),
               32: (re.compile(r"[A-Za-z0-9_-]{43}"), frozenset(_B64_ALPHABET[::4]))}
 _REQUIRED = frozenset({"v", "origin", "seq", "ts", "room", "nick", "host", "text", "prev"})
-_ALLOWED = _REQUIRED | {"to"}
+_ALLOWED = _REQUIRED | {"to", "to_node"}
+
+
+class _Signed(Protocol):
+    @property
+    def sig(self) -> bytes | None: ...
+
+
+_E = TypeVar("_E", bound=_Signed)
 
 
 class FeedError(RemoteProtocolError):
@@ -376,6 +391,8 @@ def encode_body(message: Message, prev: str | None) -> bytes:
              f'"host":{quote(message.host)},"text":{quote(message.text)}']
     if message.to is not None:
         parts.append(f',"to":{quote(message.to)}')
+    if message.to_node is not None:
+        parts.append(f',"to_node":{quote(message.to_node)}')
     parts.append(',"prev":null}' if prev is None else f',"prev":"{prev}"}}')
     return "".join(parts).encode("ascii")
 
@@ -424,7 +441,8 @@ def parse_entry(body: bytes, sig: bytes | None) -> Entry:
     if end != len(text) or not isinstance(fields, dict):
         raise FeedError("an entry body must be one JSON object and nothing else")
     keys = fields.keys()
-    if not (keys >= _REQUIRED and len(keys) == len(_REQUIRED) + ("to" in keys)):
+    if not (keys >= _REQUIRED
+            and len(keys) == len(_REQUIRED) + ("to" in keys) + ("to_node" in keys)):
         missing, extra = sorted(_REQUIRED - keys), sorted(keys - _ALLOWED)
         raise FeedError(f"entry body fields: missing {missing}, unknown {extra}")
     version = fields["v"]
@@ -433,13 +451,13 @@ def parse_entry(body: bytes, sig: bytes | None) -> Entry:
     ts = fields["ts"]
     if type(ts) is int and not 0 <= ts < _MAX_TS_INT:
         raise FeedError("entry ts is out of range")
-    to = fields.get("to")
-    if "to" in fields and to is None:
-        raise FeedError("an entry without a recipient has no 'to' (not null)")
+    to, to_node = fields.get("to"), fields.get("to_node")
+    if ("to" in fields and to is None) or ("to_node" in fields and to_node is None):
+        raise FeedError("an entry without a recipient has no 'to'/'to_node' (not null)")
     try:
         message = Message(origin=fields["origin"], seq=fields["seq"], ts=ts,
                           room=fields["room"], nick=fields["nick"], host=fields["host"],
-                          text=fields["text"], to=to)
+                          text=fields["text"], to=to, to_node=to_node)
     except ValidationError as exc:
         raise FeedError(f"entry body: {exc}") from None
     if message.room != fields["room"]:
@@ -498,6 +516,39 @@ def sign_entries(key: SigningKey, messages: Sequence[Message], head: FeedHead | 
 
 # -- runs ------------------------------------------------------------------------------
 
+class StoredEntry(NamedTuple):
+    """A stored entry as a relay serves it: the bytes, without building a message.
+
+    ``checked``: we verified (a received run's head) or made (our own) its signature, so a
+    run we serve may end here (HACKING.md "Signed feeds").
+    """
+
+    seq: int
+    body: bytes
+    sig: bytes | None
+    checked: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """What became of a run a peer sent (:meth:`lanchat.router.Router.accept_run`).
+
+    ``new``: the entries stored (and fanned out).  ``gap``: the run lies beyond a gap
+    (the link asks for a replay with ``sync``).  ``fork``: see below.  ``probe``: the run
+    starts right after our head but does not chain to it -- a fork we cannot prove yet;
+    the link asks the peer once to replay from that seq (so that it sends an entry we hold,
+    and the two versions overlap where :class:`ForkProof` can show them).
+    """
+
+    new: list[Entry]
+    gap: bool = False
+    probe: int | None = None
+    #: The run showed a fork (we keep our version): the link sends the peer our version
+    #: once, so that it finds the fork too (it believed we held its version).
+    fork: bool = False
+
+
+
 def verify_run(entries: Sequence[Entry], key: PublicKey,
                anchor: FeedHead | None = None) -> Sequence[Entry]:
     """Return ``entries`` if they are a valid run of ``key``'s feed; else raise FeedError.
@@ -545,19 +596,20 @@ def verify_run(entries: Sequence[Entry], key: PublicKey,
     return entries
 
 
-def cut_runs(entries: Sequence[Entry], max_len: int = MAX_RUN_ENTRIES, *,
-             can_end: Callable[[Entry], bool] | None = None,
-             ) -> tuple[list[Sequence[Entry]], Sequence[Entry]]:
+def cut_runs(entries: Sequence[_E], max_len: int = MAX_RUN_ENTRIES, *,
+             can_end: Callable[[_E], bool] | None = None,
+             ) -> tuple[list[Sequence[_E]], Sequence[_E]]:
     """Split consecutive entries of one feed into runs a receiver can verify.
 
     Each run is at most ``max_len`` entries and ends at an entry for which ``can_end`` is
     true (default: it is signed; a relay passes "its signature was verified by us").  Each
     run is as long as it can be.  Returns ``(runs, rest)``: ``rest`` is what cannot be sent
     yet (no entry that may end a run follows it).  A ``rest`` of ``max_len`` entries or more
-    is stuck for good: its origin broke the signing interval.
+    is stuck for good: its origin broke the signing interval.  Any sequence of items with a
+    ``sig`` works (a relay cuts the rows it stored without building entries).
     """
     ends = (lambda e: e.sig is not None) if can_end is None else can_end
-    runs: list[Sequence[Entry]] = []
+    runs: list[Sequence[_E]] = []
     start = 0
     while start < len(entries):
         end = -1

@@ -15,24 +15,32 @@ A link is a TCP connection to the other daemon's hub port, speaking JSON lines
    acts on the last.  A sync never fails on its size between honest daemons.
    On receiving it, each side sends what the other lacks --
    per origin, everything after its cursor, read from history and sent in
-   order as ``msgs {m: [...]}`` -- and only then live messages.  Rosters of
-   every node known follow as ``roster`` frames.
-3. Live messages follow as ``msgs`` frames too, forwarded by the rule of
-   :mod:`lanchat.relay` (one copy per daemon in a full mesh).  A receiver that
-   gets a message beyond a gap (it missed something) answers ``sync {cursors}``,
-   and the sender replays from there; each side also sends its ``sync``
-   unasked every ANTI_ENTROPY_S.  Duplicates are dropped by id.
+   order as ``msgs {e: [entries], k?}`` -- and only then live messages.
+   Rosters of every node known follow as ``roster`` frames.
+3. A ``msgs`` frame is one *run* of one origin's signed feed
+   (:mod:`lanchat.feed`): at most MAX_RUN_ENTRIES consecutive entries
+   ``{b: body, s?: signature}``, the last one signed (by a relay: one whose
+   signature it verified itself).  ``k`` is the origin's public key, sent with
+   the first run of each origin on a link; the receiver checks that it is the
+   origin's (``PublicKey.for_node``) and verifies the run before anything
+   else.  Live messages follow as ``msgs`` frames too, forwarded by the rule of
+   :mod:`lanchat.relay` (one copy per daemon in a full mesh).  A receiver that gets a
+   run beyond a gap (it missed something) answers ``sync {cursors}``, and
+   the sender replays from there; each side also sends its ``sync``
+   unasked every ANTI_ENTROPY_S.  Entries already held are duplicates (or,
+   if they differ, a fork: the first stays).
    When retention has pruned the start of an origin's history, the sender
-   first says ``floor {origin, seq}``: "nobody can get you messages 1..seq of
-   this origin from me"; the receiver moves its cursor there, and what
-   follows extends its prefix again.
+   first says ``floor {origin, seq}``, then sends the run that starts at
+   ``seq + 1``: "nobody can get you entries 1..seq of this origin from me".
+   The floor counts only with that run, once verified: the receiver's cursor
+   jumps to the run's end, never beyond an entry it verified.
 4. ``roster {…}`` carries a node's users and the nodes it is linked to (see
    :mod:`lanchat.presence`).
 With a shared secret (:mod:`lanchat.auth`) the hello carries a ``nonce``; the
 welcome carries the acceptor's own ``nonce`` and a ``proof`` answering the
 dialer's; the dialer's first frame is then ``auth {proof}`` answering the
-acceptor's.  Either side that cannot check the other's proof closes the link,
-and every message's ``mac`` is checked before it is stored.
+acceptor's.  Either side that cannot check the other's proof closes the link.
+The secret is admission only: who wrote a message is its signature's business.
 
 5. ``ping``/``pong`` every ``HEARTBEAT_S``; a link silent for ``DEAD_AFTER_S``
    is dead.  ``bye {reason}`` ends a link on purpose.
@@ -49,12 +57,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from json.encoder import encode_basestring_ascii
+from typing import Any, Protocol
 
 from lanchat.errors import RemoteProtocolError, ValidationError
+from lanchat.feed import Entry, PublicKey, b64encode, parse_run
 from lanchat.framing import dumps_line, loads_line
-from lanchat.limits import MAX_HOST_CHARS, MAX_SYNC_CURSORS, MAX_SYNC_PAGE
-from lanchat.model import Message, validate_host, validate_node
+from lanchat.limits import MAX_HOST_CHARS, MAX_RUN_ENTRIES, MAX_SYNC_CURSORS, MAX_SYNC_PAGE
+from lanchat.model import validate_host, validate_node
 from lanchat.presence import NodeRoster
 
 VERSION = 1
@@ -68,8 +78,8 @@ DEAD_AFTER_S = 8.0
 #: replays whatever we lack, e.g. a message the relay rule (lanchat.relay) expected us
 #: to get from a neighbour whose link to us had just died.
 ANTI_ENTROPY_S = 15.0
-#: Most messages in one ``msgs`` frame: keeps a frame far below MAX_LINK_FRAME.
-MAX_BATCH = 64
+#: Most entries in one ``msgs`` frame (one run): keeps a frame far below MAX_LINK_FRAME.
+MAX_BATCH = MAX_RUN_ENTRIES
 #: Longest link frame: MAX_BATCH messages of 4 KiB, JSON-escaped, with slack.
 MAX_LINK_FRAME = 4 * 1024 * 1024
 #: Seconds a dialer waits before redialing, doubling from the first to the last.
@@ -160,13 +170,34 @@ def encode_welcome(me: PeerHello) -> bytes:
     return dumps_line({"type": "welcome", **_hello_fields(me)})
 
 
-def encode_msgs(messages: Iterable[Message]) -> bytes:
-    return dumps_line({"type": "msgs", "m": [m.to_dict() for m in messages]})
+class WireEntry(Protocol):
+    """What :func:`encode_run` needs of an entry (a :class:`~lanchat.feed.Entry`, or a
+    stored row: a relay serves the stored bytes without parsing them again)."""
+
+    @property
+    def body(self) -> bytes: ...
+    @property
+    def sig(self) -> bytes | None: ...
 
 
-def encode_message(msg: Message) -> bytes:
-    """One live message (the encoder handed to :meth:`Event.encoded`)."""
-    return encode_msgs((msg,))
+def encode_entry(entry: WireEntry) -> bytes:
+    """``{"b": body, "s": sig}`` as JSON bytes: the bytes exactly as signed and stored."""
+    body = encode_basestring_ascii(entry.body.decode("ascii")).encode("ascii")
+    if entry.sig is None:
+        return b'{"b":' + body + b"}"
+    return b'{"b":' + body + b',"s":"' + b64encode(entry.sig).encode("ascii") + b'"}'
+
+
+def encode_run(entries: Iterable[WireEntry], key: PublicKey | None = None, *,
+               encoded: Iterable[bytes] | None = None) -> bytes:
+    """One ``msgs`` frame: a run (see the module docstring), with ``k`` when given.
+
+    ``encoded``: the entries already encoded (:func:`encode_entry`), for a fan-out that
+    encodes each entry once for every link.
+    """
+    parts = encoded if encoded is not None else (encode_entry(e) for e in entries)
+    tail = b"]}\n" if key is None else b'],"k":"' + key.text.encode("ascii") + b'"}\n'
+    return b'{"type":"msgs","e":[' + b",".join(parts) + tail
 
 
 def encode_roster(roster: NodeRoster) -> bytes:
@@ -205,7 +236,10 @@ def encode_error(code: str, message: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Msgs:
-    messages: tuple[Message, ...]
+    """One run of entries (parsed strictly, not yet verified) and the key sent with it."""
+
+    entries: tuple[Entry, ...]
+    key: PublicKey | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,10 +308,17 @@ def parse_frame(line: bytes) -> Frame:
         raise RemoteProtocolError("a link frame must be a JSON object", code="bad-frame")
     kind = frame.get("type")
     if kind == "msgs":
-        raw = frame.get("m")
-        if not isinstance(raw, list) or len(raw) > MAX_BATCH * 4:
-            raise RemoteProtocolError("msgs needs a list 'm'", code="bad-frame")
-        return Msgs(tuple(Message.from_dict(m) for m in raw))
+        raw, key_text = frame.get("e"), frame.get("k")
+        if not isinstance(raw, list) or len(raw) > MAX_BATCH:
+            raise RemoteProtocolError(f"msgs needs a list 'e' of at most {MAX_BATCH} entries",
+                                      code="bad-frame")
+        key = None
+        if key_text is not None:
+            try:
+                key = PublicKey.from_text(key_text)
+            except ValidationError as exc:
+                raise RemoteProtocolError(str(exc), code="bad-frame") from None
+        return Msgs(tuple(parse_run(raw)), key)
     if kind == "roster":
         try:
             return Roster(NodeRoster.from_dict(frame.get("roster")))

@@ -31,13 +31,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from lanchat import auth, linkproto
 from lanchat.commands import Hello
-from lanchat.errors import LanchatError, RemoteProtocolError, ValidationError
+from lanchat.errors import LanchatError, RemoteProtocolError, RouterTimeout, ValidationError
 from lanchat.events import Event
+from lanchat.feed import Entry, PublicKey, RunResult, SigningKey, StoredEntry, cut_runs, verify_run
 from lanchat.framing import LineDecoder
 from lanchat.limits import (
     LINK_BURST,
@@ -45,6 +47,8 @@ from lanchat.limits import (
     LINK_HANDSHAKE_TIMEOUT_S,
     LINK_MAX_RATE,
     MAX_DAEMON_LINKS,
+    MAX_ORIGINS,
+    ROUTER_HANDOFF_TIMEOUT_S,
     SHUTDOWN_TIMEOUT_S,
 )
 from lanchat.model import Message
@@ -71,20 +75,24 @@ class LinkRouter(Protocol):
 
     node: str
 
+    #: Our signing key (our feed): a run of our own origin must verify with its public half.
+    key: SigningKey | None
+
     def attach_link(self, link: Any) -> None: ...
     def detach_link(self, link: Any) -> None: ...
-    def accept_remote(self, messages: Sequence[Message], *,
-                      source: object | None) -> tuple[list[Message], bool]: ...
+    def submit_run(self, run: Sequence[Entry], key: PublicKey, *, floor: bool = False,
+                   source: object | None) -> Future[RunResult]: ...
     def apply_roster(self, roster: NodeRoster, *, source: Any) -> None: ...
     def cursors(self) -> dict[str, int]: ...
-    def skip_pruned(self, origin: str, seq: int, *, source: object = None) -> None: ...
     def refuse_roster(self, reason: str, *, source: Any) -> None: ...
+    def forked(self) -> dict[str, int]: ...
 
 
 class History(Protocol):
-    """Read access to stored messages, for replay (see :class:`lanchat.store.Store`)."""
+    """Read access to stored entries, for replay (see :class:`lanchat.store.Store`)."""
 
-    def after(self, origin: str, seq: int, limit: int) -> list[Message]: ...
+    def entries_after(self, origin: str, seq: int, limit: int) -> list[StoredEntry]: ...
+    def feed_key(self, origin: str) -> bytes | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +144,18 @@ class Link:
         self._synced = False
         self._closing = False
         self._peer_has: dict[str, int] = {}
-        self._warned_own = False  # reader thread only: logged messages in our name
+        # Reader thread only: origins' keys known on this link (checked against their
+        # node ids, at most MAX_ORIGINS), the floor the peer announced for its next run,
+        # the origins we asked once for an overlap that would prove a fork, and those
+        # whose fork we showed the peer (our version), once.
+        self._keys: dict[str, PublicKey] = {}
+        self._in_flight: tuple[Future[RunResult], Sequence[Entry]] | None = None
+        self._floor: linkproto.Floor | None = None
+        self._probed: set[str | tuple[str, str]] = set()
+        # Sender thread only: origins whose key went with a run on this link, and those
+        # whose stored entries cannot be cut into runs (the origin broke its signing).
+        self._keyed: set[str] = set()
+        self._stuck: set[str] = set()
         self._bye: bytes | None = None  # what close() asks the sender to say last
         #: Set once the link is over: both threads done, socket closed, unregistered.
         self.done = threading.Event()
@@ -199,11 +218,11 @@ class Link:
             for frame in self._frames():
                 self.last_heard = time.time()
                 pause = throttle.consume(time.monotonic(), max(
-                    1, len(frame.messages) if isinstance(frame, linkproto.Msgs) else 1))
+                    1, len(frame.entries) if isinstance(frame, linkproto.Msgs) else 1))
                 if pause > 0:
                     time.sleep(pause)  # at most one frame's worth: MAX_BATCH * 4 / LINK_MAX_RATE
                 if isinstance(frame, linkproto.Msgs):
-                    self._received(frame.messages)
+                    self._received(frame)
                 elif isinstance(frame, linkproto.Roster):
                     router.apply_roster(frame.roster, source=self)
                 elif isinstance(frame, linkproto.RosterRefused):
@@ -218,7 +237,7 @@ class Link:
                         self._resync = True
                         self._cond.notify()
                 elif isinstance(frame, linkproto.Floor):
-                    router.skip_pruned(frame.origin, frame.seq, source=self)
+                    self._floor = frame  # counts only with the run right after it
                 elif isinstance(frame, linkproto.Ping):
                     self._queue_control(linkproto.encode_pong())
                 elif isinstance(frame, linkproto.Bye):
@@ -243,6 +262,7 @@ class Link:
                 yield linkproto.parse_frame(line)
         self._pending = []
         while True:
+            self._settle()  # what the router made of the last run, before we wait for more
             data = self.sock.recv(262144)
             if not data:
                 return
@@ -250,31 +270,76 @@ class Link:
                 if line.strip():
                     yield linkproto.parse_frame(line)
 
-    def _received(self, messages: tuple[Message, ...]) -> None:
-        me = self.manager.me.node
-        if any(m.origin == me for m in messages):
-            # Only we write our own origin; a copy from outside is a forgery or a clone,
-            # and the router would refuse it anyway.  Said once per link, not per message.
-            if not self._warned_own:
-                self._warned_own = True
-                log.warning("%r sent messages in our own name (origin %s); refusing them",
-                            self, me)
-            messages = tuple(m for m in messages if m.origin != me)
-        key = self.manager.key
-        if key is not None:
-            good = tuple(m for m in messages if auth.check_message(key, m))
-            if len(good) < len(messages):
-                self.manager.forged(self, len(messages) - len(good))
-                messages = good
-        if not messages:
+    def _received(self, frame: linkproto.Msgs) -> None:
+        """Verify a run, then hand it to the router; ask for what it showed us missing.
+
+        Raises :class:`~lanchat.feed.FeedError` (the link closes) for a run that does not
+        verify with its origin's key -- a forgery, or a relay that changed something --
+        and RemoteProtocolError for a run whose origin's key we do not know.
+        """
+        floor, self._floor = self._floor, None
+        run = frame.entries
+        if not run:
             return
-        with self._cond:
-            for m in messages:  # the peer has what it sends us: never send it back
-                if m.seq > self._peer_has.get(m.origin, 0):
-                    self._peer_has[m.origin] = m.seq
-        _new, gap = self.manager.router.accept_remote(messages, source=self)
-        if gap:
+        origin = run[0].origin
+        key = self._key_for(origin, frame.key)
+        verify_run(run, key)
+        with self._cond:  # the peer has what it sends us: never send it back
+            if run[-1].seq > self._peer_has.get(origin, 0):
+                self._peer_has[origin] = run[-1].seq
+        pruned = floor is not None and floor.origin == origin and floor.seq == run[0].seq - 1
+        # One run in flight: the router stores this one while we read and verify the next.
+        future = self.manager.router.submit_run(run, key, floor=pruned, source=self)
+        self._settle()
+        self._in_flight = (future, run)
+
+    def _settle(self) -> None:
+        """Wait for the router's answer to the run in flight (if any) and act on it."""
+        if self._in_flight is None:
+            return
+        future, run = self._in_flight
+        self._in_flight = None
+        result = _wait_run(future)
+        origin = run[0].origin
+        if result.gap:
             self._queue_control(linkproto.encode_sync(self.manager.router.cursors()))
+        elif result.fork and ("fork", origin) not in self._probed:
+            # It holds the other version and believes we hold it too: show it ours, once.
+            self._probed.add(("fork", origin))
+            with self._cond:
+                self._peer_has[origin] = min(self._peer_has.get(origin, 0), run[0].seq - 1)
+                self._resync = True
+                self._cond.notify()
+        elif result.probe is not None and origin not in self._probed:
+            self._probed.add(origin)
+            log.info("%r: %s's entry #%d does not follow the one we hold; asking for the "
+                     "overlap", self, origin, run[0].seq)
+            cursors = self.manager.router.cursors()
+            cursors[origin] = result.probe
+            self._queue_control(linkproto.encode_sync(cursors))
+
+    def _key_for(self, origin: str, sent: PublicKey | None) -> PublicKey:
+        """``origin``'s public key: ours for our own origin, else known or sent (and checked)."""
+        key = self._keys.get(origin)
+        if key is not None:
+            return key
+        own = self.manager.router.key
+        if origin == self.manager.me.node and own is not None:
+            key = own.public  # whatever key came along: only ours writes our feed
+        elif sent is not None:
+            if sent.node != origin:
+                raise RemoteProtocolError(f"the key sent is {sent.node}'s, not {origin}'s",
+                                          code="wrong-key")
+            key = sent
+        else:
+            raw = self.manager.history.feed_key(origin)
+            if raw is None:
+                raise RemoteProtocolError(f"a run of {origin} came without its key",
+                                          code="no-key")
+            key = PublicKey(raw)
+        if len(self._keys) < MAX_ORIGINS:
+            self._keys[origin] = key
+        return key
 
     # -- the sender -------------------------------------------------------------------
 
@@ -327,44 +392,85 @@ class Link:
             self.sock.send(bye, socket.MSG_DONTWAIT)
 
     def _replay(self) -> None:
-        """Send everything the peer lacks, per origin, from history."""
+        """Send everything the peer lacks, per origin, from history: runs of stored entries.
+
+        Each run ends at an entry whose signature we verified or made (``checked``), so
+        we vouch only for what we checked; stored bytes go out as they are.
+        """
         ours = self.manager.router.cursors()
         with self._cond:
             todo = linkproto.missing(ours, self._peer_has)
         for origin, start in todo.items():
             sent = start
-            while sent < ours[origin] and not self._closing:
-                batch = self.manager.history.after(origin, sent, linkproto.MAX_BATCH)
-                if not batch:
+            while sent < ours[origin] and not self._closing and origin not in self._stuck:
+                rows = self.manager.history.entries_after(origin, sent, linkproto.MAX_BATCH)
+                if not rows:
                     break
-                if batch[0].seq > sent + 1:  # retention pruned what it lacks
-                    self.sock.sendall(linkproto.encode_floor(origin, batch[0].seq - 1))
-                self.sock.sendall(linkproto.encode_msgs(batch))
-                sent = batch[-1].seq
+                runs, rest = cut_runs(rows, linkproto.MAX_BATCH, can_end=_checked)
+                if not runs:
+                    if len(rest) >= linkproto.MAX_BATCH:
+                        self._stuck.add(origin)
+                        log.warning("%r: %s's entries after #%d cannot be cut into runs we "
+                                    "checked (its signatures are broken); not serving them",
+                                    self, origin, sent)
+                    break
+                out = []
+                if rows[0].seq > sent + 1:  # retention pruned what it lacks
+                    out.append(linkproto.encode_floor(origin, rows[0].seq - 1))
+                out.extend(self._encode_run(origin, r) for r in runs)
+                self.sock.sendall(b"".join(out))
+                sent = runs[-1][-1].seq
                 with self._cond:
                     self._peer_has[origin] = max(self._peer_has.get(origin, 0), sent)
 
+    def _encode_run(self, origin: str, run: Sequence[StoredEntry] | Sequence[Entry]) -> bytes:
+        """One ``msgs`` frame; the origin's key goes with its first run on this link."""
+        key = None
+        if origin not in self._keyed:
+            self._keyed.add(origin)
+            raw = self.manager.history.feed_key(origin)
+            key = PublicKey(raw) if raw is not None else None
+        return linkproto.encode_run(run, key)
+
     def _send_live(self, events: list[Event]) -> None:
-        out: list[bytes] = []
+        """Send one or more commits' messages as runs, per origin, in order.
+
+        A commit of an origin always ends at an entry we checked (our own batches end
+        signed; a peer's run ends at the signature we verified), so it is cut into runs
+        at once; whatever does not continue what the peer has comes from history.
+        """
+        groups: dict[str, list[Entry]] = {}
+        checked: set[str] = set()  # ids of the entries we may end a run at
         for event in events:
-            msg = event.item
-            assert isinstance(msg, Message)
+            entry = event.entry
+            if entry is not None:  # unsigned (old, or a router without a key): never
+                groups.setdefault(entry.origin, []).append(entry)
+                if event.checked:
+                    checked.add(entry.message.id)
+        out: list[bytes] = []
+        replay = False
+        for origin, group in groups.items():
             with self._cond:
-                have = self._peer_has.get(msg.origin, 0)
-                if msg.seq <= have:
-                    continue
-                in_order = msg.seq == have + 1
-                if in_order:
-                    self._peer_has[msg.origin] = msg.seq
-            if not in_order:  # it missed some of this origin: history has them
-                if out:
-                    self.sock.sendall(b"".join(out))
-                    out = []
-                self._replay()
+                have = self._peer_has.get(origin, 0)
+            todo = [e for e in group if e.seq > have]
+            if not todo:
                 continue
-            out.append(event.encoded(linkproto.encode_message))
+            if todo[0].seq != have + 1 or origin in self._stuck:
+                replay = True  # it missed some of this origin: history has them
+                continue
+            runs, rest = cut_runs(todo, linkproto.MAX_BATCH,
+                                  can_end=lambda e: e.message.id in checked)
+            if rest:
+                replay = True  # held back until what vouches for it is stored too
+            if not runs:
+                continue
+            out.extend(self._encode_run(origin, r) for r in runs)
+            with self._cond:
+                self._peer_has[origin] = max(self._peer_has.get(origin, 0), runs[-1][-1].seq)
         if out:
             self.sock.sendall(b"".join(out))
+        if replay:
+            self._replay()
 
     # -- ending ----------------------------------------------------------------------------
 
@@ -406,6 +512,22 @@ class Link:
         self.sock.close()
         self.manager._unregister(self, reason)
         self.done.set()
+
+
+def _wait_run(future: Future[RunResult]) -> RunResult:
+    """The router's answer to a run (LinkRouter.submit_run), as the router's own hand-offs
+    wait: RouterTimeout after ROUTER_HANDOFF_TIMEOUT_S (then the link ends)."""
+    try:
+        return future.result(ROUTER_HANDOFF_TIMEOUT_S)
+    except TimeoutError:
+        if future.done():
+            raise
+        raise RouterTimeout(f"the router did not answer within "
+                            f"{ROUTER_HANDOFF_TIMEOUT_S:g} s") from None
+
+
+def _checked(row: StoredEntry) -> bool:
+    return row.checked
 
 
 @dataclass
@@ -573,9 +695,8 @@ class LinkManager:
                  static_peers: Sequence[tuple[str, int]] = (), *,
                  key: bytes | None = None) -> None:
         self.router = router
-        #: The shared secret: links must prove it, messages must carry its tag.
+        #: The shared secret: links must prove it (admission only).
         self.key = key
-        self._forged = 0
         self.history = history
         self.me = me
         self._lock = threading.Lock()  # guards: _links, _dialers, _peers, _closed
@@ -588,15 +709,6 @@ class LinkManager:
     def start(self) -> None:
         for host, port in self._static:
             self._dial([host], port, None, static=True)
-
-    def forged(self, link: Link, count: int) -> None:
-        """``link`` sent messages without a valid tag: they were dropped.  Log it, sparingly."""
-        with self._lock:
-            self._forged += count
-            total = self._forged
-        if total == count or total % 1000 < count:
-            log.warning("dropped %d message(s) from %s with no valid tag of the shared secret "
-                        "(%d so far)", count, link.name, total)
 
     def set_static_peers(self, peers: Sequence[tuple[str, int]]) -> None:
         """A reload changed ``peers``: dial the new ones, stop dialing the removed ones."""
@@ -844,13 +956,26 @@ class LinkManager:
             return len(self._links)
 
     def peers(self) -> list[dict[str, Any]]:
+        """Every daemon we know of; ``forked`` (the seq) on one found to have forked its feed.
+
+        An origin that forked but is no peer of ours (its messages came relayed) is
+        listed too, with state ``forked``: a user should see it either way.
+        """
+        forked = self.router.forked()
         with self._lock:
             out = []
             for peer in self._peers.values():
                 link = self._links.get(peer.node) if peer.node else None
                 if link is not None:
                     peer.last_seen = link.last_heard
-                out.append(peer.to_dict())
+                row = peer.to_dict()
+                if peer.node in forked:
+                    row["forked"] = forked[peer.node]
+                out.append(row)
+            known = {p.node for p in self._peers.values()}
+        out.extend({"node": node, "name": node[:16], "address": "", "port": 0,
+                    "state": "forked", "last_seen": None, "static": False, "forked": seq}
+                   for node, seq in forked.items() if node not in known)
         return sorted(out, key=lambda p: (p["name"], p["address"]))
 
     def close(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:

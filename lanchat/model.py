@@ -13,9 +13,7 @@ and ``seq`` counts that node's messages 1, 2, 3 … without gaps.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from lanchat.errors import ValidationError
@@ -50,8 +48,6 @@ __all__ = [
 
 DEFAULT_ROOM = "lobby"
 
-#: An origin's authentication tag (see :mod:`lanchat.auth`): HMAC-SHA256, lowercase hex.
-_MAC_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def message_id(origin: str, seq: int) -> str:
@@ -107,14 +103,13 @@ class Message:
     #: The node of a direct message's addressee: ``to`` + ``to_node`` name one user on the
     #: whole network (lanchat-protocol(7)).  None on public messages (and on old DMs).
     to_node: str | None = None
-    #: The origin's authentication tag (see :mod:`lanchat.auth`), when a secret is set.
-    mac: str | None = None
+    #: False only on a message stored before signed feeds (lanchat.feed): it is shown, but
+    #: never relayed, since nobody can check who wrote it.  How it is held, not what it
+    #: says: not compared.
+    signed: bool = field(default=True, compare=False)
 
     def __post_init__(self) -> None:
         validate_node(self.origin)
-        if self.mac is not None and not (isinstance(self.mac, str)
-                                         and _MAC_RE.fullmatch(self.mac)):
-            raise ValidationError("mac must be 64 lowercase hex digits", code="bad-mac")
         validate_seq(self.seq)
         object.__setattr__(self, "ts", validate_ts(self.ts))
         object.__setattr__(self, "room", validate_room(self.room))
@@ -137,12 +132,12 @@ class Message:
 
     @classmethod
     def stamp(cls, draft: Draft, *, origin: str, seq: int, ts: float,
-              sign: Callable[[Message], str] | None = None) -> Message:
+              signed: bool = True) -> Message:
         """Turn a draft into the message that node ``origin`` accepted as number ``seq``.
 
         The draft validated its fields when it was built; only what is new here
         (origin, seq, ts) is checked, which keeps the hub's hot path short.
-        ``sign`` makes the origin's tag (``mac``) over the finished message.
+        ``signed``: False for a message that will not be an entry of a signed feed.
         """
         validate_node(origin)
         validate_seq(seq)
@@ -151,10 +146,8 @@ class Message:
                             ("room", draft.room), ("nick", draft.nick), ("host", draft.host),
                             ("text", draft.text), ("to", draft.to),
                             ("id", message_id(origin, seq)), ("to_node", draft.to_node),
-                            ("mac", None)):
+                            ("signed", signed)):
             object.__setattr__(msg, name, value)
-        if sign is not None:
-            object.__setattr__(msg, "mac", sign(msg))
         return msg
 
     def to_dict(self) -> dict[str, Any]:
@@ -167,13 +160,9 @@ class Message:
             d["to"] = self.to
         if self.to_node is not None:
             d["to_node"] = self.to_node
-        if self.mac is not None:
-            d["mac"] = self.mac
+        if not self.signed:
+            d["signed"] = False
         return d
-
-    def signed(self, mac: str) -> Message:
-        """This message with its origin's authentication tag."""
-        return replace(self, mac=mac)
 
     @classmethod
     def from_dict(cls, d: object) -> Message:
@@ -184,7 +173,7 @@ class Message:
             return cls(
                 origin=d["origin"], seq=d["seq"], ts=d["ts"], room=d["room"],
                 nick=d["nick"], host=d["host"], text=d["text"], to=d.get("to"),
-                id=d.get("id", ""), mac=d.get("mac"), to_node=d.get("to_node"),
+                id=d.get("id", ""), to_node=d.get("to_node"), signed=d.get("signed") is not False,
             )
         except KeyError as exc:
             raise ValidationError(f"message lacks field {exc.args[0]!r}",

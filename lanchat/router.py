@@ -26,6 +26,7 @@ the roster (:meth:`users`) use an immutable snapshot and take no lock.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -44,12 +45,23 @@ from lanchat.errors import (
     ValidationError,
 )
 from lanchat.events import Event
+from lanchat.feed import (
+    Entry,
+    FeedError,
+    FeedHead,
+    ForkProof,
+    PublicKey,
+    RunResult,
+    SigningKey,
+    verify_run,
+)
 from lanchat.limits import (
     FUTURE_SKEW_S,
     MAX_COMMIT_BATCH,
     MAX_HISTORY_PAGE,
     MAX_ORIGINS,
     MAX_ROUTER_QUEUE,
+    MAX_RUN_ENTRIES,
     NEW_ORIGINS_BURST,
     NEW_ORIGINS_PER_S,
     PRESENCE_SUMMARY_OVER,
@@ -105,16 +117,22 @@ class MessageStore(Protocol):
     """What the router needs of the history store (see :mod:`lanchat.store`)."""
 
     def append_local(self, drafts: Sequence[Draft], *, ts: float,
-                     sign: Callable[[Message], str] | None = None) -> list[Message]: ...
-    def insert_remote(self, messages: Sequence[Message], *,
-                      now: float | None = None) -> list[Message]: ...
+                     key: SigningKey | None = None) -> list[Message]: ...
+    def append_entries(self, drafts: Sequence[Draft], *, ts: float,
+                       key: SigningKey) -> list[Entry]: ...
+    def insert_run(self, run: Sequence[Entry], *, key: bytes, now: float | None = None,
+                   floor: bool = False) -> list[Entry]: ...
+    def heads(self) -> dict[str, FeedHead]: ...
+    def hash_at(self, origin: str, seq: int) -> str | None: ...
+    def entries(self, origin: str, first: int, last: int) -> list[Entry]: ...
+    def mark_forked(self, origin: str, seq: int) -> None: ...
+    def forked(self) -> dict[str, int]: ...
     def history(self, *, room: str | None = None, limit: int = 50,
                 before: float | None = None, since: float | None = None,
                 viewer: str | None = None) -> list[Message]: ...
     def prune(self, now: float, *, limit: int | None = None) -> int: ...
     def cursors(self) -> dict[str, int]: ...
     def sent_with_key(self, uid: int | None, key: str) -> Message | None: ...
-    def advance(self, origin: str, seq: int, ts: float) -> bool: ...
     def forget_idle(self, limit: int) -> list[str]: ...
 
 
@@ -149,15 +167,35 @@ class _Call:
 
 @dataclass(eq=False)
 class _Remote:
-    messages: Sequence[Message]
+    run: Sequence[Entry]
+    key: PublicKey
+    floor: bool
     source: object | None
-    future: Future[tuple[list[Message], bool]]
+    future: Future[RunResult]
 
 
 _STOP = object()
 
 T = TypeVar("T")
 _M = TypeVar("_M", Message, str)  # what _admitted filters: messages or origins
+
+
+def _fork_proof(ours: Sequence[Entry], theirs: Sequence[Entry],
+                key: PublicKey) -> ForkProof | None:
+    """The proof between our stored entries and their verified run, or None.
+
+    Ours are cut at the last signature that verifies (an origin may put a bad one on an
+    inner entry), so the proof checks (:meth:`ForkProof.check`) wherever it is shown.
+    """
+    for end in range(len(ours) - 1, -1, -1):
+        if ours[end].sig is None:
+            continue
+        try:
+            mine = verify_run(ours[:end + 1], key)
+        except FeedError:
+            continue
+        return ForkProof.between(mine, theirs)
+    return None
 
 
 def _wait(future: Future[T], timeout: float) -> T:
@@ -276,10 +314,13 @@ class Router:
 
     def __init__(self, store: MessageStore, *, node: str, host: str, nick: str,
                  name: str | None = None, clock: Callable[[], float] = time.time,
-                 sign: Callable[[Message], str] | None = None) -> None:
+                 key: SigningKey | None = None) -> None:
         self._store = store
-        #: Tags our own messages with the shared secret (lanchat.auth), when one is set.
-        self._sign = sign
+        #: Signs our own messages (our feed, lanchat.feed); None only in tests of the
+        #: router alone, whose messages are then stored unsigned and never relayed.
+        self.key = key
+        if key is not None and key.node != node:
+            raise ValueError(f"key {key.node} is not node {node}'s")
         self.node = node
         self.host = host
         self.name = name or f"{nick} on {host}"
@@ -299,6 +340,11 @@ class Router:
         #: origin -> highest seq stored: the store's cursors, kept in memory so
         #: that gap detection costs no query.  Router thread only.
         self._cursors: dict[str, int] = store.cursors()
+        #: origin -> entry hash of the head we hold (signed feeds only).  Router thread.
+        self._hashes: dict[str, str] = {o: h.hash for o, h in store.heads().items()}
+        #: origin -> seq of the first fork we found (store's ``forked``); replaced, never
+        #: mutated, so any thread may read it.
+        self._forked: dict[str, int] = store.forked()
         self._new_origins = NewOrigins()
         #: (link, what) said once in the log for that link, until it detaches.
         self._warned: set[tuple[object, str]] = set()
@@ -373,21 +419,43 @@ class Router:
         self.publish(draft, done=done)
         return _wait(future, timeout)
 
-    def accept_remote(self, messages: Sequence[Message], *,
-                      source: object | None) -> tuple[list[Message], bool]:
-        """Store messages from another daemon (dedup by id) and fan out the new ones.
+    def accept_run(self, run: Sequence[Entry], key: PublicKey, *, floor: bool = False,
+                   source: object | None) -> RunResult:
+        """Store a verified run of ``key``'s feed from another daemon; fan out what is new.
 
-        Returns the messages that were new and whether any message lay beyond
-        a gap (the sender should replay from our cursors).  Messages in our own
-        origin's name are never taken from outside: only this daemon writes
-        them (the link that brought them logs it).  Raises
-        :class:`RouterTimeout` after ROUTER_HANDOFF_TIMEOUT_S, and whatever
-        storing them raised (always a :class:`LanchatError`): the answer comes
-        back whatever happens on the router thread.
+        The caller (the link) has checked ``run`` with :func:`~lanchat.feed.verify_run`
+        and ``key`` (``key.node`` is the run's origin).  Here it is held against what we
+        hold of that feed: entries we hold are duplicates, and if the run's versions of
+        them differ, the origin forked (the first version stays; the proof is logged and
+        the origin marked, see :meth:`forked`); the rest is stored if it continues our
+        head (its chain, not only its seq).  ``floor``: the sender pruned this feed's
+        entries before the run, so the run may start beyond our head (the cursor jumps,
+        never beyond a verified entry).  Our own feed is no exception: a run of it
+        signed by our key that goes beyond our head (we were restored from a backup)
+        is stored and becomes our head before we append again.
+        Raises :class:`RouterTimeout` after ROUTER_HANDOFF_TIMEOUT_S, and whatever
+        storing it raised (always a :class:`LanchatError`): the answer comes back
+        whatever happens on the router thread.
         """
-        future: Future[tuple[list[Message], bool]] = Future()
-        self._inbox.put(_Remote(messages, source, future), ROUTER_HANDOFF_TIMEOUT_S)
-        return _wait(future, ROUTER_HANDOFF_TIMEOUT_S)
+        return _wait(self.submit_run(run, key, floor=floor, source=source),
+                     ROUTER_HANDOFF_TIMEOUT_S)
+
+    def submit_run(self, run: Sequence[Entry], key: PublicKey, *, floor: bool = False,
+                   source: object | None) -> Future[RunResult]:
+        """:meth:`accept_run` without waiting: the answer comes in the future returned.
+
+        A link parses and verifies its next frame while the router stores this run (one
+        run in flight per link: it waits with :func:`wait_run` before the next).  Runs are
+        taken in the order submitted.  Raises :class:`RouterTimeout` if the inbox has no
+        room for ROUTER_HANDOFF_TIMEOUT_S.
+        """
+        future: Future[RunResult] = Future()
+        self._inbox.put(_Remote(run, key, floor, source, future), ROUTER_HANDOFF_TIMEOUT_S)
+        return future
+
+    def forked(self) -> dict[str, int]:
+        """``{origin: seq}``: the origins found to have signed two entries for one seq."""
+        return dict(self._forked)
 
     # -- links -------------------------------------------------------------------
 
@@ -415,26 +483,6 @@ class Router:
         if self._first(source, "roster"):
             log.warning("refused a roster from %r: %s (said once per link; the link stays up)",
                         source, reason)
-
-    def skip_pruned(self, origin: str, seq: int, *, source: object = None) -> None:
-        """A peer has pruned ``origin``'s messages up to ``seq``: stop waiting for them.
-
-        Only moves a cursor that is below ``seq`` (see :meth:`Store.advance`).
-        """
-        self._post(lambda: self._do_skip(origin, seq, source), "skip pruned history")
-
-    def _do_skip(self, origin: str, seq: int, source: object) -> None:
-        if origin == self.node or self._cursors.get(origin, 0) >= seq:
-            return  # never skip our own messages, never move back
-        if origin not in self._cursors and not self._admitted([origin], source, [origin]):
-            return
-        try:
-            if self._store.advance(origin, seq, self._clock()):
-                self._cursors[origin] = seq
-                log.info("history of %s before #%d was pruned everywhere we can reach; "
-                         "continuing after it", origin, seq + 1)
-        except StoreError as exc:
-            log.error("cannot advance the cursor of %s: %s", origin, exc)
 
     def cursors(self) -> dict[str, int]:
         """origin -> highest seq held (what a peer needs to know to fill our gaps)."""
@@ -576,9 +624,14 @@ class Router:
         batch = self._address(self._dedupe(batch))
         if not batch:
             return
+        drafts = [p.draft for p in batch]
+        entries: list[Entry] | None = None
         try:
-            messages = self._store.append_local([p.draft for p in batch], ts=self._clock(),
-                                                sign=self._sign)
+            if self.key is not None:  # one commit, one signing batch (lanchat.feed)
+                entries = self._store.append_entries(drafts, ts=self._clock(), key=self.key)
+                messages = [e.message for e in entries]
+            else:
+                messages = self._store.append_local(drafts, ts=self._clock())
         except Exception as exc:  # noqa: BLE001 -- logged there, a traceback for a bug
             _log_store_failure(f"{len(batch)} message(s)", exc)
             for p in batch:
@@ -586,7 +639,12 @@ class Router:
             return
         if messages:
             self._cursors[self.node] = messages[-1].seq
-        self._fanout([Event(msg, p.source) for p, msg in zip(batch, messages, strict=True)])
+        if entries:
+            self._hashes[self.node] = entries[-1].hash
+            self._fanout([Event(e.message, p.source, e, e.sig is not None)
+                          for p, e in zip(batch, entries, strict=True)])
+        else:
+            self._fanout([Event(msg, p.source) for p, msg in zip(batch, messages, strict=True)])
         for p, msg in zip(batch, messages, strict=True):
             self._answer(p, msg, None)
 
@@ -669,25 +727,85 @@ class Router:
         _call_done(p.done, msg, err)
 
     def _take_remote(self, item: _Remote) -> None:
-        """Store a peer's batch and fan out what is new; always resolves ``item.future``."""
-        cursors = self._cursors
-        # Our own origin is written here only: a copy from outside is refused whole,
-        # so no peer can speak in our name or drag our clock (append_local) along.
-        fresh = [m for m in item.messages
-                 if m.origin != self.node and m.seq > cursors.get(m.origin, 0)]
-        fresh = self._admit_origins(fresh, item.source)
+        """Hold a peer's run against our copy of its feed; always resolves ``item.future``."""
         try:
-            new = self._store.insert_remote(fresh, now=self._clock()) if fresh else []
+            result = self._take_run(item)
         except Exception as exc:  # noqa: BLE001 -- logged there, a traceback for a bug
-            _log_store_failure(f"{len(fresh)} message(s) from a peer", exc)
+            _log_store_failure(f"{len(item.run)} message(s) from a peer", exc)
             item.future.set_exception(_internal(exc))
             return
-        for msg in new:
-            cursors[msg.origin] = msg.seq
-        gap = any(m.seq > cursors.get(m.origin, 0) for m in fresh)
-        if new:
-            self._fanout([Event(msg, item.source) for msg in new])
-        item.future.set_result((new, gap))
+        item.future.set_result(result)
+
+    def _take_run(self, item: _Remote) -> RunResult:
+        run, source = item.run, item.source
+        if not run:
+            return RunResult([])
+        origin = run[0].origin
+        if origin == self.node and (self.key is None or item.key != self.key.public):
+            return RunResult([])  # only our key writes our feed (the link checked it)
+        first, last = run[0].seq, run[-1].seq
+        cur = self._cursors.get(origin, 0)
+        if last <= cur:  # all held: duplicates, or the origin forked
+            ours = self._store.hash_at(origin, last)
+            if ours is not None and ours != run[-1].hash:
+                self._fork(origin, run, item.key, source)
+                return RunResult([], fork=True)
+            return RunResult([])
+        if first <= cur:  # overlaps our head: it must hold our head's version
+            head = self._hashes.get(origin)
+            if head is not None and run[cur - first].hash != head:
+                self._fork(origin, run, item.key, source)
+                return RunResult([], fork=True)
+        elif first == cur + 1:
+            head = self._hashes.get(origin)
+            if cur > 0 and head is not None and run[0].prev != head:
+                # It continues another version of entry `cur` than ours: a fork, if the
+                # origin signed both; ask for the overlap that proves it (once per link).
+                return RunResult([], probe=None if origin in self._forked else cur - 1)
+        elif not item.floor or origin == self.node:
+            return RunResult([], gap=True)
+        if origin not in self._cursors and not self._admitted([origin], source, [origin]):
+            return RunResult([])
+        new = self._store.insert_run(run, key=item.key.raw, now=self._clock(),
+                                     floor=item.floor and origin != self.node)
+        if not new:
+            return RunResult([])
+        self._cursors[origin] = new[-1].seq
+        self._hashes[origin] = new[-1].hash
+        if new[0].seq != cur + 1:
+            log.info("history of %s before #%d was pruned everywhere we can reach; "
+                     "continuing after it", origin, new[0].seq)
+        if origin == self.node:
+            log.warning("took our own messages #%d-#%d back from %r (signed by our key: "
+                        "we were restored from an older copy); continuing after them",
+                        new[0].seq, new[-1].seq, source)
+        self._fanout([Event(e.message, source, e, e.seq == last) for e in new])
+        return RunResult(new)
+
+    def _fork(self, origin: str, theirs: Sequence[Entry], key: PublicKey,
+              source: object) -> None:
+        """``origin`` signed another version of entries we hold: keep ours, log the proof."""
+        first = theirs[0].seq
+        try:
+            ours = self._store.entries(origin, first, first + MAX_RUN_ENTRIES - 1)
+        except StoreError as exc:
+            log.error("cannot read %s's entries for a fork proof: %s", origin, exc)
+            return
+        proof = None
+        if ours and ours[0].seq == first:
+            proof = _fork_proof(ours, theirs, key)
+        seq = proof.seq if proof is not None else first
+        if origin not in self._forked:
+            try:
+                self._store.mark_forked(origin, seq)
+            except StoreError as exc:
+                log.error("cannot mark %s forked: %s", origin, exc)
+            self._forked = {**self._forked, origin: seq}
+        if self._first(source, f"fork {origin}"):
+            log.warning("node %s forked its feed at #%d: it signed two different messages "
+                        "there; keeping the one we stored first (%r sent the other). "
+                        "proof: %s", origin, seq, source,
+                        json.dumps(proof.to_dict()) if proof is not None else "incomplete")
 
     def _first(self, source: object, what: str) -> bool:
         """True the first time ``source`` (a link) earns a log line about ``what``."""

@@ -17,9 +17,19 @@ The per-origin prefix invariant
     a message only when it extends its origin's prefix; anything else is a
     duplicate (already held) or sits beyond a gap (the link asks for a replay).
     The table ``high`` remembers, per origin, the highest seq *ever* stored
-    and the latest ts; a trigger keeps it up to date on every insert, so it
+    and the latest ts (and, for a signed feed, its head's entry hash and the
+    origin's public key); every write raises it in the same transaction (once
+    per origin, not per row: schema 6 dropped the per-row trigger), so it
     survives retention deleting old rows and is the one source of truth for
     ``cursors()``, the prefix rule and our own next seq.
+
+Signed feeds (schema 6)
+    A message of a signed feed (:mod:`lanchat.feed`) is stored with its entry:
+    the body bytes as signed (never re-serialized), the signature if it has
+    one, the entry hash, and ``checked`` -- we verified (a received run's
+    head) or made (our own) its signature, so a run we serve may end there.
+    Messages stored before schema 6 have none of these: they are shown
+    (``Message.signed`` False) but never served as entries.
 
 Thread model
     One thread writes (the router thread, HACKING.md): ``append_local``,
@@ -52,11 +62,21 @@ import secrets
 import sqlite3
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from lanchat.errors import ClosedError, LocalProtocolError, StoreError, ValidationError
+from lanchat.feed import (
+    UNSIGNED_PREV,
+    Entry,
+    FeedError,
+    FeedHead,
+    SigningKey,
+    StoredEntry,
+    parse_entry,
+    sign_entries,
+)
 from lanchat.limits import FUTURE_SKEW_S, MAX_HISTORY_PAGE
 from lanchat.model import Draft, Message
 
@@ -154,15 +174,46 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             DELETE FROM send_keys WHERE id = OLD.id;
         END""",
     ),
+    # 6: signed feeds (lanchat.feed).  Per message the entry as it travels: its body bytes
+    # (as signed and received, never re-serialized), signature (NULL on an entry its run's
+    # head vouches for), entry hash, and whether we verified or made its signature (the
+    # only places a relay ends the runs it serves).  Messages stored before this migration
+    # have no body: unsigned, shown in history, never relayed.  Per origin (``high``): the
+    # head's entry hash, the origin's public key, and the seq where we found it forked.
+    (
+        "ALTER TABLE messages ADD COLUMN body BLOB",
+        "ALTER TABLE messages ADD COLUMN sig BLOB",
+        "ALTER TABLE messages ADD COLUMN hash TEXT",
+        "ALTER TABLE messages ADD COLUMN checked INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE high ADD COLUMN hash TEXT",
+        "ALTER TABLE high ADD COLUMN key BLOB",
+        "ALTER TABLE high ADD COLUMN forked INTEGER",
+        # ``high`` is now kept by the store's writes, once per origin and transaction: the
+        # trigger's upsert per row was most of what storing a catch-up cost.
+        "DROP TRIGGER messages_high",
+    ),
 )
 
 #: The uid a key is filed under when the sender's uid is unknown (no SO_PEERCRED).
 _NO_UID = -1
 
-_COLUMNS = 'id, origin, seq, ts, room, nick, host, text, "to", mac, to_node'
+_COLUMNS = 'id, origin, seq, ts, room, nick, host, text, "to", mac, to_node, body IS NOT NULL'
 _INSERT = (
     'INSERT INTO messages (id, origin, seq, ts, room, nick, host, text, "to", uid, mac, '
     "received, to_node) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+#: Raise an origin's cursor (and latest ts) to a batch's; its head hash and key with it.
+_RAISE_HIGH = (
+    "INSERT INTO high (origin, seq, ts, hash, key) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (origin) DO UPDATE SET seq = max(seq, excluded.seq), "
+    "ts = max(ts, excluded.ts), "
+    "hash = CASE WHEN excluded.seq >= seq THEN excluded.hash ELSE hash END, "
+    "key = coalesce(key, excluded.key)"
+)
+_INSERT_ENTRY = (
+    'INSERT INTO messages (id, origin, seq, ts, room, nick, host, text, "to", uid, '
+    "received, to_node, body, sig, hash, checked) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 #: Who may read a direct message here (history's ``viewer``): its addressee if on this
@@ -191,13 +242,20 @@ _EXPIRED = {
     for column in ("ts", "received")
 }
 
-_Row = tuple[str, str, int, float, str, str, str, str, str | None, str | None, str | None]
+_Row = tuple[str, str, int, float, str, str, str, str, str | None, str | None, str | None,
+             int]
 
 
 def _message(row: _Row) -> Message:
-    mid, origin, seq, ts, room, nick, host, text, to, mac, to_node = row
+    mid, origin, seq, ts, room, nick, host, text, to, _mac, to_node, signed = row
     return Message(origin=origin, seq=seq, ts=ts, room=room, nick=nick, host=host,
-                   text=text, to=to, id=mid, mac=mac, to_node=to_node)
+                   text=text, to=to, id=mid, to_node=to_node, signed=bool(signed))
+
+
+def _blob(value: object) -> bytes:
+    """A BLOB column's value (sqlite3 returns bytes)."""
+    assert isinstance(value, bytes)
+    return value
 
 
 class _Reader:
@@ -434,42 +492,83 @@ class Store:
         return self._node_id
 
     def append_local(self, drafts: Iterable[Draft], *, ts: float,
-                     sign: Callable[[Message], str] | None = None) -> list[Message]:
+                     key: SigningKey | None = None) -> list[Message]:
         """Stamp ``drafts`` as our own messages with the next seqs, in one transaction.
 
         Every message gets ``max(ts, the latest ts of our origin)``, so history
         order (by ts) keeps our own order even if the clock steps back.  (Only
         our own stamps raise that latest ts beyond the clock: see
         :meth:`insert_remote`.)
+        With ``key`` (the daemon always passes its identity key) the messages are
+        entries of our signed feed: see :meth:`append_entries`.  Without one they
+        are stored unsigned (a store used on its own, in tests and tools).
         A draft's client ``key`` is filed with its message (see
         :meth:`sent_with_key`): the caller checks for it first.
         Returns the stored messages, in order.  On failure raises StoreError
         and stores nothing; the seqs are not consumed (the next call reuses
         them), so our seqs never have a gap.  Writer thread only.
         """
-        drafts = list(drafts)
+        if key is not None:
+            return [e.message for e in self.append_entries(drafts, ts=ts, key=key)]
+        return self._append(list(drafts), ts, None)[0]
+
+    def append_entries(self, drafts: Iterable[Draft], *, ts: float,
+                       key: SigningKey) -> list[Entry]:
+        """:meth:`append_local` as signed entries: one call is one signing batch.
+
+        In the same transaction: read our feed's head, stamp, chain and sign
+        (:func:`lanchat.feed.sign_entries`: the last entry and every SIGN_INTERVAL-th),
+        store the entries with their bytes.  ``key`` must be this node's
+        (``key.node == node_id``).  Returns the entries, in order.  Writer thread only.
+        """
+        if key.node != self._node_id:
+            raise ValueError(f"key {key.node} is not this node's ({self._node_id})")
+        entries = self._append(list(drafts), ts, key)[1]
+        assert entries is not None
+        return entries
+
+    def _append(self, drafts: list[Draft], ts: float, key: SigningKey | None,
+                ) -> tuple[list[Message], list[Entry] | None]:
         if not drafts:
-            return []
+            return [], ([] if key is not None else None)
         origin = self._node_id
         with self._writing("write") as conn:
-            row = conn.execute("SELECT seq, ts FROM high WHERE origin = ?",
+            row = conn.execute("SELECT seq, ts, hash FROM high WHERE origin = ?",
                                (origin,)).fetchone()
             last_seq, last_ts = (row[0], row[1]) if row is not None else (0, 0.0)
             stamp = max(float(ts), last_ts)
-            # sign: the origin's tag, so every relay can check it
-            messages = [Message.stamp(d, origin=origin, seq=last_seq + i, ts=stamp, sign=sign)
+            messages = [Message.stamp(d, origin=origin, seq=last_seq + i, ts=stamp,
+                                      signed=key is not None)
                         for i, d in enumerate(drafts, start=1)]
-            conn.executemany(_INSERT, [
-                (m.id, m.origin, m.seq, m.ts, m.room, m.nick, m.host, m.text, m.to, d.uid,
-                 m.mac, None, m.to_node)
-                for m, d in zip(messages, drafts, strict=True)
-            ])
+            entries: list[Entry] | None = None
+            if key is None:
+                conn.executemany(_INSERT, [
+                    (m.id, m.origin, m.seq, m.ts, m.room, m.nick, m.host, m.text, m.to, d.uid,
+                     None, None, m.to_node)
+                    for m, d in zip(messages, drafts, strict=True)
+                ])
+                conn.execute(_RAISE_HIGH, (origin, messages[-1].seq, stamp, None, None))
+            else:
+                head = None
+                if row is not None and row[0] > 0:
+                    # Our messages so far may be unsigned (stored by a lanchat that already
+                    # named the node by its key, before signed feeds): the chain starts
+                    # after them, from UNSIGNED_PREV.
+                    head = FeedHead(row[0], row[2] if row[2] is not None else UNSIGNED_PREV)
+                entries = sign_entries(key, messages, head)
+                conn.executemany(_INSERT_ENTRY, [
+                    (m.id, m.origin, m.seq, m.ts, m.room, m.nick, m.host, m.text, m.to, d.uid,
+                     None, m.to_node, e.body, e.sig, e.hash, e.sig is not None)
+                    for e, m, d in zip(entries, messages, drafts, strict=True)
+                ])
+                conn.execute(_RAISE_HIGH, (origin, messages[-1].seq, stamp, entries[-1].hash,
+                                           key.public.raw))
             keyed = [(_NO_UID if d.uid is None else d.uid, d.key, m.id)
                      for m, d in zip(messages, drafts, strict=True) if d.key is not None]
             if keyed:  # in the same transaction: a stored message always has its key
                 conn.executemany("INSERT OR REPLACE INTO send_keys (uid, key, id) "
                                  "VALUES (?, ?, ?)", keyed)
-        return messages
+        return messages, entries
 
     def sent_with_key(self, uid: int | None, key: str) -> Message | None:
         """The message local user ``uid`` stored with client key ``key``, if still retained.
@@ -510,6 +609,7 @@ class Store:
         own_before = 0.0  # our latest ts before them
         stored: list[Message] = []
         high: dict[str, int] = {}
+        latest: dict[str, float] = {}  # origin -> the latest ts stored here
         with self._writing("write") as conn:
             for m in messages:
                 if m.origin not in high:
@@ -522,16 +622,123 @@ class Store:
                     continue
                 received = now if future is not None and m.ts > future else None
                 conn.execute(_INSERT, (m.id, m.origin, m.seq, m.ts, m.room, m.nick, m.host,
-                                       m.text, m.to, None, m.mac, received, m.to_node))
+                                       m.text, m.to, None, None, received, m.to_node))
                 high[m.origin] = m.seq
+                latest[m.origin] = max(latest.get(m.origin, m.ts), m.ts)
                 stored.append(m)
                 if m.origin == self._node_id:
                     own = m.ts if own is None else max(own, m.ts)
+            conn.executemany(_RAISE_HIGH, [(o, high[o], ts, None, None)
+                                           for o, ts in latest.items()])
             if own is not None and future is not None and own > future:
-                # The trigger took the claim as it was; bring our clock back to now (+ skew).
+                # The cursor took the claim as it was; bring our clock back to now (+ skew).
                 conn.execute("UPDATE high SET ts = max(?, ?) WHERE origin = ?",
                              (own_before, future, self._node_id))
         return stored
+
+    def insert_run(self, run: Sequence[Entry], *, key: bytes, now: float | None = None,
+                   floor: bool = False) -> list[Entry]:
+        """Store the entries of a verified run that extend their origin's feed; one transaction.
+
+        The caller (the router) has verified ``run`` (:func:`lanchat.feed.verify_run`)
+        with the origin's public key ``key`` (32 bytes, kept as the origin's) and
+        checked that it continues the head we hold: entries at or below our head are
+        skipped (duplicates), the first one above must be the next seq -- or, with
+        ``floor`` (the sender's history of this origin before the run was pruned),
+        anything above it: the cursor then jumps.  The run's last entry is marked
+        checked (its signature verified), so we may end the runs we serve there.
+        ``now``: as for :meth:`insert_remote` (far-future claims and our own clock).
+        Returns the entries stored.  Writer thread only.
+        """
+        if not run:
+            return []
+        origin = run[0].message.origin
+        future = None if now is None else float(now) + FUTURE_SKEW_S
+        last_seq = run[-1].message.seq
+        with self._writing("write") as conn:
+            row = conn.execute("SELECT seq, ts FROM high WHERE origin = ?",
+                               (origin,)).fetchone()
+            high, own_before = (row[0], float(row[1])) if row is not None else (0, 0.0)
+            fresh = [e for e in run if e.message.seq > high]
+            if not fresh or (fresh[0].message.seq != high + 1 and not floor):
+                return []
+            conn.executemany(_INSERT_ENTRY, [
+                (m.id, m.origin, m.seq, m.ts, m.room, m.nick, m.host, m.text, m.to, None,
+                 now if future is not None and m.ts > future else None, m.to_node,
+                 e.body, e.sig, e.hash, m.seq == last_seq)
+                for e in fresh for m in (e.message,)
+            ])
+            # (after a floor, the cursor jumps to the run's end)
+            newest = max(e.message.ts for e in fresh)
+            conn.execute(_RAISE_HIGH, (origin, fresh[-1].message.seq, newest, fresh[-1].hash,
+                                       key))
+            if origin == self._node_id and future is not None:
+                own = newest
+                if own > future:  # the cursor took the claim; back to now (+ skew)
+                    conn.execute("UPDATE high SET ts = max(?, ?) WHERE origin = ?",
+                                 (own_before, future, origin))
+        return fresh
+
+    def heads(self) -> dict[str, FeedHead]:
+        """``{origin: FeedHead}`` of every signed feed we hold (the head survives retention).
+
+        Any thread.
+        """
+        rows = self._select("SELECT origin, seq, hash FROM high WHERE hash IS NOT NULL", ())
+        return {str(o): FeedHead(int(q), str(h))  # type: ignore[call-overload]
+                for o, q, h in rows}
+
+    def feed_key(self, origin: str) -> bytes | None:
+        """``origin``'s public key (32 raw bytes) as we stored it, or None.  Any thread."""
+        rows = self._select("SELECT key FROM high WHERE origin = ?", (origin,))
+        return _blob(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    def hash_at(self, origin: str, seq: int) -> str | None:
+        """The entry hash of ``origin``'s entry ``seq`` if we hold it signed.  Any thread."""
+        rows = self._select("SELECT hash FROM messages WHERE origin = ? AND seq = ?",
+                            (origin, seq))
+        return str(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    def entries_after(self, origin: str, seq: int, limit: int) -> list[StoredEntry]:
+        """``origin``'s signed entries above ``seq``, in seq order, at most ``limit``.
+
+        What a relay serves (no :class:`Message` is built).  Unsigned messages (stored
+        before signed feeds) are not entries: never returned.  Any thread.
+        """
+        if limit < 1:
+            return []
+        rows = self._select(
+            "SELECT seq, body, sig, checked FROM messages WHERE origin = ? AND seq > ? "
+            "AND body IS NOT NULL ORDER BY seq LIMIT ?", (origin, seq, limit))
+        return [StoredEntry(int(q), _blob(b), None if g is None else _blob(g), bool(c))  # type: ignore[call-overload]
+                for q, b, g, c in rows]
+
+    def entries(self, origin: str, first: int, last: int) -> list[Entry]:
+        """``origin``'s stored entries ``first``..``last`` (parsed again), for fork proofs.
+
+        Any thread.  Raises StoreError if a stored body no longer parses.
+        """
+        rows = self._select(
+            "SELECT body, sig FROM messages WHERE origin = ? AND seq BETWEEN ? AND ? "
+            "AND body IS NOT NULL ORDER BY seq", (origin, first, last))
+        try:
+            return [parse_entry(_blob(b), None if g is None else _blob(g)) for b, g in rows]
+        except FeedError as exc:
+            raise StoreError(f"history at {self.path} holds an invalid entry: {exc}") from exc
+
+    def mark_forked(self, origin: str, seq: int) -> None:
+        """Remember that ``origin`` signed two entries for ``seq`` (the first found is kept).
+
+        Writer thread only.
+        """
+        with self._writing("write") as conn:
+            conn.execute("UPDATE high SET forked = coalesce(forked, ?) WHERE origin = ?",
+                         (seq, origin))
+
+    def forked(self) -> dict[str, int]:
+        """``{origin: seq}`` of every origin found to have forked its feed.  Any thread."""
+        rows = self._select("SELECT origin, forked FROM high WHERE forked IS NOT NULL", ())
+        return {str(o): int(q) for o, q in rows}  # type: ignore[call-overload]
 
     def advance(self, origin: str, seq: int, ts: float) -> bool:
         """Move ``origin``'s cursor up to ``seq`` without storing messages 1..seq.

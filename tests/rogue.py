@@ -6,61 +6,112 @@ the shared-secret challenge answered with :mod:`lanchat.auth` when its
 :class:`RogueIdentity` holds the key, then any frames at all -- ``msgs``,
 ``floor``, ``roster``, ``bye``, or raw bytes -- while reading what comes back.
 
-Who the rogue is lives in one place, :class:`RogueIdentity` (node id, name,
-host, the secret it knows); a signing key joins it there when messages are
-signed.  The rogue is a test's puppet, not a daemon: it never answers on its
-own (no pong, no replay), so a test sees exactly what the daemon sends.
+Who the rogue is lives in one place, :class:`RogueIdentity` (its Ed25519
+signing key and the node id derived from it -- or any node id it claims --,
+name, host, the secret it knows).  Its messages are entries of signed feeds
+(:mod:`lanchat.feed`) that it writes itself with :class:`Feed`: its own feed
+signed with its own key, or any other origin's "signed" with a key that is not
+that origin's (a forgery), with any fields, chained or not.  The rogue is a
+test's puppet, not a daemon: it never answers on its own (no pong, no replay),
+so a test sees exactly what the daemon sends.
 
 Typical use::
 
     r = Rogue(daemon.port)            # connected, nothing sent yet
     r.handshake()                     # hello, welcome, (auth), sync {}
-    r.msgs([r.message(1, ts=1e17)])
+    r.msgs([r.message(1, ts=1e17)])   # one run of its own feed, with its key
     r.until("sync")
     r.close()
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from lanchat import auth
-from lanchat.model import Message
+from lanchat.feed import MSG_DOMAIN, PublicKey, SigningKey, b64encode, entry_hash
 
-#: The rogue's node id unless a test picks another ("fa" for "fake").
-ROGUE_NODE = "fa" * 8
+
+def rogue_key(name: object) -> SigningKey:
+    """A signing key made from ``name`` (the same name, the same key: tests stay repeatable)."""
+    return SigningKey(hashlib.sha256(f"rogue key {name}".encode()).digest())
+
+
+#: The rogue's own key, and the node id it certifies, unless a test picks others.
+ROGUE_KEY = rogue_key("fake")
+ROGUE_NODE = ROGUE_KEY.node
 #: A plausible timestamp for a rogue's messages (2023-11-14), one second apart per seq.
 BASE_TS = 1_700_000_000.0
+#: A ``prev`` for an entry whose predecessor the writer does not know (after a floor).
+UNKNOWN_PREV = "00" * 32
 
 
 @dataclass(frozen=True, slots=True)
 class RogueIdentity:
-    """Everything that says who the rogue is.  ``key``: the shared secret, if it knows it."""
+    """Everything that says who the rogue is.
 
-    node: str = ROGUE_NODE
+    ``signing``: its Ed25519 key; ``node``: the node id its hello claims (by default the
+    one its key certifies); ``key``: the shared secret, if it knows it.
+    """
+
+    signing: SigningKey = ROGUE_KEY
+    node: str = ""
     name: str = "fake peer"
     host: str = "fakehost"
     port: int | None = None
     key: bytes | None = None
 
-    def tag(self, message: dict[str, Any]) -> dict[str, Any]:
-        """``message`` with the origin's tag of the shared secret, when the rogue knows it.
+    def __post_init__(self) -> None:
+        if not self.node:
+            object.__setattr__(self, "node", self.signing.node)
 
-        A message the model cannot even build (a ``ts`` of ``10**400``) cannot be
-        tagged either; it goes out as it is.
+
+@dataclass
+class Feed:
+    """One origin's feed as a test writes it: entries chained to the ones written before.
+
+    ``key`` signs (the origin's own key, or any other: a forgery); ``origin`` is the
+    origin the entries claim (by default the key's node).  ``public`` is the key sent
+    with the runs (by default ``key``'s public half).
+    """
+
+    key: SigningKey
+    origin: str = ""
+    public: PublicKey | None = None
+    hashes: dict[int, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.origin = self.origin or self.key.node
+        self.public = self.public or self.key.public
+
+    def entry(self, seq: int, text: str = "", *, prev: Any = "chain", sign: bool = True,
+              **fields: Any) -> dict[str, Any]:
+        """Entry ``seq`` in wire form ``{b, s}``; any body field may be overridden.
+
+        ``prev``: by default the hash of entry ``seq - 1`` as this feed wrote it last
+        (:data:`UNKNOWN_PREV` if it wrote none).  The body is compact ASCII JSON in the
+        documented order, so what a daemon stores is exactly what was signed.
         """
-        if self.key is None:
-            return message
-        try:
-            msg = Message.from_dict(message)
-        except (ValueError, OverflowError):
-            return message
-        return {**message, "mac": auth.message_mac(self.key, msg)}
+        if prev == "chain":
+            prev = None if seq == 1 else self.hashes.get(seq - 1, UNKNOWN_PREV)
+        body_fields = fake_msg(seq, text, self.origin, **fields)
+        del body_fields["id"]
+        body_fields = {"v": 1, **body_fields}
+        body_fields.pop("prev", None)
+        body_fields["prev"] = prev
+        body = json.dumps(body_fields, separators=(",", ":"), ensure_ascii=True).encode()
+        wire: dict[str, Any] = {"b": body.decode()}
+        sig = self.key.sign(MSG_DOMAIN + body) if sign else None
+        if sig is not None:
+            wire["s"] = b64encode(sig)
+        self.hashes[seq] = entry_hash(body, sig)
+        return wire
 
 
 def fake_msg(seq: int, text: str = "", origin: str = ROGUE_NODE, *,
@@ -90,6 +141,8 @@ class Rogue:
         #: The challenge our hello carried (shared secret), and the daemon's welcome.
         self.nonce: str | None = None
         self.welcome: dict[str, Any] | None = None
+        #: The feeds this rogue writes, by origin (its own, signed with its key, first).
+        self.feeds: dict[str, Feed] = {}
 
     @property
     def node(self) -> str:
@@ -162,13 +215,36 @@ class Rogue:
         self.sync(cursors or {})
         return hello
 
+    def feed(self, origin: str | None = None, *, key: SigningKey | None = None,
+             public: PublicKey | None = None) -> Feed:
+        """The feed of ``origin`` this rogue writes (its own by default).
+
+        Another origin's is signed with ``key`` (by default the rogue's own: a forgery)
+        and sent with ``public`` (by default that key's public half).
+        """
+        origin = origin or self.identity.signing.node
+        if origin not in self.feeds:
+            self.feeds[origin] = Feed(key or self.identity.signing, origin, public)
+        return self.feeds[origin]
+
     def message(self, seq: int, text: str = "", *, origin: str | None = None,
                 **fields: Any) -> dict[str, Any]:
-        """A message of ours (or of ``origin``), tagged when we know the secret."""
-        return self.identity.tag(fake_msg(seq, text, origin or self.node, **fields))
+        """Entry ``seq`` of our feed (or of ``origin``'s, signed with our key), signed."""
+        return self.feed(origin).entry(seq, text, **fields)
 
-    def msgs(self, messages: list[dict[str, Any]]) -> None:
-        self.send({"type": "msgs", "m": messages})
+    def msgs(self, entries: list[dict[str, Any]], *, key: Any = "feed") -> None:
+        """One ``msgs`` frame of ``entries``, with the key of the feed they claim.
+
+        ``key``: the ``k`` to send instead (a string, or None for none).
+        """
+        frame: dict[str, Any] = {"type": "msgs", "e": entries}
+        if key == "feed" and entries:
+            origin = json.loads(entries[0]["b"]).get("origin")
+            feed = self.feeds.get(origin)
+            key = feed.public.text if feed is not None and feed.public is not None else None
+        if key is not None:
+            frame["k"] = key
+        self.send(frame)
 
     def sync(self, cursors: dict[str, int]) -> None:
         self.send({"type": "sync", "cursors": cursors})

@@ -13,20 +13,20 @@ from typing import Any
 
 import pytest
 from conftest import SETTLE_S, Daemon, LineClient
-from rogue import Rogue, RogueIdentity
+from rogue import Feed, Rogue, RogueIdentity, rogue_key
 from test_links import (
     FAKE_NODE,
     LINK_DEADLINE_S,
     FakePeer,
-    fake_msg,
     history_ids,
     linked,
     node_of,
+    rpc,
+    send_many,
     wait_for,
 )
 
 from lanchat import auth
-from lanchat.model import Message
 
 KEY = auth.load_secret("correct horse battery staple\n")
 
@@ -79,22 +79,10 @@ def test_secret_file_empty_is_refused_not_an_empty_key(tmp_path: Any) -> None:
         auth.read_secret_file(str(tmp_path / "missing"))
 
 
-def test_message_tags_cover_every_field() -> None:
-    msg = Message.from_dict(fake_msg(1, "hello"))
-    signed = msg.signed(auth.message_mac(KEY, msg))
-    assert auth.check_message(KEY, signed)
-    assert Message.from_dict(signed.to_dict()) == signed  # the tag travels with it
-    for change in ({"text": "hellO"}, {"nick": "mallory"}, {"room": "dev"}, {"ts": 1.5},
-                   {"to": "bob"}):
-        forged = Message.from_dict({**signed.to_dict(), **change})
-        assert not auth.check_message(KEY, forged), change
-    assert not auth.check_message(KEY, msg)  # untagged
-
-
 # -- daemons ----------------------------------------------------------------------------------
 
-def test_daemons_with_the_secret_link_and_tag_every_message(make_daemon: Any,
-                                                           workdir: str) -> None:
+def test_daemons_with_the_secret_link_and_relay_signed_messages(make_daemon: Any,
+                                                               workdir: str) -> None:
     secret = secret_file(workdir)
     a = make_daemon("--config", config_file(workdir, "a", secret_file=secret), nick="alice",
                     subdir="a")
@@ -105,7 +93,8 @@ def test_daemons_with_the_secret_link_and_tag_every_message(make_daemon: Any,
     assert a.cli("send", "from alice").returncode == 0
     wait_for("relayed", lambda: any(i.startswith(na) for i in history_ids(b)), SETTLE_S)
     got = [json.loads(line) for line in b.cli("history", "--json").stdout.splitlines()]
-    assert got and all(auth.check_message(KEY, Message.from_dict(m)) for m in got)
+    assert got and all(m.get("signed", True) for m in got)
+    assert all("mac" not in m for m in got)  # the secret tags no message any more
 
 
 @pytest.mark.parametrize("who_has_it", ["acceptor", "dialer"])
@@ -136,7 +125,7 @@ def test_an_intruder_can_neither_link_nor_inject(make_daemon: Any, workdir: str,
     assert "proof" in welcome and "nonce" in welcome
     guesser.send({"type": "auth", "proof": "11" * 32})
     with contextlib.suppress(OSError):  # the daemon may hang up before this arrives
-        guesser.send({"type": "msgs", "m": [fake_msg(1, "injected")]})
+        guesser.msgs([guesser.message(1, "injected")])
     assert guesser.closed()
     time.sleep(0.3)
     assert f"{FAKE_NODE}:1" not in history_ids(d)
@@ -154,19 +143,17 @@ def test_a_linked_peer_cannot_forge_messages(make_daemon: Any, workdir: str,
     f.send({"type": "auth", "proof": auth.proof(KEY, "link-hello", welcome["nonce"],
                                                  FAKE_NODE, node)})
     f.send({"type": "sync", "cursors": {}})
-    good = Message.from_dict(fake_msg(1, "honest"))
-    f.send({"type": "msgs", "m": [good.signed(auth.message_mac(KEY, good)).to_dict()]})
-    wait_for("the tagged message is stored", lambda: f"{FAKE_NODE}:1" in history_ids(d),
+    f.msgs([f.message(1, "honest")])  # signed with its own key: a member may speak for itself
+    wait_for("its own message is stored", lambda: f"{FAKE_NODE}:1" in history_ids(d),
              SETTLE_S)
-    forged = {**fake_msg(2, "forged"), "mac": "00" * 32}
-    f.send({"type": "msgs", "m": [forged, fake_msg(3, "untagged")]})
-    f.send({"type": "ping"})
-    f.until("pong")
-    wait_for("the forgery logged", lambda: "no valid tag of the shared secret" in d.stderr(),
-             SETTLE_S)
-    time.sleep(0.2)  # the frames were handled before the pong; give a stray store a moment
-    ids = history_ids(d)
-    assert f"{FAKE_NODE}:2" not in ids and f"{FAKE_NODE}:3" not in ids
+    # Knowing the secret makes no signatures: entry 2 of its feed signed with another key.
+    forger = Feed(rogue_key("another"), FAKE_NODE)
+    forger.hashes[1] = f.feed().hashes[1]
+    f.msgs([forger.entry(2, "forged")], key=None)
+    assert f.closed()
+    wait_for("the forgery logged", lambda: "bad-signature" in d.stderr() or
+             "signature is not" in d.stderr(), SETTLE_S)
+    assert f"{FAKE_NODE}:2" not in history_ids(d)
 
 
 # -- clients ----------------------------------------------------------------------------------
@@ -226,3 +213,45 @@ def test_a_missing_secret_file_is_a_config_error(workdir: str) -> None:
     with pytest.raises(RuntimeError, match="secret_file"):
         d.start(timeout=10)
     assert d.proc is not None and d.proc.returncode == 78
+
+
+def test_turning_the_secret_on_and_changing_it_keeps_every_message(make_daemon: Any,
+                                                                    workdir: str) -> None:
+    """Issue 13 case 5: two daemons with history, one of them holding messages the other
+    never got; the secret is turned on, then changed.  They link, converge, drop nothing.
+
+    (With the per-message tags of the secret, the old messages were dropped as forged, the
+    next tagged one looked like a gap, sync, replay, drop: for ever.)
+    """
+    a = make_daemon(nick="alice", subdir="a")
+    b = make_daemon("--config", config_file(workdir, "b0", peers=[f"127.0.0.1:{a.port}"]),
+                    nick="bob", subdir="b")
+    na, nb = node_of(a), node_of(b)
+    wait_for("linked", lambda: linked(a, nb) and linked(b, na), LINK_DEADLINE_S)
+    sent = send_many(a, 3, "before any secret") + send_many(b, 3, "bob before any secret")
+
+    def converged(n: int) -> bool:
+        ids_a, ids_b = set(history_ids(a)), set(history_ids(b))
+        return ids_a == ids_b and len(ids_a) == n
+
+    wait_for("six on both", lambda: converged(6), SETTLE_S)
+    for step, text in enumerate(("turned on", "changed")):
+        b.stop()
+        sent += send_many(a, 5 + step, f"while bob was away, before the secret was {text}")
+        a.stop()
+        secret = secret_file(workdir, f"secret number {step}")
+        a.requested_port = a.port  # b dials a where it was
+        a.extra = ["--config", config_file(workdir, f"a{step}", secret_file=secret)]
+        b.extra = ["--config", config_file(workdir, f"b{step + 1}", secret_file=secret,
+                                           peers=[f"127.0.0.1:{a.port}"])]
+        a.start()
+        b.start()
+        wait_for(f"linked with the secret {text}", lambda: linked(a, nb) and linked(b, na),
+                 LINK_DEADLINE_S)
+        sent += send_many(b, 1, f"bob after the secret was {text}")
+        total = len(sent)
+        wait_for(f"converged after the secret was {text}",
+                 lambda total=total: converged(total), LINK_DEADLINE_S)
+    assert set(history_ids(b)) == set(sent)
+    assert [p["state"] for p in rpc(b, "peers")] == ["linked"]
+    assert "forged" not in a.stderr() + b.stderr() and "no valid tag" not in b.stderr()

@@ -172,3 +172,15 @@ def test_tls_bench_smoke() -> None:
     # a record per frame costs more than frames batched in one write, whatever the machine
     assert r["tls_us_per_msg"] < r["tls_us_per_single"]
     assert "OpenSSL" in r["openssl"]
+def test_catchup_smoke_every_message_arrives() -> None:
+    """bench/catchup.py: a newcomer takes in a peer's (signed) history over a real link."""
+    p = subprocess.run([sys.executable, str(RUN.parent / "catchup.py"), "--messages", "300",
+                        "--repeat", "1", "--max-run-s", "30"], capture_output=True, timeout=55,
+                       check=False)
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    lines = p.stdout.decode().splitlines()
+    assert len(lines) == 1, lines
+    out = json.loads(lines[0])
+    (run,) = out["this"]["runs"]
+    assert out["scenario"] == "catchup" and run["held"] == 300, out
+    assert run["per_s"] > 0 and run["receiver_cpu_s"] > 0

@@ -43,7 +43,6 @@ from test_links import (
     LINK_DEADLINE_S,
     FakePeer,
     assert_exactly_once_in_order,
-    fake_msg,
     history_ids,
     linked,
     logs,
@@ -75,9 +74,9 @@ def test_link_peer_vanishing_mid_frame_stores_nothing_half_and_relinks(daemon: D
     f = FakePeer(daemon.port, cursors={node: 0})
     try:
         f.until("welcome")
-        f.send({"type": "msgs", "m": [fake_msg(1)]})
+        f.msgs([f.message(1)])
         wait_for("1 stored", lambda: f"{FAKE_NODE}:1" in history_ids(daemon), SETTLE_S)
-        whole = json.dumps({"type": "msgs", "m": [fake_msg(2), fake_msg(3)]}).encode()
+        whole = json.dumps({"type": "msgs", "e": [f.message(2), f.message(3)]}).encode()
         f.sock.sendall(whole[: len(whole) // 2])  # half a frame, then the peer is gone
         time.sleep(0.2)
     finally:
@@ -89,10 +88,11 @@ def test_link_peer_vanishing_mid_frame_stores_nothing_half_and_relinks(daemon: D
     assert f"{FAKE_NODE}:2" not in ids and f"{FAKE_NODE}:3" not in ids
     # the same peer comes back: it is asked for what we lack, and the link works again
     g = FakePeer(daemon.port, cursors={node: 0})
+    g.feeds = f.feeds  # the same node, the same feed
     try:
         g.until("welcome")
         assert g.until("sync")["cursors"].get(FAKE_NODE) == 1
-        g.send({"type": "msgs", "m": [fake_msg(2), fake_msg(3)]})
+        g.msgs([g.message(2), g.message(3)])
         wait_for("2, 3 stored", lambda: {f"{FAKE_NODE}:2", f"{FAKE_NODE}:3"}
                  <= set(history_ids(daemon)), SETTLE_S)
     finally:

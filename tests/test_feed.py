@@ -179,10 +179,11 @@ def messages(draw: st.DrawFn) -> Message:
     nick = draw(st.from_regex(r"[a-zA-Z\u00e9\U0001F600][a-z0-9\u00e9\U0001F600_-]{0,10}",
                               fullmatch=True))
     to = draw(st.none() | st.just("bob\u00e9"))
+    to_node = None if to is None else draw(st.none() | st.just(BOB.node))
     ts = draw(st.floats(min_value=0, max_value=1e17, allow_nan=False) | st.integers(0, 2**40))
     return Message(origin=ALICE.node, seq=draw(st.integers(1, 2**63 - 1)), ts=ts,
                    room=draw(st.sampled_from(["lobby", "a.b-c_1"])), nick=nick,
-                   host="h\u00f6st", text=text, to=to)
+                   host="h\u00f6st", text=text, to=to, to_node=to_node)
 
 
 @settings(max_examples=300, deadline=None)
@@ -196,6 +197,8 @@ def test_body_is_compact_ascii_json_and_parses_back(m: Message, prev_raw: bytes 
                               "room": m.room, "nick": m.nick, "host": m.host, "text": m.text}
     if m.to is not None:
         fields["to"] = m.to
+    if m.to_node is not None:
+        fields["to_node"] = m.to_node
     fields["prev"] = prev
     assert body == json.dumps(fields, separators=(",", ":"), ensure_ascii=True).encode()
     assert body.isascii()

@@ -8,6 +8,7 @@ peer is dialed again, never dropped for good).  (Issue 13, case 10.)
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import pytest
@@ -15,8 +16,8 @@ from conftest import wait_for
 from rogue import RogueListener
 
 from lanchat.errors import RouterTimeout
+from lanchat.feed import Entry, PublicKey, RunResult, SigningKey, StoredEntry
 from lanchat.links import Identity, LinkManager
-from lanchat.model import Message
 from lanchat.presence import NodeRoster
 
 ME = "11" * 8
@@ -43,9 +44,16 @@ class FakeRouter:
     def detach_link(self, link: Any) -> None:
         self.detached.append(link)
 
-    def accept_remote(self, messages: Sequence[Message], *,
-                      source: object | None) -> tuple[list[Message], bool]:
-        return list(messages), False
+    key: SigningKey | None = None
+
+    def submit_run(self, run: Sequence[Entry], key: PublicKey, *, floor: bool = False,
+                   source: object | None) -> Future[RunResult]:
+        done: Future[RunResult] = Future()
+        done.set_result(RunResult(list(run)))
+        return done
+
+    def forked(self) -> dict[str, int]:
+        return {}
 
     def apply_roster(self, roster: NodeRoster, *, source: Any) -> None:
         pass
@@ -56,13 +64,14 @@ class FakeRouter:
             raise RuntimeError("a bug nobody foresaw")
         return {}
 
-    def skip_pruned(self, origin: str, seq: int) -> None:
-        pass
 
 
 class NoHistory:
-    def after(self, origin: str, seq: int, limit: int) -> list[Message]:
+    def entries_after(self, origin: str, seq: int, limit: int) -> list[StoredEntry]:
         return []
+
+    def feed_key(self, origin: str) -> bytes | None:
+        return None
 
 
 @pytest.fixture

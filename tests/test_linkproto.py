@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from lanchat import linkproto
 from lanchat.errors import RemoteProtocolError, ValidationError
+from lanchat.feed import Entry, FeedError, SigningKey, sign_entries
 from lanchat.limits import MAX_SYNC_CURSORS, MAX_SYNC_PAGE
 from lanchat.model import Message, User
 from lanchat.presence import NodeRoster
@@ -30,6 +31,17 @@ NODE_C = "c3" * 8
 def msg(origin: str = NODE_A, seq: int = 1, text: str = "hi", **kw: Any) -> Message:
     return Message(origin=origin, seq=seq, ts=1_700_000_000.0 + seq, room=kw.pop("room", "lobby"),
                    nick=kw.pop("nick", "alice"), host=kw.pop("host", "laptop"), text=text, **kw)
+
+
+KEY_A = SigningKey(b"\x01" * 32)
+KEY_B = SigningKey(b"\x02" * 32)
+
+
+def run_of(texts: list[str], key: SigningKey = KEY_A, first: int = 1, **kw: Any) -> list[Entry]:
+    """Entries ``first``.. of ``key``'s feed with these texts (chained, the last signed)."""
+    messages = [msg(key.node, first + i, t, **kw) for i, t in enumerate(texts)]
+    prev = sign_entries(key, [msg(key.node, i, "x") for i in range(1, first)], None)
+    return sign_entries(key, messages, prev[-1].head if prev else None)
 
 
 def roster(node: str = NODE_B, ver: int = 1, *nicks: str, gone: bool = False) -> NodeRoster:
@@ -127,24 +139,29 @@ def test_missing_property(ours: dict[str, int], theirs: dict[str, int]) -> None:
 
 # -- frames ---------------------------------------------------------------------------------
 
-def test_msgs_round_trip_keeps_order_and_fields() -> None:
-    batch = [msg(seq=i, text=f"m{i}") for i in range(1, 6)] + [msg(NODE_B, 1, "dm", to="bob")]
-    frame = linkproto.parse_frame(linkproto.encode_msgs(batch))
-    assert frame == linkproto.Msgs(tuple(batch))
+def test_msgs_round_trip_keeps_order_bytes_and_key() -> None:
+    run = run_of([f"m{i}" for i in range(1, 6)]) + run_of(["dm"], first=6, to="bob")[-1:]
+    run = sign_entries(KEY_A, [e.message for e in run], None)
+    data = linkproto.encode_run(run, KEY_A.public)
+    frame = linkproto.parse_frame(data)
+    assert frame == linkproto.Msgs(tuple(run), KEY_A.public)
+    assert all(a.body is not b.body and a.body == b.body for a, b in zip(frame.entries, run,
+                                                                          strict=True))
+    assert linkproto.parse_frame(linkproto.encode_run(run)) == linkproto.Msgs(tuple(run))
 
 
 def test_one_live_message_is_a_msgs_frame() -> None:
-    m = msg(seq=9, text="line one\nline two \x1b[31m")
-    assert linkproto.parse_frame(linkproto.encode_message(m)) == linkproto.Msgs((m,))
+    (e,) = run_of(["line one\nline two \x1b[31m \u00e9 \"quoted\" back\\slash"])
+    assert linkproto.parse_frame(linkproto.encode_run([e])) == linkproto.Msgs((e,))
 
 
 def test_a_full_batch_of_maximal_messages_fits_in_one_link_frame() -> None:
-    text = "\x01" * 4096  # every byte JSON-escaped to six
-    batch = [msg(seq=i, text=text) for i in range(1, linkproto.MAX_BATCH + 1)]
-    data = linkproto.encode_msgs(batch)
+    text = "\x01" * 4096  # every byte JSON-escaped to six, then seven in the frame
+    run = run_of([text] * linkproto.MAX_BATCH)
+    data = linkproto.encode_run(run, KEY_A.public)
     assert len(data) < linkproto.MAX_LINK_FRAME
     frame = linkproto.parse_frame(data)
-    assert isinstance(frame, linkproto.Msgs) and len(frame.messages) == linkproto.MAX_BATCH
+    assert isinstance(frame, linkproto.Msgs) and len(frame.entries) == linkproto.MAX_BATCH
 
 
 @pytest.mark.parametrize("make", [
@@ -179,8 +196,9 @@ def test_refusal_text_is_bounded() -> None:
 @pytest.mark.parametrize("line", [
     b"[]", b'"msgs"', b"42", b"null", b"{}",
     b'{"type":"nonsense"}', b'{"type":"hello"}',
-    b'{"type":"msgs"}', b'{"type":"msgs","m":{}}', b'{"type":"msgs","m":[1]}',
-    b'{"type":"msgs","m":[{"origin":"a1a1a1a1a1a1a1a1"}]}',
+    b'{"type":"msgs"}', b'{"type":"msgs","e":{}}', b'{"type":"msgs","e":[1]}',
+    b'{"type":"msgs","e":[{"origin":"a1a1a1a1a1a1a1a1"}]}', b'{"type":"msgs","e":[{"b":"{}"}]}',
+    b'{"type":"msgs","m":[]}', b'{"type":"msgs","e":[],"k":"not a key"}',
     b'{"type":"sync"}', b'{"type":"sync","cursors":{"a1a1a1a1":-2}}',
     b'{"type":"roster"}', b'{"type":"roster","roster":{"node":"xyz"}}',
     b'{"type":"welcome","node":"a1a1a1a1a1a1a1a1"}',
@@ -192,31 +210,31 @@ def test_malformed_frames_are_refused_cleanly(line: bytes) -> None:
 
 
 def test_oversized_msgs_list_is_refused_before_parsing_it() -> None:
-    """Refused for its length alone: with entries that are not even messages, parsing them
-    first would raise ValidationError, not the frame's RemoteProtocolError."""
-    fits = [msg(seq=i).to_dict() for i in range(1, linkproto.MAX_BATCH * 4 + 1)]
-    frame = linkproto.parse_frame(json.dumps({"type": "msgs", "m": fits}).encode())
-    assert isinstance(frame, linkproto.Msgs) and len(frame.messages) == linkproto.MAX_BATCH * 4
-    too_many = [1] * (linkproto.MAX_BATCH * 4 + 1)
+    """Refused for its length alone: with entries that are not even entries, parsing them
+    first would raise a FeedError, not the frame's bad-frame."""
+    fits = json.loads(linkproto.encode_run(run_of(["x"] * linkproto.MAX_BATCH)))["e"]
+    frame = linkproto.parse_frame(json.dumps({"type": "msgs", "e": fits}).encode())
+    assert isinstance(frame, linkproto.Msgs) and len(frame.entries) == linkproto.MAX_BATCH
+    too_many = [1] * (linkproto.MAX_BATCH + 1)
     with pytest.raises(RemoteProtocolError) as info:
-        linkproto.parse_frame(json.dumps({"type": "msgs", "m": too_many}).encode())
+        linkproto.parse_frame(json.dumps({"type": "msgs", "e": too_many}).encode())
     assert info.value.code == "bad-frame"
 
 
-def test_message_whose_id_does_not_match_is_refused() -> None:
-    d = msg(seq=2).to_dict()
-    d["id"] = f"{NODE_A}:3"
-    with pytest.raises(ValidationError):
-        linkproto.parse_frame(json.dumps({"type": "msgs", "m": [d]}).encode())
+def test_a_key_that_is_not_the_origins_parses_but_names_its_own_node() -> None:
+    """The frame carries any well-formed key; the link checks it is the origin's."""
+    frame = linkproto.parse_frame(linkproto.encode_run(run_of(["x"]), KEY_B.public))
+    assert isinstance(frame, linkproto.Msgs) and frame.key == KEY_B.public
+    assert frame.key.node != frame.entries[0].origin
 
 
 def test_a_timestamp_beyond_any_float_is_refused_not_an_overflow() -> None:
     """``ts: 10**400`` is valid JSON; it must be a protocol error like any bad field, not an
     OverflowError that no link handler expects (it killed the dialer thread)."""
-    d = msg(seq=1).to_dict()
-    d["ts"] = 10**400
-    with pytest.raises(ValidationError, match="finite"):
-        linkproto.parse_frame(json.dumps({"type": "msgs", "m": [d]}).encode())
+    (e,) = run_of(["x"])
+    body = e.body.decode().replace(f'"ts":{e.message.ts!r}', f'"ts":{10**400}')
+    with pytest.raises(FeedError, match="ts"):
+        linkproto.parse_frame(json.dumps({"type": "msgs", "e": [{"b": body}]}).encode())
 
 
 @settings(max_examples=200)
@@ -230,13 +248,14 @@ _texts = st.text(st.characters(blacklist_characters="\x00", blacklist_categories
                  min_size=1, max_size=60)
 
 
-@settings(max_examples=100)
-@given(st.lists(st.tuples(st.sampled_from([NODE_A, NODE_B, NODE_C]), st.integers(1, 2**40),
-                          _texts, st.sampled_from(["lobby", "dev", "a.b-c_d"])),
-                max_size=linkproto.MAX_BATCH))
-def test_msgs_round_trip_property(items: list[tuple[str, int, str, str]]) -> None:
-    batch = tuple(msg(o, s, t, room=r) for o, s, t, r in items)
-    assert linkproto.parse_frame(linkproto.encode_msgs(batch)) == linkproto.Msgs(batch)
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(_texts, st.sampled_from(["lobby", "dev", "a.b-c_d"])),
+                max_size=linkproto.MAX_BATCH), st.booleans())
+def test_msgs_round_trip_property(items: list[tuple[str, str]], with_key: bool) -> None:
+    run = sign_entries(KEY_A, [msg(KEY_A.node, i, t, room=r)
+                               for i, (t, r) in enumerate(items, 1)], None)
+    key = KEY_A.public if with_key else None
+    assert linkproto.parse_frame(linkproto.encode_run(run, key)) == linkproto.Msgs(tuple(run), key)
 
 
 @given(st.dictionaries(st.text("0123456789abcdef", min_size=8, max_size=64),

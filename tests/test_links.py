@@ -36,10 +36,11 @@ from conftest import (
     wait_for,
     wait_within,
 )
-from rogue import ROGUE_NODE, Rogue, RogueIdentity, fake_msg
+from rogue import ROGUE_NODE, Rogue, RogueIdentity
 
 from lanchat import linkproto
 from lanchat.client import ControlClient
+from lanchat.feed import PublicKey, parse_run, verify_run
 from lanchat.limits import MAX_DAEMON_LINKS
 from lanchat.presence import MAX_ROSTER_USERS
 
@@ -94,6 +95,11 @@ def peer_state(d: Daemon, node: str) -> str | None:
 
 def linked(d: Daemon, node: str) -> bool:
     return peer_state(d, node) == "linked"
+
+
+def entry_ids(entries: list[dict[str, Any]]) -> list[str]:
+    """The message ids of a ``msgs`` frame's entries (read from their bodies)."""
+    return [f"{b['origin']}:{b['seq']}" for b in (json.loads(e["b"]) for e in entries)]
 
 
 def history_ids(d: Daemon) -> list[str]:
@@ -678,29 +684,35 @@ def test_handshake_replay_gap_sync_and_ping(daemon: Daemon, fakes: list[FakePeer
     assert f.until("sync")["cursors"] == {node: 70}   # its first frame says what it holds
     # It sends what we lack, after our cursor, in order, in bounded batches.
     got: list[str] = []
+    keys = []
     while len(got) < 67:
-        batch = f.until("msgs")["m"]
+        frame = f.until("msgs")
+        batch = frame["e"]
         assert 0 < len(batch) <= 64
-        got += [m["id"] for m in batch]
+        assert "s" in batch[-1]  # a run ends signed
+        keys.append(frame.get("k"))
+        got += entry_ids(batch)
     assert got == mine[3:]
+    assert keys[0] is not None and not any(keys[1:])  # the key comes with the first run
+    verify_run(parse_run(frame["e"]), PublicKey.from_text(keys[0]))
     # Our messages are stored and shown; a message beyond a gap is answered with a sync.
-    f.send({"type": "msgs", "m": [fake_msg(1), fake_msg(2)]})
+    f.msgs([f.message(1), f.message(2)])
     wait_for("stored", lambda: {f"{FAKE_NODE}:1", f"{FAKE_NODE}:2"} <= set(history_ids(daemon)),
              SETTLE_S)
-    f.send({"type": "msgs", "m": [fake_msg(5)]})
+    f.msgs([f.message(5)])
     sync = f.until("sync")
     assert sync["cursors"].get(FAKE_NODE) == 2
     assert f"{FAKE_NODE}:5" not in history_ids(daemon)   # never stored beyond a gap
     f.send({"type": "ping"})
     f.until("pong")
     # Duplicates are dropped by id.
-    f.send({"type": "msgs", "m": [fake_msg(1), fake_msg(2), fake_msg(3)]})
+    f.msgs([f.message(1), f.message(2), f.message(3)])
     wait_for("3 stored", lambda: f"{FAKE_NODE}:3" in history_ids(daemon), SETTLE_S)
     assert collections.Counter(history_ids(daemon))[f"{FAKE_NODE}:1"] == 1
     # Live messages follow; an idle link is pinged.
     send_many(daemon, 1, "live")
-    live = f.until("msgs")["m"]
-    assert [m["seq"] for m in live] == [71]
+    live = f.until("msgs")["e"]
+    assert [json.loads(e["b"])["seq"] for e in live] == [71]
     f.until("ping", timeout=5.0)
     peers = rpc(daemon, "peers")
     assert [(p["node"], p["state"]) for p in peers] == [(FAKE_NODE, "linked")]
@@ -899,9 +911,9 @@ def test_history_since_against_a_real_daemon(daemon: Daemon, fakes: list[FakePee
     f = FakePeer(daemon.port)
     fakes.append(f)
     f.until("welcome")
-    old = [{**fake_msg(seq, f"{name} ago"), "ts": now - age}
+    old = [f.message(seq, f"{name} ago", ts=now - age)
            for seq, (name, age) in enumerate(ages.items(), 1)]
-    f.send({"type": "msgs", "m": old})
+    f.msgs(old)
     ts = {f"{name} ago": now - age for name, age in ages.items()}
     sent = daemon.cli("send", "just now")
     assert sent.returncode == 0, sent.stderr.decode()

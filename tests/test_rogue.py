@@ -1,10 +1,10 @@
 """A rogue daemon against a real lanchatd: what one hostile or broken peer cannot break.
 
-Each test plays a rogue peer with :class:`rogue.Rogue` (the real link protocol, a node id of
-its own choosing) against a daemon on loopback (discovery off), and checks what users see:
+Each test plays a rogue peer with :class:`rogue.Rogue` (the real link protocol, a key of its
+own, signed runs) against a daemon on loopback (discovery off), and checks what users see:
 text clients on the hub, ``lanchat history``/``tail``, ``lanchat peers``, the journal.  The
 daemon under attack must keep serving its honest peers and clients throughout.
-(Issue 13, cases 1, 2, 6, 10 and 12; signatures come later.)
+(Issue 13, cases 1, 2, 6, 10 and 12; the attacks on signed feeds are in test_rogue_feeds.py.)
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from contextlib import closing
 from typing import Any
 
 from conftest import Daemon, TextUser, wait_for
-from rogue import BASE_TS, Rogue, RogueIdentity, RogueListener
+from rogue import BASE_TS, Rogue, RogueIdentity, RogueListener, rogue_key
 from test_auth import config_file, secret_file
 from test_links import linked, logs, node_of, peer_state, rpc
 
@@ -160,18 +160,25 @@ def test_a_peer_cannot_speak_in_our_name_nor_move_our_clock(make_daemon: Any,
     clients.append(rogue)
     rogue.handshake({node: 1})
     year_2100 = 4102444800.0
-    for seq in (2, 3):  # they would extend our prefix, in the year 2100
-        rogue.msgs([rogue.message(seq, f"forged {seq}", origin=node, ts=year_2100)])
-    rogue.ping()
-    rogue.until("pong", 5.0)  # the link is not stopped by it
+    # Entries 2 and 3 of our feed would extend our prefix, in the year 2100; the rogue signs
+    # them with its own key (it has no other) and sends that key, or none.
+    rogue.msgs([rogue.message(seq, f"forged {seq}", origin=node, ts=year_2100)
+                for seq in (2, 3)])
+    assert rogue.closed()  # a forgery is a protocol error: that link ends
+    other = Rogue(d.port, RogueIdentity(signing=rogue_key("other")))
+    clients.append(other)
+    other.handshake({node: 1})
+    other.feeds[node] = rogue.feeds[node]
+    other.msgs([other.message(2, "forged 2", origin=node, ts=year_2100)], key=None)
+    assert other.closed()
     assert [m["text"] for m in _history(d)] == ["mine, first"]
     before = time.time()
     second = json.loads(d.cli("--json", "send", "mine, second").stdout)
     assert second["seq"] == first["seq"] + 1 == 2
     assert before - 1 <= second["ts"] <= time.time() + 1
     assert [m["text"] for m in _history(d)] == ["mine, first", "mine, second"]
-    # Said once for this link, not once per message.
-    assert d.stderr().count("in our own name") == 1, logs(d)
+    # Said once per link: the signature is not ours.
+    assert d.stderr().count(f"the signature is not {node}'s; closing the link") == 2, logs(d)
 
 
 # -- case 6: unproven connections and the link slots --------------------------------------------
@@ -332,11 +339,14 @@ def test_invented_origins_cannot_cut_a_node_off_the_mesh(make_daemon: Any,
     rogue = Rogue(a.port, source="127.0.0.2")  # another machine than B's
     clients.append(rogue)
     rogue.handshake()
-    origins = [f"{i:016x}" for i in range(1, INVENTED_ORIGINS + 1)]
+    # Each invented origin is a real key (a run must verify), so each costs the rogue a key.
+    keys = [rogue_key(f"invented {i}") for i in range(1, INVENTED_ORIGINS + 1)]
     started = time.monotonic()
-    for start in range(0, len(origins), 256):
-        rogue.msgs([rogue.message(1, f"o{start + k}", origin=o)
-                    for k, o in enumerate(origins[start:start + 256])])
+    for start in range(0, len(keys), 256):
+        rogue.raw(b"".join(
+            json.dumps({"type": "msgs", "e": [rogue.feed(k.node, key=k).entry(1, f"o{n}")],
+                        "k": k.public.text}).encode() + b"\n"
+            for n, k in enumerate(keys[start:start + 256], start)))
     rogue.ping()
     rogue.until("pong", 60.0)  # every batch before it has been handled
     rogue.close()

@@ -14,15 +14,20 @@ from typing import Any
 
 import pytest
 from conftest import wait_for
+from rogue import Feed, rogue_key
 
 from lanchat.errors import LanchatError, RouterTimeout
 from lanchat.events import Event
+from lanchat.feed import Entry, PublicKey, RunResult
 from lanchat.model import Draft, Message
 from lanchat.presence import NodeRoster
 from lanchat.router import Router
 from lanchat.store import Store
 
-PEER = "ab" * 8
+PEER_FEED = Feed(rogue_key("peer"))
+PEER = PEER_FEED.origin
+#: This node's own key (the router signs with it).
+OWN = rogue_key("own")
 
 
 class Sink:
@@ -68,7 +73,7 @@ class FakeLink(Sink):
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "history.db")
+    s = Store(tmp_path / "history.db", node_id=OWN.node)
     try:
         yield s
     finally:
@@ -77,7 +82,7 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 @pytest.fixture
 def router(store: Store) -> Iterator[Router]:
-    r = Router(store, node=store.node_id, host="box", nick="owner")
+    r = Router(store, node=store.node_id, host="box", nick="owner", key=OWN)
     r.start()
     try:
         yield r
@@ -85,9 +90,15 @@ def router(store: Store) -> Iterator[Router]:
         r.close()
 
 
-def remote(seq: int, text: str = "", origin: str = PEER, ts: float | None = None) -> Message:
-    return Message(origin=origin, seq=seq, ts=1_700_000_000.0 + seq if ts is None else ts,
-                   room="lobby", nick="peer", host="far", text=text or f"r{seq}")
+def remote(seq: int, text: str = "", feed: Feed = PEER_FEED, ts: float | None = None) -> Entry:
+    """Entry ``seq`` of ``feed`` (a peer's, by default), chained and signed."""
+    return Entry.from_wire(feed.entry(seq, text or f"r{seq}", nick="peer", host="far",
+                                      ts=1_700_000_000.0 + seq if ts is None else ts))
+
+
+def accept(router: Router, *run: Entry, key: PublicKey | None = None) -> RunResult:
+    """Hand ``run`` to the router as a link does once it verified it."""
+    return router.accept_run(list(run), key or PEER_FEED.key.public, source=None)
 
 
 def test_a_receiver_that_raises_is_dropped_and_the_fan_out_goes_on(router: Router) -> None:
@@ -98,8 +109,8 @@ def test_a_receiver_that_raises_is_dropped_and_the_fan_out_goes_on(router: Route
         router.subscribe(sink)
     link = FakeLink("cd" * 8, fail=True)
     router.attach_link(link)
-    new, gap = router.accept_remote([remote(1, "first")], source=None)
-    assert [m.text for m in new] == ["first"] and not gap
+    got = accept(router, remote(1, "first"))
+    assert [e.message.text for e in got.new] == ["first"] and not got.gap
     stored = router.send(Draft(text="second", nick="owner", host="box"), timeout=5.0)
     assert stored.text == "second"
     assert before.texts() == after.texts() == ["first", "second"]
@@ -156,13 +167,13 @@ def test_a_bug_while_storing_a_peers_batch_answers_the_link(store: Store, router
     LanchatError (the link then closes) instead of leaving it waiting for ever."""
     def broken(*args: Any, **kw: Any) -> list[Message]:
         raise KeyError("a bug")
-    monkeypatch.setattr(store, "insert_remote", broken)
+    monkeypatch.setattr(store, "insert_run", broken)
     t0 = time.monotonic()
     with pytest.raises(LanchatError, match="internal error"):
-        router.accept_remote([remote(1)], source=None)
+        accept(router, remote(1))
     assert time.monotonic() - t0 < 5.0
     monkeypatch.undo()
-    assert router.accept_remote([remote(1)], source=None)[0]  # the router lives on
+    assert accept(router, remote(1)).new  # the router lives on
 
 
 def test_a_bug_while_storing_our_own_answers_the_sender(store: Store, router: Router,
@@ -170,7 +181,7 @@ def test_a_bug_while_storing_our_own_answers_the_sender(store: Store, router: Ro
                                                         ) -> None:
     def broken(*args: Any, **kw: Any) -> list[Message]:
         raise KeyError("a bug")
-    monkeypatch.setattr(store, "append_local", broken)
+    monkeypatch.setattr(store, "append_entries", broken)
     with pytest.raises(LanchatError, match="internal error"):
         router.send(Draft(text="x", nick="owner", host="box"), timeout=5.0)
 
@@ -185,7 +196,7 @@ def test_a_stuck_router_times_a_hand_off_out(router: Router,
     try:
         t0 = time.monotonic()
         with pytest.raises(RouterTimeout):
-            router.accept_remote([remote(1)], source=None)
+            accept(router, remote(1))
         assert 0.4 < time.monotonic() - t0 < 3.0
     finally:
         release.set()
@@ -196,10 +207,12 @@ def test_our_own_origin_is_never_taken_from_outside(store: Store, router: Router
     allowed to move our clock: the next message of ours is stamped now."""
     watcher = Sink("watcher")
     router.subscribe(watcher)
-    forged = remote(1, "in your name", origin=router.node, ts=4102444800.0)
-    new, gap = router.accept_remote([forged, remote(1, "honest")], source=None)
-    assert [m.text for m in new] == ["honest"] and not gap
-    assert router.history() == new
+    forger = Feed(rogue_key("forger"), origin=router.node)
+    forged = remote(1, "in your name", feed=forger, ts=4102444800.0)
+    assert not accept(router, forged, key=forger.key.public).new  # not our key: refused
+    got = accept(router, remote(1, "honest"))
+    assert [e.message.text for e in got.new] == ["honest"] and not got.gap
+    assert router.history() == [e.message for e in got.new]
     assert router.cursors().get(router.node, 0) == 0
     now = time.time()
     mine = router.send(Draft(text="mine", nick="owner", host="box"), timeout=5.0)

@@ -25,6 +25,14 @@ from hypothesis import strategies as st
 
 from lanchat import store as store_module
 from lanchat.errors import ClosedError, LocalProtocolError, StoreError
+from lanchat.feed import (
+    UNSIGNED_PREV,
+    Entry,
+    FeedHead,
+    SigningKey,
+    sign_entries,
+    verify_run,
+)
 from lanchat.limits import FUTURE_SKEW_S, MAX_HISTORY_PAGE
 from lanchat.model import Draft, Message
 from lanchat.store import MIGRATIONS, Store
@@ -837,3 +845,108 @@ def test_direct_messages_are_shown_to_their_ends_only(db: Path) -> None:
         assert texts("carl") == ["public"]
         assert texts(None) == ["public", "from ann", "to ann", "to another ann", "old style"]
         assert s.history(viewer=None)[2].to_node == me
+
+
+# -- signed feeds (schema 6) -------------------------------------------------------------------
+
+OWN_KEY = SigningKey(b"\x11" * 32)
+PEER_KEY = SigningKey(b"\x22" * 32)
+
+
+def _peer_run(first: int, last: int, prev: FeedHead | None = None) -> list[Entry]:
+    messages = [msg(PEER_KEY.node, i) for i in range(first, last + 1)]
+    return sign_entries(PEER_KEY, messages, prev)
+
+
+def test_upgrade_keeps_unsigned_history_shown_and_never_served(
+        db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A schema-5 history upgrades in place: its messages stay, marked unsigned, and are not
+    entries (a relay never serves them as if signed); our new feed starts at seq 1."""
+    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS[:5])
+    with Store(db) as s:
+        old_node = s.node_id
+    conn = raw(db)  # rows as lanchat of schema 5 wrote them (its trigger keeps `high`)
+    for origin, seq, text in ((old_node, 1, "old one"), (A, 1, "a1"), (old_node, 2, "old two"),
+                              (A, 2, "a2")):
+        conn.execute("INSERT INTO messages (id, origin, seq, ts, room, nick, host, text)"
+                     " VALUES (?, ?, ?, ?, 'lobby', 'bob', 'far', ?)",
+                     (f"{origin}:{seq}", origin, seq, float(seq), text))
+    conn.close()
+    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS)
+    with Store(db, node_id=OWN_KEY.node) as s:
+        shown = s.history()
+        assert sorted(m.text for m in shown) == ["a1", "a2", "old one", "old two"]
+        assert all(not m.signed for m in shown)
+        assert all(m.to_dict()["signed"] is False for m in shown)
+        assert s.entries_after(old_node, 0, 10) == [] and s.entries_after(A, 0, 10) == []
+        assert s.cursors() == {old_node: 2, A: 2}
+        (mine,) = s.append_entries([draft("signed now")], ts=3.0, key=OWN_KEY)
+        assert mine.seq == 1 and mine.prev is None and mine.message.origin == OWN_KEY.node
+        assert s.history()[-1].signed
+        (row,) = s.entries_after(OWN_KEY.node, 0, 10)
+        assert (row.body, row.sig, row.checked) == (mine.body, mine.sig, True)
+    assert raw(db).execute("SELECT count(*) FROM sqlite_master WHERE name = 'messages_high'"
+                           ).fetchone()[0] == 0
+
+
+def test_our_entries_chain_across_commits_and_sign_each_batch_end(tmp_path: Path) -> None:
+    with Store(tmp_path / "h.db", node_id=OWN_KEY.node) as s:
+        first = s.append_entries([draft(f"m{i}") for i in range(3)], ts=1.0, key=OWN_KEY)
+        second = s.append_entries([draft("m3")], ts=1.0, key=OWN_KEY)
+        run = [*first, *second]
+        verify_run(run, OWN_KEY.public)  # one chain across the two commits
+        assert [e.sig is not None for e in run] == [False, False, True, True]
+        rows = s.entries_after(OWN_KEY.node, 0, 10)
+        assert [r.checked for r in rows] == [False, False, True, True]
+        assert [(r.body, r.sig) for r in rows] == [(e.body, e.sig) for e in run]
+        assert s.heads() == {OWN_KEY.node: run[-1].head}
+        assert s.feed_key(OWN_KEY.node) == OWN_KEY.public.raw
+        with pytest.raises(ValueError):
+            s.append_entries([draft("x")], ts=1.0, key=PEER_KEY)
+
+
+def test_insert_run_extends_skips_held_and_jumps_only_on_a_floor(tmp_path: Path) -> None:
+    with Store(tmp_path / "h.db", node_id=OWN_KEY.node) as s:
+        raw_key = PEER_KEY.public.raw
+        one = _peer_run(1, 3)
+        assert s.insert_run(one, key=raw_key) == one
+        two = _peer_run(3, 5, one[1].head)  # overlaps 3: only 4, 5 are new
+        assert [e.seq for e in s.insert_run(two, key=raw_key)] == [4, 5]
+        far = _peer_run(9, 10, FeedHead(8, "ab" * 32))
+        assert s.insert_run(far, key=raw_key) == []  # beyond a gap: nothing
+        assert s.cursors()[PEER_KEY.node] == 5
+        assert s.insert_run(far, key=raw_key, floor=True) == far  # a floor: the cursor jumps
+        assert s.cursors()[PEER_KEY.node] == 10
+        assert s.heads()[PEER_KEY.node] == far[-1].head
+        assert s.hash_at(PEER_KEY.node, 4) == two[1].hash
+        rows = s.entries_after(PEER_KEY.node, 0, 64)
+        assert [(r.seq, r.checked) for r in rows] == [
+            (1, False), (2, False), (3, True), (4, False), (5, True), (9, False), (10, True)]
+        assert s.entries(PEER_KEY.node, 4, 5) == two[1:]
+        assert s.forked() == {}
+        s.mark_forked(PEER_KEY.node, 4)
+        s.mark_forked(PEER_KEY.node, 2)  # the first one found stays
+        assert s.forked() == {PEER_KEY.node: 4}
+
+
+def test_our_unsigned_messages_under_our_key_are_followed_by_a_signed_feed(
+        db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node that already used its key's node id (33cc028) stored its messages unsigned;
+    after the upgrade it appends signed entries after them (the chain starts from
+    UNSIGNED_PREV) instead of failing to send, and serves only the signed ones."""
+    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS[:5])
+    with Store(db, node_id=OWN_KEY.node):
+        pass
+    conn = raw(db)
+    for seq in (1, 2):
+        conn.execute("INSERT INTO messages (id, origin, seq, ts, room, nick, host, text)"
+                     " VALUES (?, ?, ?, 1.0, 'lobby', 'me', 'here', 'unsigned')",
+                     (f"{OWN_KEY.node}:{seq}", OWN_KEY.node, seq))
+    conn.close()
+    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS)
+    with Store(db, node_id=OWN_KEY.node) as s:
+        (e,) = s.append_entries([draft("signed")], ts=2.0, key=OWN_KEY)
+        assert e.seq == 3 and e.prev == UNSIGNED_PREV and e.sig is not None
+        verify_run([e], OWN_KEY.public)
+        assert [r.seq for r in s.entries_after(OWN_KEY.node, 0, 10)] == [3]
+        assert s.heads() == {OWN_KEY.node: e.head}

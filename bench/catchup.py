@@ -1,0 +1,178 @@
+"""Catch-up over a link: how fast a new daemon takes in a peer's history; print ONE JSON line.
+
+    python bench/catchup.py [--messages 20000] [--repeat 3] [--baseline /path/to/checkout]
+
+A store is filled with ``--messages`` messages of one origin (the sender's own, appended in
+batches of 64 as a busy hub commits them: with signed feeds, each batch one signature), a
+lanchatd is started on it, and then a fresh lanchatd with ``--peer`` to it: the clock runs
+from starting the newcomer (its start-up included) until its database holds every message.
+Reported per run: messages/s, the newcomer's CPU seconds (less noisy than the wall clock on a
+shared machine) and the sender's.  ``--baseline`` runs the same steps with another checkout's
+code (its ``.venv/bin/python`` if it has one, else this Python with it on PYTHONPATH),
+alternating with this checkout's runs, so both are measured in the same invocation.
+Loopback only, discovery off; bounded in time (``--max-run-s``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent.parent
+
+#: Fills a store with the messages (run with the checkout's own code).
+_FILL = r"""
+import sys
+from pathlib import Path
+from lanchat.keyfile import load_identity
+from lanchat.model import Draft
+from lanchat.store import Store
+state, n = Path(sys.argv[1]), int(sys.argv[2])
+ident = load_identity(state)
+with Store(state / "history.db", node_id=ident.node) as store:
+    for start in range(0, n, 64):
+        drafts = [Draft(text=f"catch-up message {i} " + "x" * 40, nick="filler", host="bench")
+                  for i in range(start, min(n, start + 64))]
+        if hasattr(store, "append_entries"):
+            store.append_entries(drafts, ts=1_700_000_000.0 + start, key=ident.key)
+        else:
+            store.append_local(drafts, ts=1_700_000_000.0 + start)
+print(ident.node)
+"""
+
+
+def _python(repo: Path) -> tuple[str, dict[str, str]]:
+    venv = repo / ".venv" / "bin" / "python"
+    env = dict(os.environ)
+    env.pop("NOTIFY_SOCKET", None)
+    env.pop("LANCHAT_CONFIG", None)
+    env["PYTHONPATH"] = str(repo)
+    return (str(venv) if venv.exists() else sys.executable), env
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _daemon(python: str, env: dict[str, str], state: str, *extra: str) -> tuple[
+        subprocess.Popen[bytes], int]:
+    args = [python, "-m", "lanchat.daemon", "--port", "0", "--bind", "127.0.0.1",
+            "--no-discovery", "--state-dir", state, "--socket", os.path.join(state, "c.sock"),
+            "--nick", "bench", *extra]
+    # cwd: `python -m` puts the working directory first on sys.path; run from a checkout,
+    # it would import that checkout's lanchat instead of the one being measured.
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                            cwd=state)
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 30
+    seen = b""
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen += line
+        if b"listening on" in line:
+            port = int(line.split(b"listening on ", 1)[1].split(b" ")[0].rsplit(b":", 1)[1])
+            return proc, port
+    proc.kill()
+    raise RuntimeError(f"lanchatd did not start: {seen.decode(errors='replace')[-2000:]}")
+
+
+def _count(db: str) -> int:
+    try:
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1.0)) as conn:
+            return int(conn.execute("SELECT count(*) FROM messages").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stderr is not None:
+        proc.stderr.close()
+
+
+def one_run(repo: Path, messages: int, max_run_s: float) -> dict[str, Any]:
+    python, env = _python(repo)
+    tmp = tempfile.mkdtemp(prefix="lcc", dir="/tmp")
+    try:
+        src, dst = os.path.join(tmp, "s"), os.path.join(tmp, "r")
+        os.makedirs(src, mode=0o700)
+        os.makedirs(dst, mode=0o700)
+        subprocess.run([python, "-c", _FILL, src, str(messages)], env=env, check=True,
+                       capture_output=True, timeout=300, cwd=tmp)
+        sender, port = _daemon(python, env, src)
+        try:
+            t0 = time.monotonic()
+            receiver, _ = _daemon(python, env, dst, "--peer", f"127.0.0.1:{port}")
+            try:
+                db = os.path.join(dst, "history.db")
+                held = 0
+                while time.monotonic() - t0 < max_run_s:
+                    held = _count(db)
+                    if held >= messages:
+                        break
+                    time.sleep(0.02)
+                took = time.monotonic() - t0
+                cpu_r, cpu_s = _cpu_s(receiver.pid), _cpu_s(sender.pid)
+            finally:
+                _stop(receiver)
+        finally:
+            _stop(sender)
+        return {"held": held, "s": round(took, 3), "per_s": round(held / took),
+                "receiver_cpu_s": round(cpu_r, 3), "sender_cpu_s": round(cpu_s, 3)}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"runs": runs,
+            "median_per_s": statistics.median(r["per_s"] for r in runs),
+            "median_receiver_cpu_s": statistics.median(r["receiver_cpu_s"] for r in runs),
+            "median_sender_cpu_s": statistics.median(r["sender_cpu_s"] for r in runs)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--messages", type=int, default=20_000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="another checkout to measure in the same invocation")
+    ap.add_argument("--max-run-s", type=float, default=120.0)
+    args = ap.parse_args(argv)
+    out: dict[str, Any] = {"scenario": "catchup", "messages": args.messages,
+                           "loadavg_1m_before": float(Path("/proc/loadavg").read_text().split()[0])}
+    mine: list[dict[str, Any]] = []
+    base: list[dict[str, Any]] = []
+    for _ in range(args.repeat):
+        if args.baseline is not None:
+            base.append(one_run(args.baseline, args.messages, args.max_run_s))
+        mine.append(one_run(HERE, args.messages, args.max_run_s))
+    out["this"] = _summary(mine)
+    if base:
+        out["baseline"] = {"repo": str(args.baseline), **_summary(base)}
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
