@@ -127,7 +127,8 @@ def test_a_full_mesh_relays_nothing_and_a_partial_one_relays_where_needed(
     """lanchat.relay wired: a message of A, from A, goes to no neighbour that both says and
     is said to be linked to A (they get it from A; the link counts it as held); our own
     messages go to every link; our roster lists our links."""
-    a, b, c = "a1" * 8, "b2" * 8, "c3" * 8
+    feed_a = Feed(rogue_key("relay-a"))
+    a, b, c = feed_a.origin, "b2" * 16, "c3" * 16
     me = router.node
     links = {n: FakeLink(n) for n in (a, b, c)}
     for link in links.values():
@@ -140,20 +141,20 @@ def test_a_full_mesh_relays_nothing_and_a_partial_one_relays_where_needed(
         return [e.item.text for e in links[node].got if isinstance(e.item, Message)]
 
     # Nothing known yet: flood (the safe default).
-    router.accept_remote([remote(1, "a1", origin=a)], source=links[a])
+    router.accept_run([remote(1, "a1", feed_a)], feed_a.key.public, source=links[a])
     assert got(b) == got(c) == ["a1"] and got(a) == []
     # A, B and C say they are linked to each other and to us: a full mesh.
     router.apply_roster(roster(a, {me, b, c}), source=links[a])
     router.apply_roster(roster(b, {me, a, c}), source=links[b])
     router.apply_roster(roster(c, {me, a, b}), source=links[c])
-    router.accept_remote([remote(2, "a2", origin=a)], source=links[a])
+    router.accept_run([remote(2, "a2", feed_a)], feed_a.key.public, source=links[a])
     assert got(b) == got(c) == ["a1"]  # a2: from A itself
     assert [e.item.text for e in links[b].vouched] == ["a2"]  # type: ignore[union-attr]
     own = router.send(Draft(text="mine", nick="owner", host="box"), timeout=5.0)
     assert all(got(n)[-1] == own.text for n in (a, b, c))
     # C loses its link to A (C says so; A's claim alone no longer makes a link): C needs us.
     router.apply_roster(roster(c, {me, b}, ver=2), source=links[c])
-    router.accept_remote([remote(3, "a3", origin=a)], source=links[a])
+    router.accept_run([remote(3, "a3", feed_a)], feed_a.key.public, source=links[a])
     assert got(c)[-1] == "a3" and got(b)[-1] == "mine"
     # Our roster lists our three links, for the others' decisions (at the next flush).
     wait_for("our roster listing our links", lambda: any(
