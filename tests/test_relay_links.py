@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -32,7 +33,7 @@ def test_a_link_says_what_it_holds_unasked_and_replays_what_the_peer_lacks(
         if frame.get("type") == "sync":
             syncs += 1  # the first is the link's opening sync; the second comes unasked
         elif frame.get("type") == "msgs":
-            msgs += frame["m"]
+            msgs += frame["e"]
     waited = time.monotonic() - started
     print(f"the unasked sync came after {waited:.1f} s")
     assert syncs == 2, f"no sync in {waited:.1f} s"
@@ -40,5 +41,5 @@ def test_a_link_says_what_it_holds_unasked_and_replays_what_the_peer_lacks(
     assert msgs == []  # we said we had them all
     # Now we "lack" them: our next sync makes the daemon replay all three.
     rogue.sync({})
-    got = rogue.until("msgs", 5.0)["m"]
-    assert [m["text"] for m in got] == ["m0", "m1", "m2"]
+    got = rogue.until("msgs", 5.0)["e"]  # one signed run: {b: body, s?: signature}
+    assert [json.loads(e["b"])["text"] for e in got] == ["m0", "m1", "m2"]
