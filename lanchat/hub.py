@@ -374,9 +374,7 @@ class _Session:
         elif users is None:
             self.notice(text)
         else:
-            others = self._others(users)
-            self.notice(f"{text} with {', '.join(others)}" if others else
-                        f"{text} (nobody else is here yet)")
+            self.notice(f"{text}{textmode.company(self._others(users))}")
 
     def _list_users(self) -> None:
         users = self.hub.backend.users(self.room)

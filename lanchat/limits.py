@@ -287,6 +287,24 @@ MAX_NETWORK_USERS = 32_768
 #: a node coming back with thousands of users must not flood every text client.
 PRESENCE_SUMMARY_OVER = 10
 
+#: A room with more than this many members on this hub is *big*: its join and leave
+#: notices (ours and the network's) are held for up to PRESENCE_BATCH_S and sent as one
+#: notice per kind (``* bob and 36 others joined #lobby``).  Below it every join and leave
+#: is shown at once, as in any chat; above it one notice per person would cost the hub the
+#: square of the room (5,000 joins x 5,000 members = 25 million lines) and cut the members
+#: who cannot read that fast -- whose own leave notices would then flood the rest.
+BIG_ROOM_OVER = 50
+
+#: Seconds a big room's join and leave notices are held to be summed up: short enough
+#: that a newcomer is announced while people still notice, long enough that a rush of
+#: joins (or a hub restart) becomes a handful of lines.
+PRESENCE_BATCH_S = 0.5
+
+#: Most nicks a welcome (and ``/join``'s confirmation) names; past it, the count of the
+#: rest (``with alice, bob, ... and 4,990 others``).  ``/users`` still lists everyone.
+#: A welcome naming the whole of a room of 5,000 is 50 KB per joiner.
+WELCOME_MAX_NAMES = 10
+
 #: The line mode's console (lanchat.lineedit) signals the main thread again every this many
 #: seconds until it has printed what a receiver thread queued (or left its read, for a
 #: wake-up): a signal that lands while the main thread is busy inside readline, or in the
