@@ -1,17 +1,20 @@
-"""A big room stays calm: 500 text clients in #lobby of a real daemon, over real sockets.
+"""The hub at scale: crowds of text clients of a real daemon, over real sockets.
 
-Joins and leaves in a room above limits.BIG_ROOM_OVER are summed up (``* m7 and 36 others
-joined #lobby``), a welcome names only a few members and counts the rest, and nobody is
-cut off for not keeping up with a flood of notices about everyone else.  The clients are
-one non-blocking ``selectors`` loop in this process (no thread per client); every loop is
-bounded in time.
+A big room stays calm: joins and leaves in a room above limits.BIG_ROOM_OVER are summed
+up (``* m7 and 36 others joined #lobby``), a welcome names only a few members and counts
+the rest, and nobody is cut off for not keeping up with a flood of notices about everyone
+else.  Connections cost no thread: a daemon holding 5,000 runs as many threads as one
+holding one.  The clients are one non-blocking ``selectors`` loop in this process (no
+thread per client); every loop is bounded in time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
+import resource
 import selectors
 import socket
 import time
@@ -138,7 +141,12 @@ class Crowd:
 
 @pytest.fixture
 def crowd(make_daemon: Any) -> Iterator[tuple[Any, Crowd]]:
-    daemon = make_daemon(env={"LANCHAT_MAX_CONNECTIONS_PER_IP": "0"})
+    # 5,000 sockets on each side: raise our soft limit (the daemon inherits it).
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    daemon = make_daemon(env={"LANCHAT_MAX_CONNECTIONS_PER_IP": "0",
+                              "LANCHAT_MAX_CONNECTIONS": "6000"})
     c = Crowd(daemon.port)
     try:
         yield daemon, c
@@ -195,3 +203,39 @@ def test_a_room_of_500_settles_calmly_and_nobody_is_cut(crowd: tuple[Any, Crowd]
           f"more), first member settled {settle_s:.1f} s later with {first.joined_lines} join "
           f"lines; probe reached all in {probe_s:.2f} s; 100 leaves told in {leave_s:.1f} s "
           f"with at most {max(m.left_lines for m in c.members)} lines")
+
+
+#: Connections of the idle test, and the threads the daemon may add for them: none are
+#: needed (the hub's I/O loops serve them all); the slack is for threads that come and go
+#: on their own (a link's, a control request's).
+IDLE_CONNECTIONS = 5000
+THREAD_SLACK = 3
+
+
+def _threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_5000_idle_connections_cost_no_thread_each(crowd: tuple[Any, Crowd]) -> None:
+    daemon, c = crowd
+    need = 2 * IDLE_CONNECTIONS + 200
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < need:
+        pytest.fail(f"RLIMIT_NOFILE is {soft}; this test needs {need} descriptors")
+    c.join(1)
+    c.pump_until("the first member welcomed", lambda: bool(c.members[0].welcome), 30)
+    before, rss_before = _threads(daemon.proc.pid), daemon.rss_kib()
+    started = time.monotonic()
+    c.join(IDLE_CONNECTIONS)
+    c.pump_until("every member welcomed", lambda: all(m.welcome for m in c.members),
+                 ROOM_SETTLE_S)
+    join_s = time.monotonic() - started
+    c.pump(1.0)  # idle now: a last summed-up notice, then nothing
+    after, rss_after = _threads(daemon.proc.pid), daemon.rss_kib()
+    per_conn = (rss_after - rss_before) * 1024 / (IDLE_CONNECTIONS - 1)
+    print(f"\n{IDLE_CONNECTIONS} connections (joined in {join_s:.1f} s): threads {before} -> "
+          f"{after}; RSS {rss_before / 1024:.1f} -> {rss_after / 1024:.1f} MiB "
+          f"({per_conn / 1024:.1f} KiB per connection)")
+    assert after <= before + THREAD_SLACK, (before, after)
+    troubled = [(m.nick, m.errors, m.eof) for m in c.members if m.errors or m.eof]
+    assert not troubled[:5]
