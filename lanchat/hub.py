@@ -197,6 +197,7 @@ class Hub:
         self._loops = [IoLoop(f"hub-io-{i}") for i in range(max(1, count))]
         self._next_loop = itertools.cycle(self._loops)
         self._link_threads: set[LightThread] = set()  # guarded by _lock
+        self._stopping = threading.Event()  # set by close(): the accept thread ends
         self._accept_thread = threading.Thread(target=self._accept_loop, name="hub-accept",
                                                daemon=False)
 
@@ -242,36 +243,54 @@ class Hub:
             self._udp.thread.start()
 
     def _accept_loop(self) -> None:
-        while True:
+        """Accept, count and hand each connection to the next loop, as fast as loops take them.
+
+        Room in a loop's backlog (ADOPT_BACKLOG) is taken before ``accept``: while
+        the loops are behind, new connections wait in the kernel's listen queue,
+        not as sockets we hold and nobody serves.
+        """
+        loop = next(self._next_loop)
+        while loop.make_room(self._stopping):
             try:
                 sock, address = self._listener.accept()
             except OSError as exc:
                 if self._closed:
+                    loop.release_room()
                     return
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     log.warning("cannot accept connections: %s; retrying", exc.strerror)
                     time.sleep(ACCEPT_BACKOFF_S)
+                loop.release_room()
                 continue
-            try:
-                _tune(sock)
-            except OSError as exc:  # reset before we got to it
-                log.debug("accepted %s but could not set it up: %s", address, exc)
+            if self._serve(sock, address, loop):
+                loop = next(self._next_loop)
+            else:
+                loop.release_room()
+            if self._closed:
+                return
+
+    def _serve(self, sock: socket.socket, address: tuple[Any, ...], loop: IoLoop) -> bool:
+        """Count a new connection in and hand it to ``loop``; False if it was refused."""
+        try:
+            _tune(sock)
+        except OSError as exc:  # reset before we got to it
+            log.debug("accepted %s but could not set it up: %s", address, exc)
+            sock.close()
+            return False
+        session = TcpConn(self, loop, sock, address, next(self._counter))
+        with self._lock:
+            if self._closed:
                 sock.close()
-                continue
-            loop = next(self._next_loop)
-            session = TcpConn(self, loop, sock, address, next(self._counter))
-            with self._lock:
-                if self._closed:
-                    sock.close()
-                    return
-                refusal = self._count_in(session)
-                if session.kind is not None:
-                    self._sessions.add(session)
-            if session.kind is None:
-                assert refusal is not None
-                self._refuse_now(sock, address, refusal)
-                continue
-            loop.adopt(session)
+                return False
+            refusal = self._count_in(session)
+            if session.kind is not None:
+                self._sessions.add(session)
+        if session.kind is None:
+            assert refusal is not None
+            self._refuse_now(sock, address, refusal)
+            return False
+        loop.adopt(session)
+        return True
 
     def _count_in(self, session: TcpConn) -> str | None:
         """Under the lock: give a new connection its kind; the refusal text if over a limit.
@@ -440,6 +459,7 @@ class Hub:
                 return
             self._closed = True
             sessions = list(self._sessions)
+        self._stopping.set()
         with contextlib.suppress(OSError):
             self._listener.shutdown(socket.SHUT_RDWR)
         if self._accept_thread.is_alive():

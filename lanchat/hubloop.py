@@ -37,6 +37,15 @@ from lanchat.lightthread import LightThread
 
 log = logging.getLogger(__name__)
 
+#: New connections handed to a loop and not yet taken up by it, at most: past this the
+#: accept thread waits, and further connections wait in the kernel's listen backlog.  A
+#: loop busy with a storm of connections then holds a bounded number of sockets it has not
+#: served yet, instead of every connection the accept thread could take meanwhile.
+ADOPT_BACKLOG = 64
+
+#: Seconds an accept thread waiting for a loop's backlog checks whether it should stop.
+ADOPT_WAIT_S = 0.1
+
 _READ = selectors.EVENT_READ
 _WRITE = selectors.EVENT_WRITE
 
@@ -59,9 +68,11 @@ class IoLoop:
         self._lock = threading.Lock()
         self._requests: deque[TcpConn] = deque()
         self._adopting: deque[TcpConn] = deque()
+        self._adopt_room = threading.Semaphore(ADOPT_BACKLOG)
         self._woken = False
         self._stopping = False
         self._timers: list[tuple[float, int, TcpConn]] = []
+        self._stale = 0  # timers in the heap whose connection is gone
         self._seq = itertools.count()
         self.conns: set[TcpConn] = set()  # loop thread only (len() read by the hub)
         self._ident: int | None = None
@@ -75,8 +86,23 @@ class IoLoop:
     def on_thread(self) -> bool:
         return threading.get_ident() == self._ident
 
+    def make_room(self, stop: threading.Event) -> bool:
+        """Wait until the loop may be handed one more connection; False if ``stop`` is set.
+
+        The accept thread calls it before :meth:`adopt`: a loop holds at most
+        ADOPT_BACKLOG connections it has not taken up yet.
+        """
+        while not self._adopt_room.acquire(timeout=ADOPT_WAIT_S):
+            if stop.is_set():
+                return False
+        return True
+
+    def release_room(self) -> None:
+        """Give back the room :meth:`make_room` took, for a connection not handed over."""
+        self._adopt_room.release()
+
     def adopt(self, conn: TcpConn) -> None:
-        """Take over a new connection (the accept thread hands it over)."""
+        """Take over a new connection (the accept thread hands it over, after make_room)."""
         with self._lock:
             self._adopting.append(conn)
             wake = not self._woken
@@ -135,7 +161,22 @@ class IoLoop:
             self.conns.discard(conn)
             with contextlib.suppress(KeyError, ValueError, OSError):
                 self._sel.unregister(conn.fd)
-        conn.timer_at = None
+        if conn.timer_at is not None:
+            conn.timer_at = None
+            self._stale += 1
+            if self._stale > max(64, len(self._timers) // 2):
+                self._compact()
+
+    def _compact(self) -> None:
+        """Drop the timers of connections that are gone (each holds its connection).
+
+        A storm of connections that close before their deadline (a nickname
+        prompt's is two minutes) would otherwise keep every one of them alive
+        in the heap until then.
+        """
+        self._timers = [t for t in self._timers if t[2].timer_at == t[0] and t[2] in self.conns]
+        heapq.heapify(self._timers)
+        self._stale = 0
 
     def _run(self) -> None:
         self._ident = threading.get_ident()
@@ -173,6 +214,8 @@ class IoLoop:
             stopping = self._stopping
             requests = self._requests
             self._requests = deque()
+        for _ in adopting:
+            self._adopt_room.release()
         if stopping:
             for conn in adopting:  # never served: closed with the others
                 conn.close_now()
