@@ -58,6 +58,7 @@ from lanchat.limits import (
     MAX_NICK_ATTEMPTS,
     MAX_OUTBOX_BYTES,
 )
+from lanchat.model import Draft
 from lanchat.stream import FINAL_FLUSH_TIMEOUT_S, RECV_BYTES, SEND_FLAGS
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,8 @@ class ConnLoop(Protocol):
 
     def on_thread(self) -> bool: ...
     def request(self, conn: TcpConn) -> None: ...
+    def publish_later(self, conn: TcpConn, drafts: list[Draft], done: Any) -> None: ...
+    def flush_said(self) -> None: ...
     def set_interest(self, conn: TcpConn, read: bool, write: bool) -> None: ...
     def schedule(self, conn: TcpConn, due: float) -> None: ...
     def drop(self, conn: TcpConn) -> None: ...
@@ -492,6 +495,7 @@ class TcpConn(Session):
         if self._finished or self.state == LINK:  # a link's thread does its own
             return
         self._finished = True
+        self.loop.flush_said()  # what it said before it went goes out before its leave
         self.hub.release(self)
         if self.stalled:
             self.leave_reason = "too slow"
@@ -515,6 +519,19 @@ class TcpConn(Session):
         self.hub.forget(self)
 
     # -- the conversation (loop thread) --------------------------------------------------
+
+    def _publish(self, drafts: list[Draft], done: Any) -> None:
+        """Publish at the end of the loop's round, with what the other connections said.
+
+        One inbox operation and one commit for the whole round instead of one per
+        connection; the order of each connection's own messages is kept.
+        """
+        self.loop.publish_later(self, drafts, done)
+
+    def handle(self, command: Any) -> bool:
+        """Carry out a command after what this round said: the router sees them in order."""
+        self.loop.flush_said()
+        return super().handle(command)
 
     def _feed(self, data: bytes) -> None:
         decoder = self.decoder

@@ -31,9 +31,12 @@ import socket
 import threading
 import time
 from collections import deque
+from typing import Any
 
+from lanchat.errors import ClosedError, LanchatError
 from lanchat.hubconn import TcpConn
 from lanchat.lightthread import LightThread
+from lanchat.model import Draft
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,9 @@ class IoLoop:
         self._stopping = False
         self._timers: list[tuple[float, int, TcpConn]] = []
         self._stale = 0  # timers in the heap whose connection is gone
+        # what this round's connections said: (draft, source, done), published at its end
+        self._said: list[tuple[Draft, object | None, Any]] = []
+        self._backend: Any = None  # the router, once a connection said something
         self._seq = itertools.count()
         self.conns: set[TcpConn] = set()  # loop thread only (len() read by the hub)
         self._ident: int | None = None
@@ -155,6 +161,34 @@ class IoLoop:
             conn.timer_at = due
             heapq.heappush(self._timers, (due, next(self._seq), conn))
 
+    def publish_later(self, conn: TcpConn, drafts: list[Draft], done: Any) -> None:
+        """Queue ``drafts`` of ``conn`` for :meth:`_publish` at the end of this round."""
+        self._backend = conn.hub.backend
+        self._said.extend((d, conn, done) for d in drafts)
+
+    def flush_said(self) -> None:
+        """Publish what this round said so far (before a command or a leave that follows it)."""
+        if self._said:
+            self._publish()
+
+    def _publish(self) -> None:
+        """Hand the round's messages to the router: one inbox operation, one commit.
+
+        Waits only while the router's inbox is full (back-pressure onto the loop,
+        whose connections then wait in their sockets).  A router that is gone or
+        stuck loses this round's messages; their senders are told.
+        """
+        said, self._said = self._said, []
+        try:
+            self._backend.publish_all(said)
+        except LanchatError as exc:
+            if not isinstance(exc, ClosedError):
+                log.warning("%s: the router did not take %d message(s): %s", self.name,
+                            len(said), exc)
+            for _, _, done in said:
+                with contextlib.suppress(Exception):
+                    done(None, exc)
+
     def drop(self, conn: TcpConn) -> None:
         """Stop watching ``conn`` (closed, or handed to a link thread)."""
         if conn in self.conns:
@@ -208,6 +242,8 @@ class IoLoop:
                 conn.on_writable()
             if events & _READ and conn in self.conns:
                 conn.on_readable()
+        if self._said:
+            self._publish()
         with self._lock:
             self._woken = False
             adopting, self._adopting = self._adopting, deque()

@@ -67,6 +67,9 @@ class HubBackend(Protocol):
     def rename(self, sub: Any, nick: str) -> None: ...
     def leave(self, sub: Any, reason: str = "quit") -> None: ...
     def users(self, room: str | None = None) -> list[User]: ...
+    def publish_all(self, items: Sequence[tuple[Draft, object | None,
+                    Callable[[Message | None, LanchatError | None], None] | None]]
+                    ) -> None: ...
 
 
 class SessionHub(Protocol):
@@ -311,7 +314,7 @@ class Session:
             else:
                 self._published(msg, err)
 
-        self.hub.backend.publish(draft, source=self, done=done)
+        self._publish([draft], done)
 
     def _say_many(self, says: list[Say]) -> None:
         """Publish several text-mode lines at once (they need no acknowledgement)."""
@@ -323,7 +326,12 @@ class Session:
         assert self.nick is not None
         drafts = [Draft(text=c.text, nick=self.nick, host=self.host, room=self.room, to=c.to)
                   for c in says]
-        self.hub.backend.publish_many(drafts, source=self, done=self._published)
+        self._publish(drafts, self._published)
+
+    def _publish(self, drafts: list[Draft],
+                 done: Callable[[Message | None, LanchatError | None], None]) -> None:
+        """Hand ``drafts`` to the router (a TCP connection defers them to its loop's round)."""
+        self.hub.backend.publish_many(drafts, source=self, done=done)
 
     def _published(self, msg: Message | None, err: LanchatError | None) -> None:
         """A text-mode line was stored (or refused).  The sender is not sent their own

@@ -353,6 +353,17 @@ class Router:
         self._inbox.put_many([_Publish(d, source, done) for d in drafts],
                              ROUTER_HANDOFF_TIMEOUT_S)
 
+    def publish_all(self, items: Sequence[tuple[Draft, object | None, PublishDone | None]]
+                    ) -> None:
+        """Queue drafts of several publishers at once: (draft, source, done) each.
+
+        A hub I/O loop hands over everything one round of its connections said in
+        one inbox operation, so the router commits it in one transaction and
+        fans it out in one pass.  Same contract as :meth:`publish`.
+        """
+        self._inbox.put_many([_Publish(d, source, done) for d, source, done in items],
+                             ROUTER_HANDOFF_TIMEOUT_S)
+
     def send(self, draft: Draft, timeout: float = ROUTER_HANDOFF_TIMEOUT_S) -> Message:
         """Publish and wait until stored: the message returned is durable.
 
