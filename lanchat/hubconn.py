@@ -139,7 +139,7 @@ class TcpConn(Session):
 
     Threads: the loop's thread runs every ``on_*`` method and the commands;
     :meth:`put`, :meth:`close_with` (and so :meth:`deliver`, :meth:`goodbye`)
-    may be called from any thread.  guards (``_lock``): ``_out``, ``_queued``,
+    may be called from any thread.  guards (``_lock``): ``_out``, ``_inflight``, ``_queued``,
     ``_closing``, ``close_reason``, ``_at_line_start``.
     """
 
@@ -154,6 +154,7 @@ class TcpConn(Session):
         "_flush_due",
         "_grace",
         "_hello_nick",
+        "_inflight",
         "_line_due",
         "_lock",
         "_nonce",
@@ -209,7 +210,10 @@ class TcpConn(Session):
         self.events = 0  # the loop's: what the selector waits for on this socket
         self._finished = False  # the slot was released and the leave said (loop thread)
         self._lock = threading.Lock()
-        self._out: list[bytes] = []
+        self._out: list[bytes] = []  # queued, counted against MAX_OUTBOX_BYTES
+        # what the loop took from _out and is sending (as the old writer thread held its
+        # batch): not counted, so a receiver may have a batch in flight and a full queue
+        self._inflight = memoryview(b"")
         self._queued = 0
         self._closing = False
         self._at_line_start = True
@@ -249,7 +253,7 @@ class TcpConn(Session):
         with self._lock:
             if self._closing or self._queued + len(data) > MAX_OUTBOX_BYTES:
                 return False
-            if self._out:
+            if self._out or self._inflight:
                 self._out.append(data)
                 self._queued += len(data)
                 return True
@@ -289,6 +293,7 @@ class TcpConn(Session):
             self.close_reason = reason
             if not keep_queued:
                 self._out.clear()
+                self._inflight = memoryview(b"")
                 self._queued = 0
                 if final and not self._at_line_start:
                     final = b"\n" + final
@@ -306,6 +311,7 @@ class TcpConn(Session):
             if self.close_reason is None:
                 self.close_reason = reason
             self._out.clear()
+            self._inflight = memoryview(b"")
             self._queued = 0
         log.debug("%r: %s", self, reason)
         self.loop.request(self)
@@ -353,7 +359,7 @@ class TcpConn(Session):
         if self.state in (LINK, CLOSED):
             return
         with self._lock:
-            closing, pending = self._closing, bool(self._out)
+            closing, pending = self._closing, bool(self._out or self._inflight)
         if closing:
             if not pending:
                 self.close_now()
@@ -370,8 +376,13 @@ class TcpConn(Session):
         """Send what is queued, as much as the socket takes."""
         failed: str | None = None
         with self._lock:
-            if self._out:
-                data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+            if not self._inflight and self._out:  # take the whole queue as one batch
+                out = self._out
+                self._inflight = memoryview(out[0] if len(out) == 1 else b"".join(out))
+                self._out = []
+                self._queued = 0
+            data = self._inflight
+            if data:
                 try:
                     sent = self._raw_send(data)
                 except OSError as exc:
@@ -380,9 +391,7 @@ class TcpConn(Session):
                 if sent:
                     self._at_line_start = data[sent - 1] == 0x0A
                     self._progress_at = time.monotonic()
-                    rest = data[sent:]
-                    self._out = [rest] if rest else []
-                    self._queued = max(0, self._queued - sent)
+                    self._inflight = data[sent:]
         if failed is not None:
             self._give_up(failed)
         self.service()
@@ -412,7 +421,7 @@ class TcpConn(Session):
         if self.state in (LINK, CLOSED):
             return
         with self._lock:
-            closing, pending = self._closing, bool(self._out)
+            closing, pending = self._closing, bool(self._out or self._inflight)
         if closing:
             if self._flush_due is not None and now >= self._flush_due:
                 log.debug("%r: its final words could not be sent in time", self)
@@ -442,7 +451,7 @@ class TcpConn(Session):
         """Tell the loop the earliest of our deadlines (it calls on_timer then)."""
         dues = []
         with self._lock:
-            closing, pending = self._closing, bool(self._out)
+            closing, pending = self._closing, bool(self._out or self._inflight)
         if closing:
             if self._flush_due is not None:
                 dues.append(self._flush_due)
@@ -509,6 +518,7 @@ class TcpConn(Session):
         with self._lock:
             self._closing = True
             self._out.clear()
+            self._inflight = memoryview(b"")
             self._queued = 0
         self._finish()
         self.state = CLOSED
@@ -699,8 +709,9 @@ class TcpConn(Session):
         self._deadline = self._line_due = None
         self.loop.drop(self)  # the link code reads and writes this socket from now on
         with self._lock:
-            rest = b"".join(self._out)
+            rest = bytes(self._inflight) + b"".join(self._out)
             self._out.clear()
+            self._inflight = memoryview(b"")
             self._queued = 0
             self._closing = True  # nothing more goes through us
         self.sock.setblocking(True)
