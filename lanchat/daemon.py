@@ -80,7 +80,9 @@ class Daemon:
         self.started = time.time()
         self.key = _read_secret(cfg)  # first: a bad secret_file fails before anything opens
         #: The node's Ed25519 identity (issue 13): its key names the node.
-        self.identity = keyfile.load_identity(cfg.state_dir)
+        self.identity = keyfile.load_identity(
+            cfg.state_dir, machine_id_path=os.environ.get("LANCHAT_MACHINE_ID_FILE",
+                                                          keyfile.MACHINE_ID_PATH))
         note = self.identity.note()
         if note is not None:
             log.warning("%s", note)
@@ -125,7 +127,7 @@ class Daemon:
             self.links = LinkManager(
                 self.router, self.store,
                 Identity(node=self.node, name=self.cfg.name, host=self.hostname,
-                         port=self.hub.port),
+                         port=self.hub.port, key=self.identity.key),
                 static_peers=[config.parse_peer(p) for p in self.cfg.peers], key=self.key)
             self.hub.link_acceptor = self.links
             self.hub.start()
@@ -301,7 +303,9 @@ def _env_seconds(var: str, default: float) -> float:
     ``$LANCHAT_UDP_UNREGISTERED_SCALE`` (a factor, not seconds) speeds up the rate
     limits on answers to new UDP addresses, so that a test can fill the 512-per-address
     UDP cap without waiting eight minutes.  Not a config key and not
-    in the man pages; a bad value is ignored.
+    in the man pages; a bad value is ignored.  (``$LANCHAT_MACHINE_ID_FILE``, read in
+    :class:`Daemon`, names the file to read instead of ``/etc/machine-id``, so that a
+    test can play a state directory copied to another machine.)
     """
     try:
         value = float(os.environ[var])

@@ -1,15 +1,16 @@
 """A rogue daemon for tests: speaks the real link protocol, says whatever the test wants.
 
 :class:`Rogue` opens a TCP connection to a daemon's hub port and plays a daemon
-(see :mod:`lanchat.linkproto`): a ``hello`` with a node id of its own choosing,
-the shared-secret challenge answered with :mod:`lanchat.auth` when its
-:class:`RogueIdentity` holds the key, then any frames at all -- ``msgs``,
+(see :mod:`lanchat.linkproto`): a v2 ``hello`` with a key of its own (its node
+id is that key's; :func:`rogue_identity` makes more), the handshake's proofs
+made with :mod:`lanchat.handshake` (and the shared secret's ``admit`` when its
+:class:`RogueIdentity` knows the secret), then any frames at all -- ``msgs``,
 ``floor``, ``roster``, ``bye``, or raw bytes -- while reading what comes back.
 
 Who the rogue is lives in one place, :class:`RogueIdentity` (node id, name,
-host, the secret it knows); a signing key joins it there when messages are
-signed.  The rogue is a test's puppet, not a daemon: it never answers on its
-own (no pong, no replay), so a test sees exactly what the daemon sends.
+host, the secret it knows, its Ed25519 key ``signing``).  The rogue is a test's
+puppet, not a daemon: it never answers on its own (no pong, no replay), so a test
+sees exactly what the daemon sends.
 
 Typical use::
 
@@ -22,6 +23,7 @@ Typical use::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import socket
@@ -29,11 +31,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from lanchat import auth
+from lanchat import auth, handshake
+from lanchat.feed import PublicKey, SigningKey, b64encode
 from lanchat.model import Message
+from lanchat.presence import ROSTER_DOMAIN
 
-#: The rogue's node id unless a test picks another ("fa" for "fake").
-ROGUE_NODE = "fa" * 8
+#: The rogue's key and node id unless a test picks another ("fa" for "fake").
+ROGUE_KEY = SigningKey(b"\xfa" * 32)
+ROGUE_NODE = ROGUE_KEY.node
 #: A plausible timestamp for a rogue's messages (2023-11-14), one second apart per seq.
 BASE_TS = 1_700_000_000.0
 
@@ -47,6 +52,12 @@ class RogueIdentity:
     host: str = "fakehost"
     port: int | None = None
     key: bytes | None = None
+    #: Its Ed25519 key; None: :func:`rogue_key` of ``node`` (ROGUE_KEY for ROGUE_NODE).
+    signing: SigningKey | None = None
+
+    @property
+    def link_key(self) -> SigningKey:
+        return self.signing if self.signing is not None else rogue_key(self.node)
 
     def tag(self, message: dict[str, Any]) -> dict[str, Any]:
         """``message`` with the origin's tag of the shared secret, when the rogue knows it.
@@ -61,6 +72,19 @@ class RogueIdentity:
         except (ValueError, OverflowError):
             return message
         return {**message, "mac": auth.message_mac(self.key, msg)}
+
+
+def rogue_key(label: str) -> SigningKey:
+    """A key of the rogue's own, the same for the same ``label`` (ROGUE_KEY for ROGUE_NODE)."""
+    if label == ROGUE_NODE:
+        return ROGUE_KEY
+    return SigningKey(hashlib.sha256(b"rogue:" + label.encode()).digest())
+
+
+def rogue_identity(label: str, **fields: Any) -> RogueIdentity:
+    """Another rogue identity: a key of its own made from ``label``, its node id that key's."""
+    key = rogue_key(label)
+    return RogueIdentity(node=key.node, signing=key, **fields)
 
 
 def fake_msg(seq: int, text: str = "", origin: str = ROGUE_NODE, *,
@@ -105,60 +129,83 @@ class Rogue:
         self.sock.sendall(data)
 
     def hello(self, **over: Any) -> None:
-        """A daemon's hello from our identity; with a key (or ``nonce=``) it carries a challenge."""
+        """A daemon's v2 hello from our identity: our key and a fresh nonce (``over`` wins)."""
         me = self.identity
-        frame: dict[str, Any] = {"type": "hello", "v": 1, "role": "daemon", "node": me.node,
-                                 "name": me.name, "host": me.host, "port": me.port}
-        if me.key is not None:
-            frame["nonce"] = secrets.token_hex(auth.NONCE_BYTES)
+        frame: dict[str, Any] = {"type": "hello", "v": 2, "role": "daemon", "node": me.node,
+                                 "name": me.name, "host": me.host, "port": me.port,
+                                 "key": me.link_key.public.text,
+                                 "nonce": secrets.token_hex(handshake.NONCE_BYTES)}
         frame.update(over)
         self.nonce = frame.get("nonce")
         self.send(frame)
 
     def handshake(self, cursors: dict[str, int] | None = None, *, timeout: float = 5.0,
                   **hello: Any) -> dict[str, Any]:
-        """Hello, the daemon's welcome, our proof (with a key), then ``sync {cursors}``.
+        """Hello, the daemon's welcome, our ``auth`` (proofs), then ``sync {cursors}``.
 
         Returns the welcome.  Raises AssertionError if the daemon refuses us, or
-        if its welcome cannot prove the secret we hold.
+        if its welcome does not prove its key (or the secret we hold).
         """
         self.hello(**hello)
         welcome = self.frame(timeout)
         assert welcome.get("type") == "welcome", f"refused: {welcome}"
         self.welcome = welcome
-        key = self.identity.key
-        if key is not None:
-            assert self.nonce is not None
-            assert auth.check_proof(key, welcome.get("proof"), "link-welcome", self.nonce,
-                                    welcome["node"], self.node), "the welcome's proof is wrong"
-            self.send({"type": "auth", "proof": auth.proof(
-                key, "link-hello", welcome["nonce"], self.node, welcome["node"])})
+        self.auth(welcome)
         self.sync(cursors or {})
         return welcome
+
+    def transcript(self, *, dialer: bool, peer: dict[str, Any]) -> bytes:
+        """The handshake transcript with ``peer`` (its hello or welcome), we in our role."""
+        me = self.identity
+        assert self.nonce is not None
+        ours = handshake.Side(me.node, me.link_key.public, self.nonce)
+        theirs = handshake.Side(peer["node"], PublicKey.from_text(peer["key"]), peer["nonce"])
+        return handshake.transcript(ours, theirs) if dialer else handshake.transcript(theirs,
+                                                                                      ours)
+
+    def auth(self, welcome: dict[str, Any], **over: Any) -> None:
+        """Check the welcome's proofs, then send our ``auth`` (``over`` replaces fields)."""
+        me = self.identity
+        data = self.transcript(dialer=True, peer=welcome)
+        assert handshake.check(PublicKey.from_text(welcome["key"]), welcome.get("proof"),
+                               handshake.ACCEPTOR, data), "the welcome's proof is wrong"
+        if me.key is not None:
+            assert handshake.admission_problem(me.key, welcome.get("admit"),
+                                               handshake.ACCEPTOR, data) is None
+        frame: dict[str, Any] = {"type": "auth",
+                                 "proof": handshake.prove(me.link_key, handshake.DIALER, data)}
+        if me.key is not None:
+            frame["admit"] = handshake.admit(me.key, handshake.DIALER, data)
+        frame.update(over)
+        self.send(frame)
 
     def answer(self, cursors: dict[str, int] | None = None, *,
                timeout: float = 5.0, **welcome: Any) -> dict[str, Any]:
         """The acceptor's side: read a dialing daemon's hello, send our welcome, then sync.
 
-        With a key, the welcome proves it and the daemon's ``auth`` frame is read
-        (and checked).  Returns the daemon's hello.
+        The welcome proves our key (and the secret, with one); the daemon's
+        ``auth`` frame is read and checked.  Returns the daemon's hello.
         """
         hello = self.frame(timeout)
         assert hello.get("type") == "hello" and hello.get("role") == "daemon", hello
         me = self.identity
-        frame: dict[str, Any] = {"type": "welcome", "v": 1, "role": "daemon", "node": me.node,
-                                 "name": me.name, "host": me.host, "port": me.port}
-        key = me.key
-        if key is not None:
-            frame["nonce"] = self.nonce = secrets.token_hex(auth.NONCE_BYTES)
-            frame["proof"] = auth.proof(key, "link-welcome", hello["nonce"], me.node,
-                                        hello["node"])
+        self.nonce = secrets.token_hex(handshake.NONCE_BYTES)
+        data = self.transcript(dialer=False, peer=hello)
+        frame: dict[str, Any] = {"type": "welcome", "v": 2, "role": "daemon", "node": me.node,
+                                 "name": me.name, "host": me.host, "port": me.port,
+                                 "key": me.link_key.public.text, "nonce": self.nonce,
+                                 "proof": handshake.prove(me.link_key, handshake.ACCEPTOR,
+                                                          data)}
+        if me.key is not None:
+            frame["admit"] = handshake.admit(me.key, handshake.ACCEPTOR, data)
         frame.update(welcome)
         self.send(frame)
-        if key is not None:
-            proof = self.until("auth", timeout)
-            assert auth.check_proof(key, proof.get("proof"), "link-hello", self.nonce,
-                                    hello["node"], me.node), "the daemon's proof is wrong"
+        proof = self.until("auth", timeout)
+        assert handshake.check(PublicKey.from_text(hello["key"]), proof.get("proof"),
+                               handshake.DIALER, data), "the daemon's proof is wrong"
+        if me.key is not None:
+            assert handshake.admission_problem(me.key, proof.get("admit"), handshake.DIALER,
+                                               data) is None, "the daemon's admit is wrong"
         self.sync(cursors or {})
         return hello
 
@@ -176,8 +223,9 @@ class Rogue:
     def floor(self, origin: str, seq: int) -> None:
         self.send({"type": "floor", "origin": origin, "seq": seq})
 
-    def roster(self, roster: dict[str, Any]) -> None:
-        self.send({"type": "roster", "roster": roster})
+    def roster(self, roster: dict[str, Any], *, key: SigningKey | None = None) -> None:
+        """``roster`` signed as a node would sign its own: by ``key``, else by our key."""
+        self.send(signed_roster_frame(roster, key or self.identity.link_key))
 
     def ping(self) -> None:
         self.send({"type": "ping"})
@@ -232,6 +280,17 @@ class Rogue:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def signed_roster_frame(roster: dict[str, Any], key: SigningKey) -> dict[str, Any]:
+    """A ``roster {b, s, k}`` frame: ``roster`` as compact JSON, signed by ``key``.
+
+    Whoever ``roster`` names, ``key`` signs it: a rogue can sign another node's roster
+    with its own key (the daemon must refuse it), or its own anything it likes.
+    """
+    body = json.dumps(roster, separators=(",", ":")).encode()
+    sig = key.sign(ROSTER_DOMAIN + body)
+    return {"type": "roster", "b": body.decode(), "s": b64encode(sig), "k": key.public.text}
 
 
 class RogueListener:

@@ -15,11 +15,13 @@ from conftest import wait_for
 from rogue import RogueListener
 
 from lanchat.errors import RouterTimeout
+from lanchat.feed import SigningKey
 from lanchat.links import Identity, LinkManager
 from lanchat.model import Message
 from lanchat.presence import NodeRoster
 
-ME = "11" * 8
+ME_KEY = SigningKey(b"\x11" * 32)
+ME = ME_KEY.node
 
 
 class FakeRouter:
@@ -48,6 +50,9 @@ class FakeRouter:
         return list(messages), False
 
     def apply_roster(self, roster: NodeRoster, *, source: Any) -> None:
+        pass
+
+    def withdraw_roster(self, node: str, ver: int, *, source: Any) -> None:
         pass
 
     def cursors(self) -> dict[str, int]:
@@ -79,7 +84,7 @@ def manager_for(rogue_peer: RogueListener) -> Iterator[Any]:
     made: list[LinkManager] = []
 
     def make(router: FakeRouter) -> LinkManager:
-        m = LinkManager(router, NoHistory(), Identity(ME, "me", "myhost", None),
+        m = LinkManager(router, NoHistory(), Identity(ME, "me", "myhost", None, key=ME_KEY),
                         static_peers=[("127.0.0.1", rogue_peer.port)])
         made.append(m)
         m.start()
