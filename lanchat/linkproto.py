@@ -219,8 +219,12 @@ def encode_roster(roster: NodeRoster) -> bytes:
     if roster.signed is not None:
         return dumps_line({"type": "roster", **roster.signed.to_wire()})
     if roster.gone:
-        return dumps_line({"type": "gone", "node": roster.node, "ver": roster.ver})
+        return encode_gone(roster.node, roster.ver)
     raise ValueError(f"the roster of {roster.node} is not signed")
+
+
+def encode_gone(node: str, ver: int) -> bytes:
+    return dumps_line({"type": "gone", "node": node, "ver": ver})
 
 
 def encode_auth(proof: str, admit: str | None = None) -> bytes:
