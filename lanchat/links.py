@@ -786,8 +786,6 @@ class LinkManager:
                          f"(node {welcome.node}) speaks link protocol v1 (an older lanchat) "
                          "and cannot prove its identity; upgrade lanchat there")
             raise LinkClosed("the peer speaks link protocol v1")
-        if welcome.node == self.me.node and self.is_our_nonce(welcome.nonce):
-            raise LinkClosed("that address is this daemon", code="same-node")
         assert welcome.key is not None and welcome.nonce is not None
         data = handshake.transcript(self.side(nonce),
                                     handshake.Side(welcome.node, welcome.key, welcome.nonce))
@@ -795,6 +793,10 @@ class LinkManager:
             log.warning("link to %s refused: it could not prove it holds the key of node %s",
                         where, welcome.node)
             raise LinkClosed("the peer could not prove its key")
+        # Checked only once signed: a peer echoing our node id and nonce back must not
+        # stop this dialer for good.  (Our own hub answers our hello with same-node.)
+        if welcome.node == self.me.node and self.is_our_nonce(welcome.nonce):
+            raise LinkClosed("that address is this daemon", code="same-node")
         # Answer even if we go no further: the other side then sees the same problem
         # (the secrets differ, or its twin) and says so in its own log.
         sock.sendall(linkproto.encode_auth(

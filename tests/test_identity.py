@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 from conftest import ROOT, SETTLE_S, skip_or_fail, wait_for
-from rogue import Rogue, rogue_identity
+from rogue import Rogue, RogueListener, rogue_identity
 from test_auth import config_file
 from test_links import LINK_DEADLINE_S, history_ids, linked, logs, node_of, rpc, send_many
 
@@ -110,6 +111,38 @@ def test_the_same_state_directory_run_twice_is_reported_loudly(make_daemon: Any,
     time.sleep(2.0)  # several redials: still not linked, and the warning not repeated
     assert not linked(a, node) and not linked(twin, node)
     assert a.stderr().count(warning) == 1 and twin.stderr().count(warning) == 1
+
+
+def test_a_daemon_that_dials_itself_is_not_taken_for_a_twin(make_daemon: Any) -> None:
+    """``--peer`` naming its own port: its own hub answers ``same-node`` (the hello's nonce
+    is one of its own handshakes), the dialer stops, and no twin is reported."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = make_daemon("-vv", "--port", str(port), "--peer", f"127.0.0.1:{port}")
+    wait_for("the dialer stops", lambda: "refused: you dialed yourself" in d.stderr(),
+             SETTLE_S, diag=lambda: logs(d))
+    time.sleep(1.5)  # a dialer that had not stopped would try again within a second
+    assert d.stderr().count("you dialed yourself") == 1, logs(d)
+    assert "own key" not in d.stderr()
+    assert all(p["state"] != "same-identity" for p in rpc(d, "peers"))
+    assert rpc(d, "status")["links"] == 0
+
+
+def test_a_peer_echoing_our_own_hello_cannot_stop_our_dialer(make_daemon: Any) -> None:
+    """A static peer answers with our node id, key and nonce (as if we had dialed ourselves)
+    but cannot sign: it is refused as unproven, and we keep dialing it."""
+    listener = RogueListener(rogue_identity("echo"))
+    try:
+        d = make_daemon("--peer", f"127.0.0.1:{listener.port}")
+        for attempt in range(2):
+            r = listener.accept(10.0)
+            hello = r.frame()
+            r.send({**hello, "type": "welcome", "proof": r.identity.link_key.sign(b"x").hex()[:86]})
+            assert r.closed(5.0), attempt
+        assert "it could not prove it holds the key of node" in d.stderr(), logs(d)
+    finally:
+        listener.close()
 
 
 def test_a_cloned_state_directory_on_another_machine_gets_a_new_identity(
