@@ -165,7 +165,8 @@ class Daemon:
             node_id=self.node, name=self.cfg.name, port=self.hub.port,
             udp_port=self.hub.udp_port, interfaces=list(self.cfg.interfaces) or None,
             ip_version=self.cfg.ip_version,  # type: ignore[arg-type]
-            on_found=found, on_lost=links.peer_lost, auth=self.key is not None)
+            on_found=found, on_lost=links.peer_lost, auth=self.key is not None,
+            on_twin=lambda ad: links.twin_found(ad.addresses, ad.port))
         self.discovery.start()
 
     def close(self) -> None:

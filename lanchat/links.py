@@ -629,6 +629,12 @@ class LinkManager:
         if self.me.node < node:
             self._dial(list(addresses), port, node)
 
+    def twin_found(self, addresses: Sequence[str], port: int) -> None:
+        """Discovery saw our own node id advertised by another daemon: dial it, so that
+        the handshake shows whether it holds our key (:meth:`same_identity`)."""
+        if addresses:
+            self._dial(list(addresses), port, None)
+
     def peer_lost(self, node: str) -> None:
         """Discovery saw a daemon leave (goodbye): stop dialing it."""
         with self._lock:
