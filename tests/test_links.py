@@ -727,6 +727,8 @@ def test_refusals_same_node_duplicate_and_bad_hello(daemon: Daemon,
     first = FakePeer(daemon.port)
     fakes.append(first)
     first.until("welcome")
+    # Registered once its auth is read (not at the welcome): only then is it "the link".
+    wait_for("first linked", lambda: linked(daemon, FAKE_NODE), SETTLE_S)
     second = FakePeer(daemon.port)
     fakes.append(second)
     assert second.until("error")["code"] == "duplicate-link"
@@ -817,6 +819,9 @@ def test_the_65th_daemon_link_is_refused_and_real_links_carry_on(
         if i % 16 == 15:
             keep_alive()
     keep_alive()
+    # A fake holds its slot once its auth is read (after the welcome): wait for all of them.
+    wait_for("every link slot taken", lambda: rpc(a, "status")["links"] == MAX_DAEMON_LINKS,
+             SETTLE_S, diag=lambda: logs(a))
     over = FakePeer(a.port, identity=rogue_identity("f1" + "0" * 14))
     fakes.append(over)
     assert over.until("error") == {"type": "error", "code": "too-many-links", "fatal": True,
