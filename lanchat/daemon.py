@@ -86,7 +86,9 @@ class Daemon:
         self.started = time.time()
         self.key = _read_secret(cfg)  # first: a bad secret_file fails before anything opens
         #: The node's Ed25519 identity (issue 13): its key names the node.
-        self.identity = keyfile.load_identity(cfg.state_dir)
+        self.identity = keyfile.load_identity(
+            cfg.state_dir, machine_id_path=os.environ.get("LANCHAT_MACHINE_ID_FILE",
+                                                          keyfile.MACHINE_ID_PATH))
         self._pruned = 0  # messages the retention pass under way removed so far
         #: What people compare to check this node's key (feed.fingerprint: ~2 ms, once).
         self.fingerprint = feed.fingerprint(self.identity.key.public)
@@ -132,7 +134,7 @@ class Daemon:
             self.links = LinkManager(
                 self.router, self.store,
                 Identity(node=self.node, name=self.cfg.name, host=self.hostname,
-                         port=self.hub.port),
+                         port=self.hub.port, key=self.identity.key),
                 static_peers=[config.parse_peer(p) for p in self.cfg.peers], key=self.key)
             self.hub.link_acceptor = self.links
             self.hub.start()
@@ -170,7 +172,8 @@ class Daemon:
             node_id=self.node, name=self.cfg.name, port=self.hub.port,
             udp_port=self.hub.udp_port, interfaces=list(self.cfg.interfaces) or None,
             ip_version=self.cfg.ip_version,  # type: ignore[arg-type]
-            on_found=found, on_lost=links.peer_lost, auth=self.key is not None)
+            on_found=found, on_lost=links.peer_lost, auth=self.key is not None,
+            on_twin=lambda ad: links.twin_found(ad.addresses, ad.port))
         self.discovery.start()
 
     def close(self) -> None:
@@ -325,7 +328,9 @@ def _env_seconds(var: str, default: float) -> float:
     ``$LANCHAT_UDP_UNREGISTERED_SCALE`` (a factor, not seconds) speeds up the rate
     limits on answers to new UDP addresses, so that a test can fill the 512-per-address
     UDP cap without waiting eight minutes.  Not a config key and not
-    in the man pages; a bad value is ignored.
+    in the man pages; a bad value is ignored.  (``$LANCHAT_MACHINE_ID_FILE``, read in
+    :class:`Daemon`, names the file to read instead of ``/etc/machine-id``, so that a
+    test can play a state directory copied to another machine.)
     """
     try:
         value = float(os.environ[var])

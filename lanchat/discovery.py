@@ -317,8 +317,10 @@ class Discovery:
     advertisement changes (address, port, name, TXT); ``on_lost(node_id)`` when it says goodbye
     (or its PTR record expires).  Peers are keyed by node id: a hub renamed "alice-2" is the same
     peer, our own advertisement is never reported, and two hubs with the same display name are
-    two peers with different ``node`` and ``name``.  Both callbacks run on the worker thread
-    "lanchat-discovery", one at a time; they must not block for long (hand off to a queue).
+    two peers with different ``node`` and ``name``.  An ad with our own node id under another
+    service name goes to ``on_twin`` (if given) instead: two daemons may hold one key.  The
+    callbacks run on the worker thread "lanchat-discovery", one at a time; they must not
+    block for long (hand off to a queue).
     An exception in a callback is logged and ignored.
 
     Thread-safety: ``start``, ``update`` and ``close`` may be called from any thread (not from
@@ -340,6 +342,7 @@ class Discovery:
         on_lost: Callable[[str], None],
         auth: bool = False,
         interface_poll_s: float = INTERFACE_POLL_S,
+        on_twin: Callable[[PeerAd], None] | None = None,
     ) -> None:
         self.node_id = validate_node(node_id)
         if not 0 < port < 65536:
@@ -358,6 +361,7 @@ class Discovery:
         self._zc_version = _IP_VERSIONS[ip_version]
         self._on_found = on_found
         self._on_lost = on_lost
+        self._on_twin = on_twin
         self._poll_s = interface_poll_s
         self._server = f"lanchat-{node_id}.local."
 
@@ -568,7 +572,12 @@ class Discovery:
             log.debug("mDNS: %r did not resolve to a usable lanchat hub", name)
             return
         if peer.node == self.node_id:
-            return                                  # our own ad under another name
+            # Our node id under a name that is not ours: another process with our key (a
+            # cloned VM that kept its machine id), or a stale ad of ours.  on_twin dials it:
+            # the handshake tells the two apart.  Never reported as a peer.
+            if self._on_twin is not None:
+                _safe_call(self._on_twin, peer, "on_twin")
+            return
         if peer.node not in self._peers and len(self._peers) >= MAX_PEERS:
             log.warning("mDNS: %d peers known; ignoring %r", MAX_PEERS, name)
             return

@@ -283,6 +283,13 @@ MAX_SYNC_CURSORS = 4 * MAX_ORIGINS
 #: roster listing more is refused whole (logged once per link; the link stays up).
 MAX_ROSTER_USERS = 4096
 
+#: Longest signed roster body, in bytes (ASCII JSON, kept verbatim to be relayed): a user
+#: takes 100-150 bytes (about 380 with a long host name), so MAX_ROSTER_USERS of them fit
+#: several times over; as a JSON string in a frame, every character escaped at worst
+#: doubles it, still below linkproto.MAX_LINK_FRAME (4 MiB).  Kept beside the parsed
+#: users, the bytes add about a quarter to the ~650 bytes a user costs in memory.
+MAX_ROSTER_BODY_BYTES = 1536 * 1024
+
 #: Most users of other nodes a daemon holds, over all rosters: a roster that would
 #: take the total past it is refused.  A user costs about 650 bytes in memory (the
 #: issue measured 6.5 MB for 10,000), so all rosters together stay near 21 MB,

@@ -3,10 +3,17 @@
 A link is a TCP connection to the other daemon's hub port, speaking JSON lines
 (the hub's JSON mode, with ``"role": "daemon"`` in the hello):
 
-1. The dialer sends ``hello {v, role: "daemon", node, name, host, port}``; the
-   acceptor answers ``welcome`` with the same fields, or a fatal ``error``
-   (``same-node``, ``duplicate-link``, ``version``).  Both stay small: the first
-   line of a hub connection is held to the hub's frame limit.
+1. The dialer sends ``hello {v: 2, role: "daemon", node, name, host, port, key,
+   nonce}``; the acceptor answers ``welcome`` with the same fields plus
+   ``proof`` (and ``admit`` with a shared secret), or a fatal ``error``
+   (``same-node``, ``duplicate-link``, ``bad-key``, ``auth-failed``,
+   ``same-identity``).  The dialer's first frame is then ``auth {proof,
+   admit?}``.  ``key`` is the node's Ed25519 public key (its node id is the
+   key's hash); each ``proof`` signs the handshake transcript (both node ids,
+   keys and nonces, and the signer's role), ``admit`` proves the shared secret
+   over the same: see :mod:`lanchat.handshake`.  A v1 peer (no key) is refused
+   with :data:`V1_REFUSAL`.  Hello and welcome stay small: the first line of a
+   hub connection is held to the hub's frame limit.
 2. Each side's first frame is ``sync {cursors}``: every origin mapped to the
    highest sequence number it holds (a node holds each origin's messages 1..n
    without gaps).  A map of more than MAX_SYNC_PAGE cursors goes as pages:
@@ -34,13 +41,13 @@ A link is a TCP connection to the other daemon's hub port, speaking JSON lines
    ``seq + 1``: "nobody can get you entries 1..seq of this origin from me".
    The floor counts only with that run, once verified: the receiver's cursor
    jumps to the run's end, never beyond an entry it verified.
-4. ``roster {…}`` carries a node's users and the nodes it is linked to (see
-   :mod:`lanchat.presence`).
-With a shared secret (:mod:`lanchat.auth`) the hello carries a ``nonce``; the
-welcome carries the acceptor's own ``nonce`` and a ``proof`` answering the
-dialer's; the dialer's first frame is then ``auth {proof}`` answering the
-acceptor's.  Either side that cannot check the other's proof closes the link.
-The secret is admission only: who wrote a message is its signature's business.
+4. ``roster {b, s, k}`` carries a node's users and the nodes it is linked to,
+   as that node signed them (body, signature, key; see :mod:`lanchat.presence`),
+   relayed verbatim; ``gone {node, ver}`` withdraws a node whose roster the
+   sender brought.
+With a shared secret the handshake also carries the admission proofs
+(:mod:`lanchat.handshake`).  The secret is admission only: who wrote a message
+is its signature's business.
 
 5. ``ping``/``pong`` every ``HEARTBEAT_S``; a link silent for ``DEAD_AFTER_S``
    is dead.  ``bye {reason}`` ends a link on purpose.
@@ -63,11 +70,23 @@ from typing import Any, Protocol
 from lanchat.errors import RemoteProtocolError, ValidationError
 from lanchat.feed import Entry, PublicKey, b64encode, parse_run
 from lanchat.framing import dumps_line, loads_line
+from lanchat.handshake import NONCE_HEX
 from lanchat.limits import MAX_HOST_CHARS, MAX_RUN_ENTRIES, MAX_SYNC_CURSORS, MAX_SYNC_PAGE
 from lanchat.model import validate_host, validate_node
-from lanchat.presence import NodeRoster
+from lanchat.presence import NodeRoster, parse_signed_roster
 
-VERSION = 1
+#: The link protocol this daemon speaks: 2 (keys and proofs in the hello, signed rosters).
+#: A peer that says 1 is an older lanchat: it is refused, with a line in both logs.
+VERSION = 2
+#: The last link protocol without keys.
+OLD_VERSION = 1
+
+#: The frame type a v2 daemon sends a v1 daemon to refuse it.  A v1 daemon logs an
+#: unknown frame type, with the type, at warning level (``unknown link frame type
+#: '...'; closing the link``) -- unlike a ``bye`` or an ``error`` in a handshake, which
+#: it logs at info or debug level only, below its default -- so the type is the sentence.
+V1_REFUSAL = ("refused: the other daemon speaks lanchat link protocol v2 (signed "
+              "identities) and no longer links to v1; upgrade lanchat here")
 
 #: Seconds between heartbeats on an idle link.
 HEARTBEAT_S = 2.0
@@ -96,10 +115,14 @@ class PeerHello:
     host: str
     port: int | None
     version: int = VERSION
-    #: With a shared secret: this side's challenge for the other, and (in a
-    #: welcome) the proof that answers the dialer's challenge.
+    #: v2: the node's public key (its id is the key's), this side's fresh nonce, and
+    #: in a welcome the acceptor's signature of the handshake transcript
+    #: (:mod:`lanchat.handshake`) and, with a shared secret, its ``admit`` HMAC.
+    #: A v1 peer's nonce and proof are those of the old shared-secret handshake.
     nonce: str | None = None
     proof: str | None = None
+    key: PublicKey | None = None
+    admit: str | None = None
 
 
 def parse_cursors(raw: object, limit: int = MAX_SYNC_CURSORS) -> dict[str, int]:
@@ -144,21 +167,46 @@ def parse_peer_hello(frame: Mapping[str, Any]) -> PeerHello:
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise RemoteProtocolError("v must be a positive integer", code="bad-frame")
     nonce, proof = frame.get("nonce"), frame.get("proof")
-    for value, what in ((nonce, "nonce"), (proof, "proof")):
-        if value is not None and (not isinstance(value, str) or not 16 <= len(value) <= 128
-                                  or not value.isalnum()):
-            raise RemoteProtocolError(f"{what} must be a short hex string", code="bad-frame")
+    if version <= OLD_VERSION:  # an older lanchat: read far enough to refuse it properly
+        for value, what in ((nonce, "nonce"), (proof, "proof")):
+            if value is not None and (not isinstance(value, str) or not 16 <= len(value) <= 128
+                                      or not value.isalnum()):
+                raise RemoteProtocolError(f"{what} must be a short hex string", code="bad-frame")
+        return PeerHello(node=node, name=name, host=host, port=port, version=OLD_VERSION,
+                         nonce=nonce, proof=proof)
+    try:
+        key = PublicKey.for_node(node, _key_bytes(frame.get("key")))
+    except ValidationError as exc:
+        raise RemoteProtocolError(f"the hello's key: {exc}", code="bad-key") from None
+    if not _is_hex(nonce, NONCE_HEX):
+        raise RemoteProtocolError(f"nonce must be {NONCE_HEX} hex digits", code="bad-frame")
+    if proof is not None and not (isinstance(proof, str) and len(proof) <= 128):
+        raise RemoteProtocolError("proof must be a signature", code="bad-frame")
+    admit = frame.get("admit")
+    if admit is not None and not _is_hex(admit, 64):
+        raise RemoteProtocolError("admit must be 64 hex digits", code="bad-frame")
     return PeerHello(node=node, name=name, host=host, port=port,
-                     version=min(version, VERSION), nonce=nonce, proof=proof)
+                     version=min(version, VERSION), nonce=nonce, proof=proof, key=key,
+                     admit=admit)
+
+
+def _key_bytes(text: object) -> bytes:
+    return PublicKey.from_text(text).raw
+
+
+def _is_hex(value: object, digits: int) -> bool:
+    return (isinstance(value, str) and len(value) == digits
+            and all(c in "0123456789abcdef" for c in value))
 
 
 def _hello_fields(me: PeerHello) -> dict[str, Any]:
-    fields: dict[str, Any] = {"v": VERSION, "role": "daemon", "node": me.node, "name": me.name,
-                              "host": me.host, "port": me.port}
-    if me.nonce is not None:
-        fields["nonce"] = me.nonce
-    if me.proof is not None:
-        fields["proof"] = me.proof
+    fields: dict[str, Any] = {"v": me.version, "role": "daemon", "node": me.node,
+                              "name": me.name, "host": me.host, "port": me.port}
+    if me.key is not None:
+        fields["key"] = me.key.text
+    for name, value in (("nonce", me.nonce), ("proof", me.proof), ("admit", me.admit)):
+        if value is not None:
+            fields[name] = value
     return fields
 
 
@@ -201,7 +249,31 @@ def encode_run(entries: Iterable[WireEntry], key: PublicKey | None = None, *,
 
 
 def encode_roster(roster: NodeRoster) -> bytes:
-    return dumps_line({"type": "roster", "roster": roster.to_dict()})
+    """A node's roster as its node signed it (``roster {b, s, k}``, the bytes verbatim),
+    or, for a roster marked gone here, ``gone {node, ver}`` (nobody's signature: see
+    :meth:`lanchat.presence.NetworkRoster.withdraw`).  Raises ValueError for an unsigned
+    live roster: :func:`lanchat.presence.sign_roster` signs our own first.
+    """
+    if roster.signed is not None:
+        return dumps_line({"type": "roster", **roster.signed.to_wire()})
+    if roster.gone:
+        return encode_gone(roster.node, roster.ver)
+    raise ValueError(f"the roster of {roster.node} is not signed")
+
+
+def encode_gone(node: str, ver: int) -> bytes:
+    return dumps_line({"type": "gone", "node": node, "ver": ver})
+
+
+def encode_auth(proof: str, admit: str | None = None) -> bytes:
+    """The dialer's answer to the welcome (v2): its signature, and its ``admit`` HMAC."""
+    return dumps_line({"type": "auth", "proof": proof,
+                       **({"admit": admit} if admit is not None else {})})
+
+
+def encode_v1_refusal() -> bytes:
+    """What a v1 daemon is told before the connection closes (see :data:`V1_REFUSAL`)."""
+    return dumps_line({"type": V1_REFUSAL, "reason": V1_REFUSAL})
 
 
 def encode_sync(cursors: Mapping[str, int], page: int = MAX_SYNC_PAGE) -> bytes:
@@ -262,8 +334,17 @@ class Sync:
 
 
 @dataclass(frozen=True, slots=True)
+class Gone:
+    """The sender no longer reaches ``node`` (whose roster it relayed at version ``ver``)."""
+
+    node: str
+    ver: int
+
+
+@dataclass(frozen=True, slots=True)
 class Auth:
     proof: str
+    admit: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,7 +379,8 @@ class Refused:
     message: str
 
 
-Frame = Msgs | Roster | RosterRefused | Sync | Floor | Auth | Ping | Pong | Bye | Welcome | Refused
+Frame = (Msgs | Roster | RosterRefused | Gone | Sync | Floor | Auth | Ping | Pong | Bye
+         | Welcome | Refused)
 
 
 def parse_frame(line: bytes) -> Frame:
@@ -321,18 +403,28 @@ def parse_frame(line: bytes) -> Frame:
         return Msgs(tuple(parse_run(raw)), key)
     if kind == "roster":
         try:
-            return Roster(NodeRoster.from_dict(frame.get("roster")))
+            return Roster(parse_signed_roster(frame))
         except ValidationError as exc:
-            if exc.code != "roster-limit":
+            if exc.code not in ("roster-limit", "roster-signature"):
                 raise
             return RosterRefused(str(exc))
+    if kind == "gone":
+        ver = frame.get("ver")
+        if isinstance(ver, bool) or not isinstance(ver, int) or ver < 0:
+            raise RemoteProtocolError("gone needs a version", code="bad-frame")
+        try:
+            return Gone(validate_node(frame.get("node")), ver)
+        except ValidationError as exc:
+            raise RemoteProtocolError(str(exc), code="bad-frame") from None
     if kind == "sync":
         return Sync(parse_cursors(frame.get("cursors")), more=frame.get("more") is True)
     if kind == "auth":
-        proof = frame.get("proof")
+        proof, admit = frame.get("proof"), frame.get("admit")
         if not isinstance(proof, str) or len(proof) > 128:
             raise RemoteProtocolError("auth needs a proof", code="bad-frame")
-        return Auth(proof)
+        if admit is not None and not _is_hex(admit, 64):
+            raise RemoteProtocolError("admit must be 64 hex digits", code="bad-frame")
+        return Auth(proof, admit)
     if kind == "floor":
         cursor = parse_cursors({frame.get("origin"): frame.get("seq")}, 1)
         ((origin, seq),) = cursor.items()

@@ -35,7 +35,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from lanchat import auth, linkproto
+from lanchat import auth, handshake, linkproto
 from lanchat.commands import Hello
 from lanchat.errors import LanchatError, RemoteProtocolError, RouterTimeout, ValidationError
 from lanchat.events import Event
@@ -52,10 +52,9 @@ from lanchat.limits import (
     SHUTDOWN_TIMEOUT_S,
 )
 from lanchat.model import Message
-from lanchat.presence import NodeRoster
+from lanchat.presence import NodeRoster, sign_roster
 from lanchat.ratelimit import TokenBucket
 from lanchat.render import neutralise
-from lanchat.wire import encode_auth
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +82,7 @@ class LinkRouter(Protocol):
     def submit_run(self, run: Sequence[Entry], key: PublicKey, *, floor: bool = False,
                    source: object | None) -> Future[RunResult]: ...
     def apply_roster(self, roster: NodeRoster, *, source: Any) -> None: ...
+    def withdraw_roster(self, node: str, ver: int, *, source: Any) -> None: ...
     def cursors(self) -> dict[str, int]: ...
     def refuse_roster(self, reason: str, *, source: Any) -> None: ...
     def forked(self) -> dict[str, int]: ...
@@ -97,18 +97,29 @@ class History(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """How this daemon introduces itself on links."""
+    """How this daemon introduces itself on links; ``key`` proves it (``node`` is its id)."""
 
     node: str
     name: str
     host: str
     port: int | None
+    key: SigningKey
+
+    def __post_init__(self) -> None:
+        if self.key.node != self.node:
+            raise ValueError(f"node {self.node} is not the key's ({self.key.node})")
 
 
 class LinkClosed(LanchatError):
     """The link ended (bye, timeout, reset, or replaced by a better one)."""
 
     code = "link-closed"
+
+
+class SameIdentity(LinkClosed):
+    """The other daemon proved it holds our own key: two daemons run with one identity."""
+
+    code = "same-identity"
 
 
 class Link:
@@ -227,6 +238,8 @@ class Link:
                     router.apply_roster(frame.roster, source=self)
                 elif isinstance(frame, linkproto.RosterRefused):
                     router.refuse_roster(frame.reason, source=self)
+                elif isinstance(frame, linkproto.Gone):
+                    router.withdraw_roster(frame.node, frame.ver, source=self)
                 elif isinstance(frame, linkproto.Sync):
                     cursors = pages.add(frame)
                     if cursors is None:
@@ -369,7 +382,7 @@ class Link:
                         self._live.clear()
                 if not (control or rosters or resync or live):
                     control = [linkproto.encode_ping()]
-                out = b"".join(control) + b"".join(linkproto.encode_roster(r) for r in rosters)
+                out = b"".join(control) + b"".join(self.manager.encode_roster(r) for r in rosters)
                 if out:
                     self.sock.sendall(out)
                 if resync:
@@ -593,29 +606,22 @@ class _Dialer:
         manager = self.manager
         self.manager._set_state(self, "connecting")
         sock = self._connect()
+        nonce = manager.new_nonce()
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            challenge = secrets.token_hex(auth.NONCE_BYTES) if manager.key else None
-            sock.sendall(linkproto.encode_hello(manager.hello(nonce=challenge)))
+            sock.sendall(linkproto.encode_hello(manager.hello(nonce=nonce)))
             decoder = LineDecoder(linkproto.MAX_LINK_FRAME)
             welcome, pending = self._await_welcome(sock, decoder)
-            if welcome.node == manager.me.node:
-                self.stop.set()  # we dialed ourselves (our own advertisement, a loop): never again
-                raise LinkClosed("that address is this daemon")
-            if manager.key is not None:
-                assert challenge is not None
-                if not (welcome.nonce and auth.check_proof(
-                        manager.key, welcome.proof, "link-welcome", challenge,
-                        welcome.node, manager.me.node)):
-                    log.warning("link to %s:%d refused: it cannot prove the shared secret",
-                                self.host, self.port)
-                    raise LinkClosed("the peer does not know the shared secret")
-                sock.sendall(encode_auth(auth.proof(
-                    manager.key, "link-hello", welcome.nonce, manager.me.node, welcome.node)))
-        except BaseException:
+            manager.prove_dialer(sock, nonce, welcome, f"{self.host}:{self.port}")
+        except BaseException as exc:
             sock.close()
-            self.manager._set_state(self, "down")
+            if isinstance(exc, LinkClosed) and exc.code == "same-node":
+                self.stop.set()  # we dialed ourselves (our own advertisement, a loop): never again
+            self.manager._set_state(
+                self, "same-identity" if isinstance(exc, SameIdentity) else "down")
             raise
+        finally:
+            manager.drop_nonce(nonce)
         self.node = welcome.node
         link = Link(manager, sock, decoder, welcome, address=(self.host, self.port),
                     dialer=manager.me.node, pending=pending)
@@ -699,7 +705,11 @@ class LinkManager:
         self.key = key
         self.history = history
         self.me = me
-        self._lock = threading.Lock()  # guards: _links, _dialers, _peers, _closed
+        self._lock = threading.Lock()  # guards: _links, _dialers, _peers, _closed, _nonces,
+        #                                 _said, _own_signed
+        self._nonces: set[str] = set()  # ours, of handshakes in progress
+        self._said: set[tuple[str, str]] = set()  # warnings given once per peer
+        self._own_signed: NodeRoster | None = None  # our roster as last signed
         self._links: dict[str, Link] = {}
         self._dialers: dict[str, _Dialer] = {}  # key: node id, or "host:port" if unknown
         self._peers: dict[str, _Peer] = {}  # key: node id, or "host:port" before we know it
@@ -725,10 +735,11 @@ class LinkManager:
         for host, port in added:
             self._dial([host], port, None, static=True)
 
-    def hello(self, *, nonce: str | None = None,
-              proof: str | None = None) -> linkproto.PeerHello:
+    def hello(self, *, nonce: str, proof: str | None = None,
+              admit: str | None = None) -> linkproto.PeerHello:
         return linkproto.PeerHello(node=self.me.node, name=self.me.name, host=self.me.host,
-                                   port=self.me.port, nonce=nonce, proof=proof)
+                                   port=self.me.port, nonce=nonce, proof=proof,
+                                   key=self.me.key.public, admit=admit)
 
     # -- discovery's callbacks ---------------------------------------------------------
 
@@ -745,6 +756,12 @@ class LinkManager:
                 peer.name, peer.address, peer.port = name, addresses[0], port
         if self.me.node < node:
             self._dial(list(addresses), port, node)
+
+    def twin_found(self, addresses: Sequence[str], port: int) -> None:
+        """Discovery saw our own node id advertised by another daemon: dial it, so that
+        the handshake shows whether it holds our key (:meth:`same_identity`)."""
+        if addresses:
+            self._dial(list(addresses), port, None)
 
     def peer_lost(self, node: str) -> None:
         """Discovery saw a daemon leave (goodbye): stop dialing it."""
@@ -781,9 +798,10 @@ class LinkManager:
                     admit: Callable[[], bool] | None = None) -> None:
         """A daemon dialed us: handshake, then run the link on this (hub) thread.
 
-        The whole handshake -- to the dialer's proof of the shared secret --
-        has LINK_HANDSHAKE_TIMEOUT_S.  Only then does ``admit()`` (the hub's
-        count of links) take a link slot for it; False refuses the link.
+        The whole handshake -- to the dialer's proofs of its key and of the
+        shared secret -- has LINK_HANDSHAKE_TIMEOUT_S.  Only then does
+        ``admit()`` (the hub's count of links) take a link slot for it; False
+        refuses the link.
         """
         deadline = time.monotonic() + LINK_HANDSHAKE_TIMEOUT_S
         sock.settimeout(LINK_HANDSHAKE_TIMEOUT_S)  # also bounds our answers' sendall
@@ -792,34 +810,40 @@ class LinkManager:
         except RemoteProtocolError as exc:
             sock.sendall(linkproto.encode_error(exc.code, str(exc)))
             return
-        if peer.node == self.me.node:
+        if peer.version <= linkproto.OLD_VERSION:
+            self._refuse_v1_dialer(sock, address, peer)
+            return
+        if peer.node == self.me.node and self.is_our_nonce(peer.nonce):
             sock.sendall(linkproto.encode_error("same-node", "you dialed yourself"))
             return
-        if self.linked(peer.node):
+        if peer.node != self.me.node and self.linked(peer.node):
             sock.sendall(linkproto.encode_error("duplicate-link", "already linked to you"))
             return
-        if self.key is None:
-            welcome = self.hello()
-        elif peer.nonce is None:
-            log.warning("refused a link from %s: it does not use the shared secret", address[0])
-            sock.sendall(linkproto.encode_error("auth-required",
-                                                "this daemon requires the shared secret"))
+        assert peer.key is not None and peer.nonce is not None
+        nonce = self.new_nonce()
+        try:
+            data = handshake.transcript(handshake.Side(peer.node, peer.key, peer.nonce),
+                                        self.side(nonce))
+            sock.sendall(linkproto.encode_welcome(self.hello(
+                nonce=nonce, proof=handshake.prove(self.me.key, handshake.ACCEPTOR, data),
+                admit=(handshake.admit(self.key, handshake.ACCEPTOR, data)
+                       if self.key is not None else None))))
+            rest = list(pending)
+            failure = self._check_auth(sock, decoder, rest, peer, data, deadline=deadline)
+        finally:
+            self.drop_nonce(nonce)
+        if failure is not None:
+            log.warning("refused a link from %s (%s, node %s): %s", address[0],
+                        neutralise(peer.name), peer.node, failure)
+            with contextlib.suppress(OSError):
+                sock.sendall(linkproto.encode_error("auth-failed", failure))
             return
-        else:
-            welcome = self.hello(nonce=secrets.token_hex(auth.NONCE_BYTES),
-                                 proof=auth.proof(self.key, "link-welcome", peer.nonce,
-                                                  self.me.node, peer.node))
-        sock.sendall(linkproto.encode_welcome(welcome))
-        rest = list(pending)
-        if self.key is not None:
-            assert welcome.nonce is not None
-            failure = self._check_auth(sock, decoder, rest, welcome.nonce, peer.node,
-                                       deadline=deadline)
-            if failure is not None:
-                log.warning("refused a link from %s (%s): %s", address[0], peer.node, failure)
-                with contextlib.suppress(OSError):
-                    sock.sendall(linkproto.encode_error("auth-failed", failure))
-                return
+        if peer.node == self.me.node:
+            self.same_identity(str(address[0]), peer.port, peer.name, None)
+            with contextlib.suppress(OSError):
+                sock.sendall(linkproto.encode_error(
+                    "same-identity", "you hold this node's key: two daemons with one identity"))
+            return
         if admit is not None and not admit():
             log.warning("refused a link from %s (%s): every link slot is taken (limit %d)",
                         address[0], peer.node, MAX_DAEMON_LINKS)
@@ -841,36 +865,178 @@ class LinkManager:
         link.run()
 
     def _check_auth(self, sock: socket.socket, decoder: LineDecoder, rest: list[bytes],
-                    nonce: str, peer: str, *, deadline: float) -> str | None:
+                    peer: linkproto.PeerHello, data: bytes, *, deadline: float) -> str | None:
         """Read the dialer's first frame (from ``rest`` or the socket): a valid ``auth``?
 
-        Returns None if so, else why not.  Gives up at ``deadline`` (monotonic),
-        however the bytes trickle in.  Consumes that frame from ``rest``; frames
-        after it stay there.
+        Reads no further than that frame's end.
+
+        It must sign the transcript ``data`` with the dialer's key and, when
+        either side has a shared secret, prove the same secret.  Returns None if
+        so, else why not.  Gives up at ``deadline`` (monotonic), however the
+        bytes trickle in.  Consumes that frame from ``rest``; frames after it
+        stay there.
         """
-        assert self.key is not None
+        what = "its key" if self.key is None else "the shared secret"
         try:
             while not rest:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return (f"no proof of the shared secret within "
-                            f"{LINK_HANDSHAKE_TIMEOUT_S:g} s")
+                    return f"no proof of {what} within {LINK_HANDSHAKE_TIMEOUT_S:g} s"
                 sock.settimeout(left)
-                data = sock.recv(65536)
-                if not data:
-                    return "closed before proving the shared secret"
-                rest.extend(decoder.feed(data))
+                # Only up to the end of this one line: the frames behind it belong to the
+                # link, whose frame limit is larger than a handshake's (the hub's).
+                peek = sock.recv(65536, socket.MSG_PEEK)
+                if not peek:
+                    return "closed before proving who it is"
+                end = peek.find(b"\n")
+                rest.extend(decoder.feed(sock.recv(len(peek) if end < 0 else end + 1)))
             frame = linkproto.parse_frame(rest.pop(0))
         except TimeoutError:
-            return f"no proof of the shared secret within {LINK_HANDSHAKE_TIMEOUT_S:g} s"
+            return f"no proof of {what} within {LINK_HANDSHAKE_TIMEOUT_S:g} s"
         except OSError as exc:
             return f"connection lost during the handshake: {exc.strerror or exc}"
         except (RemoteProtocolError, ValidationError) as exc:
             return f"a bad frame instead of a proof: {exc}"
-        if isinstance(frame, linkproto.Auth) and auth.check_proof(
-                self.key, frame.proof, "link-hello", nonce, peer, self.me.node):
-            return None
-        return "wrong proof of the shared secret"
+        if not isinstance(frame, linkproto.Auth):
+            return "no proof: another frame came first"
+        assert peer.key is not None
+        if not handshake.check(peer.key, frame.proof, handshake.DIALER, data):
+            return f"it could not prove it holds the key of node {peer.node}"
+        if peer.node == self.me.node:
+            return None  # our own key: a twin, whatever its secret (the caller says so)
+        return handshake.admission_problem(self.key, frame.admit, handshake.DIALER, data)
+
+    def prove_dialer(self, sock: socket.socket, nonce: str, welcome: linkproto.PeerHello,
+                     where: str) -> None:
+        """The dialer's half, once the welcome is in: check it, then answer with ``auth``.
+
+        Raises :class:`LinkClosed` (``same-node`` if we dialed ourselves) or
+        :class:`SameIdentity` when the link must not go on; logs why, once.
+        """
+        if welcome.version <= linkproto.OLD_VERSION:
+            with contextlib.suppress(OSError):
+                sock.sendall(linkproto.encode_v1_refusal())
+            self._say_v1(welcome.node, f"link to {where} refused: {neutralise(welcome.name)} "
+                         f"(node {welcome.node}) speaks link protocol v1 (an older lanchat) "
+                         "and cannot prove its identity; upgrade lanchat there")
+            raise LinkClosed("the peer speaks link protocol v1")
+        assert welcome.key is not None and welcome.nonce is not None
+        data = handshake.transcript(self.side(nonce),
+                                    handshake.Side(welcome.node, welcome.key, welcome.nonce))
+        if not handshake.check(welcome.key, welcome.proof, handshake.ACCEPTOR, data):
+            log.warning("link to %s refused: it could not prove it holds the key of node %s",
+                        where, welcome.node)
+            raise LinkClosed("the peer could not prove its key")
+        # Checked only once signed: a peer echoing our node id and nonce back must not
+        # stop this dialer for good.  (Our own hub answers our hello with same-node.)
+        if welcome.node == self.me.node and self.is_our_nonce(welcome.nonce):
+            raise LinkClosed("that address is this daemon", code="same-node")
+        # Answer even if we go no further: the other side then sees the same problem
+        # (the secrets differ, or its twin) and says so in its own log.
+        sock.sendall(linkproto.encode_auth(
+            handshake.prove(self.me.key, handshake.DIALER, data),
+            handshake.admit(self.key, handshake.DIALER, data) if self.key is not None else None))
+        if welcome.node == self.me.node:
+            host, _, port = where.rpartition(":")
+            self.same_identity(host, int(port), welcome.name, where)
+            raise SameIdentity(f"{where} holds this node's key")
+        problem = handshake.admission_problem(self.key, welcome.admit, handshake.ACCEPTOR,
+                                              data)
+        if problem is not None:
+            log.warning("link to %s (%s, node %s) refused: %s", where,
+                        neutralise(welcome.name), welcome.node, problem)
+            raise LinkClosed(problem)
+
+    def _refuse_v1_dialer(self, sock: socket.socket, address: tuple[Any, ...],
+                          peer: linkproto.PeerHello) -> None:
+        """A v1 daemon dialed us: refuse it so that both logs say why.
+
+        A v1 dialer logs a refused handshake at debug level only; it logs an unknown
+        frame on an established link at warning level.  So it gets a v1 welcome
+        (with its old shared-secret proof, if it asked for one and we know the
+        secret), then :func:`linkproto.encode_v1_refusal`, and the connection closes.
+        It holds no link slot and reaches no router here.
+        """
+        self._say_v1(peer.node, f"refused a link from {address[0]} ({neutralise(peer.name)}, "
+                     f"node {peer.node}): it speaks link protocol v1 (an older lanchat) and "
+                     "cannot prove its identity; upgrade lanchat there")
+        proof = None
+        if self.key is not None and peer.nonce is not None:
+            proof = auth.proof(self.key, "link-welcome", peer.nonce, self.me.node, peer.node)
+        old = linkproto.PeerHello(
+            node=self.me.node, name=self.me.name, host=self.me.host, port=self.me.port,
+            version=linkproto.OLD_VERSION,
+            nonce=secrets.token_hex(auth.NONCE_BYTES) if proof else None, proof=proof)
+        with contextlib.suppress(OSError):
+            sock.sendall(linkproto.encode_welcome(old) + linkproto.encode_v1_refusal())
+
+    def _say_v1(self, node: str, line: str) -> None:
+        """Log a v1 refusal: at warning level the first time for ``node``, then debug."""
+        log.log(logging.WARNING if self._first_time("v1", node) else logging.DEBUG, "%s", line)
+
+    def _first_time(self, kind: str, who: str) -> bool:
+        """True the first time (``kind``, ``who``) is asked about; at most 1,024 remembered."""
+        with self._lock:
+            if (kind, who) in self._said:
+                return False
+            if len(self._said) < 1024:
+                self._said.add((kind, who))
+            return True
+
+    def same_identity(self, host: str, port: int | None, name: str,
+                      dialed: str | None) -> None:
+        """Another daemon proved it holds our key: say so loudly, show it in ``peers``.
+
+        ``dialed``: the ``host:port`` key of our dialer's peer entry, if we dialed it.
+        """
+        where = f"{host}:{port}" if port else host
+        log.log(logging.WARNING if self._first_time("twin", where) else logging.INFO,
+                "another daemon, %s at %s, proved it holds this node's own key (node %s): "
+                "two daemons are running with one identity (a copied state directory?). "
+                "Not linking to it; stop one of them, or move its node.key away to give it "
+                "an identity of its own", neutralise(name), where, self.me.node)
+        with self._lock:
+            key = dialed or f"same-identity:{where}"
+            peer = self._peers.get(key)
+            if peer is None:
+                if len(self._peers) >= 4 * MAX_DAEMON_LINKS and dialed is None:
+                    return
+                peer = self._peers[key] = _Peer(None, name, host, port or 0)
+            peer.node, peer.state, peer.last_seen = self.me.node, "same-identity", time.time()
+            if dialed is None:
+                peer.name = name
+
+    def new_nonce(self) -> str:
+        """A fresh handshake nonce, remembered until :meth:`drop_nonce` (to spot ourselves)."""
+        nonce = secrets.token_hex(handshake.NONCE_BYTES)
+        with self._lock:
+            self._nonces.add(nonce)
+        return nonce
+
+    def drop_nonce(self, nonce: str) -> None:
+        with self._lock:
+            self._nonces.discard(nonce)
+
+    def is_our_nonce(self, nonce: str | None) -> bool:
+        """Is ``nonce`` one of our handshakes in progress?  Then a hello or welcome with
+        our node id is our own, looped back -- else it is another process with our key."""
+        with self._lock:
+            return nonce in self._nonces
+
+    def side(self, nonce: str) -> handshake.Side:
+        return handshake.Side(self.me.node, self.me.key.public, nonce)
+
+    def encode_roster(self, roster: NodeRoster) -> bytes:
+        """A roster frame: others' as signed by them, ours signed here (cached per version)."""
+        if roster.signed is None and not roster.gone:
+            with self._lock:
+                cached = self._own_signed
+            if cached is None or cached != roster:
+                cached = sign_roster(self.me.key, roster)
+                with self._lock:
+                    self._own_signed = cached
+            roster = cached
+        return linkproto.encode_roster(roster)
 
     # -- the table of links ----------------------------------------------------------------
 

@@ -12,22 +12,37 @@ A node that disappears (its link died and nobody else vouches for it) is
 marked ``gone`` at the same version; ``gone`` wins over a live roster of the
 same version, and any newer roster (the node came back) wins over both.
 
+Signed (issue 13): a node signs its roster with its identity key
+(:data:`ROSTER_DOMAIN`, then the body's bytes); the frame carries the body, the
+signature and the public key, whose hash must be the roster's node id.  Relays
+pass the signed bytes on verbatim, so nobody but a node can state, raise the
+version of, or empty its roster.  The one unsigned claim is ``gone``: a daemon
+saying it no longer reaches a node.  It is taken only from the link that
+brought that node's current roster, at that roster's very version
+(:meth:`NetworkRoster.withdraw`): the one who vouched may withdraw, nobody else.
+
 Pure: no I/O, no clock (versions and times are passed in).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from lanchat.errors import AmbiguousUser, NoSuchUser, ValidationError
-from lanchat.limits import MAX_NETWORK_USERS, MAX_ROSTER_USERS
+from lanchat.feed import SIGNATURE_BYTES, PublicKey, SigningKey, b64decode, b64encode
+from lanchat.limits import MAX_NETWORK_USERS, MAX_ROSTER_BODY_BYTES, MAX_ROSTER_USERS
 from lanchat.model import Presence, User, validate_host, validate_nick, validate_node, validate_room
 
 #: Most nodes a network roster tracks; a peer announcing more is lying.
 MAX_NODES = 1024
+
+#: What a node signs: this label, then its roster's body (domain separation: a roster
+#: signature can never pass for a message's or a handshake's, nor the reverse).
+ROSTER_DOMAIN = b"lanchat/roster/v1\x00"
 
 #: Fewest hex digits of a node id that qualify a nick (``bob@1a2b``): fewer would
 #: often match several nodes.  Error messages suggest QUALIFIER_DIGITS.
@@ -36,8 +51,24 @@ QUALIFIER_DIGITS = 8
 
 
 @dataclass(frozen=True, slots=True)
+class SignedRoster:
+    """A roster as its node signed it: the body's bytes, the signature, the key (as sent)."""
+
+    body: bytes
+    sig: str
+    key: str
+
+    def to_wire(self) -> dict[str, str]:
+        return {"b": self.body.decode("ascii"), "s": self.sig, "k": self.key}
+
+
+@dataclass(frozen=True, slots=True)
 class NodeRoster:
-    """The users of one node, as of version ``ver``."""
+    """The users of one node, as of version ``ver``.
+
+    ``signed``: the bytes its node signed (None for our own roster until a link signs it,
+    and for a roster marked gone here); never part of equality.
+    """
 
     node: str
     ver: int
@@ -48,6 +79,7 @@ class NodeRoster:
     #: The nodes this node says it has a link up to (lanchat.relay: a link counts
     #: when both ends list each other).
     links: tuple[str, ...] = ()
+    signed: SignedRoster | None = field(default=None, compare=False)
 
     def newer_than(self, other: NodeRoster | None) -> bool:
         return other is None or (self.ver, self.gone) > (other.ver, other.gone)
@@ -87,6 +119,60 @@ class NodeRoster:
         linked = tuple(sorted({validate_node(x) for x in links} - {node}))
         return cls(node=node, ver=ver, name=name, host=host, users=users,
                    gone=bool(d.get("gone", False)), links=linked)
+
+
+def roster_body(roster: NodeRoster) -> bytes:
+    """The bytes a node signs for ``roster``: compact ASCII JSON of :meth:`NodeRoster.to_dict`."""
+    return json.dumps(roster.to_dict(), separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False).encode("ascii")
+
+
+def sign_roster(key: SigningKey, roster: NodeRoster) -> NodeRoster:
+    """``roster`` (of ``key``'s node) with its signature; raises ValueError for another node's."""
+    if roster.node != key.node:
+        raise ValueError(f"key {key.node} cannot sign the roster of {roster.node}")
+    body = roster_body(roster)
+    sig = b64encode(key.sign(ROSTER_DOMAIN + body))
+    return replace(roster, signed=SignedRoster(body, sig, key.public.text))
+
+
+def parse_signed_roster(frame: Mapping[str, Any]) -> NodeRoster:
+    """Check and parse a ``roster {b, s, k}`` frame; raises :class:`ValidationError`.
+
+    The signature is checked before the body is even parsed, and the body's node must
+    be the key's.  Code ``roster-signature`` for a roster its node did not sign (a
+    forgery, or a relay that changed it), ``roster-limit`` for one over a bound,
+    ``bad-roster`` for garbage.
+    """
+    body, sig, key_text = frame.get("b"), frame.get("s"), frame.get("k")
+    if not isinstance(body, str) or not body.isascii():
+        raise ValidationError("a roster's body must be ASCII text", code="bad-roster")
+    if len(body) > MAX_ROSTER_BODY_BYTES:
+        raise ValidationError(f"a roster of {len(body)} bytes, more than "
+                              f"{MAX_ROSTER_BODY_BYTES}", code="roster-limit")
+    raw = body.encode("ascii")
+    try:
+        key = PublicKey.from_text(key_text)
+        signature = b64decode(sig, SIGNATURE_BYTES)  # type: ignore[arg-type]
+    except (ValidationError, ValueError):
+        raise ValidationError("a roster needs a key and a signature", code="bad-roster") from None
+    if not key.verify(signature, ROSTER_DOMAIN + raw):
+        raise ValidationError(f"a roster with a bad signature (key of {key.node})",
+                              code="roster-signature")
+    try:
+        doc = json.loads(body, parse_constant=_no_constant)
+    except ValueError:
+        raise ValidationError("a roster's body must be JSON", code="bad-roster") from None
+    roster = NodeRoster.from_dict(doc)
+    if roster.node != key.node:
+        raise ValidationError(f"the roster of {roster.node} is signed by another node "
+                              f"({key.node})", code="roster-signature")
+    assert isinstance(sig, str) and isinstance(key_text, str)
+    return replace(roster, signed=SignedRoster(raw, sig, key_text))
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _user_dict(u: User) -> dict[str, Any]:
@@ -164,6 +250,20 @@ class NetworkRoster:
         self._via[roster.node] = via
         return _diff(old, roster)
 
+    def withdraw(self, node: str, ver: int, via: object) -> list[Change] | None:
+        """``via`` says it no longer reaches ``node`` (an unsigned ``gone``).  None: ignored.
+
+        Taken only from the link whose roster of ``node`` we hold, and only at that
+        roster's version: whoever vouched for a node may withdraw it, and nobody can
+        hide a roster it did not bring us (a node's own signed rosters are the only
+        way to state its users or raise its version).
+        """
+        old = self._rosters.get(node)
+        if old is None or old.gone or old.ver != ver or self._via.get(node) is not via:
+            return None
+        marked = self.mark_gone(node)
+        return marked[1] if marked is not None else None
+
     def claim(self, node: str, via: object) -> None:
         """``via`` is a direct link to ``node``: it vouches for that node from now on."""
         if node in self._rosters:
@@ -178,7 +278,7 @@ class NetworkRoster:
         old = self._rosters.get(node)
         if old is None or old.gone:
             return None
-        gone = replace(old, users=(), gone=True, links=())
+        gone = replace(old, users=(), gone=True, links=(), signed=None)
         self._rosters[node] = gone
         return gone, _diff(old, gone)
 

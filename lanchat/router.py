@@ -490,6 +490,11 @@ class Router:
         """A roster arrived over ``source``: take it if newer, show changes, pass it on."""
         self._post(lambda: self._do_apply_roster(roster, source), "apply a roster")
 
+    def withdraw_roster(self, node: str, ver: int, *, source: LinkPeer) -> None:
+        """``source`` no longer reaches ``node`` (an unsigned ``gone``): taken only from
+        the link that brought that node's roster (:meth:`NetworkRoster.withdraw`)."""
+        self._post(lambda: self._do_withdraw_roster(node, ver, source), "withdraw a roster")
+
     def refuse_roster(self, reason: str, *, source: LinkPeer) -> None:
         """``source`` sent a roster over a bound (:mod:`lanchat.presence`): log it, once."""
         self._post(lambda: self._log_refused_roster(reason, source), "refuse a roster")
@@ -1135,6 +1140,18 @@ class Router:
                 self._show_changes(changes, "unreachable")
                 for other in self._links:
                     other.send_roster(gone)
+        self._remote_users = tuple(self._roster.users())
+
+    def _do_withdraw_roster(self, node: str, ver: int, source: LinkPeer) -> None:
+        changes = self._roster.withdraw(node, ver, source)
+        gone = self._roster.get(node)
+        if changes is None or gone is None:
+            return
+        self._linkmap.forget(node)  # unreachable: linked to no one we could count on
+        self._show_changes(changes, "unreachable")
+        for link in self._links:
+            if link is not source:
+                link.send_roster(gone)
         self._remote_users = tuple(self._roster.users())
 
     def _do_apply_roster(self, roster: NodeRoster, source: LinkPeer) -> None:

@@ -1,19 +1,21 @@
 """A rogue daemon for tests: speaks the real link protocol, says whatever the test wants.
 
 :class:`Rogue` opens a TCP connection to a daemon's hub port and plays a daemon
-(see :mod:`lanchat.linkproto`): a ``hello`` with a node id of its own choosing,
-the shared-secret challenge answered with :mod:`lanchat.auth` when its
-:class:`RogueIdentity` holds the key, then any frames at all -- ``msgs``,
+(see :mod:`lanchat.linkproto`): a v2 ``hello`` with a key of its own (its node
+id is that key's; :func:`rogue_identity` makes more), the handshake's proofs
+made with :mod:`lanchat.handshake` (and the shared secret's ``admit`` when its
+:class:`RogueIdentity` knows the secret), then any frames at all -- ``msgs``,
 ``floor``, ``roster``, ``bye``, or raw bytes -- while reading what comes back.
 
 Who the rogue is lives in one place, :class:`RogueIdentity` (its Ed25519
 signing key and the node id derived from it -- or any node id it claims --,
-name, host, the secret it knows).  Its messages are entries of signed feeds
-(:mod:`lanchat.feed`) that it writes itself with :class:`Feed`: its own feed
-signed with its own key, or any other origin's "signed" with a key that is not
-that origin's (a forgery), with any fields, chained or not.  The rogue is a
-test's puppet, not a daemon: it never answers on its own (no pong, no replay),
-so a test sees exactly what the daemon sends.
+name, host, the secret it knows).  It speaks protocol 2: keyed hellos with
+their proofs (:mod:`lanchat.handshake`) and signed rosters.  Its messages are
+entries of signed feeds (:mod:`lanchat.feed`) that it writes itself with
+:class:`Feed`: its own feed signed with its own key, or any other origin's
+"signed" with a key that is not that origin's (a forgery), with any fields,
+chained or not.  The rogue is a test's puppet, not a daemon: it never answers
+on its own (no pong, no replay), so a test sees exactly what the daemon sends.
 
 Typical use::
 
@@ -34,17 +36,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from lanchat import auth
+from lanchat import handshake
 from lanchat.feed import MSG_DOMAIN, PublicKey, SigningKey, b64encode, entry_hash
+from lanchat.presence import ROSTER_DOMAIN
 
 
-def rogue_key(name: object) -> SigningKey:
-    """A signing key made from ``name`` (the same name, the same key: tests stay repeatable)."""
-    return SigningKey(hashlib.sha256(f"rogue key {name}".encode()).digest())
+def _derived_key(label: object) -> SigningKey:
+    return SigningKey(hashlib.sha256(f"rogue key {label}".encode()).digest())
 
 
 #: The rogue's own key, and the node id it certifies, unless a test picks others.
-ROGUE_KEY = rogue_key("fake")
+ROGUE_KEY = _derived_key("fake")
 ROGUE_NODE = ROGUE_KEY.node
 #: A plausible timestamp for a rogue's messages (2023-11-14), one second apart per seq.
 BASE_TS = 1_700_000_000.0
@@ -52,24 +54,40 @@ BASE_TS = 1_700_000_000.0
 UNKNOWN_PREV = "00" * 32
 
 
+def rogue_key(label: object) -> SigningKey:
+    """A key of the rogue's own, the same for the same ``label`` (the same label, the same
+    key: tests stay repeatable); ROGUE_KEY for ROGUE_NODE."""
+    if label == ROGUE_NODE:
+        return ROGUE_KEY
+    return _derived_key(label)
+
+
 @dataclass(frozen=True, slots=True)
 class RogueIdentity:
     """Everything that says who the rogue is.
 
-    ``signing``: its Ed25519 key; ``node``: the node id its hello claims (by default the
-    one its key certifies); ``key``: the shared secret, if it knows it.
+    ``node``: the node id its hello claims (by default the one its key certifies);
+    ``signing``: its Ed25519 key (None: ROGUE_KEY, or :func:`rogue_key` of a ``node``
+    given -- a key that is *not* that node's, as a forger has); ``key``: the shared
+    secret, if it knows it.
     """
 
-    signing: SigningKey = ROGUE_KEY
     node: str = ""
     name: str = "fake peer"
     host: str = "fakehost"
     port: int | None = None
     key: bytes | None = None
+    signing: SigningKey | None = None
+
+    @property
+    def link_key(self) -> SigningKey:
+        if self.signing is not None:
+            return self.signing
+        return ROGUE_KEY if not self.node else rogue_key(self.node)
 
     def __post_init__(self) -> None:
         if not self.node:
-            object.__setattr__(self, "node", self.signing.node)
+            object.__setattr__(self, "node", self.link_key.node)
 
 
 @dataclass
@@ -112,6 +130,12 @@ class Feed:
             wire["s"] = b64encode(sig)
         self.hashes[seq] = entry_hash(body, sig)
         return wire
+
+
+def rogue_identity(label: str, **fields: Any) -> RogueIdentity:
+    """Another rogue identity: a key of its own made from ``label``, its node id that key's."""
+    key = rogue_key(label)
+    return RogueIdentity(node=key.node, signing=key, **fields)
 
 
 def fake_msg(seq: int, text: str = "", origin: str = ROGUE_NODE, *,
@@ -158,60 +182,83 @@ class Rogue:
         self.sock.sendall(data)
 
     def hello(self, **over: Any) -> None:
-        """A daemon's hello from our identity; with a key (or ``nonce=``) it carries a challenge."""
+        """A daemon's v2 hello from our identity: our key and a fresh nonce (``over`` wins)."""
         me = self.identity
-        frame: dict[str, Any] = {"type": "hello", "v": 1, "role": "daemon", "node": me.node,
-                                 "name": me.name, "host": me.host, "port": me.port}
-        if me.key is not None:
-            frame["nonce"] = secrets.token_hex(auth.NONCE_BYTES)
+        frame: dict[str, Any] = {"type": "hello", "v": 2, "role": "daemon", "node": me.node,
+                                 "name": me.name, "host": me.host, "port": me.port,
+                                 "key": me.link_key.public.text,
+                                 "nonce": secrets.token_hex(handshake.NONCE_BYTES)}
         frame.update(over)
         self.nonce = frame.get("nonce")
         self.send(frame)
 
     def handshake(self, cursors: dict[str, int] | None = None, *, timeout: float = 5.0,
                   **hello: Any) -> dict[str, Any]:
-        """Hello, the daemon's welcome, our proof (with a key), then ``sync {cursors}``.
+        """Hello, the daemon's welcome, our ``auth`` (proofs), then ``sync {cursors}``.
 
         Returns the welcome.  Raises AssertionError if the daemon refuses us, or
-        if its welcome cannot prove the secret we hold.
+        if its welcome does not prove its key (or the secret we hold).
         """
         self.hello(**hello)
         welcome = self.frame(timeout)
         assert welcome.get("type") == "welcome", f"refused: {welcome}"
         self.welcome = welcome
-        key = self.identity.key
-        if key is not None:
-            assert self.nonce is not None
-            assert auth.check_proof(key, welcome.get("proof"), "link-welcome", self.nonce,
-                                    welcome["node"], self.node), "the welcome's proof is wrong"
-            self.send({"type": "auth", "proof": auth.proof(
-                key, "link-hello", welcome["nonce"], self.node, welcome["node"])})
+        self.auth(welcome)
         self.sync(cursors or {})
         return welcome
+
+    def transcript(self, *, dialer: bool, peer: dict[str, Any]) -> bytes:
+        """The handshake transcript with ``peer`` (its hello or welcome), we in our role."""
+        me = self.identity
+        assert self.nonce is not None
+        ours = handshake.Side(me.node, me.link_key.public, self.nonce)
+        theirs = handshake.Side(peer["node"], PublicKey.from_text(peer["key"]), peer["nonce"])
+        return handshake.transcript(ours, theirs) if dialer else handshake.transcript(theirs,
+                                                                                      ours)
+
+    def auth(self, welcome: dict[str, Any], **over: Any) -> None:
+        """Check the welcome's proofs, then send our ``auth`` (``over`` replaces fields)."""
+        me = self.identity
+        data = self.transcript(dialer=True, peer=welcome)
+        assert handshake.check(PublicKey.from_text(welcome["key"]), welcome.get("proof"),
+                               handshake.ACCEPTOR, data), "the welcome's proof is wrong"
+        if me.key is not None:
+            assert handshake.admission_problem(me.key, welcome.get("admit"),
+                                               handshake.ACCEPTOR, data) is None
+        frame: dict[str, Any] = {"type": "auth",
+                                 "proof": handshake.prove(me.link_key, handshake.DIALER, data)}
+        if me.key is not None:
+            frame["admit"] = handshake.admit(me.key, handshake.DIALER, data)
+        frame.update(over)
+        self.send(frame)
 
     def answer(self, cursors: dict[str, int] | None = None, *,
                timeout: float = 5.0, **welcome: Any) -> dict[str, Any]:
         """The acceptor's side: read a dialing daemon's hello, send our welcome, then sync.
 
-        With a key, the welcome proves it and the daemon's ``auth`` frame is read
-        (and checked).  Returns the daemon's hello.
+        The welcome proves our key (and the secret, with one); the daemon's
+        ``auth`` frame is read and checked.  Returns the daemon's hello.
         """
         hello = self.frame(timeout)
         assert hello.get("type") == "hello" and hello.get("role") == "daemon", hello
         me = self.identity
-        frame: dict[str, Any] = {"type": "welcome", "v": 1, "role": "daemon", "node": me.node,
-                                 "name": me.name, "host": me.host, "port": me.port}
-        key = me.key
-        if key is not None:
-            frame["nonce"] = self.nonce = secrets.token_hex(auth.NONCE_BYTES)
-            frame["proof"] = auth.proof(key, "link-welcome", hello["nonce"], me.node,
-                                        hello["node"])
+        self.nonce = secrets.token_hex(handshake.NONCE_BYTES)
+        data = self.transcript(dialer=False, peer=hello)
+        frame: dict[str, Any] = {"type": "welcome", "v": 2, "role": "daemon", "node": me.node,
+                                 "name": me.name, "host": me.host, "port": me.port,
+                                 "key": me.link_key.public.text, "nonce": self.nonce,
+                                 "proof": handshake.prove(me.link_key, handshake.ACCEPTOR,
+                                                          data)}
+        if me.key is not None:
+            frame["admit"] = handshake.admit(me.key, handshake.ACCEPTOR, data)
         frame.update(welcome)
         self.send(frame)
-        if key is not None:
-            proof = self.until("auth", timeout)
-            assert auth.check_proof(key, proof.get("proof"), "link-hello", self.nonce,
-                                    hello["node"], me.node), "the daemon's proof is wrong"
+        proof = self.until("auth", timeout)
+        assert handshake.check(PublicKey.from_text(hello["key"]), proof.get("proof"),
+                               handshake.DIALER, data), "the daemon's proof is wrong"
+        if me.key is not None:
+            assert handshake.admission_problem(me.key, proof.get("admit"), handshake.DIALER,
+                                               data) is None, "the daemon's admit is wrong"
         self.sync(cursors or {})
         return hello
 
@@ -222,9 +269,9 @@ class Rogue:
         Another origin's is signed with ``key`` (by default the rogue's own: a forgery)
         and sent with ``public`` (by default that key's public half).
         """
-        origin = origin or self.identity.signing.node
+        origin = origin or self.identity.link_key.node
         if origin not in self.feeds:
-            self.feeds[origin] = Feed(key or self.identity.signing, origin, public)
+            self.feeds[origin] = Feed(key or self.identity.link_key, origin, public)
         return self.feeds[origin]
 
     def message(self, seq: int, text: str = "", *, origin: str | None = None,
@@ -252,8 +299,9 @@ class Rogue:
     def floor(self, origin: str, seq: int) -> None:
         self.send({"type": "floor", "origin": origin, "seq": seq})
 
-    def roster(self, roster: dict[str, Any]) -> None:
-        self.send({"type": "roster", "roster": roster})
+    def roster(self, roster: dict[str, Any], *, key: SigningKey | None = None) -> None:
+        """``roster`` signed as a node would sign its own: by ``key``, else by our key."""
+        self.send(signed_roster_frame(roster, key or self.identity.link_key))
 
     def ping(self) -> None:
         self.send({"type": "ping"})
@@ -308,6 +356,17 @@ class Rogue:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def signed_roster_frame(roster: dict[str, Any], key: SigningKey) -> dict[str, Any]:
+    """A ``roster {b, s, k}`` frame: ``roster`` as compact JSON, signed by ``key``.
+
+    Whoever ``roster`` names, ``key`` signs it: a rogue can sign another node's roster
+    with its own key (the daemon must refuse it), or its own anything it likes.
+    """
+    body = json.dumps(roster, separators=(",", ":")).encode()
+    sig = key.sign(ROSTER_DOMAIN + body)
+    return {"type": "roster", "b": body.decode(), "s": b64encode(sig), "k": key.public.text}
 
 
 class RogueListener:

@@ -31,10 +31,10 @@ from lanchat import auth
 KEY = auth.load_secret("correct horse battery staple\n")
 
 
-def secret_peer(port: int, nonce: str) -> Rogue:
-    """A rogue daemon that offers the secret handshake: hello with ``nonce``, nothing else yet."""
-    peer = Rogue(port, RogueIdentity(node=FAKE_NODE))
-    peer.hello(nonce=nonce)
+def secret_peer(port: int, secret: bytes | None = None) -> Rogue:
+    """A rogue daemon (knowing ``secret``, if given) that has said hello, nothing else yet."""
+    peer = Rogue(port, RogueIdentity(node=FAKE_NODE, key=secret))
+    peer.hello()
     return peer
 
 
@@ -115,15 +115,17 @@ def test_a_daemon_without_the_secret_cannot_link(make_daemon: Any, workdir: str,
 def test_an_intruder_can_neither_link_nor_inject(make_daemon: Any, workdir: str,
                                                  clients: list[Any]) -> None:
     d = make_daemon("--config", config_file(workdir, "d", secret_file=secret_file(workdir)))
-    plain = FakePeer(d.port)  # no nonce: does not even try
+    plain = FakePeer(d.port)  # proves its key, knows no secret: does not even try
     clients.append(plain)
-    assert plain.until("error")["code"] == "auth-required"
+    assert plain.until("error")["code"] == "auth-failed"
     assert plain.closed()
-    guesser = secret_peer(d.port, "00" * 16)  # tries, but cannot answer the welcome
+    wait_for("the refusal logged", lambda: "it does not use the shared secret" in d.stderr(),
+             SETTLE_S)
+    guesser = secret_peer(d.port)  # tries, but cannot answer the welcome
     clients.append(guesser)
     welcome = guesser.until("welcome")
-    assert "proof" in welcome and "nonce" in welcome
-    guesser.send({"type": "auth", "proof": "11" * 32})
+    assert {"proof", "nonce", "key", "admit"} <= set(welcome)
+    guesser.auth(welcome, admit="11" * 32)  # its key proved, the secret guessed
     with contextlib.suppress(OSError):  # the daemon may hang up before this arrives
         guesser.msgs([guesser.message(1, "injected")])
     assert guesser.closed()
@@ -134,14 +136,9 @@ def test_an_intruder_can_neither_link_nor_inject(make_daemon: Any, workdir: str,
 def test_a_linked_peer_cannot_forge_messages(make_daemon: Any, workdir: str,
                                              clients: list[Any]) -> None:
     d = make_daemon("--config", config_file(workdir, "d", secret_file=secret_file(workdir)), "-v")
-    node = node_of(d)
-    mine = "ab" * 16
-    f = secret_peer(d.port, mine)
+    f = secret_peer(d.port, KEY)
     clients.append(f)
-    welcome = f.until("welcome")
-    assert auth.check_proof(KEY, welcome["proof"], "link-welcome", mine, node, FAKE_NODE)
-    f.send({"type": "auth", "proof": auth.proof(KEY, "link-hello", welcome["nonce"],
-                                                 FAKE_NODE, node)})
+    f.auth(f.until("welcome"))  # checks the welcome's proofs of key and secret
     f.send({"type": "sync", "cursors": {}})
     f.msgs([f.message(1, "honest")])  # signed with its own key: a member may speak for itself
     wait_for("its own message is stored", lambda: f"{FAKE_NODE}:1" in history_ids(d),

@@ -60,7 +60,7 @@ from lanchat.limits import (
     WRITER_IDLE_EXIT_S,
 )
 from lanchat.model import Message, Presence, User
-from lanchat.presence import NetworkRoster, NodeRoster
+from lanchat.presence import NetworkRoster, NodeRoster, sign_roster
 
 FUZZ_SHORT = 200
 FUZZ_LONG = 20_000
@@ -192,6 +192,10 @@ _ROOM_FIRST = string.ascii_lowercase + string.digits
 _unicode = st.characters(codec="utf-8")
 
 valid_nodes = st.text(_HEX, min_size=8, max_size=64)
+#: Nodes with keys, for what a node signs (its roster) or proves (its hello): the node id
+#: of a key is the key's hash, so these are drawn from a few keys rather than made up.
+FUZZ_KEYS = {k.node: k for k in (SigningKey(bytes([i]) * 32) for i in range(1, 5))}
+keyed_nodes = st.sampled_from(sorted(FUZZ_KEYS))
 #: 1-32 printable characters, no white space, no ':' or ',', not starting with / * ! # [.
 valid_nicks = st.builds(
     lambda first, rest: first + rest,
@@ -243,7 +247,7 @@ valid_user_dicts = st.fixed_dictionaries(
 valid_names = st.text(st.characters(categories=_VISIBLE, include_characters=" "), min_size=1,
                       max_size=40)
 valid_roster_dicts = st.fixed_dictionaries(
-    {"node": valid_nodes, "ver": st.integers(0, 2**63), "name": valid_names,
+    {"node": keyed_nodes, "ver": st.integers(0, 2**63), "name": valid_names,
      "host": valid_hosts, "users": st.lists(valid_user_dicts, max_size=4)},
     optional={"gone": st.booleans()},
 )
@@ -279,11 +283,12 @@ valid_commands = st.one_of(
     st.builds(Join, valid_rooms), st.builds(Nick, valid_nicks), st.just(ListUsers()),
     st.builds(Ping, json_strict), st.builds(Quit, st.text(_unicode, min_size=1, max_size=200)),
 )
-valid_peer_hellos = st.builds(
-    linkproto.PeerHello, node=valid_nodes, name=valid_names, host=valid_hosts,
-    port=st.none() | st.integers(1, 65535),
-    nonce=st.none() | st.text(_HEX, min_size=16, max_size=128),
-    proof=st.none() | st.text(_HEX, min_size=16, max_size=128))
+valid_peer_hellos = keyed_nodes.flatmap(lambda node: st.builds(
+    linkproto.PeerHello, node=st.just(node), name=valid_names, host=valid_hosts,
+    port=st.none() | st.integers(1, 65535), key=st.just(FUZZ_KEYS[node].public),
+    nonce=st.text(_HEX, min_size=64, max_size=64),
+    proof=st.none() | st.text(string.ascii_letters + string.digits + "-_", max_size=128),
+    admit=st.none() | st.text(_HEX, min_size=64, max_size=64)))
 _cursors = st.dictionaries(valid_nodes, st.integers(0, 2**63 - 1), max_size=5)
 valid_link_frames = st.one_of(
     st.lists(valid_texts, max_size=4).map(_run),
@@ -292,7 +297,9 @@ valid_link_frames = st.one_of(
     st.just(linkproto.Ping()), st.just(linkproto.Pong()),
     st.builds(linkproto.Bye, st.text(_unicode, max_size=200)),
     st.builds(linkproto.Refused, st.text(_unicode, max_size=50), st.text(_unicode, max_size=300)),
-    st.builds(linkproto.Auth, st.text(_HEX, max_size=128)),
+    st.builds(linkproto.Auth, st.text(_HEX, max_size=128),
+              st.none() | st.text(_HEX, min_size=64, max_size=64)),
+    st.builds(linkproto.Gone, valid_nodes, st.integers(0, 2**63 - 1)),
     valid_peer_hellos.map(linkproto.Welcome),
 )
 
@@ -301,8 +308,10 @@ def encode_link_frame(frame: linkproto.Frame) -> bytes:
     """The bytes a daemon sends for ``frame`` (the inverse of ``linkproto.parse_frame``)."""
     if isinstance(frame, linkproto.Msgs):
         return linkproto.encode_run(frame.entries, frame.key)
-    if isinstance(frame, linkproto.Roster):
-        return linkproto.encode_roster(frame.roster)
+    if isinstance(frame, linkproto.Roster):  # signed by its node, as a node sends its own
+        return linkproto.encode_roster(sign_roster(FUZZ_KEYS[frame.roster.node], frame.roster))
+    if isinstance(frame, linkproto.Gone):
+        return linkproto.encode_gone(frame.node, frame.ver)
     if isinstance(frame, linkproto.Sync):
         return linkproto.encode_sync(frame.cursors)
     if isinstance(frame, linkproto.Floor):
@@ -316,7 +325,7 @@ def encode_link_frame(frame: linkproto.Frame) -> bytes:
     if isinstance(frame, linkproto.Refused):
         return linkproto.encode_error(frame.code, frame.message)
     if isinstance(frame, linkproto.Auth):
-        return wire.encode_auth(frame.proof)
+        return linkproto.encode_auth(frame.proof, frame.admit)
     return linkproto.encode_welcome(frame.peer)
 
 
@@ -440,7 +449,9 @@ def check_jsonrpc(data: bytes) -> bool:
 def check_link_frame(data: bytes) -> bool:
     ok, frame = _decode(lambda: linkproto.parse_frame(data), RemoteProtocolError,
                         ValidationError)
-    if ok:  # relayed or answered as is: it must say the same thing again
+    # Relayed or answered as is: it must say the same thing again.  A refused roster (bad
+    # signature, over a bound) is a verdict, not a frame anyone sends on: nothing to re-encode.
+    if ok and not isinstance(frame, linkproto.RosterRefused):
         assert linkproto.parse_frame(encode_link_frame(frame)[:-1]) == frame
     return ok
 
@@ -463,10 +474,22 @@ def check_presence(d: Any) -> bool:
     return ok
 
 
+def _over_a_link(r: NodeRoster) -> None:
+    """``r`` signed by its node and carried by a link comes out as it went in.  A roster is
+    signed by its own node, so ``r`` is first moved to a node whose key we hold."""
+    key = FUZZ_KEYS[min(FUZZ_KEYS)]
+    mine = NodeRoster(node=key.node, ver=r.ver, name=r.name, host=r.host, gone=r.gone,
+                      users=tuple(User(nick=u.nick, host=u.host, node=key.node, local=False,
+                                       since=u.since, room=u.room, via=u.via)
+                                  for u in r.users))
+    frame = linkproto.parse_frame(linkproto.encode_roster(sign_roster(key, mine))[:-1])
+    assert frame == linkproto.Roster(mine)
+
+
 def check_roster(d: Any) -> bool:
     ok, r = _decode(lambda: NodeRoster.from_dict(d), ValidationError)
     if ok:
-        assert linkproto.parse_frame(linkproto.encode_roster(r)[:-1]) == linkproto.Roster(r)
+        _over_a_link(r)
         # what a JSON client's welcome and `lanchat users` would carry
         _travels(dumps_line([u.to_dict() for u in r.users]))
     return ok
@@ -640,7 +663,7 @@ def rt_roster(d: dict[str, Any]) -> None:
              for u in r.users]
     assert users == [{"room": "lobby", "via": "tcp", **u} for u in d["users"]]
     assert all(u.node == r.node and u.local is False for u in r.users)
-    assert linkproto.parse_frame(linkproto.encode_roster(r)[:-1]) == linkproto.Roster(r)
+    _over_a_link(r)
 
 
 def rt_command(cmd: Any) -> None:

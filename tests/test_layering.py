@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lanchat"
 PURE = {"errors", "limits", "fields", "model", "framing", "events", "render", "wire",
         "textmode", "commands", "jsonrpc", "config", "linkproto", "paths", "ratelimit",
         "presence", "auth", "completion", "feed", "keyproof", "sniff", "pins", "seal", "relay",
-        "chatmodel"}
+        "chatmodel", "handshake"}
 #: What a pure module may never import.
 IO_MODULES = {"socket", "threading", "sqlite3", "zeroconf", "select", "selectors",
               "subprocess", "asyncio", "ifaddr", "multiprocessing", "signal"}

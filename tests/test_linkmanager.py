@@ -20,7 +20,8 @@ from lanchat.feed import Entry, PublicKey, RunResult, SigningKey, StoredEntry
 from lanchat.links import Identity, LinkManager
 from lanchat.presence import NodeRoster
 
-ME = "11" * 8
+ME_KEY = SigningKey(b"\x11" * 32)
+ME = ME_KEY.node
 
 
 class FakeRouter:
@@ -58,6 +59,9 @@ class FakeRouter:
     def apply_roster(self, roster: NodeRoster, *, source: Any) -> None:
         pass
 
+    def withdraw_roster(self, node: str, ver: int, *, source: Any) -> None:
+        pass
+
     def cursors(self) -> dict[str, int]:
         if self.fail_cursors:
             self.fail_cursors -= 1
@@ -88,7 +92,7 @@ def manager_for(rogue_peer: RogueListener) -> Iterator[Any]:
     made: list[LinkManager] = []
 
     def make(router: FakeRouter) -> LinkManager:
-        m = LinkManager(router, NoHistory(), Identity(ME, "me", "myhost", None),
+        m = LinkManager(router, NoHistory(), Identity(ME, "me", "myhost", None, key=ME_KEY),
                         static_peers=[("127.0.0.1", rogue_peer.port)])
         made.append(m)
         m.start()

@@ -21,11 +21,13 @@ from lanchat.errors import RemoteProtocolError, ValidationError
 from lanchat.feed import Entry, FeedError, SigningKey, sign_entries
 from lanchat.limits import MAX_SYNC_CURSORS, MAX_SYNC_PAGE
 from lanchat.model import Message, User
-from lanchat.presence import NodeRoster
+from lanchat.presence import NodeRoster, sign_roster
 
-NODE_A = "a1" * 8
-NODE_B = "b2" * 8
-NODE_C = "c3" * 8
+KEY_A, KEY_B, KEY_C = (SigningKey(bytes([i]) * 32) for i in (0xA1, 0xB2, 0xC3))
+NODE_A = KEY_A.node
+NODE_B = KEY_B.node
+NODE_C = KEY_C.node
+NONCE = "5e" * 32
 
 
 def msg(origin: str = NODE_A, seq: int = 1, text: str = "hi", **kw: Any) -> Message:
@@ -50,7 +52,8 @@ def roster(node: str = NODE_B, ver: int = 1, *nicks: str, gone: bool = False) ->
 
 
 def hello(**over: Any) -> linkproto.PeerHello:
-    base: dict[str, Any] = dict(node=NODE_A, name="alice on laptop", host="laptop", port=7654)
+    base: dict[str, Any] = dict(node=NODE_A, name="alice on laptop", host="laptop", port=7654,
+                                key=KEY_A.public, nonce=NONCE)
     base.update(over)
     return linkproto.PeerHello(**base)
 
@@ -69,15 +72,47 @@ def test_hello_says_daemon_role_and_round_trips() -> None:
     obj = fields(linkproto.encode_hello(me))
     # small whatever the network's size: cursors and rosters travel in later frames,
     # because a hub holds a connection's first line to its client frame limit
-    assert set(obj) == {"type", "v", "role", "node", "name", "host", "port"}
+    assert set(obj) == {"type", "v", "role", "node", "name", "host", "port", "key", "nonce"}
     assert obj["type"] == "hello" and obj["role"] == "daemon" and obj["v"] == linkproto.VERSION
+    assert obj["v"] == 2 and obj["key"] == KEY_A.public.text
     assert linkproto.parse_peer_hello(obj) == me
 
 
 def test_welcome_round_trips_through_parse_frame() -> None:
-    me = hello(port=None)
+    me = hello(port=None, proof="p" * 86, admit="ad" * 32)
     frame = linkproto.parse_frame(linkproto.encode_welcome(me))
     assert frame == linkproto.Welcome(me)
+
+
+def test_a_hello_whose_key_is_not_its_nodes_is_refused() -> None:
+    obj = fields(linkproto.encode_hello(hello()))
+    for key in (KEY_B.public.text, None, "x" * 43, KEY_A.public.text[:-1]):
+        obj["key"] = key
+        with pytest.raises(RemoteProtocolError) as info:
+            linkproto.parse_peer_hello(obj)
+        assert info.value.code == "bad-key"
+
+
+@pytest.mark.parametrize("nonce", [None, "5e" * 8, "5E" * 32, "5e" * 33, 5])
+def test_a_v2_hello_needs_a_fresh_nonce_of_full_length(nonce: object) -> None:
+    obj = fields(linkproto.encode_hello(hello()))
+    obj["nonce"] = nonce
+    with pytest.raises(RemoteProtocolError):
+        linkproto.parse_peer_hello(obj)
+
+
+def test_a_v1_hello_is_read_as_v1_so_that_it_can_be_refused() -> None:
+    old = {"type": "hello", "v": 1, "role": "daemon", "node": "ab" * 8, "name": "old",
+           "host": "oldhost", "port": 7654, "nonce": "12" * 16}
+    peer = linkproto.parse_peer_hello(old)
+    assert peer.version == linkproto.OLD_VERSION == 1 and peer.key is None
+    refusal = json.loads(linkproto.encode_v1_refusal())
+    assert refusal["type"] == linkproto.V1_REFUSAL and "upgrade" in refusal["type"]
+
+
+def test_an_unsigned_live_roster_cannot_be_encoded() -> None:
+    with pytest.raises(ValueError):
+        linkproto.encode_roster(roster(NODE_C, 7, "carol"))
 
 
 def test_newer_version_is_spoken_down_to_ours() -> None:
@@ -165,10 +200,11 @@ def test_a_full_batch_of_maximal_messages_fits_in_one_link_frame() -> None:
 
 
 @pytest.mark.parametrize("make", [
-    lambda: (linkproto.encode_roster(roster(NODE_C, 7, "carol", "dave")),
+    lambda: (linkproto.encode_roster(sign_roster(KEY_C, roster(NODE_C, 7, "carol", "dave"))),
              linkproto.Roster(roster(NODE_C, 7, "carol", "dave"))),
     lambda: (linkproto.encode_roster(roster(NODE_C, 8, gone=True)),
-             linkproto.Roster(roster(NODE_C, 8, gone=True))),
+             linkproto.Gone(NODE_C, 8)),
+    lambda: (linkproto.encode_auth("p" * 86, "ad" * 32), linkproto.Auth("p" * 86, "ad" * 32)),
     lambda: (linkproto.encode_sync({NODE_A: 4}), linkproto.Sync({NODE_A: 4})),
     lambda: (linkproto.encode_ping(), linkproto.Ping()),
     lambda: (linkproto.encode_pong(), linkproto.Pong()),
@@ -201,6 +237,8 @@ def test_refusal_text_is_bounded() -> None:
     b'{"type":"msgs","m":[]}', b'{"type":"msgs","e":[],"k":"not a key"}',
     b'{"type":"sync"}', b'{"type":"sync","cursors":{"a1a1a1a1":-2}}',
     b'{"type":"roster"}', b'{"type":"roster","roster":{"node":"xyz"}}',
+    b'{"type":"gone","node":"a1a1a1a1a1a1a1a1"}', b'{"type":"gone","node":"x","ver":1}',
+    b'{"type":"auth","proof":"p","admit":"nothex"}',
     b'{"type":"welcome","node":"a1a1a1a1a1a1a1a1"}',
     b"{not json", b'{"type":"ping"', b"\xff\xfe",
 ])

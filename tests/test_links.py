@@ -36,7 +36,7 @@ from conftest import (
     wait_for,
     wait_within,
 )
-from rogue import ROGUE_NODE, Rogue, RogueIdentity
+from rogue import ROGUE_NODE, Rogue, RogueIdentity, rogue_identity, rogue_key
 
 from lanchat import linkproto
 from lanchat.client import ControlClient
@@ -651,14 +651,20 @@ FAKE_NODE = ROGUE_NODE
 
 
 class FakePeer(Rogue):
-    """A rogue daemon that introduces itself at once: hello, then ``sync`` and its rosters
-    pipelined behind it, as a daemon's first frames (no shared secret)."""
+    """A rogue daemon that introduces itself at once: hello, its ``auth`` when welcomed,
+    then ``sync`` and its rosters, as a daemon's first frames (no shared secret).  The
+    daemon's answer to the hello (welcome or error) is left to be read."""
 
     def __init__(self, port: int, *, node: str = FAKE_NODE, cursors: dict[str, int] | None = None,
-                 **over: Any) -> None:
-        super().__init__(port, RogueIdentity(node=node))
+                 identity: RogueIdentity | None = None, **over: Any) -> None:
+        super().__init__(port, identity or RogueIdentity(node=node))
         rosters = over.pop("rosters", [])
         self.hello(**over)
+        answer = self.frame()
+        self.buf = json.dumps(answer).encode() + b"\n" + self.buf  # for the test to read
+        if answer.get("type") != "welcome":
+            return
+        self.auth(answer)
         self.sync(cursors or {})
         for r in rosters:
             self.roster(r)
@@ -721,10 +727,10 @@ def test_handshake_replay_gap_sync_and_ping(daemon: Daemon, fakes: list[FakePeer
 def test_refusals_same_node_duplicate_and_bad_hello(daemon: Daemon,
                                                     fakes: list[FakePeer]) -> None:
     node = node_of(daemon)
-    me = FakePeer(daemon.port, node=node)
+    me = FakePeer(daemon.port, node=node)   # claims the daemon's node id without its key
     fakes.append(me)
     err = me.until("error")
-    assert err["code"] == "same-node" and err["fatal"] is True
+    assert err["code"] == "bad-key" and err["fatal"] is True
     assert me.closed()
     bad = FakePeer(daemon.port, name="")
     fakes.append(bad)
@@ -733,6 +739,8 @@ def test_refusals_same_node_duplicate_and_bad_hello(daemon: Daemon,
     first = FakePeer(daemon.port)
     fakes.append(first)
     first.until("welcome")
+    # Registered once its auth is read (not at the welcome): only then is it "the link".
+    wait_for("first linked", lambda: linked(daemon, FAKE_NODE), SETTLE_S)
     second = FakePeer(daemon.port)
     fakes.append(second)
     assert second.until("error")["code"] == "duplicate-link"
@@ -758,16 +766,18 @@ def test_protocol_errors_close_the_link_and_the_daemon_lives_on(
 
 def test_a_relayed_roster_is_listed_and_vanishes_with_its_link(
         daemon: Daemon, fakes: list[FakePeer]) -> None:
-    third = "3d" * 8
+    third_key = rogue_key("third")
+    third = third_key.node
     f = FakePeer(daemon.port, rosters=[
         {"node": FAKE_NODE, "ver": 1, "name": "fake peer", "host": "fakehost", "gone": False,
          "users": [{"nick": "fay", "host": "fakehost", "since": 1.0, "room": "lobby",
                     "via": "tcp"}]}])
     fakes.append(f)
     f.until("welcome")
-    f.send({"type": "roster", "roster": {
+    f.roster({  # relayed: signed by its node, not by f
         "node": third, "ver": 7, "name": "far away", "host": "far", "gone": False,
-        "users": [{"nick": "zed", "host": "far", "since": 2.0, "room": "lobby", "via": "udp"}]}})
+        "users": [{"nick": "zed", "host": "far", "since": 2.0, "room": "lobby", "via": "udp"}]},
+        key=third_key)
     users = wait_for("fay and zed listed", lambda: [
         (u["nick"], u["node"], u["local"]) for u in rpc(daemon, "users")
         if u["nick"] in ("fay", "zed")] if len([
@@ -814,14 +824,17 @@ def test_the_65th_daemon_link_is_refused_and_real_links_carry_on(
     # B's link and 63 fakes: every one of the 64 daemon links is taken.
     holding: list[FakePeer] = []
     for i in range(MAX_DAEMON_LINKS - 1):
-        f = FakePeer(a.port, node=f"f0{i:014x}")
+        f = FakePeer(a.port, identity=rogue_identity(f"f0{i:014x}"))
         fakes.append(f)
         holding.append(f)
         f.until("welcome")
         if i % 16 == 15:
             keep_alive()
     keep_alive()
-    over = FakePeer(a.port, node="f1" + "0" * 14)
+    # A fake holds its slot once its auth is read (after the welcome): wait for all of them.
+    wait_for("every link slot taken", lambda: rpc(a, "status")["links"] == MAX_DAEMON_LINKS,
+             SETTLE_S, diag=lambda: logs(a))
+    over = FakePeer(a.port, identity=rogue_identity("f1" + "0" * 14))
     fakes.append(over)
     assert over.until("error") == {"type": "error", "code": "too-many-links", "fatal": True,
                                    "message": f"too many daemon links (limit {MAX_DAEMON_LINKS})"}
@@ -845,7 +858,7 @@ def test_the_65th_daemon_link_is_refused_and_real_links_carry_on(
 
     def relinked() -> FakePeer | None:
         # The slot is freed just after the link is shown down: try again until it is.
-        f = FakePeer(a.port, node="f1" + "0" * 14)
+        f = FakePeer(a.port, identity=rogue_identity("f1" + "0" * 14))
         fakes.append(f)
         if f.frame()["type"] == "welcome":
             return f

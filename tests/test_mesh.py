@@ -328,6 +328,32 @@ def test_two_subnets_joined_by_a_dual_homed_host_relay(lan: netns.Lan, workdir: 
              SETTLE_S)
 
 
+def test_a_cloned_host_with_the_same_identity_is_found_by_mdns(lan: netns.Lan,
+                                                                workdir: str) -> None:
+    """A VM cloned with its machine id: the copy keeps the key, so two hosts advertise one
+    node id.  Neither may take the other's ad for its own: each finds the other by mDNS,
+    the handshake proves the shared key, both warn, ``peers`` shows it, and a third host
+    still links to one of them as usual."""
+    ann, cat = start_mesh(lan, workdir, ["ann", "cat"])
+    wait_full_mesh([ann, cat], LINK_DEADLINE_S)
+    ann.stop()
+    clone = NsDaemon(lan, lan.add_host([SUBNET]), "clone", workdir)
+    shutil.copytree(os.path.join(ann.dir, "state"), os.path.join(clone.dir, "state"))
+    ann.start()
+    clone.start()
+    assert clone.node == ann.node
+    warning = "proved it holds this node's own key"
+    wait_for("both warn", lambda: warning in ann.proc.err_text() and
+             warning in clone.proc.err_text(),  # type: ignore[union-attr]
+             LINK_DEADLINE_S, diag=lambda: logs(ann, clone, cat))
+    for d in (ann, clone):
+        wait_for(f"{d.nick} shows the twin", lambda d=d: any(
+            p["state"] == "same-identity" and p["node"] == ann.node for p in d.rpc("peers")),
+            SETTLE_S, diag=lambda: logs(ann, clone))
+    wait_for("cat still linked to that node", lambda: cat.linked_to(ann), SETTLE_S,
+             diag=lambda: logs(ann, clone, cat))
+
+
 def test_clean_shutdown_dropped_at_once(lan: netns.Lan, workdir: str) -> None:
     ds = start_mesh(lan, workdir, ["ann", "ben"])
     h1, h2 = ds

@@ -190,6 +190,23 @@ def test_a_relayed_gone_of_the_same_version_wins() -> None:
     assert net.apply(roster(NODE_C, 3, gone=True), "link-b") is None
 
 
+def test_only_the_link_that_brought_a_roster_withdraws_it_at_its_version() -> None:
+    """``gone`` is nobody's signature: taken from the voucher only, at its version."""
+    net = NetworkRoster(ME)
+    lb, lc = object(), object()
+    net.apply(roster(NODE_C, 4, "carol"), lb)
+    assert net.withdraw(NODE_C, 4, lc) is None      # not the link that brought it
+    assert net.withdraw(NODE_C, 5, lb) is None      # not the version held (cannot raise it)
+    assert net.withdraw(NODE_C, 3, lb) is None
+    assert net.withdraw(NODE_B, 1, lb) is None      # never known
+    assert [u.nick for u in net.users()] == ["carol"]
+    assert kinds(net.withdraw(NODE_C, 4, lb)) == {("leave", "carol")}
+    assert net.withdraw(NODE_C, 4, lb) is None      # already gone
+    gone = net.get(NODE_C)
+    assert gone is not None and gone.gone and gone.signed is None
+    assert kinds(net.apply(roster(NODE_C, 5, "carol"), lc)) == {("join", "carol")}
+
+
 def test_vouched_by_follows_the_link_of_the_newest_roster() -> None:
     net = NetworkRoster(ME)
     lb, lc = object(), object()

@@ -19,11 +19,20 @@ from contextlib import closing
 from typing import Any
 
 from conftest import Daemon, TextUser, wait_for
-from rogue import BASE_TS, Rogue, RogueIdentity, RogueListener, rogue_key
+from rogue import (
+    BASE_TS,
+    Rogue,
+    RogueIdentity,
+    RogueListener,
+    rogue_identity,
+    rogue_key,
+    signed_roster_frame,
+)
 from test_auth import config_file, secret_file
 from test_links import linked, logs, node_of, peer_state, rpc
 
 from lanchat import auth
+from lanchat.feed import PublicKey, b64decode, b64encode
 from lanchat.limits import (
     LINK_BYE_GRACE_S,
     LINK_HANDSHAKE_TIMEOUT_S,
@@ -34,6 +43,7 @@ from lanchat.limits import (
     NEW_ORIGINS_PER_S,
     SHUTDOWN_TIMEOUT_S,
 )
+from lanchat.presence import ROSTER_DOMAIN
 
 KEY = auth.load_secret("correct horse battery staple\n")  # what test_auth's secret file holds
 
@@ -130,7 +140,7 @@ def test_shutdown_is_bounded_when_peers_stop_reading(make_daemon: Any,
     d = make_daemon()
     sleepers = []
     for i in range(12):
-        r = Rogue(d.port, RogueIdentity(node=f"{i + 1:02x}" * 8, name=f"sleeper {i}"))
+        r = Rogue(d.port, rogue_identity(f"{i + 1:02x}" * 8, name=f"sleeper {i}"))
         clients.append(r)
         r.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         r.handshake()
@@ -186,7 +196,7 @@ def test_a_peer_cannot_speak_in_our_name_nor_move_our_clock(make_daemon: Any,
 def _trickler(port: int, i: int) -> Rogue | None:
     """A connection that says it is a daemon, gets a welcome, and never finishes proving it."""
     try:
-        r = Rogue(port, RogueIdentity(node=f"{i:04x}" * 4, key=KEY),
+        r = Rogue(port, rogue_identity(f"{i:04x}" * 4, key=KEY),
                   source=f"127.0.0.{2 + i % 10}")
         r.hello()
         if r.frame(5.0).get("type") != "welcome":
@@ -306,13 +316,13 @@ def test_a_handshake_has_an_overall_deadline_and_a_per_address_bound(
     # From one address, at most MAX_LINK_HANDSHAKES_PER_IP unfinished handshakes at once.
     held = []
     for i in range(MAX_LINK_HANDSHAKES_PER_IP):
-        r = Rogue(d.port, RogueIdentity(node=f"{i + 0x100:04x}" * 4, key=KEY),
+        r = Rogue(d.port, rogue_identity(f"{i + 0x100:04x}" * 4, key=KEY),
                   source="127.0.0.9")
         clients.append(r)
         r.hello()
         assert r.frame().get("type") == "welcome"
         held.append(r)
-    extra = Rogue(d.port, RogueIdentity(node="ee" * 8, key=KEY), source="127.0.0.9")
+    extra = Rogue(d.port, rogue_identity("ee" * 8, key=KEY), source="127.0.0.9")
     clients.append(extra)
     extra.hello()
     refusal = extra.until("error")
@@ -427,13 +437,91 @@ def test_a_forged_roster_cannot_hide_a_linked_nodes_users(make_daemon: Any,
     tess = TextUser(b.port, "tess")
     clients.append(tess)
     wait_for("tess on A", lambda: "tess" in _nicks(a), 20.0, diag=lambda: logs(a, b))
-    # A relayed roster of a node that is not our neighbour may not jump far ahead either.
+    # Signed by another key than B's: refused, and said (once per link).
+    assert f"the roster of {node_b} is signed by another node ({rogue.node})" in a.stderr()
+    # A relayed roster of a node that is not our neighbour may not jump far ahead either,
+    # even signed by its node (another link: the refusal is logged once per link).
+    relay = Rogue(a.port, rogue_identity("relay"), source="127.0.0.3")
+    clients.append(relay)
+    relay.handshake()
     far = int((time.time() + 3600) * 1_000_000)
-    rogue.roster(_roster("c3" * 8, far, ["carol"]))
-    rogue.ping()
-    rogue.until("pong", 10.0)
+    carol = rogue_key("carol's node")
+    relay.roster(_roster(carol.node, far, ["carol"]), key=carol)
+    relay.ping()
+    relay.until("pong", 10.0)
     assert "carol" not in _nicks(a)
     assert "ahead of our clock" in a.stderr(), logs(a)
+
+
+def test_rosters_are_signed_by_their_node_and_relayed_verbatim(make_daemon: Any,
+                                                              clients: list[Any]) -> None:
+    """A roster is taken only with its own node's signature, whoever relays it, and is
+    passed on as the very bytes that node signed (never re-serialized)."""
+    d = make_daemon("-v")
+    node = node_of(d)
+    watcher = Rogue(d.port, rogue_identity("watcher"), source="127.0.0.2")
+    clients.append(watcher)
+    watcher.handshake()
+    # The daemon's own roster: signed by its key, which is its node id's.
+    own = watcher.until("roster", 10.0)
+    key = PublicKey.from_text(own["k"])
+    assert key.node == node and json.loads(own["b"])["node"] == node
+    assert key.verify(b64decode(own["s"], 64), ROSTER_DOMAIN + own["b"].encode())
+    relay = Rogue(d.port, rogue_identity("relay"), source="127.0.0.3")
+    clients.append(relay)
+    relay.handshake()
+    carol = rogue_key("carol's node")
+    # Forged: carol's roster signed by the relay; a tampered body under carol's signature;
+    # and no signature at all (the v1 form).  None of them is taken.
+    relay.roster(_roster(carol.node, 5, ["mallory"]))
+    frame = signed_roster_frame(_roster(carol.node, 5, ["carol"]), carol)
+    relay.send({**frame, "b": frame["b"].replace("carol", "mallo")})
+    relay.ping()
+    relay.until("pong", 10.0)
+    assert not {"mallory", "mallo"} & _nicks(d), logs(d)
+    assert "a roster with a bad signature" in d.stderr() or "signed by another node" in \
+        d.stderr(), logs(d)
+    # Signed by carol, in a spelling of its own (spaces, another key order): taken, shown,
+    # and relayed to the watcher byte for byte.
+    body = json.dumps({"users": [{"via": "tcp", "room": "lobby", "since": BASE_TS,
+                                  "host": "fakehost", "nick": "carol"}],
+                       "gone": False, "host": "farhost", "name": "carol's hub",
+                       "ver": 6, "node": carol.node}, indent=1)
+    relay.send({"type": "roster", "b": body,
+                "s": b64encode(carol.sign(ROSTER_DOMAIN + body.encode())),
+                "k": carol.public.text})
+    wait_for("carol on d", lambda: "carol" in _nicks(d), 10.0, diag=lambda: logs(d))
+    relayed = watcher.until("roster", 10.0)
+    while json.loads(relayed["b"])["node"] != carol.node:
+        relayed = watcher.until("roster", 10.0)
+    assert relayed["b"] == body and relayed["k"] == carol.public.text
+    # An unsigned roster frame is a protocol error: that link ends, the daemon serves on.
+    relay.send({"type": "roster", "roster": _roster(relay.node, 1, ["eve"])})
+    assert relay.closed(10.0)
+    assert "eve" not in _nicks(d)
+    watcher.ping()
+    watcher.until("pong", 10.0)
+
+
+def test_only_the_link_that_brought_a_roster_may_say_its_node_is_gone(
+        make_daemon: Any, clients: list[Any]) -> None:
+    d = make_daemon("-v")
+    carol = rogue_key("carol's node")
+    brings = Rogue(d.port, rogue_identity("brings"), source="127.0.0.2")
+    other = Rogue(d.port, rogue_identity("other"), source="127.0.0.3")
+    clients += [brings, other]
+    brings.handshake()
+    other.handshake()
+    brings.roster(_roster(carol.node, 5, ["carol"]), key=carol)
+    wait_for("carol on d", lambda: "carol" in _nicks(d), 10.0, diag=lambda: logs(d))
+    other.send({"type": "gone", "node": carol.node, "ver": 5})  # not its to withdraw
+    brings.send({"type": "gone", "node": carol.node, "ver": 4})  # not the version we hold
+    for r in (other, brings):
+        r.ping()
+        r.until("pong", 10.0)
+    assert "carol" in _nicks(d)
+    brings.send({"type": "gone", "node": carol.node, "ver": 5})
+    wait_for("carol gone", lambda: "carol" not in _nicks(d), 10.0, diag=lambda: logs(d))
 
 
 def test_a_big_roster_change_is_one_notice_per_room(make_daemon: Any,

@@ -163,7 +163,7 @@ def test_an_origin_that_forks_its_feed_is_shown_and_the_first_version_kept(
     # The proof in the journal convinces anyone who holds the origin's key.
     line = next(li for li in x.stderr().splitlines() if "forked its feed" in li)
     proof = json.loads(line.split("proof: ", 1)[1])
-    assert ForkProof.from_dict(proof).check(to_x.identity.signing.public)
+    assert ForkProof.from_dict(proof).check(to_x.identity.link_key.public)
     assert linked(x, ny) and linked(y, nx)
     (sent,) = send_many(y, 1, "the mesh is fine")
     wait_for("Y's message on X", lambda: sent in history_ids(x), SETTLE_S)
