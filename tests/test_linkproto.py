@@ -35,10 +35,6 @@ def msg(origin: str = NODE_A, seq: int = 1, text: str = "hi", **kw: Any) -> Mess
                    nick=kw.pop("nick", "alice"), host=kw.pop("host", "laptop"), text=text, **kw)
 
 
-KEY_A = SigningKey(b"\x01" * 32)
-KEY_B = SigningKey(b"\x02" * 32)
-
-
 def run_of(texts: list[str], key: SigningKey = KEY_A, first: int = 1, **kw: Any) -> list[Entry]:
     """Entries ``first``.. of ``key``'s feed with these texts (chained, the last signed)."""
     messages = [msg(key.node, first + i, t, **kw) for i, t in enumerate(texts)]
