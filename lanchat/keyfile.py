@@ -35,10 +35,10 @@ import json
 import os
 import re
 import secrets
-import stat
 import tempfile
 from dataclasses import dataclass
 
+from lanchat import privfile
 from lanchat.errors import LanchatError, ValidationError
 from lanchat.feed import SEED_BYTES, SigningKey, b64decode, b64encode
 
@@ -136,35 +136,18 @@ def load_identity(state_dir: str, *, machine_id_path: str = MACHINE_ID_PATH) -> 
                     replaced=Replaced(key.node, kept, old_machine, machine))
 
 
+_RULES = privfile.Rules(
+    error=KeyFileError, what="the key file", forbidden=0o077,
+    owner_why="; a node's key is its own",
+    mode_why="others may read or change this node's secret key. If it was not exposed, "
+             "`chmod 600 {path}`; if it may have been, move it away to make a new identity")
+
+
 def _read(path: str) -> tuple[SigningKey, str | None] | None:
     """The key and machine id in ``path``, or None if there is no such file."""
-    try:
-        # O_NONBLOCK: a FIFO put in its place must not hang the daemon (no effect on files)
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
+    data = privfile.read_private(path, _RULES, MAX_KEY_FILE_BYTES)
+    if data is None:
         return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise KeyFileError(f"{path} is a symbolic link; the key file must be a regular "
-                               "file") from None
-        raise KeyFileError(f"cannot open {path}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise KeyFileError(f"{path} is not a regular file")
-        if st.st_uid != os.geteuid():
-            raise KeyFileError(f"{path} belongs to uid {st.st_uid}, not to this user "
-                               f"(uid {os.geteuid()}); a node's key is its own")
-        mode = stat.S_IMODE(st.st_mode)
-        if mode & 0o077:
-            raise KeyFileError(f"{path} has mode {mode:04o}: others may read or change this "
-                               f"node's secret key. If it was not exposed, `chmod 600 {path}`; "
-                               "if it may have been, move it away to make a new identity")
-        data = os.read(fd, MAX_KEY_FILE_BYTES + 1)
-    except OSError as exc:
-        raise KeyFileError(f"cannot read {path}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
     try:
         return _parse(data)
     except ValueError as exc:
@@ -227,7 +210,7 @@ def _create(path: str, machine: str | None) -> SigningKey:
             if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
                 raise
             os.rename(tmp, path)  # a file system without hard links
-        _fsync_dir(directory)
+        privfile.fsync_dir(directory)
     except OSError as exc:
         raise KeyFileError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
@@ -245,20 +228,6 @@ def _keep_aside(path: str, node: str) -> str:
                 os.rename(path, kept)
             except OSError as exc:
                 raise KeyFileError(f"cannot move {path} aside: {exc.strerror}") from None
-            _fsync_dir(os.path.dirname(path) or ".")
+            privfile.fsync_dir(os.path.dirname(path) or ".")
             return kept
     raise KeyFileError(f"{path}: too many kept copies of identity {node}")
-
-
-def _fsync_dir(directory: str) -> None:
-    """Make a rename or link in ``directory`` survive a power cut (best effort)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

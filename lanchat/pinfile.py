@@ -19,13 +19,12 @@ Building block: an adapter (files) that the hub client and the daemon may import
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
-import stat
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 
+from lanchat import privfile
 from lanchat.config import default_state_dir
 from lanchat.errors import ConfigError
 from lanchat.limits import MAX_PIN_FILE_BYTES
@@ -47,33 +46,18 @@ def known_hubs_path(env: Mapping[str, str]) -> str:
         raise PinFileError(f"cannot place known_hubs: {exc}") from None
 
 
+_RULES = privfile.Rules(
+    error=PinFileError, what="a pin file", forbidden=0o022,
+    owner_why=": whoever owns it decides whom you trust",
+    mode_why="others may change which keys you trust. Check its pins, then "
+             "`chmod 600 {path}`")
+
+
 def load(path: str) -> Pins:
     """The pins in ``path`` (none if it does not exist); raises :class:`PinFileError`."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
+    data = privfile.read_private(path, _RULES, MAX_PIN_FILE_BYTES)
+    if data is None:
         return Pins()
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise PinFileError(f"{path} is a symbolic link; a pin file must be a regular "
-                               "file") from None
-        raise PinFileError(f"cannot open {path}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise PinFileError(f"{path} is not a regular file")
-        if st.st_uid != os.geteuid():
-            raise PinFileError(f"{path} belongs to uid {st.st_uid}, not to this user "
-                               f"(uid {os.geteuid()}): whoever owns it decides whom you trust")
-        mode = stat.S_IMODE(st.st_mode)
-        if mode & 0o022:
-            raise PinFileError(f"{path} has mode {mode:04o}: others may change which keys "
-                               f"you trust. Check its pins, then `chmod 600 {path}`")
-        data = os.read(fd, MAX_PIN_FILE_BYTES + 1)
-    except OSError as exc:
-        raise PinFileError(f"cannot read {path}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
     if len(data) > MAX_PIN_FILE_BYTES:
         raise PinFileError(f"{path} is longer than {MAX_PIN_FILE_BYTES} bytes")
     return Pins.parse(data, path)
@@ -94,7 +78,7 @@ def save(path: str, pins: Pins, header: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, path)
-        _fsync_dir(directory)
+        privfile.fsync_dir(directory)
     except OSError as exc:
         raise PinFileError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
@@ -126,17 +110,3 @@ def _locked(path: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
-
-
-def _fsync_dir(directory: str) -> None:
-    """Make the rename survive a power cut (best effort: not every file system can)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

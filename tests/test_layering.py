@@ -21,11 +21,12 @@ IO_MODULES = {"socket", "threading", "sqlite3", "zeroconf", "select", "selectors
 #: building blocks: ``stream`` and ``lightthread`` of every connection, ``lineedit``
 #: of the terminal the two interactive clients read from and print to, ``tlsid`` the TLS
 #: contexts and key pinning of hub, links and hub client alike, ``pinfile`` the pin files
-#: of the hub client and the daemon).
+#: of the hub client and the daemon, ``privfile`` the careful reading of a private file
+#: that the key file and the pin files share).
 ADAPTERS = {"stream", "lightthread", "store", "hub", "control", "client", "hubclient",
             "discovery", "links", "sdnotify", "sdlisten", "logsetup", "memtrim", "keyfile",
-            "lineedit", "tlsid", "pinfile"}
-BUILDING_BLOCKS = {"stream", "lightthread", "lineedit", "tlsid", "pinfile"}
+            "lineedit", "tlsid", "pinfile", "privfile"}
+BUILDING_BLOCKS = {"stream", "lightthread", "lineedit", "tlsid", "pinfile", "privfile"}
 ENTRY_POINTS = {"daemon", "cli", "__main__"}
 #: The full-screen chat client: above the adapters it reads from (the control-socket
 #: client and the hub client), below the CLI that opens it; the only prompt_toolkit users.
