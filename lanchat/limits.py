@@ -74,6 +74,15 @@ MAX_ROUTER_QUEUE = 20_000
 #: Largest batch the router commits to SQLite in one transaction.
 MAX_COMMIT_BATCH = 1024
 
+#: Most peers' runs the router stores in one transaction (runs queue up in a catch-up:
+#: one fsync for them all instead of one per run; at most 16 x MAX_RUN_ENTRIES messages).
+MAX_RUNS_PER_COMMIT = 16
+
+#: Runs a link hands to the router before it waits for the first one's answer: the link
+#: parses and verifies the next runs while the router stores earlier ones, and runs that
+#: wait together are stored in one transaction.  Bounds what a link holds in memory.
+RUNS_IN_FLIGHT = 8
+
 #: Largest page of history one request may ask for.
 MAX_HISTORY_PAGE = 1000
 

@@ -49,6 +49,7 @@ from lanchat.limits import (
     MAX_DAEMON_LINKS,
     MAX_ORIGINS,
     ROUTER_HANDOFF_TIMEOUT_S,
+    RUNS_IN_FLIGHT,
     SHUTDOWN_TIMEOUT_S,
 )
 from lanchat.model import Message
@@ -160,7 +161,8 @@ class Link:
         # the origins we asked once for an overlap that would prove a fork, and those
         # whose fork we showed the peer (our version), once.
         self._keys: dict[str, PublicKey] = {}
-        self._in_flight: tuple[Future[RunResult], Sequence[Entry]] | None = None
+        # Runs handed to the router, oldest first, not yet answered (RUNS_IN_FLIGHT).
+        self._in_flight: deque[tuple[Future[RunResult], Sequence[Entry]]] = deque()
         self._floor: linkproto.Floor | None = None
         self._probed: set[str | tuple[str, str]] = set()
         # Sender thread only: origins whose key went with a run on this link, and those
@@ -301,22 +303,31 @@ class Link:
             if run[-1].seq > self._peer_has.get(origin, 0):
                 self._peer_has[origin] = run[-1].seq
         pruned = floor is not None and floor.origin == origin and floor.seq == run[0].seq - 1
-        # One run in flight: the router stores this one while we read and verify the next.
-        future = self.manager.router.submit_run(run, key, floor=pruned, source=self)
-        self._settle()
-        self._in_flight = (future, run)
+        # Runs in flight: the router stores these while we read and verify the next.
+        self._in_flight.append(
+            (self.manager.router.submit_run(run, key, floor=pruned, source=self), run))
+        self._settle(keep=RUNS_IN_FLIGHT)
 
-    def _settle(self) -> None:
-        """Wait for the router's answer to the run in flight (if any) and act on it."""
-        if self._in_flight is None:
-            return
-        future, run = self._in_flight
-        self._in_flight = None
-        result = _wait_run(future)
+    def _settle(self, keep: int = 0) -> None:
+        """Wait for the router's answers until ``keep`` runs are in flight; act on them.
+
+        A gap asks for one replay (``sync``), however many runs showed it.
+        """
+        gap = False
+        while len(self._in_flight) > keep:
+            future, run = self._in_flight.popleft()
+            result = _wait_run(future)
+            gap = gap or result.gap
+            self._answered(run, result)
+        if gap:
+            self._queue_control(linkproto.encode_sync(self.manager.router.cursors()))
+
+    def _answered(self, run: Sequence[Entry], result: RunResult) -> None:
+        """Act on the router's answer to ``run`` (other than a gap): a fork, a probe."""
         origin = run[0].origin
         if result.gap:
-            self._queue_control(linkproto.encode_sync(self.manager.router.cursors()))
-        elif result.fork and ("fork", origin) not in self._probed:
+            return
+        if result.fork and ("fork", origin) not in self._probed:
             # It holds the other version and believes we hold it too: show it ours, once.
             self._probed.add(("fork", origin))
             with self._cond:

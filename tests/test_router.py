@@ -6,6 +6,8 @@ ever, stop a fan-out, or write in our own origin's name.  (Issue 13, cases 1, 2,
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -244,3 +246,60 @@ def test_one_key_sent_twice_in_one_commit_stores_once_and_answers_both(
         [stored[0].id, stored[0].id, stored[1].id])
     again = router.send(Draft(text="twice", nick="owner", host="box", uid=7, key="k"))
     assert again == stored[0] and len(store.history()) == 2
+
+
+def _queued(router: Router, runs: Sequence[Sequence[Entry]]) -> list[Any]:
+    """Submit ``runs`` while the router is busy, so they wait together; then release it."""
+    release = threading.Event()
+    router._call(lambda: None)  # a warm-up: the thread runs
+    router._post(lambda: release.wait(10.0), "hold the router so that runs queue up")
+    futures = [router.submit_run(run, PEER_FEED.key.public, source=None) for run in runs]
+    release.set()
+    return futures
+
+
+def test_runs_that_queue_up_are_stored_in_one_transaction(store: Store, router: Router) -> None:
+    """A catch-up outruns the store: the runs waiting together cost one commit (one fsync),
+    are shown only after it, and are held against each other as if stored one by one -- a
+    second version of entries stored by an earlier run of the same batch is a fork."""
+    watcher = Sink("watcher")
+    router.subscribe(watcher)
+    other = Feed(PEER_FEED.key)  # the peer's key, signing another version of #1-#2
+    forked = [Entry.from_wire(other.entry(i, f"other {i}", nick="peer", host="far",
+                                          ts=1_700_000_000.0 + i)) for i in (1, 2)]
+    statements: list[str] = []
+    router._call(lambda: store._writer.set_trace_callback(statements.append))
+    futures = _queued(router, [[remote(1), remote(2)], [remote(3), remote(4)], forked])
+    results = [f.result(10.0) for f in futures]
+    router._call(lambda: store._writer.set_trace_callback(None))
+    assert [[e.seq for e in r.new] for r in results] == [[1, 2], [3, 4], []]
+    assert results[2].fork and router.forked() == {PEER: 1}
+    assert statements.count("COMMIT") == 1  # the batch (the fork mark in it)
+    assert watcher.texts() == ["r1", "r2", "r3", "r4"]
+    assert store.count() == 4
+
+
+def test_a_batch_of_runs_whose_commit_fails_is_not_shown_and_can_come_again(
+        store: Store, router: Router, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing of a failed commit was stored: no receiver sees it, every link hears the
+    error, and the cursors are as before, so the same runs are taken when they come again."""
+    watcher = Sink("watcher")
+    router.subscribe(watcher)
+    real = store._transaction
+
+    @contextlib.contextmanager
+    def failing_commit() -> Iterator[None]:
+        with real():
+            yield
+            store._writer.execute("ROLLBACK")
+            raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(store, "_transaction", failing_commit)
+    futures = _queued(router, [[remote(1), remote(2)], [remote(3)]])
+    for f in futures:
+        with pytest.raises(LanchatError):
+            f.result(10.0)
+    assert watcher.got == [] and router.cursors().get(PEER, 0) == 0
+    monkeypatch.undo()
+    assert [e.seq for e in accept(router, remote(1), remote(2), remote(3)).new] == [1, 2, 3]
+    assert watcher.texts() == ["r1", "r2", "r3"]

@@ -950,3 +950,43 @@ def test_our_unsigned_messages_under_our_key_are_followed_by_a_signed_feed(
         verify_run([e], OWN_KEY.public)
         assert [r.seq for r in s.entries_after(OWN_KEY.node, 0, 10)] == [3]
         assert s.heads() == {OWN_KEY.node: e.head}
+
+
+def test_a_batch_commits_once_and_each_write_in_it_is_all_or_nothing(tmp_path: Path) -> None:
+    """The router stores queued runs in one transaction (one fsync): a run that fails in it
+    leaves nothing behind and the batch goes on; reads on the batch's thread see its rows;
+    nothing is visible to other connections, or durable, before the batch ends."""
+    db = tmp_path / "h.db"
+    with Store(db, node_id=OWN_KEY.node) as s:
+        raw_key = PEER_KEY.public.raw
+        run = _peer_run(1, 4)
+        statements: list[str] = []
+        s._writer.set_trace_callback(statements.append)
+        with s.batch():
+            assert s.insert_run(run[:2], key=raw_key) == run[:2]
+            assert s.hash_at(PEER_KEY.node, 2) == run[1].hash  # this thread sees the batch
+            outside = raw(db)
+            assert outside.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+            outside.close()
+            with pytest.raises(StoreError, match="UNIQUE"):  # fails at its second row
+                s.insert_run([run[2], run[3], run[3]], key=raw_key)
+            assert s.insert_run(run[2:], key=raw_key) == run[2:]  # nothing of it stayed
+            with pytest.raises(LocalProtocolError):
+                s.batch().__enter__()  # one batch at a time
+        s._writer.set_trace_callback(None)
+        assert [q for q in statements if q in ("BEGIN IMMEDIATE", "COMMIT")] == [
+            "BEGIN IMMEDIATE", "COMMIT"]
+        assert [e.seq for e in s.entries(PEER_KEY.node, 1, 4)] == [1, 2, 3, 4]
+        assert s.heads()[PEER_KEY.node] == run[-1].head
+
+
+def test_a_batch_whose_commit_fails_stores_nothing(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    with Store(tmp_path / "h.db", node_id=OWN_KEY.node) as s:
+        run = _peer_run(1, 2)
+        with pytest.raises(StoreError, match="disk I/O"), s.batch():
+            s.insert_run(run, key=PEER_KEY.public.raw)
+            s._writer.execute("ROLLBACK")  # what SQLite does when the commit cannot be written
+            raise sqlite3.OperationalError("disk I/O error")
+        assert s.cursors() == {} and s.entries(PEER_KEY.node, 1, 2) == []
+        assert s.insert_run(run, key=PEER_KEY.public.raw) == run  # the store lives on
