@@ -314,6 +314,32 @@ class Lan:
         self.procs.append(proc)
         return proc
 
+    def capture(self, subnet: str = DEFAULT_SUBNET, *, timeout: float = 10.0) -> Capture:
+        """Start ``tcpdump`` on ``subnet``'s bridge (the switch sees every frame between the
+        hosts, as a sniffer on the LAN would); :meth:`Capture.stop` returns the bytes."""
+        if shutil.which("tcpdump") is None:
+            skip_or_fail("tcpdump is not installed (Debian package tcpdump)")
+        br = self._bridge(subnet)
+        pcap = self.tmpdir / f"{br}-{len(self.procs)}.pcap"
+        n = len(self.procs)
+        err = self.tmpdir / f"{self.switch}-{n}.err"
+        with open(err, "wb") as fe:
+            # -U: each packet written at once; -Z root: keep writing where we can (tcpdump
+            # otherwise drops to its own user); -s 0: whole frames.
+            proc = NsProcess(["ip", "netns", "exec", self.switch, "tcpdump", "-i", br, "-U",
+                              "-Z", "root", "-s", "0", "-w", str(pcap)],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=fe,
+                             start_new_session=True)
+        proc.stderr_path = err
+        self.procs.append(proc)
+        deadline = time.monotonic() + timeout
+        while "listening on" not in proc.err_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                self.stop(proc)
+                raise RuntimeError(f"tcpdump did not start: {proc.err_text()}")
+            time.sleep(0.02)
+        return Capture(self, proc, pcap)
+
     @staticmethod
     def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
         # `ip netns exec` execs the command, so proc.pid is the command itself, and it leads its
@@ -373,6 +399,22 @@ class Lan:
         a clean teardown)."""
         alive = [p.pid for p in self.procs if p.poll() is None]
         return netns_names() & set(self.namespaces), alive
+
+
+class Capture:
+    """A running packet capture on a namespace LAN's bridge (:meth:`Lan.capture`)."""
+
+    def __init__(self, lan: Lan, proc: NsProcess, path: Path) -> None:
+        self.lan, self.proc, self.path = lan, proc, path
+
+    def stop(self) -> bytes:
+        """Stop tcpdump (it flushes on SIGTERM) and return the pcap file's bytes."""
+        self.lan.stop(self.proc)
+        return self.path.read_bytes()
+
+    def summary(self) -> str:
+        """tcpdump's own last lines (how many packets it captured, dropped)."""
+        return self.proc.err_text()[-500:]
 
 
 @contextlib.contextmanager
