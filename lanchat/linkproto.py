@@ -63,7 +63,7 @@ Pure: frames in, values out; values in, bytes out.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii
 from typing import Any, Protocol
 
@@ -145,6 +145,26 @@ def parse_cursors(raw: object, limit: int = MAX_SYNC_CURSORS) -> dict[str, int]:
             raise RemoteProtocolError("a cursor must be a non-negative integer", code="bad-frame")
         if len(out) < limit:
             out[origin] = seq
+    return out
+
+
+def parse_heads(raw: object, cursors: Mapping[str, int]) -> dict[str, str]:
+    """Validate a sync's head hashes; raises :class:`RemoteProtocolError`.
+
+    Each names an origin of the same page's cursors (one not kept there is ignored)
+    and is an entry hash, 64 lowercase hex digits.
+    """
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise RemoteProtocolError("heads must be an object", code="bad-frame")
+    out: dict[str, str] = {}
+    for origin, head in raw.items():
+        if not _is_hex(head, 64):
+            raise RemoteProtocolError("a head is an entry hash (64 hex digits)",
+                                      code="bad-frame")
+        if origin in cursors:
+            out[origin] = head
     return out
 
 
@@ -276,14 +296,24 @@ def encode_v1_refusal() -> bytes:
     return dumps_line({"type": V1_REFUSAL, "reason": V1_REFUSAL})
 
 
-def encode_sync(cursors: Mapping[str, int], page: int = MAX_SYNC_PAGE) -> bytes:
-    """One ``sync``, as pages of at most ``page`` cursors (``more: true`` on all but the last)."""
+def encode_sync(cursors: Mapping[str, int], page: int = MAX_SYNC_PAGE, *,
+                heads: Mapping[str, str] | None = None) -> bytes:
+    """One ``sync``, as pages of at most ``page`` cursors (``more: true`` on all but the last).
+
+    ``heads``: per origin, the hash of the entry at our cursor (signed feeds only), so
+    a peer holding another version of that very entry sees the fork (:class:`Sync`).
+    """
     items = list(cursors.items())
     starts = range(0, len(items), page) if items else range(1)
-    return b"".join(
-        dumps_line({"type": "sync", "cursors": dict(items[i:i + page]),
-                    **({"more": True} if i + page < len(items) else {})})
-        for i in starts)
+    heads = heads or {}
+    out = []
+    for i in starts:
+        chunk = dict(items[i:i + page])
+        mine = {o: heads[o] for o in chunk if o in heads}
+        out.append(dumps_line({"type": "sync", "cursors": chunk,
+                               **({"heads": mine} if mine else {}),
+                               **({"more": True} if i + page < len(items) else {})}))
+    return b"".join(out)
 
 
 def encode_floor(origin: str, seq: int) -> bytes:
@@ -328,9 +358,20 @@ class RosterRefused:
 
 @dataclass(frozen=True, slots=True)
 class Sync:
+    """Where the peer stands: per origin the highest seq it holds (and, for signed feeds,
+    the hash of that entry).
+
+    Cursors alone cannot show a fork of equal length: two daemons each holding another
+    version of an origin's entry #n (the origin signed both, and sent each to one of
+    them) would both say ``n`` and never exchange them.  With the head hashes the one
+    that sees a difference sends its version, and both find the fork.
+    """
+
     cursors: dict[str, int]
     #: More pages of this sync follow; act on the last (see :class:`SyncPages`).
     more: bool = False
+    #: origin -> hash of the entry at its cursor (origins of signed feeds only).
+    heads: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,7 +458,9 @@ def parse_frame(line: bytes) -> Frame:
         except ValidationError as exc:
             raise RemoteProtocolError(str(exc), code="bad-frame") from None
     if kind == "sync":
-        return Sync(parse_cursors(frame.get("cursors")), more=frame.get("more") is True)
+        cursors = parse_cursors(frame.get("cursors"))
+        return Sync(cursors, more=frame.get("more") is True,
+                    heads=parse_heads(frame.get("heads"), cursors))
     if kind == "auth":
         proof, admit = frame.get("proof"), frame.get("admit")
         if not isinstance(proof, str) or len(proof) > 128:
@@ -449,17 +492,39 @@ class SyncPages:
 
     def __init__(self) -> None:
         self._acc: dict[str, int] = {}
+        self._heads: dict[str, str] = {}
 
-    def add(self, sync: Sync) -> dict[str, int] | None:
-        """The whole cursor map once ``sync`` is the last page; None while more follow."""
+    def add(self, sync: Sync) -> Sync | None:
+        """The whole sync once ``sync`` is the last page; None while more follow."""
         for origin, seq in sync.cursors.items():
             if len(self._acc) >= MAX_SYNC_CURSORS and origin not in self._acc:
                 break
             self._acc[origin] = seq
+            head = sync.heads.get(origin)
+            if head is not None:
+                self._heads[origin] = head
+            else:
+                self._heads.pop(origin, None)
         if sync.more:
             return None
-        whole, self._acc = self._acc, {}
+        whole = Sync(self._acc, heads=self._heads)
+        self._acc, self._heads = {}, {}
         return whole
+
+
+def diverged(theirs: Sync, ours: Mapping[str, tuple[int, str]]) -> dict[str, int]:
+    """Per origin, the seq at which the peer holds another version of our head entry.
+
+    ``ours``: origin -> (seq, hash) of the entries at our cursors.  Only equal cursors
+    are compared: where one side holds more, the replay itself shows a fork (the run
+    does not chain to the receiver's head, and it asks for the overlap).
+    """
+    out = {}
+    for origin, head in theirs.heads.items():
+        mine = ours.get(origin)
+        if mine is not None and mine[0] == theirs.cursors.get(origin) and mine[1] != head:
+            out[origin] = mine[0]
+    return out
 
 
 def missing(ours: Mapping[str, int], theirs: Mapping[str, int]) -> dict[str, int]:

@@ -85,6 +85,7 @@ class LinkRouter(Protocol):
     def apply_roster(self, roster: NodeRoster, *, source: Any) -> None: ...
     def withdraw_roster(self, node: str, ver: int, *, source: Any) -> None: ...
     def cursors(self) -> dict[str, int]: ...
+    def heads(self) -> dict[str, tuple[int, str]]: ...
     def refuse_roster(self, reason: str, *, source: Any) -> None: ...
     def forked(self) -> dict[str, int]: ...
 
@@ -222,7 +223,7 @@ class Link:
         self.decoder.max_frame = linkproto.MAX_LINK_FRAME
         reason = "connection closed"
         try:
-            self._queue_control(linkproto.encode_sync(router.cursors()))
+            self._queue_control(self._sync())
             self._sender.start()
             # Generous, and a throttle rather than a filter: a link must lose nothing, so
             # a peer past LINK_MAX_RATE is simply read more slowly (TCP pushes back).
@@ -243,9 +244,12 @@ class Link:
                 elif isinstance(frame, linkproto.Gone):
                     router.withdraw_roster(frame.node, frame.ver, source=self)
                 elif isinstance(frame, linkproto.Sync):
-                    cursors = pages.add(frame)
-                    if cursors is None:
+                    whole = pages.add(frame)
+                    if whole is None:
                         continue  # more pages of this sync follow
+                    cursors = whole.cursors
+                    for origin, seq in self._forks_shown(whole).items():
+                        cursors[origin] = seq - 1  # so that our version goes to it
                     with self._cond:
                         self._peer_has = cursors
                         self._synced = True
@@ -320,7 +324,7 @@ class Link:
             gap = gap or result.gap
             self._answered(run, result)
         if gap:
-            self._queue_control(linkproto.encode_sync(self.manager.router.cursors()))
+            self._queue_control(self._sync())
 
     def _answered(self, run: Sequence[Entry], result: RunResult) -> None:
         """Act on the router's answer to ``run`` (other than a gap): a fork, a probe."""
@@ -341,6 +345,32 @@ class Link:
             cursors = self.manager.router.cursors()
             cursors[origin] = result.probe
             self._queue_control(linkproto.encode_sync(cursors))
+
+    def _sync(self) -> bytes:
+        """Our ``sync``: our cursors, and the hash of each signed feed's entry there."""
+        heads = self.manager.router.heads()
+        cursors = self.manager.router.cursors()
+        return linkproto.encode_sync(cursors, heads={
+            o: h for o, (seq, h) in heads.items() if cursors.get(o) == seq})
+
+    def _forks_shown(self, sync: linkproto.Sync) -> dict[str, int]:
+        """The origins whose entry at the peer's cursor is another version than ours.
+
+        Once per origin and link: we send the peer our version (it then holds two, finds
+        the fork and sends us its own, see :meth:`_answered`).
+        """
+        if not sync.heads:
+            return {}
+        found = linkproto.diverged(sync, self.manager.router.heads())
+        shown = {}
+        for origin, seq in found.items():
+            if ("head", origin) in self._probed:
+                continue
+            self._probed.add(("head", origin))
+            log.info("%r holds another version of %s's entry #%d than ours; sending it ours",
+                     self, origin, seq)
+            shown[origin] = seq
+        return shown
 
     def _key_for(self, origin: str, sent: PublicKey | None) -> PublicKey:
         """``origin``'s public key: ours for our own origin, else known or sent (and checked)."""
@@ -375,7 +405,7 @@ class Link:
                     # Anti-entropy: what we hold, so the peer replays anything the relay
                     # rule (or a lost link) made us miss.
                     next_digest = time.monotonic() + linkproto.ANTI_ENTROPY_S
-                    self._queue_control(linkproto.encode_sync(self.manager.router.cursors()))
+                    self._queue_control(self._sync())
                 with self._cond:
                     while not (self._rosters or self._control or self._closing or (
                             self._synced and (self._live or self._resync))):

@@ -505,6 +505,11 @@ class Router:
         """origin -> highest seq held (what a peer needs to know to fill our gaps)."""
         return self._call(lambda: dict(self._cursors))  # type: ignore[no-any-return]
 
+    def heads(self) -> dict[str, tuple[int, str]]:
+        """origin -> (seq, entry hash) at our cursor, for each signed feed we hold."""
+        return self._call(lambda: {  # type: ignore[no-any-return]
+            o: (self._cursors[o], h) for o, h in self._hashes.items() if o in self._cursors})
+
     # -- membership (hub clients) ----------------------------------------------
 
     def join(self, sub: Subscriber, *, nick: str, host: str, via: str,

@@ -290,9 +290,19 @@ valid_peer_hellos = keyed_nodes.flatmap(lambda node: st.builds(
     proof=st.none() | st.text(string.ascii_letters + string.digits + "-_", max_size=128),
     admit=st.none() | st.text(_HEX, min_size=64, max_size=64)))
 _cursors = st.dictionaries(valid_nodes, st.integers(0, 2**63 - 1), max_size=5)
+
+
+def _sync_with_heads(cursors: dict[str, int]) -> st.SearchStrategy[linkproto.Sync]:
+    """A sync whose head hashes name some of its own cursors' origins."""
+    hashes = st.text(_HEX, min_size=64, max_size=64)
+    return st.dictionaries(st.sampled_from(sorted(cursors)), hashes).map(
+        lambda heads: linkproto.Sync(cursors, heads=heads)) if cursors else st.just(
+        linkproto.Sync(cursors))
+
+
 valid_link_frames = st.one_of(
     st.lists(valid_texts, max_size=4).map(_run),
-    valid_rosters.map(linkproto.Roster), _cursors.map(linkproto.Sync),
+    valid_rosters.map(linkproto.Roster), _cursors.flatmap(_sync_with_heads),
     st.builds(linkproto.Floor, valid_nodes, st.integers(0, 2**63 - 1)),
     st.just(linkproto.Ping()), st.just(linkproto.Pong()),
     st.builds(linkproto.Bye, st.text(_unicode, max_size=200)),
@@ -313,7 +323,7 @@ def encode_link_frame(frame: linkproto.Frame) -> bytes:
     if isinstance(frame, linkproto.Gone):
         return linkproto.encode_gone(frame.node, frame.ver)
     if isinstance(frame, linkproto.Sync):
-        return linkproto.encode_sync(frame.cursors)
+        return linkproto.encode_sync(frame.cursors, heads=frame.heads)
     if isinstance(frame, linkproto.Floor):
         return linkproto.encode_floor(frame.origin, frame.seq)
     if isinstance(frame, linkproto.Ping):

@@ -344,7 +344,7 @@ def test_a_long_cursor_map_goes_as_pages_and_adds_up_on_the_other_side() -> None
         assert isinstance(frame, linkproto.Sync)
         whole = pages.add(frame)
         assert (whole is None) is (n < len(lines) - 1)
-    assert whole == cursors
+    assert whole is not None and whole.cursors == cursors and whole.heads == {}
     # An empty map is still one sync, and a short one has no "more".
     assert json.loads(linkproto.encode_sync({})) == {"type": "sync", "cursors": {}}
 
@@ -359,8 +359,44 @@ def test_an_oversized_sync_is_cut_short_not_a_protocol_error() -> None:
     assert pages.add(linkproto.Sync(frame.cursors, more=True)) is None
     extra = linkproto.Sync({"ffffffffffffffff": 3})
     total = pages.add(extra)
-    assert total is not None and len(total) == MAX_SYNC_CURSORS  # bounded however many pages
+    assert total is not None and len(total.cursors) == MAX_SYNC_CURSORS  # bounded
     # A bad cursor anywhere is still refused.
     bad = {**many, "nothex": 1}
     with pytest.raises(RemoteProtocolError):
         linkproto.parse_frame(json.dumps({"type": "sync", "cursors": bad}).encode())
+
+
+def test_sync_heads_travel_with_their_pages_and_show_a_fork_of_equal_length() -> None:
+    """Head hashes (signed feeds) ride in the page of their cursor; the receiver finds the
+    origins whose entry at an equal cursor is another version than its own."""
+    n = MAX_SYNC_PAGE + 2
+    cursors = {f"{i:032x}": i for i in range(1, n + 1)}
+    heads = {o: f"{seq:064x}" for o, seq in cursors.items() if seq % 2}
+    pages = linkproto.SyncPages()
+    whole = None
+    for line in (x for x in linkproto.encode_sync(cursors, heads=heads).split(b"\n") if x):
+        raw = json.loads(line)
+        assert set(raw.get("heads", {})) <= set(raw["cursors"])
+        frame = linkproto.parse_frame(line)
+        assert isinstance(frame, linkproto.Sync)
+        whole = pages.add(frame)
+    assert whole is not None and whole.cursors == cursors and whole.heads == heads
+    a, b, c = list(cursors)[:3]  # seqs 1 (a head), 2 (none), 3 (a head)
+    ours = {a: (1, heads[a]), b: (2, "ee" * 32), c: (3, "dd" * 32), "f" * 32: (9, "cc" * 32)}
+    assert linkproto.diverged(whole, ours) == {c: 3}  # a: same; b: no head sent
+    assert linkproto.diverged(whole, {c: (4, "dd" * 32)}) == {}  # unequal: the replay shows it
+
+
+@pytest.mark.parametrize("heads", [[], {"a" * 32: "AB" * 32}, {"a" * 32: "ab" * 31},
+                                   {"a" * 32: 5}])
+def test_a_sync_with_bad_heads_is_refused(heads: object) -> None:
+    line = json.dumps({"type": "sync", "cursors": {"a" * 32: 1}, "heads": heads}).encode()
+    with pytest.raises(RemoteProtocolError, match="head"):
+        linkproto.parse_frame(line)
+
+
+def test_a_head_for_an_origin_not_in_the_page_is_ignored() -> None:
+    line = json.dumps({"type": "sync", "cursors": {"a" * 32: 1},
+                       "heads": {"b" * 32: "ab" * 32}}).encode()
+    frame = linkproto.parse_frame(line)
+    assert isinstance(frame, linkproto.Sync) and frame.heads == {}

@@ -169,6 +169,39 @@ def test_an_origin_that_forks_its_feed_is_shown_and_the_first_version_kept(
     wait_for("Y's message on X", lambda: sent in history_ids(x), SETTLE_S)
 
 
+def test_a_fork_of_equal_length_is_found_when_the_holders_link(
+        make_daemon: Any, clients: list[Any]) -> None:
+    """The rogue tells X and Y two versions of its entry #2 and then falls silent: their
+    cursors are equal (2), so a sync of cursors alone would never bring the versions
+    together.  The head hashes in ``sync`` do: both find the fork as soon as they link."""
+    x = make_daemon("-v", nick="xavier", subdir="x")
+    y = make_daemon("-v", nick="yvonne", subdir="y")
+    to_x, to_y = Rogue(x.port), Rogue(y.port)
+    clients += [to_x, to_y]
+    to_x.handshake()
+    to_y.handshake()
+    origin = to_x.node
+    to_x.msgs([to_x.message(1, "one"), to_x.message(2, "two, as X heard it")])
+    to_y.msgs([to_y.message(1, "one"), to_y.message(2, "two, as Y heard it")])
+    wait_for("X and Y hold their versions",
+             lambda: "two, as X heard it" in _texts(x) and "two, as Y heard it" in _texts(y),
+             SETTLE_S)
+    to_x.close()
+    to_y.close()
+    y.stop()
+    y.extra = [*y.extra, "--peer", f"127.0.0.1:{x.port}"]
+    y.start()
+    nx, ny = node_of(x), node_of(y)
+    wait_for("X and Y linked", lambda: linked(x, ny) and linked(y, nx), LINK_DEADLINE_S)
+    for d in (x, y):
+        wait_for("the fork logged with its proof", lambda d=d: "forked its feed" in d.stderr()
+                 and '"a": [{"b": ' in d.stderr(), SETTLE_S, diag=lambda: logs(x, y))
+        assert {p["node"]: p for p in rpc(d, "peers")}[origin].get("forked") == 2
+    assert "two, as X heard it" in _texts(x) and "two, as Y heard it" not in _texts(x)
+    assert "two, as Y heard it" in _texts(y) and "two, as X heard it" not in _texts(y)
+    _still_linked(x, y, nx, ny, "the mesh is fine")
+
+
 def test_a_bogus_floor_cannot_silence_an_origin(make_daemon: Any, clients: list[Any]) -> None:
     """Case 3: ``floor {B, 2**62}`` from the rogue moves nothing (a floor counts only with a
     verified run of B right after it), so B's next messages still reach A."""
