@@ -9,6 +9,8 @@
   PATH`` (``--max-rate 0`` too once the daemon has the flag), from this checkout, with
   ``LANCHAT_MAX_CONNECTIONS=10000 LANCHAT_MAX_CONNECTIONS_PER_IP=0`` in its environment
   (``LANCHATD_BENCH_ENV``); the port is read from its stderr log.
+- ``lanchat:DIR``: the same, from the checkout in DIR (a commit before a change, measured in
+  the same invocation: ``git archive`` it there).
 - ``ngircd``: the C IRC server (Debian package ``ngircd``), on a free port, with the config
   in ``NGIRCD_CONF`` (flood penalties off); IRC only (the generator's ``irc`` mode).
 - anything else: a shell command containing ``{port}``, run as given on a free port chosen
@@ -83,9 +85,9 @@ def lanchat_cli_available() -> bool:
     return (REPO / "lanchat" / "cli.py").exists()
 
 
-def _env() -> dict[str, str]:
+def _env(repo: Path = REPO) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(repo) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH")
                                      else "")
     return env
 
@@ -96,18 +98,18 @@ def _env() -> dict[str, str]:
 LANCHATD_BENCH_ENV = {"LANCHAT_MAX_CONNECTIONS": "10000", "LANCHAT_MAX_CONNECTIONS_PER_IP": "0"}
 
 
-def lanchatd_env() -> dict[str, str]:
-    env = _env()
+def lanchatd_env(repo: Path = REPO) -> dict[str, str]:
+    env = _env(repo)
     env.pop("NOTIFY_SOCKET", None)
     env.pop("LANCHAT_CONFIG", None)
     env.update(LANCHATD_BENCH_ENV)
     return env
 
 
-def lanchatd_help() -> str:
+def lanchatd_help(repo: Path = REPO) -> str:
     out = subprocess.run(
         [sys.executable, "-c", "import sys; from lanchat.daemon import main; sys.exit(main())",
-         "--help"], capture_output=True, env=_env(), timeout=20, check=False)
+         "--help"], capture_output=True, env=_env(repo), timeout=20, check=False)
     return out.stdout.decode("utf-8", "replace")
 
 
@@ -169,27 +171,30 @@ def start(kind: str, extra_args: list[str] | None = None,
             _kill(proc)
             raise
         return Server(kind, proc, port, ("text",), log_lines=lines)
-    if kind == "lanchat":
-        if not lanchatd_available():
-            raise RuntimeError("lanchatd not available yet (no lanchat/daemon.py)")
+    if kind == "lanchat" or kind.startswith("lanchat:"):
+        # "lanchat:DIR": lanchatd from another checkout (e.g. the commit before a change,
+        # measured in the same invocation as this one)
+        repo = Path(kind.partition(":")[2]) if ":" in kind else REPO
+        if not (repo / "lanchat" / "daemon.py").exists():
+            raise RuntimeError(f"lanchatd not available in {repo} (no lanchat/daemon.py)")
         tmp = tempfile.mkdtemp(prefix="lcb", dir="/tmp")
         sock = os.path.join(tmp, "c.sock")
         args = ["--port", "0", "--no-discovery", "--bind", "127.0.0.1",
                 "--state-dir", tmp, "--socket", sock]
-        if "--max-rate" in lanchatd_help():
+        if "--max-rate" in lanchatd_help(repo):
             args += ["--max-rate", "0"]
         proc = subprocess.Popen(
             _on_cpus([sys.executable, "-c",
                       "import sys; from lanchat.daemon import main; sys.exit(main())",
                       *args, *extra], cpus),
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=lanchatd_env(), cwd=tmp)
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=lanchatd_env(repo), cwd=tmp)
         try:
             port = _wait_port(proc, "stderr", lines)
         except RuntimeError:
             _kill(proc)
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return Server("lanchat", proc, port, ("text", "json"), tmp, sock, lines)
+        return Server(kind, proc, port, ("text", "json"), tmp, sock, lines)
     if kind == "ngircd":
         return _start_ngircd(extra, cpus)
     # a command template, e.g. "ngircd -n -f /tmp/x.conf" with {port} in it
