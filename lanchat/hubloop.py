@@ -11,7 +11,9 @@ What may block stays off the loops: the router (which stores a message
 before anyone sees it) has its thread, links theirs (a daemon's hello hands
 its socket to a thread of its own), the UDP twin, discovery and the control
 socket theirs.  A command that asks the router for an answer (a join, a nick
-change) waits for it on the loop -- a millisecond; publishing only queues.
+change) waits for it on the loop -- a millisecond; publishing only queues, and
+a command after something its connection said waits until the router has
+stored that (``Router.barrier``), so that no answer overtakes those lines.
 
 Other threads reach a loop through :meth:`IoLoop.request`: a connection that
 needs the loop's attention (output the socket did not take at once, a cut, a

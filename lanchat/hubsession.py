@@ -35,6 +35,7 @@ from lanchat.errors import (
     LanchatError,
     NickInUse,
     NoSuchUser,
+    RouterTimeout,
     ValidationError,
 )
 from lanchat.events import Event
@@ -70,6 +71,7 @@ class HubBackend(Protocol):
     def publish_all(self, items: Sequence[tuple[Draft, object | None,
                     Callable[[Message | None, LanchatError | None], None] | None]]
                     ) -> None: ...
+    def barrier(self) -> None: ...
 
 
 class SessionHub(Protocol):
@@ -118,7 +120,7 @@ class Session:
     on the router thread.  They share only immutable state and the transport.
     """
 
-    __slots__ = ("_limiter", "host", "hub", "label", "mode", "nick", "room")
+    __slots__ = ("_limiter", "_unsettled", "host", "hub", "label", "mode", "nick", "room")
 
     via = "tcp"
 
@@ -130,6 +132,8 @@ class Session:
         self.nick: str | None = None
         self.room = DEFAULT_ROOM
         self._limiter: ConnectionLimiter | None = None
+        # said something the router may not have stored yet (session thread only)
+        self._unsettled = False
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.label} {self.nick or '?'}>"
@@ -251,9 +255,15 @@ class Session:
         return True
 
     def handle(self, command: Command) -> bool:
-        """Carry out one command.  Returns False when the user quits."""
+        """Carry out one command.  Returns False when the user quits.
+
+        A command other than a message waits until what this session said before
+        it is stored (:meth:`_settle`): its answer never overtakes those lines.
+        """
         backend = self.hub.backend
         assert self.nick is not None
+        if self._unsettled and not isinstance(command, Say | Quit):
+            self._settle()
         if isinstance(command, Say):
             self._say(command)
         elif isinstance(command, Join):
@@ -282,6 +292,21 @@ class Session:
         elif isinstance(command, Quit):
             return False
         return True
+
+    def _settle(self) -> None:
+        """Wait until the router has stored what this session said (see Router.barrier).
+
+        A message only queues at the router, while a command is answered at once,
+        partly from the router's state (``/users``): without this, ``/users`` right
+        after a line is answered before that line is stored, and a JSON client gets
+        the ``users`` answer before the ``sent`` of its say.  Costs one router round
+        trip, and only for the first command after something was said.
+        """
+        self._unsettled = False
+        try:
+            self.hub.backend.barrier()
+        except RouterTimeout as exc:  # the router is stuck: answer anyway, unordered
+            log.warning("%r: answering without waiting for the router: %s", self, exc)
 
     def _confirm(self, text: str, users: list[User] | None) -> None:
         assert self.nick is not None
@@ -314,6 +339,7 @@ class Session:
             else:
                 self._published(msg, err)
 
+        self._unsettled = True
         self._publish([draft], done)
 
     def _say_many(self, says: list[Say]) -> None:
@@ -326,6 +352,7 @@ class Session:
         assert self.nick is not None
         drafts = [Draft(text=c.text, nick=self.nick, host=self.host, room=self.room, to=c.to)
                   for c in says]
+        self._unsettled = True
         self._publish(drafts, self._published)
 
     def _publish(self, drafts: list[Draft],

@@ -417,6 +417,18 @@ class Router:
         self._inbox.put_many([_Publish(d, source, done) for d, source, done in items],
                              ROUTER_HANDOFF_TIMEOUT_S)
 
+    def barrier(self) -> None:
+        """Return once everything queued before this call has been handled.
+
+        Publishing only queues; a hub client's command is answered after what
+        the client said before it is stored and fanned out (its ``/users`` after
+        a line, its JSON ``users`` after the ``sent`` of its says), because the
+        inbox is one FIFO and the router takes it in order.  Raises
+        :class:`RouterTimeout` after ROUTER_HANDOFF_TIMEOUT_S, :class:`ClosedError`
+        once closed.
+        """
+        self._call(lambda: None)
+
     def send(self, draft: Draft, timeout: float = ROUTER_HANDOFF_TIMEOUT_S) -> Message:
         """Publish and wait until stored: the message returned is durable.
 
