@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from lanchat import auth
+from lanchat import auth, textmode
 from lanchat.commands import Command, Help, Join, ListUsers, Nick, Ping, Quit, Say, Unknown
 from lanchat.config import DEFAULT_PORT, default_nick, sanitize_nick
 from lanchat.errors import LanchatError, RemoteProtocolError, ValidationError
@@ -282,6 +282,8 @@ class _Welcome:
     nick: str
     room: str
     users: list[str]
+    #: How many are in the room: the welcome names only the first few of a big room.
+    count: int = 0
 
 
 class _Session:
@@ -432,8 +434,10 @@ class TcpSession(_Session):
         users = frame.get("users")
         names = [u["nick"] for u in users if isinstance(u, dict) and isinstance(u.get("nick"), str)
                  ] if isinstance(users, list) else []
+        count = frame.get("count")
         return _Welcome(name=str(frame.get("name", "?")), nick=str(frame.get("nick", self.nick)),
-                        room=str(frame.get("room", "lobby")), users=names)
+                        room=str(frame.get("room", "lobby")), users=names,
+                        count=count if isinstance(count, int) and count >= 0 else len(names))
 
     def _answer(self, challenge: dict[str, Any]) -> dict[str, Any] | None:
         """Prove the shared secret for a hub's challenge; return the frame after it."""
@@ -556,7 +560,7 @@ class TcpSession(_Session):
         self.sock.settimeout(None)
         self.nick, self.room = welcome.nick, welcome.room
         others = [n for n in welcome.users if n != welcome.nick]
-        company = f" with {', '.join(others)}" if others else " (nobody else is here yet)"
+        company = textmode.company(others, welcome.count - (len(welcome.users) - len(others)))
         self.printer.out(neutralise(
             f"* Connected to {welcome.name} ({self.where}) as {welcome.nick}, "
             f"in #{welcome.room}{company}. Type /help for commands, /quit to leave."))

@@ -63,8 +63,9 @@ SEND_STALL_TIMEOUT_S = 10.0
 #: dropped, instead of finding the connection simply gone.
 CUT_NOTICE_GRACE_S = 30.0
 
-#: Seconds an idle writer thread lingers before exiting; it is restarted on the
-#: next delivery.  Keeps idle connections at one thread each.
+#: Seconds an idle writer thread (lanchat.stream.Outbox: control connections and daemon
+#: links) lingers before exiting; it is restarted on the next delivery.  Keeps those idle
+#: connections at one thread each.  Hub clients have no writer thread (lanchat.hubloop).
 WRITER_IDLE_EXIT_S = 5.0
 
 #: Most events waiting for the router thread before publishers are made to
@@ -159,12 +160,18 @@ UDP_UNREGISTERED_TOTAL_BURST = 400.0
 # -- connection limits ------------------------------------------------------------------
 
 #: Hub connections (TCP chat clients) at once unless ``max_connections`` says
-#: otherwise: each costs a thread and a socket.
+#: otherwise: each costs a socket and a few KiB (no thread: the I/O loops serve them).
 DEFAULT_MAX_CONNECTIONS = 1024
 
 #: Hub connections from one source address unless ``max_connections_per_ip`` says
 #: otherwise (0 = unlimited): one host cannot take every slot.
 DEFAULT_MAX_CONNECTIONS_PER_IP = 64
+
+#: Most I/O threads (lanchat.hubloop) the hub runs: it runs one per core it may use, up
+#: to this.  Each serves its share of the TCP connections through one ``selectors``
+#: loop, so connections cost no thread; past a few cores, Python's global lock keeps
+#: more loops from running at once anyway.
+MAX_IO_THREADS = 4
 
 #: Daemon links accepted at once.  Counted apart from chat clients, so that a flood
 #: of clients cannot lock out peers; a LAN rarely has more daemons than this.
@@ -198,7 +205,7 @@ MAX_UDP_CLIENTS_PER_IP = MAX_UDP_CLIENTS // 2
 
 #: Seconds a connection may hold an unfinished line (bytes without their newline)
 #: before it is dropped: a "slow loris" trickling a line that never ends would
-#: otherwise hold a thread and a buffer forever.  No one types for 30 s without
+#: otherwise hold a connection slot and a buffer forever.  No one types for 30 s without
 #: Enter in ``nc`` -- a terminal sends the line only on Enter.
 LINE_TIMEOUT_S = 30.0
 
@@ -302,6 +309,24 @@ MAX_NETWORK_USERS = 32_768
 #: shown as one notice per room (``* bob and 36 others joined #lobby``), not one each:
 #: a node coming back with thousands of users must not flood every text client.
 PRESENCE_SUMMARY_OVER = 10
+
+#: A room with more than this many members on this hub is *big*: its join and leave
+#: notices (ours and the network's) are held for up to PRESENCE_BATCH_S and sent as one
+#: notice per kind (``* bob and 36 others joined #lobby``).  Below it every join and leave
+#: is shown at once, as in any chat; above it one notice per person would cost the hub the
+#: square of the room (5,000 joins x 5,000 members = 25 million lines) and cut the members
+#: who cannot read that fast -- whose own leave notices would then flood the rest.
+BIG_ROOM_OVER = 50
+
+#: Seconds a big room's join and leave notices are held to be summed up: short enough
+#: that a newcomer is announced while people still notice, long enough that a rush of
+#: joins (or a hub restart) becomes a handful of lines.
+PRESENCE_BATCH_S = 0.5
+
+#: Most nicks a welcome (and ``/join``'s confirmation) names; past it, the count of the
+#: rest (``with alice, bob, ... and 4,990 others``).  ``/users`` still lists everyone.
+#: A welcome naming the whole of a room of 5,000 is 50 KB per joiner.
+WELCOME_MAX_NAMES = 10
 
 #: The line mode's console (lanchat.lineedit) signals the main thread again every this many
 #: seconds until it has printed what a receiver thread queued (or left its read, for a

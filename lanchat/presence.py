@@ -35,7 +35,7 @@ from typing import Any
 from lanchat.errors import AmbiguousUser, NoSuchUser, ValidationError
 from lanchat.feed import SIGNATURE_BYTES, PublicKey, SigningKey, b64decode, b64encode
 from lanchat.limits import MAX_NETWORK_USERS, MAX_ROSTER_BODY_BYTES, MAX_ROSTER_USERS
-from lanchat.model import User, validate_host, validate_nick, validate_node, validate_room
+from lanchat.model import Presence, User, validate_host, validate_nick, validate_node, validate_room
 
 #: Most nodes a network roster tracks; a peer announcing more is lying.
 MAX_NODES = 1024
@@ -327,3 +327,51 @@ def resolve_recipient(to: str, users: Iterable[User], hosts: Mapping[str, str]) 
         raise AmbiguousUser(f"{to} is ambiguous: {len(matches)} users go by that name; "
                             f"say which: {names}")
     return matches[0]
+
+
+class HeldNotices:
+    """A big room's join and leave notices, held to be summed up (limits.BIG_ROOM_OVER).
+
+    The router :meth:`hold`\\ s each notice of a big room instead of fanning it out,
+    and :meth:`take`\\ s them all every PRESENCE_BATCH_S: one notice per room, kind
+    and reason, naming its first person and counting the rest (``others``).  A
+    group of one is sent as it came (with its source, so the joiner is not told
+    of their own join).  Pure: the caller passes the time.
+    """
+
+    def __init__(self, delay: float) -> None:
+        self._delay = delay
+        # (kind, room, reason) -> [first notice, its source, how many people in all]
+        self._groups: dict[tuple[str, str, str | None], list[Any]] = {}
+        self._due: float | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self._groups)
+
+    @property
+    def due(self) -> float | None:
+        """When the held notices are to be sent (None: none held)."""
+        return self._due
+
+    def hold(self, p: Presence, source: object | None, now: float, people: int = 1) -> None:
+        """Hold ``p`` (which stands for ``people`` persons: 1 + its ``others``)."""
+        key = (p.kind, p.room, p.reason)
+        group = self._groups.get(key)
+        if group is None:
+            self._groups[key] = [p, source, people]
+            if self._due is None:
+                self._due = now + self._delay
+        else:
+            group[2] += people
+
+    def take(self) -> list[tuple[Presence, object | None]]:
+        """Every held notice, summed up per room, kind and reason; holds nothing after."""
+        out: list[tuple[Presence, object | None]] = []
+        for p, source, people in self._groups.values():
+            if people == 1:
+                out.append((p, source))
+            else:
+                out.append((replace(p, others=people - 1), None))
+        self._groups.clear()
+        self._due = None
+        return out

@@ -57,6 +57,7 @@ from lanchat.feed import (
     verify_run,
 )
 from lanchat.limits import (
+    BIG_ROOM_OVER,
     FUTURE_SKEW_S,
     MAX_COMMIT_BATCH,
     MAX_HISTORY_PAGE,
@@ -66,11 +67,12 @@ from lanchat.limits import (
     MAX_RUNS_PER_COMMIT,
     NEW_ORIGINS_BURST,
     NEW_ORIGINS_PER_S,
+    PRESENCE_BATCH_S,
     PRESENCE_SUMMARY_OVER,
     ROUTER_HANDOFF_TIMEOUT_S,
 )
 from lanchat.model import DEFAULT_ROOM, Draft, Message, Presence, User, validate_nick
-from lanchat.presence import Change, NetworkRoster, NodeRoster, resolve_recipient
+from lanchat.presence import Change, HeldNotices, NetworkRoster, NodeRoster, resolve_recipient
 from lanchat.ratelimit import NewOrigins
 from lanchat.relay import LinkMap, should_relay
 
@@ -374,6 +376,8 @@ class Router:
         self._me = self._own_user()
         self._roster_dirty = False  # our roster changed since links last heard it
         self._roster_sent_at = 0.0  # monotonic
+        # Join and leave notices of big rooms, summed up every PRESENCE_BATCH_S (monotonic).
+        self._held = HeldNotices(PRESENCE_BATCH_S)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -413,6 +417,29 @@ class Router:
         """Queue several drafts at once (one inbox operation); same contract as :meth:`publish`."""
         self._inbox.put_many([_Publish(d, source, done) for d in drafts],
                              ROUTER_HANDOFF_TIMEOUT_S)
+
+    def publish_all(self, items: Sequence[tuple[Draft, object | None, PublishDone | None]]
+                    ) -> None:
+        """Queue drafts of several publishers at once: (draft, source, done) each.
+
+        A hub I/O loop hands over everything one round of its connections said in
+        one inbox operation, so the router commits it in one transaction and
+        fans it out in one pass.  Same contract as :meth:`publish`.
+        """
+        self._inbox.put_many([_Publish(d, source, done) for d, source, done in items],
+                             ROUTER_HANDOFF_TIMEOUT_S)
+
+    def barrier(self) -> None:
+        """Return once everything queued before this call has been handled.
+
+        Publishing only queues; a hub client's command is answered after what
+        the client said before it is stored and fanned out (its ``/users`` after
+        a line, its JSON ``users`` after the ``sent`` of its says), because the
+        inbox is one FIFO and the router takes it in order.  Raises
+        :class:`RouterTimeout` after ROUTER_HANDOFF_TIMEOUT_S, :class:`ClosedError`
+        once closed.
+        """
+        self._call(lambda: None)
 
     def send(self, draft: Draft, timeout: float = ROUTER_HANDOFF_TIMEOUT_S) -> Message:
         """Publish and wait until stored: the message returned is durable.
@@ -608,9 +635,12 @@ class Router:
 
     def _run(self) -> None:
         while True:
-            batch = self._inbox.take(ROSTER_EVERY_S if self._roster_dirty else None)
+            batch = self._inbox.take(self._next_timeout())
             if self._roster_dirty:
                 self._flush_roster()
+            if self._held and self._held.due is not None \
+                    and self._held.due <= time.monotonic():
+                self._flush_held()
             if not batch:
                 continue
             first = batch[0]
@@ -628,6 +658,19 @@ class Router:
                 for item in batch:
                     if isinstance(item, _Call | _Remote) and not item.future.done():
                         item.future.set_exception(_internal(exc))  # nobody waits for ever
+
+    def _next_timeout(self) -> float | None:
+        """How long the router thread may wait for work: until roster or notices are due."""
+        timeout = ROSTER_EVERY_S if self._roster_dirty else None
+        due = self._held.due
+        if due is not None:
+            left = max(0.0, due - time.monotonic())
+            timeout = left if timeout is None else min(timeout, left)
+        return timeout
+
+    def _flush_held(self) -> None:
+        """Send the big rooms' held join and leave notices, summed up.  Router thread only."""
+        self._fanout([Event(p, source) for p, source in self._held.take()])
 
     def _run_call(self, item: _Call) -> None:
         try:
@@ -1013,7 +1056,16 @@ class Router:
                   reason: str | None = None) -> None:
         p = Presence(kind=kind, nick=member.nick, host=member.host,  # type: ignore[arg-type]
                      node=self.node, room=room, ts=self._clock(), old=old, reason=reason)
+        if kind != "nick" and self._is_big(room):
+            # Held and summed up: the fan-out of one notice per person would cost the
+            # square of the room, and a leave is often a cut that happens inside a fan-out.
+            self._held.hold(p, member.sub, time.monotonic())
+            return
         self._fanout([Event(p, member.sub)])
+
+    def _is_big(self, room: str) -> bool:
+        """More than BIG_ROOM_OVER of our members in ``room``: its notices are summed up."""
+        return len(self._room_subs.get(room, ())) > BIG_ROOM_OVER
 
     def _add_to_room(self, sub: Subscriber, room: str) -> None:
         self._room_subs[room] = (*self._room_subs.get(room, ()), sub)
@@ -1192,14 +1244,18 @@ class Router:
         for change in changes:
             groups.setdefault((change.kind, change.user.room), []).append(change)
         events = []
-        for (kind, _room), group in groups.items():
-            others = len(group) - 1 if len(group) > PRESENCE_SUMMARY_OVER else 0
+        for (kind, room), group in groups.items():
+            big = self._is_big(room)
+            others = len(group) - 1 if big or len(group) > PRESENCE_SUMMARY_OVER else 0
             for change in group[:1] if others else group:
                 u = change.user
                 p = Presence(kind=kind, nick=u.nick, host=u.host,  # type: ignore[arg-type]
                              node=u.node, room=u.room, ts=now,
                              reason=reason if kind == "leave" else None, others=others)
-                events.append(Event(p, None))
+                if big:
+                    self._held.hold(p, None, time.monotonic(), people=1 + others)
+                else:
+                    events.append(Event(p, None))
         if events:
             self._fanout(events)
 

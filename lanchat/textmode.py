@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from lanchat.commands import Command, Help, Join, ListUsers, Nick, Ping, Quit, Say, Unknown
 from lanchat.errors import ValidationError
+from lanchat.limits import WELCOME_MAX_NAMES
 from lanchat.model import Message, Presence
 from lanchat.render import format_message, format_presence, neutralise
 
@@ -93,10 +94,27 @@ def greeting(hub_name: str) -> bytes:
     return notice(f"lanchat hub {hub_name} -- welcome!") + notice("Choose a nickname:")
 
 
+def company(others: list[str], count: int | None = None) -> str:
+    """Who else is in the room, as the welcome says it: at most WELCOME_MAX_NAMES nicks.
+
+    ``count`` is how many others there are when ``others`` names only some of them.
+    The rest are counted (``with alice, bob and 4,990 others``): a room of thousands
+    is not listed to every newcomer (``/users`` lists it on request).
+    """
+    total = max(len(others), count or 0)
+    if not total:
+        return " (nobody else is here yet)"
+    named = others[:WELCOME_MAX_NAMES]
+    rest = total - len(named)
+    if rest:
+        return f" with {', '.join(named)} and {rest:,} other{'s' if rest > 1 else ''}"
+    return f" with {', '.join(named)}"
+
+
 def welcome(nick: str, room: str, others: list[str]) -> bytes:
     """The line after a nick is accepted."""
-    company = f" with {', '.join(others)}" if others else " (nobody else is here yet)"
-    return notice(f"Welcome, {nick}! You are in #{room}{company}. Type /help for commands.")
+    return notice(f"Welcome, {nick}! You are in #{room}{company(others)}. "
+                  "Type /help for commands.")
 
 
 def help_text() -> bytes:

@@ -11,12 +11,13 @@ Versioning: ``hello`` carries ``v``; a hub accepts every version from
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from lanchat.commands import Command, Hello, Join, ListUsers, Nick, Ping, Quit, Say
 from lanchat.errors import RemoteProtocolError, ValidationError
 from lanchat.framing import dumps_line, loads_line
+from lanchat.limits import WELCOME_MAX_NAMES
 from lanchat.model import Message, Presence, User
 
 VERSION = 1
@@ -118,10 +119,13 @@ def encode_sent(ref: Any, msg: Message) -> bytes:
 
 
 def encode_welcome(*, node: str, name: str, nick: str, room: str,
-                   users: Iterable[User]) -> bytes:
+                   users: Sequence[User]) -> bytes:
+    """The answer to a client's hello: ``users`` names at most WELCOME_MAX_NAMES of the
+    room, ``count`` says how many it holds (a ``users`` command lists them all)."""
     return dumps_line({
         "type": "welcome", "v": VERSION, "node": node, "name": name, "nick": nick,
-        "room": room, "users": [u.to_dict() for u in users],
+        "room": room, "users": [u.to_dict() for u in users[:WELCOME_MAX_NAMES]],
+        "count": len(users),
     })
 
 

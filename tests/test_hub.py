@@ -442,3 +442,45 @@ def test_direct_message_reaches_its_addressee_in_any_room_and_nobody_else(
     texts = [json.loads(line)["text"] for line in res.stdout.decode().splitlines()]
     assert "everyone" in texts
     assert not [t for t in texts if "psst" in t or "jay" in t or "ghost" in t], texts
+
+
+#: Lines a client pastes before a command in the ordering tests: enough that the router is
+#: still storing them (in batches of MAX_COMMIT_BATCH, each entry signed) long after a
+#: command that did not wait for them would have been answered.
+PASTE_LINES = 2000
+
+
+def test_users_after_a_paste_is_answered_once_the_paste_is_stored(daemon: Daemon,
+                                                                  clients: list[Any]) -> None:
+    """A text user's /users comes after the lines it said before: answered, those lines are
+    stored (history has the last one).  A line only queues at the router; an answer read
+    straight from the router's state must not overtake it."""
+    talker = TextUser(daemon.port, "talker")
+    clients.append(talker)
+    talker.send("".join(f"pasted {i}\n" for i in range(PASTE_LINES)) + "/users\n")
+    users = talker.until(lambda s: s.startswith("* In #lobby ("))
+    assert users.endswith("owner, talker"), users
+    with ControlClient(daemon.socket, timeout=10) as c:
+        last = [(m["nick"], m["text"]) for m in c.call("history", limit=1)]
+    assert last == [("talker", f"pasted {PASTE_LINES - 1}")]
+
+
+def test_json_commands_are_answered_after_the_says_before_them(daemon: Daemon,
+                                                               clients: list[Any]) -> None:
+    """A JSON client's replies keep the order of its frames: every ``sent`` of the says
+    before a ``users`` comes before the ``users`` answer."""
+    j = LineClient(daemon.port)
+    clients.append(j)
+    j.send(json.dumps({"type": "hello", "v": 1, "nick": "jay"}) + "\n")
+    assert json.loads(j.until('"welcome"'))["nick"] == "jay"
+    j.send("".join(json.dumps({"type": "say", "text": f"said {i}", "ref": i}) + "\n"
+                   for i in range(PASTE_LINES)) + '{"type":"users"}\n')
+    refs: list[int] = []
+    for _ in range(PASTE_LINES + 1):
+        frame = json.loads(j.line())
+        if frame["type"] == "users":
+            break
+        assert frame["type"] == "sent", frame
+        refs.append(frame["ref"])
+    assert refs == list(range(PASTE_LINES)), f"users answered after {len(refs)} sent"
+    assert [u["nick"] for u in frame["users"]] == ["owner", "jay"]

@@ -13,12 +13,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lanchat.errors import AmbiguousUser, NoSuchUser, ValidationError
-from lanchat.model import User
+from lanchat.model import Presence, User
 from lanchat.presence import (
     MAX_NETWORK_USERS,
     MAX_NODES,
     MAX_ROSTER_USERS,
     Change,
+    HeldNotices,
     NetworkRoster,
     NodeRoster,
     resolve_recipient,
@@ -326,3 +327,30 @@ def test_a_nodes_own_roster_overrides_a_relayed_one_whatever_its_version() -> No
     assert net.apply(roster(NODE_B, 4, "old"), direct, direct=True) is None
     assert kinds(net.apply(roster(NODE_B, 6, "bob", "ann"), direct, direct=True)) == {
         ("join", "ann")}
+
+
+def _notice(kind: str, nick: str, room: str = "lobby", reason: str | None = None) -> Presence:
+    return Presence(kind=kind, nick=nick, host="h", node=NODE_B, room=room,  # type: ignore[arg-type]
+                    ts=1.0, reason=reason)
+
+
+def test_held_notices_are_summed_up_per_room_kind_and_reason() -> None:
+    held = HeldNotices(0.5)
+    assert not held and held.due is None
+    held.hold(_notice("join", "a"), "sub-a", now=10.0)
+    assert held.due == 10.5
+    for nick in "bcd":
+        held.hold(_notice("join", nick), f"sub-{nick}", now=10.2)
+    held.hold(_notice("join", "x", room="other"), "sub-x", now=10.3)
+    held.hold(_notice("leave", "e", reason="too slow"), None, now=10.3, people=37)
+    held.hold(_notice("leave", "f", reason="quit"), "sub-f", now=10.4)
+    assert held.due == 10.5  # the first notice sets when all go
+    out = held.take()
+    assert not held and held.due is None and held.take() == []
+    got = {(p.kind, p.room, p.nick, p.others, p.reason): source for p, source in out}
+    assert got == {
+        ("join", "lobby", "a", 3, None): None,           # a and 3 others
+        ("join", "other", "x", 0, None): "sub-x",        # alone: as it came, with its source
+        ("leave", "lobby", "e", 36, "too slow"): None,    # one notice for 37 people
+        ("leave", "lobby", "f", 0, "quit"): "sub-f",
+    }
