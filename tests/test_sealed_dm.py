@@ -51,6 +51,11 @@ def _rows(d: Daemon, origin: str) -> list[tuple[Any, ...]]:
         conn.close()
 
 
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
 def _knows_user(d: Daemon, nick: str) -> bool:
     return any(u["nick"] == nick for u in rpc(d, "users"))
 
@@ -210,11 +215,33 @@ def test_a_tampered_sealed_message_from_a_rogue_peer_is_refused_not_shown(
                           to_node=n3, sign=False),
                feed.entry(2, seal=seal_text(sealed(2, "genuine from mallory")), nick="mallory",
                           to="carol", to_node=n3)]
-    rogue.msgs(entries)
-    wait_for("carol sees the genuine one", lambda: "genuine from mallory" in _texts(d3),
-             SETTLE_S, diag=lambda: logs(d3))
-    wait_for("the tampered one refused in the log",
-             lambda: f"{me}:1" in d3.stderr() and "does not open" in d3.stderr(), SETTLE_S)
+    # carol follows live (`lanchat tail --json`) while the rogue sends
+    tail_out = os.path.join(d3.workdir, "tail.out")
+    with open(tail_out, "wb") as out:
+        follow = subprocess.Popen([*lanchat_cmd(), "--socket", d3.socket, "--json", "tail",
+                                   "-n", "0"], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        assert d3.cli("send", "carol is listening").returncode == 0
+        wait_for("tail follows", lambda: "carol is listening" in _read(tail_out), SETTLE_S)
+        rogue.msgs(entries)
+        wait_for("carol sees the genuine one", lambda: "genuine from mallory" in _texts(d3),
+                 SETTLE_S, diag=lambda: logs(d3))
+        wait_for("the tampered one refused in the log",
+                 lambda: f"{me}:1" in d3.stderr() and "does not open" in d3.stderr(), SETTLE_S)
+        wait_for("tail shows the genuine one",
+                 lambda: "genuine from mallory" in _read(tail_out), SETTLE_S)
+    finally:
+        follow.send_signal(signal.SIGINT)
+        try:
+            follow.wait(10)
+        except subprocess.TimeoutExpired:
+            follow.kill()
+            follow.wait(5)
+    with open(tail_out, encoding="utf-8") as f:
+        live = [json.loads(x) for x in f.read().splitlines() if x.startswith("{")]
+    assert [(m["id"], m["text"]) for m in live if m["origin"] == me] == [
+        (f"{me}:2", "genuine from mallory")], live
+    assert len(live) == 2, live  # carol's own line and the genuine one, nothing else
     shown = [m for m in cli_history(d3, "--limit", "1000") if m["origin"] == me]
     assert [m["text"] for m in shown] == ["genuine from mallory"]
     tail = d3.cli("tail", "--no-follow", "-n", "100")
