@@ -138,6 +138,8 @@ def test_a_direct_message_is_ciphertext_on_the_relay_and_reaches_carol_after_a_r
             if "dave is still here" in line:
                 break
         assert not any("secret" in x for x in dave_lines), dave_lines
+        wait_for("tail shows dave's line", lambda: "dave is still here" in _read(tail_out),
+                 SETTLE_S)
     finally:
         tail.send_signal(signal.SIGINT)
         try:
@@ -219,8 +221,9 @@ def test_a_tampered_sealed_message_from_a_rogue_peer_is_refused_not_shown(
     tail_out = os.path.join(d3.workdir, "tail.out")
     with open(tail_out, "wb") as out:
         follow = subprocess.Popen([*lanchat_cmd(), "--socket", d3.socket, "--json", "tail",
-                                   "-n", "0"], stdout=out, stderr=subprocess.STDOUT)
+                                   "-n", "5"], stdout=out, stderr=subprocess.STDOUT)
     try:
+        # (in its backlog if it subscribed after this, live if before: once either way)
         assert d3.cli("send", "carol is listening").returncode == 0
         wait_for("tail follows", lambda: "carol is listening" in _read(tail_out), SETTLE_S)
         rogue.msgs(entries)
