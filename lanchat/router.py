@@ -676,6 +676,7 @@ class Router:
             return
         drafts = [p.draft for p in batch]
         entries: list[Entry] | None = None
+        first_seq = self._cursors.get(self.node, 0) + 1  # what _seal bound its seals to
         try:
             if self.key is not None:  # one commit, one signing batch (lanchat.feed)
                 entries = self._store.append_entries(drafts, ts=self._clock(), key=self.key)
@@ -689,6 +690,10 @@ class Router:
             return
         if messages:
             self._cursors[self.node] = messages[-1].seq
+            if messages[0].seq != first_seq and any(m.sealed for m in messages):
+                log.error("router: our feed went on at #%d, not #%d as the direct messages "
+                          "of this batch were sealed for: their addressees cannot open them "
+                          "(a bug)", messages[0].seq, first_seq)
         if entries:
             self._hashes[self.node] = entries[-1].hash
             self._fanout([Event(e.message, p.source, e, e.sig is not None)
