@@ -115,3 +115,13 @@ class AmbiguousUser(LanchatError):
     """A direct message names a nick used on several nodes: it must say which (``nick@node``)."""
 
     code = "ambiguous-user"
+
+
+class NoSealKey(LanchatError):
+    """A direct message to a node whose X25519 key we have not seen: it cannot be sealed.
+
+    Never sent in clear instead (lanchat.seal): the sender tries again once that node's
+    signed roster has reached us (it is linked, or was since this daemon started).
+    """
+
+    code = "no-key"

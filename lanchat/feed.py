@@ -18,6 +18,8 @@ Entry
     ``body`` = compact ASCII JSON (``ensure_ascii``, so the bytes are unambiguous) of
     ``{"v": 1, "origin", "seq", "ts", "room", "nick", "host", "text", "to"?, "to_node"?,
     "prev"}`` (``to``/``to_node``: a direct message's addressee and that user's node).
+    A sealed direct message (:mod:`lanchat.seal`) has ``"seal"`` (base64url) where the
+    text would be, and always ``to`` and ``to_node``: only its two ends can read it.
     ``prev`` is the entry hash of the origin's entry ``seq - 1`` (``null`` at seq 1 only).
     ``sig`` = Ed25519 over ``MSG_DOMAIN + body``; ``hash`` = SHA-256 of
     ``ENTRY_DOMAIN + body + sig``: the chain covers the signatures, so a verified entry
@@ -138,6 +140,10 @@ _B64_FORMS = {64: (re.compile(r"[A-Za-z0-9_-]{86}"), frozenset(_B64_ALPHABET[::1
               32: (re.compile(r"[A-Za-z0-9_-]{43}"), frozenset(_B64_ALPHABET[::4]))}
 _REQUIRED = frozenset({"v", "origin", "seq", "ts", "room", "nick", "host", "text", "prev"})
 _ALLOWED = _REQUIRED | {"to", "to_node"}
+#: A sealed direct message (lanchat.seal) carries ``seal`` instead of ``text``, and always
+#: names its addressee and that user's node.
+_REQUIRED_SEALED = (_REQUIRED - {"text"}) | {"seal", "to", "to_node"}
+_ALLOWED_SEALED = _REQUIRED_SEALED
 
 
 class _Signed(Protocol):
@@ -388,7 +394,11 @@ def encode_body(message: Message, prev: str | None) -> bytes:
     quote = encode_basestring_ascii
     parts = [f'{{"v":{FEED_VERSION},"origin":"{message.origin}","seq":{message.seq},'
              f'"ts":{message.ts!r},"room":{quote(message.room)},"nick":{quote(message.nick)},'
-             f'"host":{quote(message.host)},"text":{quote(message.text)}']
+             f'"host":{quote(message.host)},']
+    if message.sealed is None:
+        parts.append(f'"text":{quote(message.text)}')
+    else:  # a direct message: the seal, never its text (base64url: nothing to escape)
+        parts.append(f'"seal":"{message.sealed}"')
     if message.to is not None:
         parts.append(f',"to":{quote(message.to)}')
     if message.to_node is not None:
@@ -441,9 +451,10 @@ def parse_entry(body: bytes, sig: bytes | None) -> Entry:
     if end != len(text) or not isinstance(fields, dict):
         raise FeedError("an entry body must be one JSON object and nothing else")
     keys = fields.keys()
-    if not (keys >= _REQUIRED
-            and len(keys) == len(_REQUIRED) + ("to" in keys) + ("to_node" in keys)):
-        missing, extra = sorted(_REQUIRED - keys), sorted(keys - _ALLOWED)
+    sealed = "seal" in keys
+    required, allowed = (_REQUIRED_SEALED, _ALLOWED_SEALED) if sealed else (_REQUIRED, _ALLOWED)
+    if not (keys >= required and keys <= allowed):
+        missing, extra = sorted(required - keys), sorted(keys - allowed)
         raise FeedError(f"entry body fields: missing {missing}, unknown {extra}")
     version = fields["v"]
     if type(version) is not int or version != FEED_VERSION:
@@ -457,7 +468,8 @@ def parse_entry(body: bytes, sig: bytes | None) -> Entry:
     try:
         message = Message(origin=fields["origin"], seq=fields["seq"], ts=ts,
                           room=fields["room"], nick=fields["nick"], host=fields["host"],
-                          text=fields["text"], to=to, to_node=to_node)
+                          text=fields["text"] if not sealed else "", to=to, to_node=to_node,
+                          sealed=fields["seal"] if sealed else None)
     except ValidationError as exc:
         raise FeedError(f"entry body: {exc}") from None
     if message.room != fields["room"]:

@@ -18,6 +18,7 @@ from lanchat.limits import (
     MAX_HOST_CHARS,
     MAX_NICK_CHARS,
     MAX_ROOM_CHARS,
+    MAX_SEAL_TEXT_CHARS,
     MAX_SEND_KEY_CHARS,
     MAX_TEXT_BYTES,
 )
@@ -122,6 +123,21 @@ def validate_text(text: object) -> str:
             f"text is {size} bytes; the limit is {MAX_TEXT_BYTES}", code="text-too-long"
         )
     return text
+
+
+_SEAL_TEXT_RE = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def validate_sealed(sealed: object) -> str:
+    """Return ``sealed`` if it has the form of a sealed text (lanchat.seal's base64url).
+
+    Only its form and bound: whether it opens, and for whom, only its two ends can tell.
+    """
+    if (not isinstance(sealed, str) or len(sealed) > MAX_SEAL_TEXT_CHARS
+            or not _SEAL_TEXT_RE.fullmatch(sealed)):
+        raise ValidationError(f"a sealed text is 1-{MAX_SEAL_TEXT_CHARS} characters of "
+                              "base64url", code="bad-seal")
+    return sealed
 
 
 def validate_node(node: object) -> str:

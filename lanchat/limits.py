@@ -381,6 +381,18 @@ SEAL_PAD_BYTES = 64
 
 #: Longest plaintext a seal holds, in bytes: one message text.
 MAX_SEALED_TEXT_BYTES = MAX_TEXT_BYTES
+
+#: Longest sealed direct message in a feed entry's ``seal`` field, in characters: the
+#: largest seal (lanchat.seal.MAX_SEAL_BYTES, 4,372 bytes for a text of
+#: MAX_SEALED_TEXT_BYTES) in base64url without padding.  Beyond MAX_TEXT_BYTES, which is
+#: why a seal has its own field and bound (tests/test_seal.py holds the two in step);
+#: the entry body bound (MAX_ENTRY_BODY_BYTES) has room for it.
+MAX_SEAL_TEXT_CHARS = 5830
+
+#: Whose X25519 key records a daemon keeps (one per node, the newest ``ver``): as many as
+#: the nodes a network roster tracks (presence.MAX_NODES); a record of one more node is
+#: not kept (a direct message to it fails until one is forgotten).
+MAX_DH_RECORDS = 1024
 # -- the full-screen chat client (lanchat.chatmodel, lanchat.chatscreen) ------------------------
 
 #: Lines a chat screen keeps per buffer (room or conversation): a long day in a busy room,

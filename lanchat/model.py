@@ -23,6 +23,7 @@ from lanchat.fields import (
     validate_node,
     validate_recipient,
     validate_room,
+    validate_sealed,
     validate_send_key,
     validate_seq,
     validate_text,
@@ -42,6 +43,7 @@ __all__ = [
     "validate_node",
     "validate_recipient",
     "validate_room",
+    "validate_sealed",
     "validate_send_key",
     "validate_text",
 ]
@@ -72,6 +74,9 @@ class Draft:
     #: The local sender's idempotency key (control ``send {key}``): the same (uid, key)
     #: stores one message however often it is sent.  Never sent to peers.
     key: str | None = None
+    #: A direct message's text sealed to its two ends (lanchat.seal's text form): what its
+    #: feed entry carries instead of ``text``.  Set by the router once ``to_node`` is known.
+    sealed: str | None = None
 
     def __post_init__(self) -> None:
         validate_text(self.text)
@@ -85,6 +90,11 @@ class Draft:
             validate_nick(self.to)
         if self.key is not None:
             validate_send_key(self.key)
+        if self.sealed is not None:
+            validate_sealed(self.sealed)
+            if self.to_node is None:
+                raise ValidationError("a sealed message names its addressee's node",
+                                      code="bad-message")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +117,13 @@ class Message:
     #: never relayed, since nobody can check who wrote it.  How it is held, not what it
     #: says: not compared.
     signed: bool = field(default=True, compare=False)
+    #: A direct message as its feed entry carries it: sealed to its two ends
+    #: (lanchat.seal), in base64url.  ``text`` is then what one of those ends opened, or
+    #: ``""`` where it was not opened (on every other daemon): such a message is stored
+    #: and relayed, never shown.  None on public messages and on messages read from
+    #: history (the store keeps the seal in the entry's body).  How it travels, not what
+    #: it says: not compared.
+    sealed: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         validate_node(self.origin)
@@ -115,7 +132,13 @@ class Message:
         object.__setattr__(self, "room", validate_room(self.room))
         validate_nick(self.nick)
         validate_host(self.host)
-        validate_text(self.text)
+        if self.sealed is None or self.text:
+            validate_text(self.text)
+        if self.sealed is not None:
+            validate_sealed(self.sealed)
+            if self.to is None or self.to_node is None:
+                raise ValidationError("a sealed message names its addressee and node",
+                                      code="bad-message")
         if self.to is not None:
             validate_nick(self.to)
         if self.to_node is not None:
@@ -146,7 +169,7 @@ class Message:
                             ("room", draft.room), ("nick", draft.nick), ("host", draft.host),
                             ("text", draft.text), ("to", draft.to),
                             ("id", message_id(origin, seq)), ("to_node", draft.to_node),
-                            ("signed", signed)):
+                            ("signed", signed), ("sealed", draft.sealed)):
             object.__setattr__(msg, name, value)
         return msg
 

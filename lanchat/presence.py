@@ -21,6 +21,10 @@ saying it no longer reaches a node.  It is taken only from the link that
 brought that node's current roster, at that roster's very version
 (:meth:`NetworkRoster.withdraw`): the one who vouched may withdraw, nobody else.
 
+A node's roster also carries its X25519 key record for sealed direct messages
+(``dh``, :class:`lanchat.seal.DhRecord`), inside the signed body and itself signed
+by the same key: that is how the other daemons learn whom to seal a direct message to.
+
 Pure: no I/O, no clock (versions and times are passed in).
 """
 
@@ -36,6 +40,7 @@ from lanchat.errors import AmbiguousUser, NoSuchUser, ValidationError
 from lanchat.feed import SIGNATURE_BYTES, PublicKey, SigningKey, b64decode, b64encode
 from lanchat.limits import MAX_NETWORK_USERS, MAX_ROSTER_BODY_BYTES, MAX_ROSTER_USERS
 from lanchat.model import Presence, User, validate_host, validate_nick, validate_node, validate_room
+from lanchat.seal import DhRecord, SealError
 
 #: Most nodes a network roster tracks; a peer announcing more is lying.
 MAX_NODES = 1024
@@ -80,14 +85,21 @@ class NodeRoster:
     #: when both ends list each other).
     links: tuple[str, ...] = ()
     signed: SignedRoster | None = field(default=None, compare=False)
+    #: The node's X25519 key record for sealed direct messages (lanchat.seal), inside the
+    #: signed body: verified with the roster's key by :func:`parse_signed_roster`.
+    dh: DhRecord | None = field(default=None, compare=False)
 
     def newer_than(self, other: NodeRoster | None) -> bool:
         return other is None or (self.ver, self.gone) > (other.ver, other.gone)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"node": self.node, "ver": self.ver, "name": self.name, "host": self.host,
-                "gone": self.gone, "users": [_user_dict(u) for u in self.users],
-                "links": list(self.links)}
+        d: dict[str, Any] = {
+            "node": self.node, "ver": self.ver, "name": self.name, "host": self.host,
+            "gone": self.gone, "users": [_user_dict(u) for u in self.users],
+            "links": list(self.links)}
+        if self.dh is not None:
+            d["dh"] = self.dh.to_wire()
+        return d
 
     @classmethod
     def from_dict(cls, d: object) -> NodeRoster:
@@ -167,8 +179,15 @@ def parse_signed_roster(frame: Mapping[str, Any]) -> NodeRoster:
     if roster.node != key.node:
         raise ValidationError(f"the roster of {roster.node} is signed by another node "
                               f"({key.node})", code="roster-signature")
+    dh = None
+    if "dh" in doc:  # its X25519 key record: signed by the same key, for the same node
+        try:
+            dh = DhRecord.from_wire(doc["dh"], key)
+        except SealError as exc:
+            raise ValidationError(f"the roster of {roster.node}: {exc}",
+                                  code="bad-roster") from None
     assert isinstance(sig, str) and isinstance(key_text, str)
-    return replace(roster, signed=SignedRoster(raw, sig, key_text))
+    return replace(roster, signed=SignedRoster(raw, sig, key_text), dh=dh)
 
 
 def _no_constant(name: str) -> Any:
@@ -295,6 +314,38 @@ def _diff(old: NodeRoster | None, new: NodeRoster) -> list[Change]:
     changes = [Change("leave", u) for key, u in before.items() if key not in after]
     changes += [Change("join", u) for key, u in after.items() if key not in before]
     return changes
+
+
+def resolve_mailbox(to: str, hosts: Mapping[str, str]) -> tuple[str, str] | None:
+    """``(nick, node)`` if ``to`` is ``nick@where`` and ``where`` names one known node.
+
+    For a direct message to someone connected nowhere right now (:func:`resolve_recipient`
+    found nobody): it waits on that node's daemon, which hands it to ``nick`` there (their
+    ``lanchat history``, or their connections once they are back).  ``hosts`` maps every
+    node we know of to its host name (an empty one if none); ``where`` is matched as in
+    :func:`resolve_recipient`.  None if ``to`` names no known node that way; raises
+    :class:`AmbiguousUser` if it names several.
+    """
+    if "@" not in to:
+        return None
+    nick, _, where = to.rpartition("@")
+    try:
+        validate_nick(nick)
+    except ValidationError:
+        return None
+    where_key = where.casefold()
+    by_prefix = len(where) >= MIN_NODE_PREFIX
+    nodes = sorted(n for n, host in hosts.items()
+                   if (host and host.casefold() == where_key)
+                   or (by_prefix and n.startswith(where_key)))
+    if not nodes:
+        return None
+    if len(nodes) > 1:
+        names = ", ".join(f"{nick}@{n[:QUALIFIER_DIGITS]} (on {hosts.get(n) or '?'})"
+                          for n in nodes)
+        raise AmbiguousUser(f"{to} is ambiguous: it names {len(nodes)} nodes; say which: "
+                            f"{names}")
+    return nick, nodes[0]
 
 
 def resolve_recipient(to: str, users: Iterable[User], hosts: Mapping[str, str]) -> User:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import secrets
 import threading
 import time
 from collections import deque
@@ -41,6 +42,8 @@ from lanchat.errors import (
     ClosedError,
     LanchatError,
     NickInUse,
+    NoSealKey,
+    NoSuchUser,
     RouterTimeout,
     StoreError,
     ValidationError,
@@ -60,6 +63,7 @@ from lanchat.limits import (
     BIG_ROOM_OVER,
     FUTURE_SKEW_S,
     MAX_COMMIT_BATCH,
+    MAX_DH_RECORDS,
     MAX_HISTORY_PAGE,
     MAX_ORIGINS,
     MAX_ROUTER_QUEUE,
@@ -71,12 +75,43 @@ from lanchat.limits import (
     PRESENCE_SUMMARY_OVER,
     ROUTER_HANDOFF_TIMEOUT_S,
 )
-from lanchat.model import DEFAULT_ROOM, Draft, Message, Presence, User, validate_nick
-from lanchat.presence import Change, HeldNotices, NetworkRoster, NodeRoster, resolve_recipient
+from lanchat.model import (
+    DEFAULT_ROOM,
+    Draft,
+    Message,
+    Presence,
+    User,
+    validate_nick,
+    validate_text,
+)
+from lanchat.presence import (
+    Change,
+    HeldNotices,
+    NetworkRoster,
+    NodeRoster,
+    resolve_mailbox,
+    resolve_recipient,
+)
 from lanchat.ratelimit import NewOrigins
 from lanchat.relay import LinkMap, should_relay
+from lanchat.seal import (
+    DhKey,
+    DhPublic,
+    DhRecord,
+    SealError,
+    dm_context,
+    open_sealed,
+    parse_seal_text,
+    peek,
+    seal,
+    seal_text,
+)
 
 log = logging.getLogger(__name__)
+
+#: The ``ver`` of our X25519 key record (lanchat.seal): the key is derived from the
+#: identity key with it, so it stays the same across restarts and a restored node.key.
+DH_KEY_VER = 1
 
 #: Seconds between two announcements of our users to the links (at most).
 ROSTER_EVERY_S = 0.2
@@ -378,6 +413,17 @@ class Router:
         self._roster_sent_at = 0.0  # monotonic
         # Join and leave notices of big rooms, summed up every PRESENCE_BATCH_S (monotonic).
         self._held = HeldNotices(PRESENCE_BATCH_S)
+        #: Our X25519 key for sealed direct messages (lanchat.seal) and its record, signed
+        #: by our identity key and published in our roster.  None without a key (a
+        #: router alone in tests): its direct messages are unsigned and never leave it.
+        self._dh: DhKey | None = None
+        self._dh_record: DhRecord | None = None
+        if key is not None:
+            self._dh = DhKey.derive(key, DH_KEY_VER)
+            self._dh_record = DhRecord.make(key, self._dh, DH_KEY_VER)
+        #: node -> its newest X25519 key record, verified with its roster's key (at most
+        #: MAX_DH_RECORDS; kept while we run, also after the node went away).  Router thread.
+        self._dh_records: dict[str, DhRecord] = {}
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -687,11 +733,12 @@ class Router:
         Every publisher is answered exactly once, stored or not: the fan-out
         never raises, and neither does a publisher's callback (see :meth:`_answer`).
         """
-        batch = self._address(self._dedupe(batch))
+        batch = self._seal(self._address(self._dedupe(batch)))
         if not batch:
             return
         drafts = [p.draft for p in batch]
         entries: list[Entry] | None = None
+        first_seq = self._cursors.get(self.node, 0) + 1  # what _seal bound its seals to
         try:
             if self.key is not None:  # one commit, one signing batch (lanchat.feed)
                 entries = self._store.append_entries(drafts, ts=self._clock(), key=self.key)
@@ -705,6 +752,10 @@ class Router:
             return
         if messages:
             self._cursors[self.node] = messages[-1].seq
+            if messages[0].seq != first_seq and any(m.sealed for m in messages):
+                log.error("router: our feed went on at #%d, not #%d as the direct messages "
+                          "of this batch were sealed for: their addressees cannot open them "
+                          "(a bug)", messages[0].seq, first_seq)
         if entries:
             self._hashes[self.node] = entries[-1].hash
             self._fanout([Event(e.message, p.source, e, e.sig is not None)
@@ -770,13 +821,115 @@ class Router:
                 kept.append(p)
                 continue
             try:
-                user = resolve_recipient(draft.to, users, hosts)
+                try:
+                    user = resolve_recipient(draft.to, users, hosts)
+                    to, node = user.nick, user.node
+                except NoSuchUser:
+                    # Connected nowhere: ``nick@where`` may still name a node we know
+                    # (its roster, or its key record), whose daemon keeps it for them.
+                    known = {n: "" for n in self._dh_records}
+                    known.update(hosts)
+                    box = resolve_mailbox(draft.to, known)
+                    if box is None:
+                        raise
+                    to, node = box
             except LanchatError as exc:
                 self._answer(p, None, exc)
                 continue
-            kept.append(_Publish(replace(draft, to=user.nick, to_node=user.node),
-                                 p.source, p.done))
+            kept.append(_Publish(replace(draft, to=to, to_node=node), p.source, p.done))
         return kept
+
+    def _seal(self, batch: list[_Publish]) -> list[_Publish]:
+        """Seal each direct message to its addressee's daemon and to ours (lanchat.seal).
+
+        Its feed entry then carries the seal, never the text: every other daemon stores
+        and relays ciphertext.  A draft whose addressee's node has published no key we
+        hold is answered with :class:`NoSealKey` and left out: never sent in clear.  The
+        seal is bound to the entry that will carry it (:func:`~lanchat.seal.dm_context`:
+        our node, its seq -- the next ones of our feed, in batch order, as the store
+        appends them -- room, nick and addressee).  Router thread only.
+        """
+        dh = self._dh
+        if dh is None or all(p.draft.to is None for p in batch):
+            return batch
+        me = DhPublic(self.node, dh.public)
+        seq = self._cursors.get(self.node, 0)
+        kept: list[_Publish] = []
+        for p in batch:
+            draft = p.draft
+            if draft.to is None:
+                seq += 1
+                kept.append(p)
+                continue
+            node = draft.to_node
+            record = self._dh_records.get(node) if node is not None else None
+            recipient = me if node == self.node else (record.public if record else None)
+            if node is None or recipient is None:
+                self._answer(p, None, NoSealKey(
+                    f"cannot seal a direct message to {draft.to}"
+                    f"{'@' + node[:8] if node else ''}: no key of node {node} has reached "
+                    "us yet (it publishes one in its roster once it is linked, directly "
+                    "or through others); nothing was sent"))
+                continue
+            seq += 1
+            context = dm_context(origin=self.node, seq=seq, room=draft.room, nick=draft.nick,
+                                 to=draft.to, to_node=node)
+            blob = seal(draft.text.encode("utf-8"), sender=me, recipient=recipient,
+                        context=context, entropy=secrets.token_bytes)
+            kept.append(_Publish(replace(draft, sealed=seal_text(blob)), p.source, p.done))
+        return kept
+
+    def _open(self, run: Sequence[Entry], cur: int) -> Sequence[Entry]:
+        """``run`` with the sealed direct messages for us opened (their ``text`` set).
+
+        For us: addressed to a user of this node, or sent by this node (our own entries
+        coming back after a restore).  Only those above ``cur`` (what we store now).  A
+        seal that does not open (changed by its origin, or not for us) stays unread:
+        stored, since the feed needs it, relayed, never shown; logged.  Router thread.
+        """
+        dh = self._dh
+        if dh is None or all(e.message.sealed is None for e in run):
+            return run
+        out: list[Entry] = []
+        for e in run:
+            m = e.message
+            if (m.sealed is None or m.seq <= cur
+                    or self.node not in (m.to_node, m.origin)):
+                out.append(e)
+                continue
+            text = self._unseal(m, dh)
+            out.append(e if text is None else e._replace(message=replace(m, text=text)))
+        return out
+
+    def _unseal(self, m: Message, dh: DhKey) -> str | None:
+        """The text of sealed message ``m``, or None (logged) if it does not open here."""
+        assert m.sealed is not None and m.to is not None and m.to_node is not None
+        try:
+            blob = parse_seal_text(m.sealed)
+            head = peek(blob)
+            # The other end's key as the seal names it: the origin signed the entry that
+            # carries it, and the seal is bound to both node ids and to this entry.
+            sender = DhPublic(m.origin, head.sender_key)
+            recipient = DhPublic(m.to_node, head.recipient_key)
+            plain = open_sealed(blob, dh, sender=sender, recipient=recipient,
+                                context=dm_context(origin=m.origin, seq=m.seq, room=m.room,
+                                                   nick=m.nick, to=m.to, to_node=m.to_node))
+            return validate_text(plain.decode("utf-8"))
+        except (SealError, ValidationError, UnicodeDecodeError) as exc:
+            log.warning("refused the sealed direct message %s from node %s to %s: it does "
+                        "not open (%s); kept as ciphertext for its feed, never shown",
+                        m.id, m.origin, m.to, exc)
+            return None
+
+    def _keep_dh(self, record: DhRecord) -> None:
+        """Hold ``record`` (verified with its node's roster) if it is that node's newest."""
+        if record.node == self.node:
+            return
+        old = self._dh_records.get(record.node)
+        if old is None and len(self._dh_records) >= MAX_DH_RECORDS:
+            return
+        if old is None or record.ver > old.ver:
+            self._dh_records[record.node] = record
 
     def _sees(self, msg: Message, nick: str) -> bool:
         """True if this node's user ``nick`` may see ``msg`` (a direct message: one of its ends)."""
@@ -859,6 +1012,7 @@ class Router:
             return RunResult([], gap=True)
         if origin not in self._cursors and not self._admitted([origin], source, [origin]):
             return RunResult([])
+        run = self._open(run, cur)
         new = self._store.insert_run(run, key=item.key.raw, now=self._clock(),
                                      floor=item.floor and origin != self.node)
         if not new:
@@ -1019,6 +1173,8 @@ class Router:
         item = event.item
         source = event.source
         if isinstance(item, Message) and item.to is not None:
+            if not item.text:  # sealed, and not opened here: for other daemons only
+                return []
             # A direct message: only its two ends on this node, whatever their rooms;
             # the watchers (control subscriptions) are this daemon's own user.
             subs: list[Subscriber] = []
@@ -1228,6 +1384,8 @@ class Router:
             return
         if direct:  # the node's own link vouches for it, whichever copy came first
             self._roster.claim(roster.node, source)
+        if roster.dh is not None and roster.signed is not None:
+            self._keep_dh(roster.dh)  # checked with the roster's key (presence)
         if changes is None:
             return
         self._linkmap.set(roster.node, () if roster.gone else roster.links)
@@ -1262,7 +1420,8 @@ class Router:
     def _own_roster(self) -> NodeRoster:
         mine = (self._me, *self._local_users.values())
         return NodeRoster(node=self.node, ver=self._roster_ver, name=self.name,
-                          host=self.host, users=mine, links=tuple(sorted(self._linked_nodes())))
+                          host=self.host, users=mine, links=tuple(sorted(self._linked_nodes())),
+                          dh=self._dh_record)
 
     def _linked_nodes(self) -> set[str]:
         return {lk.node for lk in self._links}

@@ -85,6 +85,7 @@ __all__ = [
     "DhRecord",
     "SealError",
     "SealHeader",
+    "dm_context",
     "open_sealed",
     "parse_seal_text",
     "peek",
@@ -100,6 +101,8 @@ DERIVE_INFO = b"lanchat/dhkey-derive/v1\x00"
 WRAP_INFO = b"lanchat/seal-wrap/v1\x00"
 #: Start of the text's additional authenticated data.
 SEAL_DOMAIN = b"lanchat/seal/v1\x00"
+#: Start of a direct message's context (:func:`dm_context`).
+DM_CONTEXT_DOMAIN = b"lanchat/dm/v1\x00"
 MAGIC = b"LCS\x01"
 KEY_BYTES = 32
 TAG_BYTES = 16
@@ -270,6 +273,20 @@ class DhRecord:
         except ValidationError as exc:
             raise SealError(f"node {node}'s X25519 key record: {exc}") from None
         return cls(node, ver, key, body, sig)
+
+
+def dm_context(*, origin: str, seq: int, room: str, nick: str, to: str,
+               to_node: str) -> bytes:
+    """The context a direct message's seal is bound to: the feed entry that carries it.
+
+    The origin and seq name one entry of one signed feed, and the room, the sender's nick
+    and the addressee are what that entry shows around the seal: a seal copied into another
+    entry -- another node's, another seq of the same feed, or a different addressee --
+    does not open.  Sealer and opener build it from the same entry fields.
+    """
+    return DM_CONTEXT_DOMAIN + json.dumps([origin, seq, room, nick, to, to_node],
+                                          separators=(",", ":"),
+                                          ensure_ascii=True).encode("ascii")
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -31,6 +31,13 @@ Signed feeds (schema 6)
     Messages stored before schema 6 have none of these: they are shown
     (``Message.signed`` False) but never served as entries.
 
+Sealed direct messages (lanchat.seal)
+    The body of a direct message's entry holds its seal, never its text.  The
+    ``text`` column holds what this daemon read: the text where it is one of the
+    two ends (it opened the seal, or sealed it), ``''`` everywhere else.  Such a
+    row is kept and served as an entry like any other, but never read back as a
+    message (history, ``after``): the ciphertext is all this daemon has.
+
 Thread model
     One thread writes (the router thread, HACKING.md): ``append_local``,
     ``insert_remote`` and ``prune`` use a single writer connection, and two
@@ -241,6 +248,10 @@ _EXPIRED = {
             f"WHERE {column} < ? LIMIT ?)"
     for column in ("ts", "received")
 }
+
+#: The ``text`` of a sealed direct message this daemon cannot read (it is neither end):
+#: no readable text is empty, so it marks a row that is stored and relayed, never shown.
+_UNREAD = ""
 
 _Row = tuple[str, str, int, float, str, str, str, str, str | None, str | None, str | None,
              int]
@@ -523,8 +534,9 @@ class Store:
             return conn.execute(sql, params).fetchall()
 
     def _messages(self, rows: list[tuple[object, ...]]) -> list[Message]:
+        """Messages from ``_COLUMNS`` rows, without the sealed ones not opened here."""
         try:
-            return [_message(row) for row in rows]  # type: ignore[arg-type]
+            return [_message(row) for row in rows if row[7] != _UNREAD]  # type: ignore[arg-type]
         except ValidationError as exc:
             # Only a file edited behind our back gets here: we validate before storing.
             raise StoreError(f"history at {self.path} holds an invalid message: {exc}") from exc
@@ -838,7 +850,7 @@ class Store:
         is then ``limit`` messages that user may see).  Any thread.
         """
         limit = max(1, min(int(limit), MAX_HISTORY_PAGE))
-        where: list[str] = []
+        where: list[str] = ["text != ''"]  # sealed direct messages not opened here
         params: list[object] = []
         if room is not None:
             where.append("room = ?")

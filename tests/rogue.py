@@ -109,18 +109,22 @@ class Feed:
         self.public = self.public or self.key.public
 
     def entry(self, seq: int, text: str = "", *, prev: Any = "chain", sign: bool = True,
-              **fields: Any) -> dict[str, Any]:
+              seal: str | None = None, **fields: Any) -> dict[str, Any]:
         """Entry ``seq`` in wire form ``{b, s}``; any body field may be overridden.
 
         ``prev``: by default the hash of entry ``seq - 1`` as this feed wrote it last
         (:data:`UNKNOWN_PREV` if it wrote none).  The body is compact ASCII JSON in the
-        documented order, so what a daemon stores is exactly what was signed.
+        documented order, so what a daemon stores is exactly what was signed.  ``seal``: a
+        sealed direct message (lanchat.seal's text form) in place of ``text``.
         """
         if prev == "chain":
             prev = None if seq == 1 else self.hashes.get(seq - 1, UNKNOWN_PREV)
         body_fields = fake_msg(seq, text, self.origin, **fields)
         del body_fields["id"]
         body_fields = {"v": 1, **body_fields}
+        if seal is not None:
+            body_fields = {("seal" if k == "text" else k): (seal if k == "text" else v)
+                           for k, v in body_fields.items()}
         body_fields.pop("prev", None)
         body_fields["prev"] = prev
         body = json.dumps(body_fields, separators=(",", ":"), ensure_ascii=True).encode()

@@ -42,7 +42,12 @@ from lanchat.feed import (
 )
 from lanchat.fields import validate_node
 from lanchat.framing import dumps_line, loads_line
-from lanchat.limits import MAX_ENTRY_BODY_BYTES, MAX_RUN_ENTRIES, SIGN_INTERVAL
+from lanchat.limits import (
+    MAX_ENTRY_BODY_BYTES,
+    MAX_RUN_ENTRIES,
+    MAX_SEAL_TEXT_CHARS,
+    SIGN_INTERVAL,
+)
 from lanchat.linkproto import MAX_BATCH, MAX_LINK_FRAME
 from lanchat.model import Message
 
@@ -311,6 +316,46 @@ def test_strict_parsing_accepts_what_the_origin_may_write() -> None:
     (entry,) = receive([raw_entry(body)], ALICE)
     assert entry.body == body.encode() and entry.message.ts == 17.0
     assert entry.message.to == "bob"
+
+
+def sealed_fields(**kw: Any) -> dict[str, Any]:
+    """A sealed direct message's body: ``seal`` where ``text`` was, ``to`` and ``to_node``."""
+    d = {("seal" if k == "text" else k): ("QUJD" * 80 if k == "text" else v)
+         for k, v in good_fields().items()}
+    d = {**{k: v for k, v in d.items() if k != "prev"}, "to": "bob", "to_node": BOB.node,
+         "prev": None}
+    d.update(kw)
+    return d
+
+
+def test_a_sealed_entry_carries_its_seal_in_place_of_the_text() -> None:
+    m = Message(origin=ALICE.node, seq=1, ts=1.5, room="lobby", nick="alice", host="h",
+                text="", to="bob", to_node=BOB.node, sealed="QUJD" * 80)
+    body = encode_body(m, None)
+    assert body == json.dumps(sealed_fields(), separators=(",", ":")).encode()
+    (entry,) = receive([raw_entry(body.decode())], ALICE)
+    assert entry.message.sealed == "QUJD" * 80 and entry.message.text == ""
+    assert entry.message == m and entry.body == body
+    biggest = sealed_fields(seal="A" * MAX_SEAL_TEXT_CHARS)
+    assert receive([raw_entry(biggest)], ALICE)[0].message.sealed == "A" * MAX_SEAL_TEXT_CHARS
+
+
+@pytest.mark.parametrize("body", [
+    sealed_fields(text="also in clear"),  # both: which one?
+    {k: v for k, v in sealed_fields().items() if k != "to_node"},  # whose node seals it?
+    {k: v for k, v in sealed_fields().items() if k != "to"},
+    sealed_fields(to=None),
+    sealed_fields(seal=""),
+    sealed_fields(seal="QUJD=="),  # base64url without padding only
+    sealed_fields(seal="QU+D"),  # not the URL alphabet
+    sealed_fields(seal="A" * (MAX_SEAL_TEXT_CHARS + 1)),
+    sealed_fields(seal=["QUJD"]),
+    sealed_fields(seal=None),
+])
+def test_sealed_entries_are_parsed_strictly(body: dict[str, Any]) -> None:
+    with pytest.raises(FeedError) as err:
+        receive([raw_entry(body)], ALICE)
+    assert err.value.code == "bad-entry"
 
 
 @pytest.mark.parametrize("item", [

@@ -6,6 +6,7 @@ Pure: rosters are built by hand and applied in every order a mesh could deliver 
 from __future__ import annotations
 
 import itertools
+import json
 from typing import Any
 
 import pytest
@@ -13,17 +14,23 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lanchat.errors import AmbiguousUser, NoSuchUser, ValidationError
+from lanchat.feed import SigningKey, b64encode
 from lanchat.model import Presence, User
 from lanchat.presence import (
     MAX_NETWORK_USERS,
     MAX_NODES,
     MAX_ROSTER_USERS,
+    ROSTER_DOMAIN,
     Change,
     HeldNotices,
     NetworkRoster,
     NodeRoster,
+    parse_signed_roster,
+    resolve_mailbox,
     resolve_recipient,
+    sign_roster,
 )
+from lanchat.seal import DhKey, DhRecord
 
 ME = "00" * 8
 NODE_B = "b2" * 8
@@ -354,3 +361,41 @@ def test_held_notices_are_summed_up_per_room_kind_and_reason() -> None:
         ("leave", "lobby", "e", 36, "too slow"): None,    # one notice for 37 people
         ("leave", "lobby", "f", 0, "quit"): "sub-f",
     }
+# -- the X25519 key record in a signed roster (issue 14 item 3) -------------------------------
+
+def test_a_signed_roster_carries_its_nodes_key_record_and_only_its_own() -> None:
+    ann, bea = SigningKey(b"\x0a" * 32), SigningKey(b"\x0b" * 32)
+    record = DhRecord.make(ann, DhKey.derive(ann, 1), 1)
+
+    def frame(r: NodeRoster, key: SigningKey = ann) -> dict[str, Any]:
+        return {"type": "roster", **(sign_roster(key, r).signed.to_wire())}  # type: ignore[union-attr]
+
+    base = NodeRoster(node=ann.node, ver=3, name="ann's", host="h", users=())
+    got = parse_signed_roster(frame(NodeRoster(**{**_fields(base), "dh": record})))
+    assert got.dh == record and got.dh is not None and got.dh.key == record.key
+    assert parse_signed_roster(frame(base)).dh is None  # none published: none held
+    # another node's record inside ann's roster (signed by ann): refused
+    other = DhRecord.make(bea, DhKey.derive(bea, 1), 1)
+    with pytest.raises(ValidationError) as err:
+        parse_signed_roster(frame(NodeRoster(**{**_fields(base), "dh": other})))
+    assert err.value.code == "bad-roster"
+    # a record whose own signature is broken, although ann signed the roster around it
+    doc = base.to_dict()
+    doc["dh"] = {"b": record.body.decode(), "s": "A" * 86}
+    body = json.dumps(doc, separators=(",", ":"))
+    forged = {"b": body, "s": b64encode(ann.sign(ROSTER_DOMAIN + body.encode())),
+              "k": ann.public.text}
+    with pytest.raises(ValidationError, match="not signed by its key"):
+        parse_signed_roster(forged)
+    # a node known only by its roster or record is reachable as nick@node-prefix
+    assert resolve_mailbox(f"carol@{ann.node[:8]}", {ann.node: "", bea.node: "h2"}) == (
+        "carol", ann.node)
+    assert resolve_mailbox("carol@h2", {ann.node: "", bea.node: "h2"}) == ("carol", bea.node)
+    assert resolve_mailbox("carol@nowhere", {ann.node: ""}) is None
+    assert resolve_mailbox("carol", {ann.node: ""}) is None
+    with pytest.raises(AmbiguousUser):
+        resolve_mailbox("carol@h", {ann.node: "h", bea.node: "h"})
+
+
+def _fields(r: NodeRoster) -> dict[str, Any]:
+    return {f: getattr(r, f) for f in ("node", "ver", "name", "host", "users", "gone", "links")}

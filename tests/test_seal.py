@@ -10,7 +10,12 @@ import pytest
 from lanchat import seal
 from lanchat.errors import LocalProtocolError, ValidationError
 from lanchat.feed import MSG_DOMAIN, SigningKey, b64encode
-from lanchat.limits import MAX_DH_RECORD_BYTES, MAX_SEALED_TEXT_BYTES, SEAL_PAD_BYTES
+from lanchat.limits import (
+    MAX_DH_RECORD_BYTES,
+    MAX_SEAL_TEXT_CHARS,
+    MAX_SEALED_TEXT_BYTES,
+    SEAL_PAD_BYTES,
+)
 from lanchat.seal import DhKey, DhPublic, DhRecord, SealError
 
 
@@ -242,3 +247,31 @@ def test_peek_names_the_keys_for_looking_them_up() -> None:
     assert head.recipient_key == BOB.dh.public and head.sender_key == ALICE.dh.public
     assert len(head.ephemeral) == 32 and head.ephemeral not in (BOB.dh.public,
                                                                ALICE.dh.public)
+
+
+# -- the wiring's pieces (issue 14 item 3: a seal in a feed entry) ---------------------------
+
+def test_the_entry_field_bound_is_the_largest_seal_in_base64url() -> None:
+    assert MAX_SEAL_TEXT_CHARS == -(-seal.MAX_SEAL_BYTES * 4 // 3)
+    biggest = seal.seal_text(sealed(b"x" * MAX_SEALED_TEXT_BYTES))
+    assert len(biggest) == MAX_SEAL_TEXT_CHARS
+
+
+def test_dm_context_binds_each_field_of_the_entry() -> None:
+    """A seal made for one entry opens for that entry only: another origin, seq, room,
+    nick, addressee or addressee node (each one changed in turn) and it does not."""
+    fields = {"origin": ALICE.identity.node, "seq": 7, "room": "lobby", "nick": "alice",
+              "to": "bob", "to_node": BOB.identity.node}
+    ctx = seal.dm_context(**fields)
+    blob = sealed(b"for entry 7", context=ctx)
+    assert open_as(BOB, blob, context=ctx) == b"for entry 7"
+    others = {"origin": CAROL.identity.node, "seq": 8, "room": "ops", "nick": "mallory",
+              "to": "bobby", "to_node": CAROL.identity.node}
+    for name, value in others.items():
+        moved = seal.dm_context(**{**fields, name: value})
+        assert moved != ctx
+        with pytest.raises(SealError, match="does not open"):
+            open_as(BOB, blob, context=moved)
+    # unambiguous: a field cannot borrow characters from its neighbour
+    assert (seal.dm_context(**{**fields, "room": "a", "nick": "bc"})
+            != seal.dm_context(**{**fields, "room": "ab", "nick": "c"}))
