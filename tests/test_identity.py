@@ -131,16 +131,20 @@ def test_a_daemon_that_dials_itself_is_not_taken_for_a_twin(make_daemon: Any) ->
 
 def test_a_peer_echoing_our_own_hello_cannot_stop_our_dialer(make_daemon: Any) -> None:
     """A static peer answers with our node id, key and nonce (as if we had dialed ourselves)
-    but cannot sign: it is refused as unproven, and we keep dialing it."""
+    but cannot present our key in TLS: it is refused, and we keep dialing it."""
     listener = RogueListener(rogue_identity("echo"))
     try:
         d = make_daemon("--peer", f"127.0.0.1:{listener.port}")
         for attempt in range(2):
             r = listener.accept(10.0)
             hello = r.frame()
+            r.send({"type": "starttls"})
+            r.serve_tls()
             r.send({**hello, "type": "welcome", "proof": r.identity.link_key.sign(b"x").hex()[:86]})
             assert r.closed(5.0), attempt
-        assert "it could not prove it holds the key of node" in d.stderr(), logs(d)
+        assert (f"the welcome names node {rpc(d, 'status')['node']}, not the node of its TLS "
+                "certificate "
+                f"({rogue_identity('echo').node})") in d.stderr(), logs(d)
     finally:
         listener.close()
 
