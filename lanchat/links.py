@@ -290,6 +290,11 @@ class Link:
                     # The peer's words go to our log: inert, or they could forge log lines.
                     reason = f"peer said bye ({neutralise(frame.reason)})"
                     return
+                elif isinstance(frame, linkproto.Refused):
+                    # It refused our proof (its pin of us, its secret): why, in our log too.
+                    reason = f"refused by the other side: {neutralise(frame.message)}"
+                    log.warning("%r: %s", self, reason)
+                    return
         except TimeoutError:
             reason = f"no word for {linkproto.DEAD_AFTER_S:g} s"
         except (RemoteProtocolError, ValidationError) as exc:

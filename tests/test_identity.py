@@ -6,6 +6,7 @@ Daemons on 127.0.0.1 with ``--no-discovery``.  A "machine" is played by the file
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -186,22 +187,29 @@ def test_a_cloned_state_directory_on_another_machine_gets_a_new_identity(
 
 # -- daemons of the old link protocol (v1) -----------------------------------------------------
 
-@pytest.fixture
-def v1_tree() -> Iterator[str]:
-    """lanchat as of V1_COMMIT (link protocol v1), unpacked from this repository's history."""
-    path = os.path.join("/tmp", f"lc-v1-{os.getpid()}")
+@contextlib.contextmanager
+def old_tree(commit: str) -> Iterator[str]:
+    """lanchat as of ``commit``, unpacked from this repository's history (PYTHONPATH)."""
+    path = os.path.join("/tmp", f"lc-{commit}-{os.getpid()}")
     os.makedirs(path, exist_ok=True)
     try:
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", V1_COMMIT, "lanchat"],
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "lanchat"],
                                  check=False, capture_output=True, timeout=30)
         if archive.returncode != 0:
-            skip_or_fail(f"commit {V1_COMMIT} is not in this checkout: "
+            skip_or_fail(f"commit {commit} is not in this checkout: "
                          f"{archive.stderr.decode(errors='replace').strip()}")
         subprocess.run(["tar", "-x", "-C", path], input=archive.stdout, check=True,
                        timeout=30)
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def v1_tree() -> Iterator[str]:
+    """lanchat as of V1_COMMIT (link protocol v1)."""
+    with old_tree(V1_COMMIT) as path:
+        yield path
 
 
 @pytest.mark.parametrize("secret", [False, True], ids=["open", "secret"])
