@@ -292,10 +292,24 @@ def cmd_users(args: argparse.Namespace) -> int:
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
-    return _list_command(args, "peers", ["NODE", "NAME", "ADDRESS", "PORT", "STATE", "LAST SEEN"],
+    return _list_command(args, "peers", ["NODE", "NAME", "ADDRESS", "PORT", "STATE", "LAST SEEN",
+                                         "FINGERPRINT"],
                          lambda p: [str(p.get("node", "")), str(p.get("name", "")),
                                     str(p.get("address", "")), str(p.get("port", "")),
-                                    _peer_state(p), _when(p.get("last_seen"))])
+                                    _peer_state(p), _when(p.get("last_seen")),
+                                    str(p.get("fingerprint") or "")])
+
+
+def cmd_trust(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        result = client.call("trust", node=args.node)
+    if args.json:
+        _json(result)
+    elif isinstance(result, dict):
+        names = result.get("names")
+        where = ", ".join(str(n) for n in names) if isinstance(names, list) else ""
+        _out(neutralise(f"trusted node {result.get('node')} for {where}; linking again"))
+    return EXIT_OK
 
 
 def _peer_state(peer: dict[str, Any]) -> str:
@@ -535,6 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("users", cmd_users, "list the people connected across the network")
     add("peers", cmd_peers, "list the other daemons found on the network")
+    p = add("trust", cmd_trust, "accept the changed key of a peer that `peers` shows as "
+            "'key changed' (NODE: its new node id)")
+    p.add_argument("node", metavar="NODE")
     add("status", cmd_status, "show the daemon's status")
     p = add("nick", cmd_nick, "change this node's nickname")
     p.add_argument("name", metavar="NAME")

@@ -53,6 +53,8 @@ SYSTEM_SOCKET_MODE = 0o660
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 IP_VERSIONS = ("v4", "v6", "all")
+#: ``trust``: what a peer's changed key gets (lanchat.pins.TrustPolicy's values).
+TRUST_POLICIES = ("first-use", "always")
 
 #: Longest mDNS instance label (RFC 6763 §4.1.1: a DNS label, 63 octets).
 MAX_NAME_BYTES = 63
@@ -97,6 +99,7 @@ class Config:
     secret: str | None = None
     secret_file: str | None = None
     plain_clients: bool = False
+    trust: str = "first-use"
     system: bool = False
     config_file: str | None = None
 
@@ -341,6 +344,7 @@ _VALIDATORS: dict[str, Callable[[object, bool], Any]] = {
     "max_connections_per_ip": lambda v, e: _int(v, e, 0, 1_000_000),
     "secret": _optional_str,
     "plain_clients": _bool,
+    "trust": _choice(TRUST_POLICIES),
     "system": _bool,
 }
 _PATH_KEYS = ("state_dir", "socket", "secret_file")

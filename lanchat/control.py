@@ -61,6 +61,7 @@ from lanchat.model import (
     Presence,
     User,
     validate_nick,
+    validate_node,
     validate_recipient,
     validate_room,
     validate_send_key,
@@ -122,6 +123,10 @@ class ControlBackend(Protocol):
     def users(self) -> list[User]: ...
 
     def peers(self) -> list[dict[str, Any]]: ...
+
+    def trust(self, node: str) -> list[str]:
+        """Accept node ``node``'s changed key where it is held; the pin names it took."""
+        ...
 
     def status(self) -> dict[str, Any]: ...
 
@@ -405,6 +410,16 @@ def _peers(conn: _Connection, params: dict[str, Any]) -> Any:
     return conn.server.backend.peers()
 
 
+def _trust(conn: _Connection, params: dict[str, Any]) -> Any:
+    jsonrpc.check_params(params, {"node"})
+    node = validate_node(params.get("node"))
+    names = conn.server.backend.trust(node)
+    if not names:
+        raise ValidationError(f"no changed key of node {node} is waiting to be trusted "
+                              "(see `lanchat peers`: state \"key changed\")", code="not-held")
+    return {"node": node, "names": names}
+
+
 def _status(conn: _Connection, params: dict[str, Any]) -> Any:
     jsonrpc.check_params(params, set())
     status: dict[str, Any] = {"version": __version__}
@@ -443,7 +458,10 @@ METHODS: dict[str, Method] = {
                                     "notifications"),
     "unsubscribe": Method(_unsubscribe, "unsubscribe {} -> true if a subscription was ended"),
     "users": Method(_users, "users {} -> [{nick, host, node, local, since, room, via}]"),
-    "peers": Method(_peers, "peers {} -> [{node, name, address, port, state, last_seen}]"),
+    "peers": Method(_peers, "peers {} -> [{node, name, address, port, state, last_seen, "
+                            "fingerprint, ...}]; state 'key changed': see trust"),
+    "trust": Method(_trust, "trust {node} -> {node, names}: accept the changed key of node "
+                            "NODE that a pinned peer presented (lanchat peers: key changed)"),
     "status": Method(_status, "status {} -> {version, node, key, fingerprint, nick, port, "
                               "peers, uptime_s, ...}"),
     "nick": Method(_nick, "nick {nick} -> {nick}: change this node's nickname"),

@@ -26,7 +26,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from lanchat import __version__, auth, config, feed, keyfile, sdlisten, sdnotify
+from lanchat import __version__, auth, config, feed, keyfile, pinfile, sdlisten, sdnotify
 from lanchat.control import AlreadyRunning, ControlServer
 from lanchat.errors import ConfigError, LanchatError
 from lanchat.hub import Hub
@@ -41,6 +41,7 @@ from lanchat.links import Identity, LinkManager
 from lanchat.logsetup import set_level, setup_logging
 from lanchat.memtrim import Trimmer
 from lanchat.model import Draft, Message, User
+from lanchat.pins import PeerPins, TrustPolicy
 from lanchat.router import Router, Subscriber
 from lanchat.store import Store
 
@@ -95,6 +96,10 @@ class Daemon:
         note = self.identity.note()
         if note is not None:
             log.warning("%s", note)
+        #: Pinned peers (issue 14): read before anything opens, so a corrupt file stops
+        #: the daemon with its line number instead of being quietly not checked.
+        self._pins_path = os.path.join(cfg.state_dir, pinfile.KNOWN_PEERS)
+        self.peer_pins = PeerPins(pinfile.load(self._pins_path), TrustPolicy.parse(cfg.trust))
         self.store = Store(Path(cfg.state_dir) / "history.db",
                            max_age_days=cfg.max_age_days, max_messages=cfg.max_messages,
                            node_id=self.identity.node)
@@ -135,7 +140,8 @@ class Daemon:
                 self.router, self.store,
                 Identity(node=self.node, name=self.cfg.name, host=self.hostname,
                          port=self.hub.port, key=self.identity.key),
-                static_peers=[config.parse_peer(p) for p in self.cfg.peers], key=self.key)
+                static_peers=[config.parse_peer(p) for p in self.cfg.peers], key=self.key,
+                pins=self.peer_pins, pins_path=self._pins_path, scratch_dir=self.cfg.state_dir)
             self.hub.link_acceptor = self.links
             self.hub.start()
             self.links.start()
@@ -291,6 +297,11 @@ class Daemon:
 
     def peers(self) -> list[dict[str, Any]]:
         return self.links.peers() if self.links is not None else []
+
+    def trust(self, node: str) -> list[str]:
+        """``lanchat trust NODE``: the pin names where node ``node``'s changed key is now
+        accepted (empty: no change of that node waits)."""
+        return self.links.trust(node) if self.links is not None else []
 
     def status(self) -> dict[str, Any]:
         hub = self.hub

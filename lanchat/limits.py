@@ -338,7 +338,7 @@ CONSOLE_KICK_INTERVAL_S = 0.05
 #: takes longer is not in a read (it prints what is queued when it next reads a line).
 CONSOLE_MAX_KICKS = 100
 
-# -- private by default (issue 14: lanchat.tlsid, keyproof, sniff, pins, seal) -------------
+# -- private by default (issue 14: lanchat.tlsid, sniff, pins, seal) ----------------------
 
 #: Seconds a TLS handshake (hub client or link) may take, from the first byte to the
 #: end of the handshake.  A LAN handshake takes a few milliseconds; a peer that has not

@@ -3,16 +3,28 @@
 A link is a TCP connection to the other daemon's hub port, speaking JSON lines
 (the hub's JSON mode, with ``"role": "daemon"`` in the hello):
 
-1. The dialer sends ``hello {v: 2, role: "daemon", node, name, host, port, key,
-   nonce}``; the acceptor answers ``welcome`` with the same fields plus
-   ``proof`` (and ``admit`` with a shared secret), or a fatal ``error``
-   (``same-node``, ``duplicate-link``, ``bad-key``, ``auth-failed``,
-   ``same-identity``).  The dialer's first frame is then ``auth {proof,
-   admit?}``.  ``key`` is the node's Ed25519 public key (its node id is the
-   key's hash); each ``proof`` signs the handshake transcript (both node ids,
-   keys and nonces, and the signer's role), ``admit`` proves the shared secret
-   over the same: see :mod:`lanchat.handshake`.  A v1 peer (no key) is refused
-   with :data:`V1_REFUSAL`.  Hello and welcome stay small: the first line of a
+1. The dialer sends ``hello {v: 3, role: "daemon", node, name, host, port, key,
+   nonce}`` in clear (what mDNS says anyway, and what a v1 or v2 daemon can read
+   far enough to refuse it); the acceptor answers ``starttls`` (or a fatal
+   ``error``: ``same-node``, ``duplicate-link``, ``bad-key``), the dialer sends
+   nothing more until then, and both run TLS 1.3 over the connection
+   (:mod:`lanchat.tlsid`; the acceptor is the TLS server, presenting its node key's
+   certificate).  The dialer checks the certificate's key against the node it
+   expected (mDNS TXT ``id``, or the pin of the ``--peer`` address: see
+   :mod:`lanchat.pins`) before it reads anything.  Inside TLS the acceptor sends
+   ``welcome`` with the same fields as a hello plus ``proof`` (and ``admit`` with
+   a shared secret) -- its ``key`` must be the certificate's -- or a fatal
+   ``error`` (``auth-failed``, ``same-identity``, ``too-many-links``); the
+   dialer's first frame is then ``auth {proof, admit?}``, or an ``error``
+   saying why it will not go on (``wrong-key``, ``key-changed``).  ``key`` is
+   the node's Ed25519 public key (its node id is the key's hash); each
+   ``proof`` signs the handshake transcript (both node ids, keys and nonces,
+   and the signer's role), ``admit`` proves the shared secret over the same:
+   see :mod:`lanchat.handshake`.  TLS authenticates the acceptor's key; the
+   dialer's ``proof``, sent only once the acceptor is authenticated and naming
+   its key, authenticates the dialer.  An older peer is refused so that its own
+   log says why: v1 (no key) with :data:`V1_REFUSAL`, v2 (keys, no TLS) with
+   :data:`V2_REFUSAL`.  Hello and welcome stay small: the first line of a
    hub connection is held to the hub's frame limit.
 2. Each side's first frame is ``sync {cursors}``: every origin mapped to the
    highest sequence number it holds (a node holds each origin's messages 1..n
@@ -75,11 +87,13 @@ from lanchat.limits import MAX_HOST_CHARS, MAX_RUN_ENTRIES, MAX_SYNC_CURSORS, MA
 from lanchat.model import validate_host, validate_node
 from lanchat.presence import NodeRoster, parse_signed_roster
 
-#: The link protocol this daemon speaks: 2 (keys and proofs in the hello, signed rosters).
-#: A peer that says 1 is an older lanchat: it is refused, with a line in both logs.
-VERSION = 2
+#: The link protocol this daemon speaks: 3 (2's keys, proofs and signed rosters, over TLS).
+#: A peer that says 1 or 2 is an older lanchat: it is refused, with a line in both logs.
+VERSION = 3
 #: The last link protocol without keys.
 OLD_VERSION = 1
+#: The last link protocol without TLS (keys and proofs in clear).
+PLAIN_VERSION = 2
 
 #: The frame type a v2 daemon sends a v1 daemon to refuse it.  A v1 daemon logs an
 #: unknown frame type, with the type, at warning level (``unknown link frame type
@@ -87,6 +101,12 @@ OLD_VERSION = 1
 #: it logs at info or debug level only, below its default -- so the type is the sentence.
 V1_REFUSAL = ("refused: the other daemon speaks lanchat link protocol v2 (signed "
               "identities) and no longer links to v1; upgrade lanchat here")
+
+#: The frame type a v3 daemon sends a v2 daemon to refuse it, inside a frame the v2
+#: daemon reads as a protocol error and logs at warning level with the type (the
+#: dialer's ``auth`` slot, or the first frame of a link).
+V2_REFUSAL = ("refused: the other daemon speaks lanchat link protocol v3 (links over "
+              "TLS) and no longer links without TLS; upgrade lanchat here")
 
 #: Seconds between heartbeats on an idle link.
 HEARTBEAT_S = 2.0
@@ -296,6 +316,16 @@ def encode_v1_refusal() -> bytes:
     return dumps_line({"type": V1_REFUSAL, "reason": V1_REFUSAL})
 
 
+def encode_v2_refusal() -> bytes:
+    """What a v2 daemon is told before the connection closes (see :data:`V2_REFUSAL`)."""
+    return dumps_line({"type": V2_REFUSAL, "reason": V2_REFUSAL})
+
+
+def encode_starttls() -> bytes:
+    """The acceptor's answer to a v3 hello: TLS starts right after this line."""
+    return dumps_line({"type": "starttls"})
+
+
 def encode_sync(cursors: Mapping[str, int], page: int = MAX_SYNC_PAGE, *,
                 heads: Mapping[str, str] | None = None) -> bytes:
     """One ``sync``, as pages of at most ``page`` cursors (``more: true`` on all but the last).
@@ -410,6 +440,11 @@ class Bye:
 
 
 @dataclass(frozen=True, slots=True)
+class StartTls:
+    """The acceptor's go-ahead: the next bytes either way are TLS."""
+
+
+@dataclass(frozen=True, slots=True)
 class Welcome:
     peer: PeerHello
 
@@ -421,7 +456,7 @@ class Refused:
 
 
 Frame = (Msgs | Roster | RosterRefused | Gone | Sync | Floor | Auth | Ping | Pong | Bye
-         | Welcome | Refused)
+         | StartTls | Welcome | Refused)
 
 
 def parse_frame(line: bytes) -> Frame:
@@ -481,6 +516,8 @@ def parse_frame(line: bytes) -> Frame:
         return Bye(reason[:200] if isinstance(reason, str) else "bye")
     if kind == "welcome":
         return Welcome(parse_peer_hello(frame))
+    if kind == "starttls":
+        return StartTls()
     if kind == "error":
         code, message = frame.get("code"), frame.get("message")
         return Refused(str(code)[:50], str(message)[:300])

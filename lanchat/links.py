@@ -3,8 +3,17 @@
 A :class:`LinkManager` dials the static peers (``--peer HOST:PORT``) and the
 peers discovery reports, and accepts the links other daemons open to our hub
 (the hub hands over any connection whose hello says ``role: daemon``).  The
-protocol -- hello, cursors, replay, heartbeats, the tie-break -- is in
+protocol -- hello, TLS, cursors, replay, heartbeats, the tie-break -- is in
 :mod:`lanchat.linkproto`.
+
+Every link runs over TLS 1.3 (:mod:`lanchat.tlsid`): the acceptor presents its
+node key's certificate, the dialer checks that key against the node it expected
+(mDNS TXT ``id``) and against the key pinned for the name it dialed
+(:class:`lanchat.pins.PeerPins`: ``peer:HOST:PORT`` for a static peer,
+``mdns:NAME`` for one discovery found), then the signed hello transcript of
+:mod:`lanchat.handshake` runs inside the tunnel and proves the dialer's key.  A
+key that does not match is refused with one log line on each side: the refusing
+side logs why and sends it in an ``error`` frame, which the other side logs.
 
 Each established :class:`Link` has two threads: its reader (the dialer's
 thread, or the hub connection's thread for an accepted link) and a sender
@@ -22,24 +31,36 @@ for as long, is dead.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import random
 import secrets
 import select
 import socket
+import ssl
 import threading
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
-from lanchat import auth, handshake, linkproto
+from lanchat import auth, handshake, linkproto, pinfile, tlsid
 from lanchat.commands import Hello
 from lanchat.errors import LanchatError, RemoteProtocolError, RouterTimeout, ValidationError
 from lanchat.events import Event
-from lanchat.feed import Entry, PublicKey, RunResult, SigningKey, StoredEntry, cut_runs, verify_run
+from lanchat.feed import (
+    Entry,
+    PublicKey,
+    RunResult,
+    SigningKey,
+    StoredEntry,
+    cut_runs,
+    fingerprint,
+    verify_run,
+)
 from lanchat.framing import LineDecoder
 from lanchat.limits import (
     LINK_BURST,
@@ -53,6 +74,7 @@ from lanchat.limits import (
     SHUTDOWN_TIMEOUT_S,
 )
 from lanchat.model import Message
+from lanchat.pins import PEERS_HEADER, PeerPins, PeerVerdict, Pins, check_name, hub_name
 from lanchat.presence import NodeRoster, sign_roster
 from lanchat.ratelimit import TokenBucket
 from lanchat.render import neutralise
@@ -68,6 +90,15 @@ CONNECT_TIMEOUT_S = 3.0
 
 #: A link that lasted this long resets its dialer's backoff.
 STABLE_AFTER_S = 10.0
+
+#: Bytes read at a time inside TLS until the dialer's ``auth`` is in: far below the
+#: hub's frame limit (limits.MAX_FRAME_BYTES), which the handshake is held to.
+AUTH_READ_BYTES = 4096
+
+
+def _der(conn: tlsid.TlsSocket) -> bytes | None:
+    der = conn.getpeercert(binary_form=True)
+    return der if isinstance(der, bytes) else None
 
 
 class LinkRouter(Protocol):
@@ -132,7 +163,7 @@ class Link:
     writing.  ``_cond`` guards the queues, flags and ``_peer_has``.
     """
 
-    def __init__(self, manager: LinkManager, sock: socket.socket, decoder: LineDecoder,
+    def __init__(self, manager: LinkManager, sock: tlsid.TlsSocket, decoder: LineDecoder,
                  peer: linkproto.PeerHello, *, address: tuple[Any, ...], dialer: str,
                  pending: Sequence[bytes] = ()) -> None:
         self.manager = manager
@@ -145,6 +176,8 @@ class Link:
         self.address = address
         self.port = peer.port
         self.dialer = dialer  # node id of the side that dialed
+        #: The peer's key, as TLS (acceptor) or its proof (dialer) showed it.
+        self.key: PublicKey | None = peer.key
         self.started = time.time()
         self.last_heard = time.time()
         self._cond = threading.Condition(threading.Lock())
@@ -262,6 +295,11 @@ class Link:
                 elif isinstance(frame, linkproto.Bye):
                     # The peer's words go to our log: inert, or they could forge log lines.
                     reason = f"peer said bye ({neutralise(frame.reason)})"
+                    return
+                elif isinstance(frame, linkproto.Refused):
+                    # It refused our proof (its pin of us, its secret): why, in our log too.
+                    reason = f"refused by the other side: {neutralise(frame.message)}"
+                    log.warning("%r: %s", self, reason)
                     return
         except TimeoutError:
             reason = f"no word for {linkproto.DEAD_AFTER_S:g} s"
@@ -595,6 +633,8 @@ class _Peer:
     state: str = "down"
     last_seen: float | None = None
     static: bool = False
+    #: The name its key is pinned under (``peer:HOST:PORT``, ``mdns:NAME``), if any.
+    pin: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"node": self.node, "name": self.name, "address": self.address,
@@ -602,12 +642,41 @@ class _Peer:
                 "static": self.static}
 
 
+def static_pin(host: str, port: int) -> str | None:
+    """The pin name of the static peer ``host:port`` (``peer:HOST:PORT``); None if it
+    cannot be one (then only a node id, once learnt, is checked)."""
+    try:
+        return check_name("peer:" + hub_name(host, port))
+    except ValidationError:
+        return None
+
+
+def mdns_pin(name: str) -> str:
+    """The pin name of a daemon discovery knows as ``name``: ``mdns:`` and the name,
+    percent-encoded (a name too long for a pin is named by its hash)."""
+    quoted = "mdns:" + urllib.parse.quote(name, safe="")
+    try:
+        return check_name(quoted)
+    except ValidationError:
+        return "mdns:sha256-" + hashlib.sha256(name.encode()).hexdigest()[:40]
+
+
+class PinHeld(LanchatError):
+    """A pinned name presented another key: held until ``lanchat trust NODE``."""
+
+    code = "key-changed"
+
+
 class _Dialer:
     """Keeps dialing one address until told to stop: connect, handshake, run, back off."""
 
     def __init__(self, manager: LinkManager, hosts: Sequence[str], port: int,
-                 node: str | None) -> None:
+                 node: str | None, pin: str | None = None) -> None:
         self.manager = manager
+        #: The name the peer's key is pinned under, and the node id its TLS certificate
+        #: must name (mDNS TXT ``id``; ours for a twin): what the acceptor is checked by.
+        self.pin = pin
+        self.expect = node
         #: Every address the peer advertised (a dual-homed host has several, and
         #: only some are reachable from here); the one that worked last goes first.
         self.hosts = list(hosts)
@@ -615,6 +684,8 @@ class _Dialer:
         self.port = port
         self.node = node
         self.stop = threading.Event()
+        #: Set to end a backoff early: ``lanchat trust`` accepted its key, or stopping.
+        self.kick = threading.Event()
         self.link: Link | None = None
         self.thread = threading.Thread(target=self._run, name=f"link-dial-{self.host}:{port}",
                                        daemon=False)
@@ -640,7 +711,10 @@ class _Dialer:
                 return
             if time.monotonic() - started > STABLE_AFTER_S:
                 backoff = linkproto.BACKOFF_FIRST_S
-            self.stop.wait(backoff * random.uniform(0.8, 1.2))
+            if self.kick.wait(backoff * random.uniform(0.8, 1.2)):
+                self.kick.clear()
+                backoff = linkproto.BACKOFF_FIRST_S
+                continue
             backoff = min(backoff * 2, linkproto.BACKOFF_MAX_S)
 
     def _dial_once(self) -> None:
@@ -648,33 +722,57 @@ class _Dialer:
         self.manager._set_state(self, "connecting")
         sock = self._connect()
         nonce = manager.new_nonce()
+        where = f"{self.host}:{self.port}"
+        conn: socket.socket | tlsid.TlsSocket = sock
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.sendall(linkproto.encode_hello(manager.hello(nonce=nonce)))
             decoder = LineDecoder(linkproto.MAX_LINK_FRAME)
-            welcome, pending = self._await_welcome(sock, decoder)
-            manager.prove_dialer(sock, nonce, welcome, f"{self.host}:{self.port}")
+            answer, _ = self._await_frame(sock, decoder, clear=True)
+            if (isinstance(answer, linkproto.Welcome)
+                    and answer.peer.version <= linkproto.PLAIN_VERSION):
+                manager.refuse_old_acceptor(sock, answer.peer, where)  # always raises
+            if not isinstance(answer, linkproto.StartTls) or decoder.pending:
+                raise RemoteProtocolError("expected starttls", code="bad-frame")
+            conn = tlsid.tls_handshake(sock, manager.tls_client, server_side=False)
+            key = manager.check_acceptor(conn, self.expect, self.pin, where)
+            frame, pending = self._await_frame(conn, decoder, clear=False)
+            if not isinstance(frame, linkproto.Welcome):
+                raise RemoteProtocolError("expected a welcome", code="bad-frame")
+            welcome = frame.peer
+            if welcome.key != key:
+                manager.refuse_mismatch(conn, f"the welcome names node {welcome.node}, not "
+                                        f"the node of its TLS certificate ({key.node})",
+                                        "wrong-key", where)
+            manager.prove_dialer(conn, nonce, welcome, where)
         except BaseException as exc:
+            conn.close()
             sock.close()
             if isinstance(exc, LinkClosed) and exc.code == "same-node":
                 self.stop.set()  # we dialed ourselves (our own advertisement, a loop): never again
-            self.manager._set_state(
-                self, "same-identity" if isinstance(exc, SameIdentity) else "down")
+            state = "down"
+            if isinstance(exc, SameIdentity):
+                state = "same-identity"
+            elif isinstance(exc, PinHeld):
+                state = "key changed"
+            self.manager._set_state(self, state)
             raise
         finally:
             manager.drop_nonce(nonce)
+        assert isinstance(conn, tlsid.TlsSocket)
         self.node = welcome.node
-        link = Link(manager, sock, decoder, welcome, address=(self.host, self.port),
+        link = Link(manager, conn, decoder, welcome, address=(self.host, self.port),
                     dialer=manager.me.node, pending=pending)
+        link.key = key
         try:
             registered = manager._register(link, self)
         except BaseException:
-            sock.close()
+            conn.close()
             raise
         if not registered:
             with contextlib.suppress(OSError):
-                sock.sendall(linkproto.encode_bye("duplicate link"))
-            sock.close()
+                conn.sendall(linkproto.encode_bye("duplicate link"))
+            conn.close()
             self.manager._set_state(self, "linked" if manager.linked(welcome.node) else "down")
             return
         self.link = link
@@ -700,30 +798,35 @@ class _Dialer:
         assert error is not None
         raise error
 
-    def _await_welcome(self, sock: socket.socket,
-                       decoder: LineDecoder) -> tuple[linkproto.PeerHello, list[bytes]]:
-        """The other side's welcome, and the frames that arrived right behind it."""
+    def _await_frame(self, conn: socket.socket | tlsid.TlsSocket, decoder: LineDecoder, *,
+                     clear: bool) -> tuple[linkproto.Frame, list[bytes]]:
+        """The other side's next frame, and the frames that arrived right behind it.
+
+        ``clear``: before TLS, where the hub's text greeting comes first (skipped).  A
+        ``refused`` frame raises :class:`LinkClosed` with its message.
+        """
         deadline = time.monotonic() + CONNECT_TIMEOUT_S
         while True:
-            sock.settimeout(max(0.05, deadline - time.monotonic()))
-            data = sock.recv(65536)
+            conn.settimeout(max(0.05, deadline - time.monotonic()))
+            # Before TLS, no more than is there: the TLS records behind it are not ours.
+            data = conn.recv(65536)
             if not data:
                 raise LinkClosed("closed before welcome")
             lines = decoder.feed(data)
             for i, line in enumerate(lines):
-                if not line.lstrip().startswith(b"{"):
+                if clear and not line.lstrip().startswith(b"{"):
                     continue  # the hub's text greeting
                 frame = linkproto.parse_frame(line)
-                if isinstance(frame, linkproto.Welcome):
-                    return frame.peer, lines[i + 1:]
                 if isinstance(frame, linkproto.Refused):
                     if frame.code == "same-node":
                         self.stop.set()
+                    self.manager.log_refused(frame, f"{self.host}:{self.port}")
                     raise LinkClosed(f"refused: {neutralise(frame.message)}")
-                raise RemoteProtocolError("expected a welcome", code="bad-frame")
+                return frame, lines[i + 1:]
 
     def close(self) -> None:
         self.stop.set()
+        self.kick.set()
         link = self.link
         if link is not None:
             link.close("shutting down")
@@ -740,8 +843,17 @@ class LinkManager:
 
     def __init__(self, router: LinkRouter, history: History, me: Identity,
                  static_peers: Sequence[tuple[str, int]] = (), *,
-                 key: bytes | None = None) -> None:
+                 key: bytes | None = None, pins: PeerPins | None = None,
+                 pins_path: str | None = None, scratch_dir: str | None = None) -> None:
         self.router = router
+        #: TLS: ours presents our node key's certificate; theirs is checked by us.
+        self.tls_server: ssl.SSLContext = tlsid.server_context(me.key, scratch_dir=scratch_dir)
+        self.tls_client: ssl.SSLContext = tlsid.client_context()
+        #: Pinned peers (``known_peers``, saved to ``pins_path`` when it changes).
+        self.pins = pins if pins is not None else PeerPins(Pins())
+        self.pins_path = pins_path
+        self._pins_lock = threading.Lock()  # guards: pins, and the file's writes
+        self._fingerprints: dict[PublicKey, str] = {}  # ~2 ms each: made once per key
         #: The shared secret: links must prove it (admission only).
         self.key = key
         self.history = history
@@ -795,14 +907,15 @@ class LinkManager:
                                                  state="discovered")
             else:
                 peer.name, peer.address, peer.port = name, addresses[0], port
+            peer.pin = mdns_pin(name)
         if self.me.node < node:
-            self._dial(list(addresses), port, node)
+            self._dial(list(addresses), port, node, pin=peer.pin)
 
     def twin_found(self, addresses: Sequence[str], port: int) -> None:
         """Discovery saw our own node id advertised by another daemon: dial it, so that
         the handshake shows whether it holds our key (:meth:`same_identity`)."""
         if addresses:
-            self._dial(list(addresses), port, None)
+            self._dial(list(addresses), port, self.me.node, twin=True)
 
     def peer_lost(self, node: str) -> None:
         """Discovery saw a daemon leave (goodbye): stop dialing it."""
@@ -812,10 +925,13 @@ class LinkManager:
                 del self._dialers[node]
         if dialer is not None:
             dialer.stop.set()
+            dialer.kick.set()
 
     def _dial(self, hosts: list[str], port: int, node: str | None, *,
-              static: bool = False) -> None:
-        key = node or f"{hosts[0]}:{port}"
+              static: bool = False, pin: str | None = None, twin: bool = False) -> None:
+        key = f"{hosts[0]}:{port}" if node is None or twin else node
+        if static:
+            pin = static_pin(hosts[0], port)
         with self._lock:
             if self._closed:
                 return
@@ -825,11 +941,11 @@ class LinkManager:
                 return
             if node is not None and node in self._links:
                 return
-            dialer = _Dialer(self, hosts, port, node)
+            dialer = _Dialer(self, hosts, port, node, pin)
             self._dialers[key] = dialer
-            if key not in self._peers:
+            if key not in self._peers and not twin:
                 self._peers[key] = _Peer(node, f"{hosts[0]}:{port}", hosts[0], port,
-                                         static=static)
+                                         static=static, pin=pin)
         dialer.thread.start()
 
     # -- the hub's LinkAcceptor ----------------------------------------------------------
@@ -837,22 +953,26 @@ class LinkManager:
     def accept_link(self, sock: socket.socket, address: tuple[Any, ...], hello: Hello,
                     decoder: LineDecoder, pending: Sequence[bytes] = (), *,
                     admit: Callable[[], bool] | None = None) -> None:
-        """A daemon dialed us: handshake, then run the link on this (hub) thread.
+        """A daemon dialed us: starttls, TLS, handshake, then run the link on this thread.
 
-        The whole handshake -- to the dialer's proofs of its key and of the
-        shared secret -- has LINK_HANDSHAKE_TIMEOUT_S.  Only then does
-        ``admit()`` (the hub's count of links) take a link slot for it; False
-        refuses the link.
+        The whole handshake -- TLS, then the dialer's proofs of its key and of the
+        shared secret -- has LINK_HANDSHAKE_TIMEOUT_S.  Only then does ``admit()``
+        (the hub's count of links) take a link slot for it; False refuses the link.
         """
         deadline = time.monotonic() + LINK_HANDSHAKE_TIMEOUT_S
         sock.settimeout(LINK_HANDSHAKE_TIMEOUT_S)  # also bounds our answers' sendall
         try:
             peer = linkproto.parse_peer_hello(hello.fields)
         except RemoteProtocolError as exc:
+            log.log(logging.WARNING if self._first_time("bad-hello", str(address[0]))
+                    else logging.DEBUG, "refused a link from %s: %s", address[0], exc)
             sock.sendall(linkproto.encode_error(exc.code, str(exc)))
             return
         if peer.version <= linkproto.OLD_VERSION:
             self._refuse_v1_dialer(sock, address, peer)
+            return
+        if peer.version <= linkproto.PLAIN_VERSION:
+            self._refuse_plain_dialer(sock, address, peer)
             return
         if peer.node == self.me.node and self.is_our_nonce(peer.nonce):
             sock.sendall(linkproto.encode_error("same-node", "you dialed yourself"))
@@ -860,62 +980,78 @@ class LinkManager:
         if peer.node != self.me.node and self.linked(peer.node):
             sock.sendall(linkproto.encode_error("duplicate-link", "already linked to you"))
             return
+        if pending or decoder.pending:
+            # The dialer must wait for starttls: bytes behind its hello are not TLS's.
+            log.info("refused a link from %s: it sent more before TLS started", address[0])
+            sock.sendall(linkproto.encode_error("bad-frame", "wait for starttls"))
+            return
+        sock.sendall(linkproto.encode_starttls())
+        try:
+            conn = tlsid.tls_handshake(sock, self.tls_server, server_side=True,
+                                       timeout=max(0.01, deadline - time.monotonic()))
+        except OSError as exc:  # ssl.SSLError, a timeout, a reset
+            log.info("link from %s (%s, node %s): no TLS: %s", address[0],
+                     neutralise(peer.name), peer.node, exc)
+            return
         assert peer.key is not None and peer.nonce is not None
         nonce = self.new_nonce()
+        rest: list[bytes] = []
         try:
             data = handshake.transcript(handshake.Side(peer.node, peer.key, peer.nonce),
                                         self.side(nonce))
-            sock.sendall(linkproto.encode_welcome(self.hello(
+            conn.sendall(linkproto.encode_welcome(self.hello(
                 nonce=nonce, proof=handshake.prove(self.me.key, handshake.ACCEPTOR, data),
                 admit=(handshake.admit(self.key, handshake.ACCEPTOR, data)
                        if self.key is not None else None))))
-            rest = list(pending)
-            failure = self._check_auth(sock, decoder, rest, peer, data, deadline=deadline)
+            failure = self._check_auth(conn, decoder, rest, peer, data, deadline=deadline)
         finally:
             self.drop_nonce(nonce)
+        if failure is None and peer.node != self.me.node:
+            failure = self._check_pin(self._pin_of(address, peer), peer.key)
         if failure is not None:
-            log.warning("refused a link from %s (%s, node %s): %s", address[0],
-                        neutralise(peer.name), peer.node, failure)
+            who = f"{address[0]} ({neutralise(peer.name)}, node {peer.node})"
+            log.log(logging.WARNING if self._first_time("refused", f"{who} {failure}")
+                    else logging.DEBUG, "refused a link from %s: %s", who, failure)
             with contextlib.suppress(OSError):
-                sock.sendall(linkproto.encode_error("auth-failed", failure))
+                conn.sendall(linkproto.encode_error("auth-failed", failure))
             return
         if peer.node == self.me.node:
             self.same_identity(str(address[0]), peer.port, peer.name, None)
             with contextlib.suppress(OSError):
-                sock.sendall(linkproto.encode_error(
+                conn.sendall(linkproto.encode_error(
                     "same-identity", "you hold this node's key: two daemons with one identity"))
             return
         if admit is not None and not admit():
             log.warning("refused a link from %s (%s): every link slot is taken (limit %d)",
                         address[0], peer.node, MAX_DAEMON_LINKS)
             with contextlib.suppress(OSError):
-                sock.sendall(linkproto.encode_error(
+                conn.sendall(linkproto.encode_error(
                     "too-many-links", f"too many daemon links (limit {MAX_DAEMON_LINKS})"))
             return
-        link = Link(self, sock, decoder, peer, address=address, dialer=peer.node,
+        link = Link(self, conn, decoder, peer, address=address, dialer=peer.node,
                     pending=rest)
         try:
             registered = self._register(link, None)
         except LinkClosed as exc:
             with contextlib.suppress(OSError):
-                sock.sendall(linkproto.encode_error("unavailable", str(exc)))
+                conn.sendall(linkproto.encode_error("unavailable", str(exc)))
             return
         if not registered:
-            sock.sendall(linkproto.encode_error("duplicate-link", "already linked to you"))
+            conn.sendall(linkproto.encode_error("duplicate-link", "already linked to you"))
             return
         link.run()
 
-    def _check_auth(self, sock: socket.socket, decoder: LineDecoder, rest: list[bytes],
+    def _check_auth(self, conn: tlsid.TlsSocket, decoder: LineDecoder, rest: list[bytes],
                     peer: linkproto.PeerHello, data: bytes, *, deadline: float) -> str | None:
-        """Read the dialer's first frame (from ``rest`` or the socket): a valid ``auth``?
-
-        Reads no further than that frame's end.
+        """Read the dialer's first frame inside TLS: a valid ``auth``?
 
         It must sign the transcript ``data`` with the dialer's key and, when
         either side has a shared secret, prove the same secret.  Returns None if
         so, else why not.  Gives up at ``deadline`` (monotonic), however the
-        bytes trickle in.  Consumes that frame from ``rest``; frames after it
-        stay there.
+        bytes trickle in.  Frames after it go to ``rest``.  Reads at most
+        AUTH_READ_BYTES at a time, so what follows the auth frame in the
+        decoder stays below the hub's frame limit, which holds until the link
+        takes over (before the dialer's proof, its frames are a stranger's).
         """
         what = "its key" if self.key is None else "the shared secret"
         try:
@@ -923,14 +1059,11 @@ class LinkManager:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return f"no proof of {what} within {LINK_HANDSHAKE_TIMEOUT_S:g} s"
-                sock.settimeout(left)
-                # Only up to the end of this one line: the frames behind it belong to the
-                # link, whose frame limit is larger than a handshake's (the hub's).
-                peek = sock.recv(65536, socket.MSG_PEEK)
-                if not peek:
+                conn.settimeout(left)
+                chunk = conn.recv(AUTH_READ_BYTES)
+                if not chunk:
                     return "closed before proving who it is"
-                end = peek.find(b"\n")
-                rest.extend(decoder.feed(sock.recv(len(peek) if end < 0 else end + 1)))
+                rest.extend(decoder.feed(chunk))
             frame = linkproto.parse_frame(rest.pop(0))
         except TimeoutError:
             return f"no proof of {what} within {LINK_HANDSHAKE_TIMEOUT_S:g} s"
@@ -938,6 +1071,8 @@ class LinkManager:
             return f"connection lost during the handshake: {exc.strerror or exc}"
         except (RemoteProtocolError, ValidationError) as exc:
             return f"a bad frame instead of a proof: {exc}"
+        if isinstance(frame, linkproto.Refused):
+            return f"it refused us: {neutralise(frame.message)}"
         if not isinstance(frame, linkproto.Auth):
             return "no proof: another frame came first"
         assert peer.key is not None
@@ -947,12 +1082,123 @@ class LinkManager:
             return None  # our own key: a twin, whatever its secret (the caller says so)
         return handshake.admission_problem(self.key, frame.admit, handshake.DIALER, data)
 
-    def prove_dialer(self, sock: socket.socket, nonce: str, welcome: linkproto.PeerHello,
-                     where: str) -> None:
-        """The dialer's half, once the welcome is in: check it, then answer with ``auth``.
+    # -- the acceptor's key, pins ----------------------------------------------------------
 
-        Raises :class:`LinkClosed` (``same-node`` if we dialed ourselves) or
-        :class:`SameIdentity` when the link must not go on; logs why, once.
+    def check_acceptor(self, conn: tlsid.TlsSocket, expect: str | None, pin: str | None,
+                       where: str) -> PublicKey:
+        """The dialer's check of the acceptor's TLS key, before anything is sent or read.
+
+        ``expect``: the node id it must be (mDNS TXT ``id``; ours for a twin); ``pin``:
+        the name its key is pinned under.  Returns the key; raises :class:`LinkClosed`
+        (:class:`PinHeld` for a changed pinned key) after one log line and an ``error``
+        frame that tells the acceptor why.
+        """
+        try:
+            key = (tlsid.expect_node(conn, expect, where=where) if expect is not None
+                   else tlsid.peer_key(_der(conn)))
+        except (tlsid.PeerKeyMismatch, tlsid.BadPeerCertificate) as exc:
+            self.refuse_mismatch(conn, str(exc), exc.code, where)
+        failure = self._check_pin(pin, key)
+        if failure is not None:
+            self.refuse_mismatch(conn, failure, "key-changed", where)
+        return key
+
+    def refuse_mismatch(self, conn: tlsid.TlsSocket, why: str, code: str, where: str) -> NoReturn:
+        """Refuse the acceptor at ``where``: log ``why`` (once per peer), tell it, raise."""
+        log.log(logging.WARNING if self._first_time(code, f"{where} {why}") else logging.DEBUG,
+                "link to %s refused: %s", where, why)
+        with contextlib.suppress(OSError):
+            conn.sendall(linkproto.encode_error(code, f"{self.me.name} (node {self.me.node}) "
+                                                f"refused this link: {why}"))
+        if code == "key-changed":
+            raise PinHeld(why)
+        raise LinkClosed(why)
+
+    def log_refused(self, frame: linkproto.Refused, where: str) -> None:
+        """The acceptor refused our link: why goes to our log (once as a warning)."""
+        if frame.code in ("same-node", "duplicate-link", "unavailable"):
+            return  # nothing wrong: the dialer's own debug line says it
+        log.log(logging.WARNING if self._first_time(frame.code, where) else logging.DEBUG,
+                "link to %s refused by the other side: %s", where, neutralise(frame.message))
+
+    def _pin_of(self, address: tuple[Any, ...], peer: linkproto.PeerHello) -> str | None:
+        """The pin name a daemon that dialed us goes by: the mDNS name discovery gave its
+        node, else the static peer at its address and advertised port, else none."""
+        with self._lock:
+            known = self._peers.get(peer.node)
+            if known is not None and known.pin is not None and not known.static:
+                return known.pin
+            static = peer.port is not None and (str(address[0]), peer.port) in self._static
+        return static_pin(str(address[0]), peer.port) if static and peer.port else None
+
+    def _check_pin(self, pin: str | None, key: PublicKey) -> str | None:
+        """Under the trust policy: None if ``key`` may link as ``pin``, else why not.
+
+        Logs a new pin and an accepted change; saves the pins when they changed.
+        """
+        if pin is None:
+            return None
+        with self._pins_lock:
+            decision = self.pins.see(pin, key)
+            if decision.save and self.pins_path is not None:
+                try:
+                    pinfile.save(self.pins_path, self.pins.pins, PEERS_HEADER)
+                except (OSError, LanchatError) as exc:
+                    log.warning("could not save %s: %s", self.pins_path, exc)
+        line = decision.log_line()
+        if decision.link:
+            if line is not None:
+                log.log(logging.INFO if decision.verdict is PeerVerdict.NEW else logging.WARNING,
+                        "%s", line)
+            return None
+        assert line is not None
+        return line
+
+    def trust(self, node: str) -> list[str]:
+        """``lanchat trust NODE``: accept node ``node``'s changed key wherever it is held.
+
+        Returns the pin names accepted (empty: nothing waits for that node).  Saves the
+        pins and lets the held dialers try again at once.
+        """
+        with self._pins_lock:
+            names = self.pins.trust(node)
+            key = self.pins.pins.get(names[0]) if names else None
+            if names and self.pins_path is not None:
+                pinfile.save(self.pins_path, self.pins.pins, PEERS_HEADER)
+        if names:
+            log.warning("trusted node %s (fingerprint %s) for %s, as asked", node,
+                        self.fingerprint_of(key), ", ".join(names))
+            with self._lock:
+                dialers = [d for d in self._dialers.values() if d.pin in names]
+                self._said = {s for s in self._said if s[0] != "key-changed"}
+            for d in dialers:
+                d.kick.set()
+        return names
+
+    def held(self) -> dict[str, tuple[PublicKey, PublicKey]]:
+        with self._pins_lock:
+            return self.pins.held()
+
+    def fingerprint_of(self, key: PublicKey | None) -> str | None:
+        """``key``'s fingerprint (:func:`lanchat.feed.fingerprint`), made once per key."""
+        if key is None:
+            return None
+        with self._lock:
+            known = self._fingerprints.get(key)
+        if known is None:
+            known = fingerprint(key)
+            with self._lock:
+                if len(self._fingerprints) < 4 * MAX_DAEMON_LINKS:
+                    self._fingerprints[key] = known
+        return known
+
+    # -- older daemons ---------------------------------------------------------------------
+
+    def refuse_old_acceptor(self, sock: socket.socket, welcome: linkproto.PeerHello,
+                            where: str) -> NoReturn:
+        """The acceptor answered our hello with a welcome in clear: a v1 or v2 daemon.
+
+        Tell it in the frame its version logs at warning level, log it, raise LinkClosed.
         """
         if welcome.version <= linkproto.OLD_VERSION:
             with contextlib.suppress(OSError):
@@ -961,6 +1207,49 @@ class LinkManager:
                          f"(node {welcome.node}) speaks link protocol v1 (an older lanchat) "
                          "and cannot prove its identity; upgrade lanchat there")
             raise LinkClosed("the peer speaks link protocol v1")
+        with contextlib.suppress(OSError):
+            sock.sendall(linkproto.encode_v2_refusal())
+        self._say_v1(welcome.node, f"link to {where} refused: {neutralise(welcome.name)} "
+                     f"(node {welcome.node}) speaks link protocol v2 (an older lanchat), "
+                     "which links without TLS; upgrade lanchat there")
+        raise LinkClosed("the peer speaks link protocol v2")
+
+    def _refuse_plain_dialer(self, sock: socket.socket, address: tuple[Any, ...],
+                             peer: linkproto.PeerHello) -> None:
+        """A v2 daemon (no TLS) dialed us: refuse it so that both logs say why.
+
+        A v2 dialer logs a refused handshake at debug level only, but a bad frame on
+        an established link at warning level, type included: so it gets a welcome
+        it can check (our proof over its transcript: nothing it could not get by
+        asking) and then :func:`linkproto.encode_v2_refusal`, and the connection
+        closes.  It holds no link slot and reaches no router here.
+        """
+        self._say_v1(peer.node, f"refused a link from {address[0]} ({neutralise(peer.name)}, "
+                     f"node {peer.node}): it speaks link protocol v2 (an older lanchat), "
+                     "which links without TLS; upgrade lanchat there")
+        assert peer.key is not None and peer.nonce is not None
+        nonce = secrets.token_hex(handshake.NONCE_BYTES)
+        data = handshake.transcript(handshake.Side(peer.node, peer.key, peer.nonce),
+                                    self.side(nonce))
+        old = linkproto.PeerHello(
+            node=self.me.node, name=self.me.name, host=self.me.host, port=self.me.port,
+            version=linkproto.PLAIN_VERSION, nonce=nonce, key=self.me.key.public,
+            proof=handshake.prove(self.me.key, handshake.ACCEPTOR, data),
+            admit=(handshake.admit(self.key, handshake.ACCEPTOR, data)
+                   if self.key is not None else None))
+        with contextlib.suppress(OSError):
+            sock.sendall(linkproto.encode_welcome(old) + linkproto.encode_v2_refusal())
+
+    def prove_dialer(self, sock: tlsid.TlsSocket, nonce: str, welcome: linkproto.PeerHello,
+                     where: str) -> None:
+        """The dialer's half, once the welcome is in (inside TLS): check it, answer ``auth``.
+
+        Raises :class:`LinkClosed` (``same-node`` if we dialed ourselves) or
+        :class:`SameIdentity` when the link must not go on; logs why, once.
+        """
+        if welcome.version <= linkproto.PLAIN_VERSION:
+            raise RemoteProtocolError("a welcome of an older version inside TLS",
+                                      code="bad-frame")
         assert welcome.key is not None and welcome.nonce is not None
         data = handshake.transcript(self.side(nonce),
                                     handshake.Side(welcome.node, welcome.key, welcome.nonce))
@@ -1167,8 +1456,18 @@ class LinkManager:
 
         An origin that forked but is no peer of ours (its messages came relayed) is
         listed too, with state ``forked``: a user should see it either way.
+
+        ``fingerprint``: of the key a linked peer proved, else of the key pinned for it.
+        A peer whose pinned name presented another key is in state ``key changed``,
+        with that key's ``node`` and ``fingerprint`` (what ``lanchat trust NODE`` takes)
+        and the pinned one's as ``pinned_node`` and ``pinned_fingerprint``.
         """
         forked = self.router.forked()
+        with self._pins_lock:
+            held = self.pins.held()
+            pinned = {peer.pin: self.pins.pins.get(peer.pin)
+                      for peer in list(self._peers.values()) if peer.pin is not None}
+        keyed: list[tuple[dict[str, Any], str, PublicKey | None]] = []
         with self._lock:
             out = []
             for peer in self._peers.values():
@@ -1178,8 +1477,17 @@ class LinkManager:
                 row = peer.to_dict()
                 if peer.node in forked:
                     row["forked"] = forked[peer.node]
+                key = (link.key if link is not None
+                       else pinned.get(peer.pin) if peer.pin is not None else None)
+                if peer.pin in held and link is None:
+                    old, key = held[peer.pin]
+                    row.update(state="key changed", node=key.node, pinned_node=old.node)
+                    keyed.append((row, "pinned_fingerprint", old))
+                keyed.append((row, "fingerprint", key))
                 out.append(row)
             known = {p.node for p in self._peers.values()}
+        for row, field, key in keyed:
+            row[field] = self.fingerprint_of(key)
         out.extend({"node": node, "name": node[:16], "address": "", "port": 0,
                     "state": "forked", "last_seen": None, "static": False, "forked": seq}
                    for node, seq in forked.items() if node not in known)

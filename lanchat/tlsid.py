@@ -31,8 +31,8 @@ Server and client alike:
   :func:`expect_key`) right after the handshake, before it sends or believes anything.
 * The server does not ask for a client certificate: Python's ``ssl`` refuses any
   client certificate it cannot chain to a CA it was given, and a link's client is a
-  node we may never have seen.  Links authenticate the client inside the tunnel instead
-  (:mod:`lanchat.keyproof`).
+  node we may never have seen.  Links authenticate the client inside the tunnel instead:
+  the signed hello transcript of :mod:`lanchat.handshake`, which names the server's key.
 
 Threads.  OpenSSL forbids two threads in one ``SSL`` object at once, and CPython releases
 the GIL inside ``SSL_read``/``SSL_write``, so an ``ssl.SSLSocket`` cannot be shared by the

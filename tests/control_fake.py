@@ -98,6 +98,9 @@ class FakeBackend:
                  "address": "10.0.0.2", "port": 7654, "state": "linked",
                  "last_seen": 2000.0}]
 
+    def trust(self, node: str) -> list[str]:
+        return ["peer:10.0.0.2:7654"] if node == "fedcba9876543210fedcba9876543210" else []
+
     def status(self) -> dict[str, Any]:
         return {"node": NODE, "nick": self.nick, "port": 7654, "peers": 1, "uptime_s": 12.5}
 

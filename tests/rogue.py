@@ -1,16 +1,19 @@
 """A rogue daemon for tests: speaks the real link protocol, says whatever the test wants.
 
 :class:`Rogue` opens a TCP connection to a daemon's hub port and plays a daemon
-(see :mod:`lanchat.linkproto`): a v2 ``hello`` with a key of its own (its node
-id is that key's; :func:`rogue_identity` makes more), the handshake's proofs
-made with :mod:`lanchat.handshake` (and the shared secret's ``admit`` when its
-:class:`RogueIdentity` knows the secret), then any frames at all -- ``msgs``,
-``floor``, ``roster``, ``bye``, or raw bytes -- while reading what comes back.
+(see :mod:`lanchat.linkproto`): a v3 ``hello`` with a key of its own (its node
+id is that key's; :func:`rogue_identity` makes more), TLS 1.3 when the daemon
+answers ``starttls`` (as the acceptor, it presents its own key's certificate,
+:mod:`lanchat.tlsid`), the handshake's proofs made with :mod:`lanchat.handshake`
+(and the shared secret's ``admit`` when its :class:`RogueIdentity` knows the
+secret), then any frames at all -- ``msgs``, ``floor``, ``roster``, ``bye``, or
+raw bytes -- while reading what comes back.
 
 Who the rogue is lives in one place, :class:`RogueIdentity` (its Ed25519
 signing key and the node id derived from it -- or any node id it claims --,
-name, host, the secret it knows).  It speaks protocol 2: keyed hellos with
-their proofs (:mod:`lanchat.handshake`) and signed rosters.  Its messages are
+name, host, the secret it knows).  It speaks protocol 3: keyed hellos, TLS,
+proofs (:mod:`lanchat.handshake`) and signed rosters; ``hello(v=2)`` plays an
+older daemon that links in clear.  Its messages are
 entries of signed feeds (:mod:`lanchat.feed`) that it writes itself with
 :class:`Feed`: its own feed signed with its own key, or any other origin's
 "signed" with a key that is not that origin's (a forgery), with any fields,
@@ -36,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from lanchat import handshake
+from lanchat import handshake, tlsid
 from lanchat.feed import MSG_DOMAIN, PublicKey, SigningKey, b64encode, entry_hash
 from lanchat.presence import ROSTER_DOMAIN
 
@@ -163,9 +166,15 @@ class Rogue:
                  sock: socket.socket | None = None) -> None:
         self.identity = identity or RogueIdentity()
         # ``source``: another loopback address (127.0.0.2, ...) plays another machine.
-        self.sock = sock or socket.create_connection(
+        self.sock: socket.socket | tlsid.TlsSocket = sock or socket.create_connection(
             (host, port), timeout=timeout, source_address=(source, 0) if source else None)
+        #: The plain socket under TLS (``sock`` is the TLS connection once it runs).
+        self.tcp = self.sock
         self.buf = b""
+        #: Frames read but not yet taken by :meth:`frame` (the answer to a hello).
+        self.backlog: list[dict[str, Any]] = []
+        #: The daemon's key, as its TLS certificate showed it (we dialed it).
+        self.peer_key: PublicKey | None = None
         #: The challenge our hello carried (shared secret), and the daemon's welcome.
         self.nonce: str | None = None
         self.welcome: dict[str, Any] | None = None
@@ -185,16 +194,38 @@ class Rogue:
     def raw(self, data: bytes) -> None:
         self.sock.sendall(data)
 
-    def hello(self, **over: Any) -> None:
-        """A daemon's v2 hello from our identity: our key and a fresh nonce (``over`` wins)."""
+    def hello(self, *, tls: bool = True, **over: Any) -> None:
+        """A daemon's v3 hello from our identity: our key and a fresh nonce (``over`` wins).
+
+        Then, with ``tls``, the daemon's answer is read: ``starttls`` starts TLS (the
+        next frame is the welcome, inside it); anything else waits for :meth:`frame`.
+        """
         me = self.identity
-        frame: dict[str, Any] = {"type": "hello", "v": 2, "role": "daemon", "node": me.node,
+        frame: dict[str, Any] = {"type": "hello", "v": 3, "role": "daemon", "node": me.node,
                                  "name": me.name, "host": me.host, "port": me.port,
                                  "key": me.link_key.public.text,
                                  "nonce": secrets.token_hex(handshake.NONCE_BYTES)}
         frame.update(over)
         self.nonce = frame.get("nonce")
         self.send(frame)
+        if tls:
+            answer = self.frame()
+            if answer.get("type") == "starttls":
+                self.start_tls()
+            else:
+                self.backlog.append(answer)
+
+    def start_tls(self) -> None:
+        """Run TLS as the client (after the daemon's ``starttls``); note the daemon's key."""
+        assert not self.buf, "bytes after starttls"
+        self.sock = tlsid.tls_handshake(self.tcp, tlsid.client_context(), server_side=False)
+        self.peer_key = tlsid.peer_key(self.sock.getpeercert(binary_form=True))  # type: ignore[arg-type]
+
+    def serve_tls(self) -> None:
+        """Run TLS as the server (after our ``starttls``), presenting our key's certificate."""
+        assert not self.buf, "bytes after the hello"
+        ctx = tlsid.server_context(self.identity.link_key)
+        self.sock = tlsid.tls_handshake(self.tcp, ctx, server_side=True)
 
     def handshake(self, cursors: dict[str, int] | None = None, *, timeout: float = 5.0,
                   **hello: Any) -> dict[str, Any]:
@@ -238,17 +269,20 @@ class Rogue:
 
     def answer(self, cursors: dict[str, int] | None = None, *,
                timeout: float = 5.0, **welcome: Any) -> dict[str, Any]:
-        """The acceptor's side: read a dialing daemon's hello, send our welcome, then sync.
+        """The acceptor's side: read a dialing daemon's hello, starttls, TLS, our welcome,
+        then sync.
 
         The welcome proves our key (and the secret, with one); the daemon's
         ``auth`` frame is read and checked.  Returns the daemon's hello.
         """
         hello = self.frame(timeout)
         assert hello.get("type") == "hello" and hello.get("role") == "daemon", hello
+        self.send({"type": "starttls"})
+        self.serve_tls()
         me = self.identity
         self.nonce = secrets.token_hex(handshake.NONCE_BYTES)
         data = self.transcript(dialer=False, peer=hello)
-        frame: dict[str, Any] = {"type": "welcome", "v": 2, "role": "daemon", "node": me.node,
+        frame: dict[str, Any] = {"type": "welcome", "v": 3, "role": "daemon", "node": me.node,
                                  "name": me.name, "host": me.host, "port": me.port,
                                  "key": me.link_key.public.text, "nonce": self.nonce,
                                  "proof": handshake.prove(me.link_key, handshake.ACCEPTOR,
@@ -317,6 +351,8 @@ class Rogue:
 
     def frame(self, timeout: float = 5.0) -> dict[str, Any]:
         """The next JSON frame (the hub's text greeting is skipped); EOFError at close."""
+        if self.backlog:
+            return self.backlog.pop(0)
         deadline = time.monotonic() + timeout
         while True:
             while b"\n" in self.buf:
@@ -360,6 +396,7 @@ class Rogue:
 
     def close(self) -> None:
         self.sock.close()
+        self.tcp.close()
 
 
 def signed_roster_frame(roster: dict[str, Any], key: SigningKey) -> dict[str, Any]:

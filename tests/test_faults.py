@@ -80,7 +80,7 @@ def test_link_peer_vanishing_mid_frame_stores_nothing_half_and_relinks(daemon: D
         f.sock.sendall(whole[: len(whole) // 2])  # half a frame, then the peer is gone
         time.sleep(0.2)
     finally:
-        rst_close(f.sock)
+        rst_close(f.tcp)
     wait_for("link dropped", lambda: not linked(daemon, FAKE_NODE), 10.0,
              diag=lambda: logs(daemon))
     assert alive(daemon)

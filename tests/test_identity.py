@@ -6,6 +6,7 @@ Daemons on 127.0.0.1 with ``--no-discovery``.  A "machine" is played by the file
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -131,16 +132,20 @@ def test_a_daemon_that_dials_itself_is_not_taken_for_a_twin(make_daemon: Any) ->
 
 def test_a_peer_echoing_our_own_hello_cannot_stop_our_dialer(make_daemon: Any) -> None:
     """A static peer answers with our node id, key and nonce (as if we had dialed ourselves)
-    but cannot sign: it is refused as unproven, and we keep dialing it."""
+    but cannot present our key in TLS: it is refused, and we keep dialing it."""
     listener = RogueListener(rogue_identity("echo"))
     try:
         d = make_daemon("--peer", f"127.0.0.1:{listener.port}")
         for attempt in range(2):
             r = listener.accept(10.0)
             hello = r.frame()
+            r.send({"type": "starttls"})
+            r.serve_tls()
             r.send({**hello, "type": "welcome", "proof": r.identity.link_key.sign(b"x").hex()[:86]})
             assert r.closed(5.0), attempt
-        assert "it could not prove it holds the key of node" in d.stderr(), logs(d)
+        assert (f"the welcome names node {rpc(d, 'status')['node']}, not the node of its TLS "
+                "certificate "
+                f"({rogue_identity('echo').node})") in d.stderr(), logs(d)
     finally:
         listener.close()
 
@@ -182,22 +187,29 @@ def test_a_cloned_state_directory_on_another_machine_gets_a_new_identity(
 
 # -- daemons of the old link protocol (v1) -----------------------------------------------------
 
-@pytest.fixture
-def v1_tree() -> Iterator[str]:
-    """lanchat as of V1_COMMIT (link protocol v1), unpacked from this repository's history."""
-    path = os.path.join("/tmp", f"lc-v1-{os.getpid()}")
+@contextlib.contextmanager
+def old_tree(commit: str) -> Iterator[str]:
+    """lanchat as of ``commit``, unpacked from this repository's history (PYTHONPATH)."""
+    path = os.path.join("/tmp", f"lc-{commit}-{os.getpid()}")
     os.makedirs(path, exist_ok=True)
     try:
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", V1_COMMIT, "lanchat"],
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "lanchat"],
                                  check=False, capture_output=True, timeout=30)
         if archive.returncode != 0:
-            skip_or_fail(f"commit {V1_COMMIT} is not in this checkout: "
+            skip_or_fail(f"commit {commit} is not in this checkout: "
                          f"{archive.stderr.decode(errors='replace').strip()}")
         subprocess.run(["tar", "-x", "-C", path], input=archive.stdout, check=True,
                        timeout=30)
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def v1_tree() -> Iterator[str]:
+    """lanchat as of V1_COMMIT (link protocol v1)."""
+    with old_tree(V1_COMMIT) as path:
+        yield path
 
 
 @pytest.mark.parametrize("secret", [False, True], ids=["open", "secret"])

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lanchat"
 #: Modules with no sockets, threads, sqlite, zeroconf, clock or environment.
 PURE = {"errors", "limits", "fields", "model", "framing", "events", "render", "wire",
         "textmode", "commands", "jsonrpc", "config", "linkproto", "paths", "ratelimit",
-        "presence", "auth", "completion", "feed", "keyproof", "sniff", "pins", "seal", "relay",
+        "presence", "auth", "completion", "feed", "sniff", "pins", "seal", "relay",
         "chatmodel", "handshake"}
 #: What a pure module may never import.
 IO_MODULES = {"socket", "threading", "sqlite3", "zeroconf", "select", "selectors",

@@ -70,7 +70,7 @@ def test_hello_says_daemon_role_and_round_trips() -> None:
     # because a hub holds a connection's first line to its client frame limit
     assert set(obj) == {"type", "v", "role", "node", "name", "host", "port", "key", "nonce"}
     assert obj["type"] == "hello" and obj["role"] == "daemon" and obj["v"] == linkproto.VERSION
-    assert obj["v"] == 2 and obj["key"] == KEY_A.public.text
+    assert obj["v"] == 3 and obj["key"] == KEY_A.public.text
     assert linkproto.parse_peer_hello(obj) == me
 
 
