@@ -68,6 +68,9 @@ class FakeRouter:
             raise RuntimeError("a bug nobody foresaw")
         return {}
 
+    def heads(self) -> dict[str, tuple[int, str]]:
+        return {}
+
 
 
 class NoHistory:
