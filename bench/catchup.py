@@ -1,15 +1,15 @@
 """Catch-up over a link: how fast a new daemon takes in a peer's history; print ONE JSON line.
 
-    python bench/catchup.py [--messages 20000] [--repeat 3] [--baseline /path/to/checkout]
+    python bench/catchup.py [--messages 20000] [--repeat 3] [--baseline /path/to/checkout ...]
 
 A store is filled with ``--messages`` messages of one origin (the sender's own, appended in
 batches of 64 as a busy hub commits them: with signed feeds, each batch one signature), a
 lanchatd is started on it, and then a fresh lanchatd with ``--peer`` to it: the clock runs
 from starting the newcomer (its start-up included) until its database holds every message.
 Reported per run: messages/s, the newcomer's CPU seconds (less noisy than the wall clock on a
-shared machine) and the sender's.  ``--baseline`` runs the same steps with another checkout's
-code (its ``.venv/bin/python`` if it has one, else this Python with it on PYTHONPATH),
-alternating with this checkout's runs, so both are measured in the same invocation.
+shared machine) and the sender's.  ``--baseline`` (repeatable) runs the same steps with
+another checkout's code (its ``.venv/bin/python`` if it has one, else this Python with it on
+PYTHONPATH), alternating with this checkout's runs, so all are measured in one invocation.
 Loopback only, discovery off; bounded in time (``--max-run-s``).
 """
 
@@ -155,21 +155,24 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--messages", type=int, default=20_000)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--baseline", type=Path, default=None,
-                    help="another checkout to measure in the same invocation")
+    ap.add_argument("--baseline", type=Path, action="append", default=[],
+                    help="another checkout to measure in the same invocation (repeatable)")
     ap.add_argument("--max-run-s", type=float, default=120.0)
     args = ap.parse_args(argv)
     out: dict[str, Any] = {"scenario": "catchup", "messages": args.messages,
                            "loadavg_1m_before": float(Path("/proc/loadavg").read_text().split()[0])}
     mine: list[dict[str, Any]] = []
-    base: list[dict[str, Any]] = []
+    base: dict[Path, list[dict[str, Any]]] = {repo: [] for repo in args.baseline}
     for _ in range(args.repeat):
-        if args.baseline is not None:
-            base.append(one_run(args.baseline, args.messages, args.max_run_s))
+        for repo, runs in base.items():
+            runs.append(one_run(repo, args.messages, args.max_run_s))
         mine.append(one_run(HERE, args.messages, args.max_run_s))
     out["this"] = _summary(mine)
-    if base:
-        out["baseline"] = {"repo": str(args.baseline), **_summary(base)}
+    if len(base) == 1:
+        ((repo, runs),) = base.items()
+        out["baseline"] = {"repo": str(repo), **_summary(runs)}
+    elif base:
+        out["baselines"] = [{"repo": str(repo), **_summary(runs)} for repo, runs in base.items()]
     print(json.dumps(out))
     return 0
 
