@@ -319,7 +319,11 @@ class Link:
                 yield linkproto.parse_frame(line)
         self._pending = []
         while True:
-            self._settle()  # what the router made of the last run, before we wait for more
+            if not self.sock.readable():
+                # What the router made of the runs in flight, before we wait for more (a
+                # gap must be asked for even if the peer sends nothing else).  While data
+                # waits, read on: the runs queue up and are stored together.
+                self._settle()
             data = self.sock.recv(262144)
             if not data:
                 return

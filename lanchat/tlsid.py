@@ -337,6 +337,13 @@ def tls_handshake(sock: socket.socket, ctx: ssl.SSLContext, *, server_side: bool
         sock.settimeout(saved)
 
 
+def _has_data(sock: socket.socket) -> bool:
+    """True if ``sock`` can be read without waiting (data, an end, or an error)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 class TlsSocket:
     """TLS over a connected socket, for one reader thread and any writer threads at once.
 
@@ -382,19 +389,69 @@ class TlsSocket:
         if flags & socket.MSG_PEEK:
             raise ValueError("MSG_PEEK is not supported on a TLS connection")
         while True:
+            data_read = False
             with self._ssl:
                 try:
-                    return self._obj.read(bufsize)
+                    data = self._obj.read(bufsize)
                 except ssl.SSLWantReadError:
                     pass
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                     return b""
+                else:
+                    data_read = True
+            if data_read:
+                return self._read_more(data, bufsize) if data else data
             chunk = self._sock.recv(_RECV_BYTES, flags)
             with self._ssl:
                 if chunk:
                     self._in.write(chunk)
                 else:
                     self._in.write_eof()
+
+    def _read_more(self, data: bytes, bufsize: int) -> bytes:
+        """``data`` and whatever else has arrived by now, up to ``bufsize``, never waiting.
+
+        One ``SSL_read`` yields at most one record (16 KiB): without this a reader asking
+        for 256 KiB would get a sixteenth of what already arrived per call.  Reads the
+        socket only without blocking; the caller (the reader) does not hold ``_ssl``.
+        """
+        parts = [data]
+        size = len(data)
+        while size < bufsize:
+            with self._ssl:
+                try:
+                    more = self._obj.read(bufsize - size)
+                except ssl.SSLWantReadError:
+                    more = None
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    break  # the end shows at the next call
+            if more:
+                parts.append(more)
+                size += len(more)
+                continue
+            # (Not MSG_DONTWAIT: on a socket with a timeout Python would wait that long.)
+            if not _has_data(self._sock):
+                break
+            try:
+                chunk = self._sock.recv(_RECV_BYTES)
+            except OSError:
+                break  # the next call meets the error again
+            with self._ssl:
+                if chunk:
+                    self._in.write(chunk)
+                else:
+                    self._in.write_eof()
+            if not chunk:
+                break
+        return b"".join(parts) if len(parts) > 1 else data
+
+    def readable(self) -> bool:
+        """True if a :meth:`recv` now would not wait: plaintext or a record's bytes are
+        buffered, or the socket has data (a record still arriving counts as data)."""
+        with self._ssl:
+            if self._obj.pending() or self._in.pending:
+                return True
+        return _has_data(self._sock)
 
     def send(self, data: bytes | memoryview, flags: int = 0) -> int:
         """Encrypt and send a prefix of ``data``; how many bytes of it (see the class).

@@ -351,3 +351,29 @@ def test_openssl_key_update_mid_stream() -> None:
         thread.join(IO_TIMEOUT_S)
         listener.close()
     assert echoed == [b"before", b"after"]  # K was a command to openssl, not a line
+
+
+def test_one_recv_takes_every_record_that_arrived_and_readable_says_so(
+        pair: tuple[tlsid.TlsSocket, tlsid.TlsSocket]) -> None:
+    """A TLS record holds at most 16 KiB: a reader asking for 256 KiB must get all that
+    already arrived, not one record per call (a link then reads several runs at once and
+    hands them to the router together).  ``readable`` tells whether recv would wait."""
+    client, server = pair
+    assert not server.readable()
+    data = secrets.token_bytes(200_000)
+    client.sendall(data)
+    wait_for("the records arrived", server.readable, IO_TIMEOUT_S)
+    time.sleep(0.2)  # all of them
+    got = server.recv(262144)
+    assert len(got) > 4 * 16384, len(got)
+    rest = read_all_plain(server, len(data) - len(got))
+    assert got + rest == data
+    assert not server.readable()
+
+
+def read_all_plain(conn: tlsid.TlsSocket, total: int) -> bytes:
+    out = b""
+    deadline = time.monotonic() + IO_TIMEOUT_S
+    while len(out) < total and time.monotonic() < deadline:
+        out += conn.recv(65536)
+    return out
