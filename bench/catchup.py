@@ -113,6 +113,9 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 def one_run(repo: Path, messages: int, max_run_s: float) -> dict[str, Any]:
     python, env = _python(repo)
+    # As installed: byte-compiled (see bench/servers.py compile_checkout).
+    subprocess.run([python, "-m", "compileall", "-q", str(repo / "lanchat")], check=True,
+                   capture_output=True, timeout=120, env=env)
     tmp = tempfile.mkdtemp(prefix="lcc", dir="/tmp")
     try:
         src, dst = os.path.join(tmp, "s"), os.path.join(tmp, "r")
