@@ -468,8 +468,8 @@ def _tls_vs_plain(results: Result, metric: str, bigger: bool) -> Result:
     out: Result = {}
     for name, r in results.items():
         tls = results.get(name + TLS_SUFFIX)
-        if name.endswith(TLS_SUFFIX) or tls is None:
-            continue
+        if name.endswith(TLS_SUFFIX) or not (tls and tls["median"] and r["median"]):
+            continue  # not run both ways (a server without TLS says why in its runs)
         plain_m, tls_m = r["median"], tls["median"]
         ratios = {k: round(tls_m[k] / plain_m[k], 3) for k in TLS_FIGURES
                   if plain_m.get(k) and k in tls_m}
