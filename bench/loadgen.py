@@ -40,9 +40,9 @@ outgoing BIO and the ciphertext goes to the same outbound buffer as plain bytes 
 carried over, ``MAX_OUTBUF`` counted in ciphertext).  The handshake is one more non-blocking
 state of the connect phase.  The client checks no certificate: it is a load generator, not a
 client to trust (a real client pins the hub's key).  The payload's ``T_NS`` is taken before
-encryption and the receive time after decryption is not: ``lat`` includes the sender's
-encryption, ``net_lat`` the server's work, neither the receiver's decryption.  With ``tls`` off
-the only cost is one ``is None`` test per read and per write.
+encryption and the read time after decryption: ``lat`` includes the sender's encryption and
+the receiver's decryption, ``net_lat`` (the kernel's stamp) the sender's encryption only.  With
+``tls`` off the only cost is one ``is None`` test per read and per write.
 
 Bounds.  Connect phase and run phase each have a wall-clock deadline; a rate run stops at
 ``duration_s`` plus ``drain_s``; a window run stops when every expected delivery arrived or at
