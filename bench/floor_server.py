@@ -15,7 +15,8 @@ sockets are wrapped, non-blocking, with ``lanchat.tlsid.server_context`` for a f
 (the hub's own certificate kind: self-signed Ed25519), and the handshake is one more step of
 the loop.  A TLS line cannot be dropped half-way like a plain one (OpenSSL keeps the rest of the
 record and wants the same write again), so with ``--tls`` a client whose socket is full is
-dropped instead of losing the line.  Without ``--tls`` nothing of this is on the path.
+dropped instead of losing the line.  Without ``--tls`` all this costs one empty-list test per
+line.
 
 Run: ``python bench/floor_server.py --port 0 [--tls]``; prints ``listening on 127.0.0.1:PORT``.
 Loopback only by default; a benchmark reference, not a server to expose.
