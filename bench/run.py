@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import re
 import shutil
@@ -470,9 +471,13 @@ def _tls_vs_plain(results: Result, metric: str, bigger: bool) -> Result:
         tls = results.get(name + TLS_SUFFIX)
         if name.endswith(TLS_SUFFIX) or not (tls and tls["median"] and r["median"]):
             continue  # not run both ways (a server without TLS says why in its runs)
+        if not all(run.get("tls") for run in tls["runs"]):  # e.g. a hub without TLS yet
+            out[name] = {"metric": metric, "cost_pct": None, "ratios": {},
+                         "why": "a run with TLS held no TLS session (see its close_reasons)"}
+            continue
         plain_m, tls_m = r["median"], tls["median"]
         ratios = {k: round(tls_m[k] / plain_m[k], 3) for k in TLS_FIGURES
-                  if plain_m.get(k) and k in tls_m}
+                  if plain_m.get(k) and k in tls_m and not math.isnan(tls_m[k] / plain_m[k])}
         cost = None
         if metric in ratios:
             ratio = ratios[metric]

@@ -223,3 +223,20 @@ def test_clients_over_tls_against_floor_lose_nothing() -> None:
     assert run["tls"]["sessions"] == 5, run
     assert run["deliveries"] == run["expected_deliveries"] == 200 * 5 * 4, run
     assert (run["lost"], run["dups"], run["reorders"]) == (0, 0, 0), run
+
+
+def test_tls_vs_plain_says_why_when_no_tls_session() -> None:
+    """A hub that answers a ClientHello in clear (lanchat before issue 14) fails every TLS
+    client at once; tls_vs_plain then gives no cost (never NaN ratios) and says why."""
+    sys.path.insert(0, str(RUN.parent))
+    import run as bench_run
+
+    plain = {"median": {"p99_ms": 2.0}, "runs": [{"p99_ms": 2.0, "tls": None}]}
+    failed = {"median": {"p99_ms": float("nan"), "ready": 0.0},
+              "runs": [{"p99_ms": float("nan"), "ready": 0, "tls": None,
+                        "close_reasons": {"tls handshake: WRONG_VERSION_NUMBER": 4}}]}
+    good = {"median": {"p99_ms": 2.2}, "runs": [{"p99_ms": 2.2, "tls": {"version": "TLSv1.3"}}]}
+    out = bench_run._tls_vs_plain({"a": plain, "a+tls": failed, "b": plain, "b+tls": good},
+                                  "p99_ms", False)
+    assert out["a"]["cost_pct"] is None and "no TLS session" in out["a"]["why"], out
+    assert out["b"] == {"metric": "p99_ms", "cost_pct": 10.0, "ratios": {"p99_ms": 1.1}}, out
