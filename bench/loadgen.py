@@ -31,6 +31,19 @@ a sender never sees its own message, so the window is clocked by a *witness*: an
 receiver in the same worker process; a sender keeps at most ``window`` of its messages not yet
 seen by its witness.  The same rule is used in JSON mode so both modes pace alike.
 
+TLS (``LoadSpec.tls``).  Every client speaks TLS 1.3 (as the hub's clients will, on the same
+port as plain ones) through an ``ssl.SSLObject`` on two memory BIOs, so the socket stays the
+generator's own: ``recvmsg`` still returns the raw bytes with their kernel receive timestamp,
+they go into the incoming BIO and the plaintext that comes out is accounted as before (it
+carries the timestamp of the read whose bytes completed its record); a write encrypts into the
+outgoing BIO and the ciphertext goes to the same outbound buffer as plain bytes (partial sends
+carried over, ``MAX_OUTBUF`` counted in ciphertext).  The handshake is one more non-blocking
+state of the connect phase.  The client checks no certificate: it is a load generator, not a
+client to trust (a real client pins the hub's key).  The payload's ``T_NS`` is taken before
+encryption and the read time after decryption: ``lat`` includes the sender's encryption and
+the receiver's decryption, ``net_lat`` (the kernel's stamp) the sender's encryption only.  With
+``tls`` off the only cost is one ``is None`` test per read and per write.
+
 Bounds.  Connect phase and run phase each have a wall-clock deadline; a rate run stops at
 ``duration_s`` plus ``drain_s``; a window run stops when every expected delivery arrived or at
 ``max_run_s``.  Everything runs on 127.0.0.1 (the caller passes the host; scenarios pass only
@@ -50,6 +63,7 @@ import resource
 import select
 import selectors
 import socket
+import ssl
 import struct
 import time
 from dataclasses import dataclass, field
@@ -64,13 +78,15 @@ MAX_OUTBUF = 256 * 1024
 #: Handshakes a worker keeps in progress at once (the server's accept backlog is finite).
 MAX_PENDING_CONNECTS = 200
 RECV_CHUNK = 256 * 1024
+#: The most plaintext one TLS record carries (RFC 8446 5.1): what one SSLObject.read returns.
+TLS_RECORD = 16 * 1024
 #: Linux ``SO_TIMESTAMPNS`` (the socket module does not name it): a ``struct timespec`` of
 #: CLOCK_REALTIME with every read, the time the data reached the socket.
 SO_TIMESTAMPNS = 35
 ANC_BUF = socket.CMSG_SPACE(16)
 
-# client states
-CONNECTING, GREETING, WELCOMING, JOINING, READY, CLOSED = range(6)
+# client states (TLS_HANDSHAKING: connected, TLS handshake under way; only with LoadSpec.tls)
+CONNECTING, GREETING, WELCOMING, JOINING, READY, CLOSED, TLS_HANDSHAKING = range(7)
 
 
 @dataclass
@@ -110,6 +126,8 @@ class LoadSpec:
     probes: int = 0
     batch_ms: float = 5.0
     idle_batch_ms: float = 50.0
+    #: Every client speaks TLS 1.3 (no certificate check: see the module docstring).
+    tls: bool = False
 
 
 @dataclass
@@ -139,6 +157,10 @@ class Client:
     witness: Client | None = None
     batched: bool = False  # read in batches (not registered for reading in the selector)
     probe_seen_ns: int = 0  # room-probe phase: when this client read the probe
+    # TLS (LoadSpec.tls): the session on two memory BIOs; None for a plain client
+    tls: ssl.SSLObject | None = None
+    tls_in: ssl.MemoryBIO | None = None
+    tls_out: ssl.MemoryBIO | None = None
 
 
 def _hello(spec: LoadSpec, c: ClientSpec) -> bytes:
@@ -150,6 +172,17 @@ def _hello(spec: LoadSpec, c: ClientSpec) -> bytes:
             hello["room"] = c.room
         return (json.dumps(hello) + "\n").encode()
     return b""
+
+
+def client_tls_context() -> ssl.SSLContext:
+    """TLS 1.3 only (like lanchat's ``tlsid.client_context``) and no certificate check: the
+    generator measures the hub, it does not trust it."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
 
 
 class Worker:
@@ -180,6 +213,7 @@ class Worker:
         self.max_lag_ns = 0
         self.end_ns = 0
         self.last_delivery_ns = 0
+        self.tls_ctx = client_tls_context() if spec.tls else None
 
     # --- connect phase ---------------------------------------------------------------
     def _err(self, what: str) -> None:
@@ -217,8 +251,81 @@ class Worker:
         c.sock.close()
 
     def _send_now(self, c: Client, data: bytes) -> None:
+        if c.tls is not None:  # encrypt; the ciphertext is what the socket carries
+            assert c.tls_out is not None
+            try:
+                c.tls.write(data)
+            except ssl.SSLError as exc:
+                self._close(c, f"tls write: {exc.reason or exc}")
+                return
+            data = c.tls_out.read()
         c.outbuf += data
         self._flush(c)
+
+    # --- TLS (LoadSpec.tls) -------------------------------------------------------------
+    def _tls_start(self, c: Client) -> None:
+        """The TCP connection is up: begin the handshake (the ClientHello goes out now)."""
+        assert self.tls_ctx is not None
+        c.tls_in, c.tls_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        c.tls = self.tls_ctx.wrap_bio(c.tls_in, c.tls_out)
+        c.state = TLS_HANDSHAKING
+        self._tls_handshake(c)
+
+    def _tls_handshake(self, c: Client) -> None:
+        assert c.tls is not None and c.tls_out is not None
+        try:
+            c.tls.do_handshake()
+            done = True
+        except ssl.SSLWantReadError:
+            done = False
+        except ssl.SSLError as exc:
+            self._close(c, f"tls handshake: {exc.reason or exc}")
+            return
+        if c.tls_out.pending:
+            c.outbuf += c.tls_out.read()
+            self._flush(c)
+        if done and c.state == TLS_HANDSHAKING:
+            self._begin_session(c)
+
+    def _tls_recv(self, c: Client, data: bytes) -> bytes:
+        """Raw bytes in, plaintext out (b"" for handshake progress, a partial record, or a
+        close: then ``c`` is CLOSED)."""
+        tls, tin, tout = c.tls, c.tls_in, c.tls_out
+        assert tls is not None and tin is not None and tout is not None
+        tin.write(data)
+        if c.state == TLS_HANDSHAKING:
+            self._tls_handshake(c)
+            if c.state in (TLS_HANDSHAKING, CLOSED):
+                return b""
+        parts = []
+        try:
+            # One record per read (at most TLS_RECORD bytes of plaintext, so nothing stays
+            # decrypted inside the SSLObject); ~1.5-2 us a record here.  Looping on the BIO's
+            # fill alone costs a third less than asking tls.pending() as well.
+            while tin.pending:
+                chunk = tls.read(TLS_RECORD)
+                if not chunk:
+                    break
+                parts.append(chunk)
+        except ssl.SSLWantReadError:
+            pass  # the rest of a record is still on its way
+        except ssl.SSLZeroReturnError:
+            self._close(c, "eof (tls close_notify)")
+            return b""
+        except ssl.SSLError as exc:
+            self._close(c, f"tls: {exc.reason or exc}")
+            return b""
+        if tout.pending:  # e.g. a key update's answer
+            c.outbuf += tout.read()
+            self._flush(c)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _begin_session(self, c: Client) -> None:
+        """Connected (and, with TLS, the handshake done): wait for the greeting, or say hello."""
+        c.state = GREETING
+        if self.spec.mode in ("json", "irc"):
+            c.state = WELCOMING
+            self._send_now(c, _hello(self.spec, c.spec))
 
     def _flush(self, c: Client) -> None:
         if c.outbuf:
@@ -296,11 +403,13 @@ class Worker:
                         self._close(c, f"connect: {os.strerror(err)}")
                         pending -= 1
                         continue
-                    c.state = GREETING
                     self.sel.modify(c.sock, selectors.EVENT_READ, c)
-                    if self.spec.mode in ("json", "irc"):
-                        c.state = WELCOMING
-                        self._send_now(c, _hello(self.spec, c.spec))
+                    if self.tls_ctx is not None:
+                        self._tls_start(c)
+                        if c.state == CLOSED:
+                            pending -= 1
+                    else:
+                        self._begin_session(c)
                     continue
                 if ev & selectors.EVENT_WRITE:
                     self._flush(c)
@@ -401,6 +510,10 @@ class Worker:
         if not data:
             self._close(c, "eof")
             return
+        if c.tls is not None:
+            data = self._tls_recv(c, data)
+            if not data:
+                return
         now = time.monotonic_ns()
         net_now = now  # when the bytes reached the socket (kernel stamp), on CLOCK_MONOTONIC
         for level, kind, stamp in anc:
@@ -621,12 +734,27 @@ class Worker:
                 if not data:
                     c.close_reason = c.close_reason or "eof at drain"
                     break
+                if c.tls is not None:
+                    data = self._tls_recv(c, data)
+                    if c.state == CLOSED:
+                        c.close_reason = c.close_reason or "tls closed at drain"
+                        break
                 total += len(data)
                 tail = (tail + data)[-8192:]
             c.payload_bytes_seen = total
             c.unique = len(PAYLOAD_RE.findall(tail)) if total else 0
             c.notices = [ln.decode("utf-8", "replace")[:200] for ln in tail.split(b"\n")
                          if _is_notice(ln) or ln.startswith(b"* ")][-3:]
+
+    def tls_session(self) -> dict[str, Any] | None:
+        """What TLS the clients spoke (protocol, cipher suite, how many held a session at the
+        end), from the sessions themselves: the proof that the run was encrypted."""
+        sessions = [c.tls for c in self.clients.values() if c.tls is not None and c.state == READY]
+        if not sessions:
+            return None
+        cipher = sessions[0].cipher()
+        return {"version": sessions[0].version(), "cipher": cipher[0] if cipher else None,
+                "sessions": len(sessions)}
 
     def report(self) -> dict[str, Any]:
         measured = [c for c in self.clients.values() if c.spec.role in ("send", "recv")]
@@ -653,6 +781,7 @@ class Worker:
             "buckets_expect": self.buckets_expect,
             "max_lag_ms": self.max_lag_ns / 1e6,
             "errors": self.errors,
+            "tls": self.tls_session(),
             "slow": [{"cid": c.spec.cid,
                       "cut_after_s": (round((c.closed_at_ns - self.t0) / 1e9, 3)
                                       if c.closed_at_ns else None),
@@ -886,7 +1015,19 @@ def merge(spec: LoadSpec, reps: list[dict[str, Any]], t0: int) -> dict[str, Any]
         "errors": _merge_counts(r["errors"] for r in reps),
         "notices": [n for r in reps for n in r["notices"]][:5],
         "slow": [s for r in reps for s in r["slow"]],
+        "tls": _merge_tls([r["tls"] for r in reps]),
     }
+
+
+def _merge_tls(parts: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The workers' TLS sessions: None when no client spoke TLS; versions and ciphers as
+    seen (one each, unless something differed)."""
+    got = [p for p in parts if p]
+    if not got:
+        return None
+    return {"version": "/".join(sorted({p["version"] for p in got})),
+            "cipher": "/".join(sorted({p["cipher"] for p in got})),
+            "sessions": sum(p["sessions"] for p in got)}
 
 
 def _summary(reps: list[dict[str, Any]], key: str) -> dict[str, float]:

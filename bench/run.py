@@ -2,6 +2,7 @@
 
     python bench/run.py fanout      [--server classic,lanchat] [--repeat 3] [--mode text|json]
     python bench/run.py latency | scale | bigroom | slowconsumer | idle | cli | discovery
+    python bench/run.py latency --server lanchat --tls both   # TLS vs plain, runs alternating
 
 Each server is started fresh on 127.0.0.1 port 0 for every repetition (``bench/servers.py``),
 the scenario runs ``--repeat`` times, and the line holds every run, the median of each key
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import re
 import shutil
@@ -116,6 +118,8 @@ def _measure(srv: servers.Server, spec: loadgen.LoadSpec,
             "gen_cpu_s": round(rep["gen_cpu_s"], 3),
             "gen_cpu_pct": round(100 * rep["gen_cpu_s"] / wall, 1) if wall > 0 else None,
             "gen_batched_clients": rep["batched_clients"],
+            # the TLS the clients spoke ({version, cipher, sessions} held at the end), or None
+            "tls": rep["tls"],
             "machine_busy_cpu_s": round(mach1 - mach0, 3),
             # busy CPU of everything but this server and the generator's workers (other
             # people's work on a shared machine, plus our coordinator): how quiet the run was
@@ -146,7 +150,8 @@ def sc_fanout(srv: servers.Server, a: argparse.Namespace) -> Result:
     spec = loadgen.LoadSpec("127.0.0.1", srv.port, a.mode, _clients(a.clients, a.senders),
                             msgs_per_sender=a.messages, window=a.window, pad=a.pad,
                             workers=a.workers, max_run_s=a.max_run_s, latency_every=16,
-                            cpus=a.gen_cpus, probes=a.probes, batch_ms=a.batch_ms)
+                            cpus=a.gen_cpus, probes=a.probes, batch_ms=a.batch_ms,
+                            tls=a.tls_on)
     rep, res = _measure(srv, spec)
     lat = rep["last_delivery_s"]
     return {"deliveries_per_s": round(rep["deliveries"] / lat) if lat > 0 else 0,
@@ -163,7 +168,7 @@ def _latency_spec(srv: servers.Server, a: argparse.Namespace,
         msgs_per_sender=int(rate_each * a.duration) + 2, rate_per_sender=rate_each,
         pad=a.pad, workers=a.workers, duration_s=a.duration, drain_s=3.0,
         max_run_s=a.duration + 10, connect_timeout_s=connect_timeout_s, cpus=a.gen_cpus,
-        probes=a.probes, batch_ms=a.batch_ms)
+        probes=a.probes, batch_ms=a.batch_ms, tls=a.tls_on)
 
 
 def _lat_figures(rep: Result) -> Result:
@@ -215,7 +220,8 @@ def sc_slowconsumer(srv: servers.Server, a: argparse.Namespace) -> Result:
         "127.0.0.1", srv.port, a.mode, _clients(a.clients, a.senders, slow=1),
         msgs_per_sender=int(rate_each * a.duration) + 2, rate_per_sender=rate_each,
         pad=a.pad, workers=a.workers, duration_s=a.duration, drain_s=3.0,
-        max_run_s=a.duration + 10, cpus=a.gen_cpus, probes=a.probes, batch_ms=a.batch_ms)
+        max_run_s=a.duration + 10, cpus=a.gen_cpus, probes=a.probes, batch_ms=a.batch_ms,
+        tls=a.tls_on)
     rep, res = _measure(srv, spec)
     tl = [t for t in rep["timeline"] if t["s"] < a.duration]
     ratios = [round(t["delivered"] / t["offered"], 3) if t["offered"] else None for t in tl]
@@ -441,6 +447,43 @@ SCENARIOS: dict[str, Callable[..., Result]] = {
     "fanout": sc_fanout, "latency": sc_latency, "scale": sc_scale, "bigroom": sc_bigroom,
     "slowconsumer": sc_slowconsumer, "idle": sc_idle, "cli": sc_cli,
 }
+#: Scenarios whose clients the generator drives, so ``--tls`` applies (idle has no clients;
+#: cli uses the control socket, which stays plain).
+TLS_SCENARIOS = ("fanout", "latency", "scale", "bigroom", "slowconsumer")
+#: Suffix of a server's name in the results when its clients spoke TLS.
+TLS_SUFFIX = "+tls"
+#: Figures compared TLS / plain in ``tls_vs_plain`` (medians of the same invocation), with
+#: whether bigger is better.
+TLS_FIGURES: dict[str, bool] = {
+    "deliveries_per_s": True, "p50_ms": False, "p90_ms": False, "p99_ms": False,
+    "net_p50_ms": False, "net_p99_ms": False, "probe_all_s": False, "connect_s": False,
+    "others_min_ratio": True, "server_cpu_us_per_delivery": False, "server_cpu_s": False,
+    "gen_cpu_s": False, "gen_cpu_pct": False,
+}
+
+
+def _tls_vs_plain(results: Result, metric: str, bigger: bool) -> Result:
+    """Per server run both ways: each figure's TLS median over its plain median, and what TLS
+    costs in the scenario's main figure, in % (positive = worse with TLS): 1 - tls/plain when
+    bigger is better, tls/plain - 1 when smaller is."""
+    out: Result = {}
+    for name, r in results.items():
+        tls = results.get(name + TLS_SUFFIX)
+        if name.endswith(TLS_SUFFIX) or not (tls and tls["median"] and r["median"]):
+            continue  # not run both ways (a server without TLS says why in its runs)
+        if not all(run.get("tls") for run in tls["runs"]):  # e.g. a hub without TLS yet
+            out[name] = {"metric": metric, "cost_pct": None, "ratios": {},
+                         "why": "a run with TLS held no TLS session (see its close_reasons)"}
+            continue
+        plain_m, tls_m = r["median"], tls["median"]
+        ratios = {k: round(tls_m[k] / plain_m[k], 3) for k in TLS_FIGURES
+                  if plain_m.get(k) and k in tls_m and not math.isnan(tls_m[k] / plain_m[k])}
+        cost = None
+        if metric in ratios:
+            ratio = ratios[metric]
+            cost = round(100 * ((1 - ratio) if bigger else (ratio - 1)), 1)
+        out[name] = {"metric": metric, "cost_pct": cost, "ratios": ratios}
+    return out
 
 
 def _median_figures(runs: list[Result]) -> Result:
@@ -495,7 +538,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="before each run, wait up to this many seconds for a quiet machine")
     ap.add_argument("--quiet-below", type=float, default=15.0,
                     help="quiet = less than this %% of all cores busy over one second")
+    ap.add_argument("--tls", nargs="?", const="on", default="off", choices=["off", "on", "both"],
+                    help="clients speak TLS 1.3 (on; bare --tls); both: each server plain and "
+                         "with TLS, runs alternating, results under NAME and NAME+tls and "
+                         "tls_vs_plain (floor and lanchat only)")
     a = ap.parse_args(argv)
+    if a.tls != "off" and a.scenario not in TLS_SCENARIOS:
+        ap.error(f"--tls applies to {', '.join(TLS_SCENARIOS)}")
+    a.tls_on = False
     table: dict[str, dict[str, Any]] = {
         "fanout": dict(clients=100, senders=10, pad=16),
         "latency": dict(clients=100, senders=100, rate=1000.0, duration=10.0, pad=16),
@@ -529,35 +579,48 @@ def main(argv: list[str] | None = None) -> int:
         kinds = [k for k in kinds if k != "classic"] or ["lanchat"]
     fn = SCENARIOS[a.scenario]
     out: Result = {"scenario": a.scenario, "params": {
-        k: v for k, v in vars(a).items() if k not in ("scenario", "server") and v is not None},
-        "results": {}}
+        k: v for k, v in vars(a).items()
+        if k not in ("scenario", "server", "tls_on") and v is not None}, "results": {}}
+    variants = {"off": [False], "on": [True], "both": [False, True]}[a.tls]
     for kind in kinds:
-        runs: list[Result] = []
+        # with --tls both the two variants alternate run by run, so both see the same
+        # machine (a shared one drifts over minutes)
+        by_variant: dict[bool, list[Result]] = {v: [] for v in variants}
         for _ in range(a.repeat):
-            quiet = (_wait_quiet(a.quiet_wait, a.quiet_below) if a.quiet_wait > 0
-                     else {"loadavg_1m_before": _loadavg()})
-            try:
-                srv = servers.start(kind, cpus=a.server_cpus)
-            except RuntimeError as exc:
-                runs.append({"available": False, "why": str(exc)})
-                break
-            try:
-                saved_mode = a.mode
-                if a.mode not in srv.modes:  # classic: text only; ngircd: IRC only
-                    a.mode = srv.modes[0]
-                runs.append({**fn(srv, a), **quiet})
-                a.mode = saved_mode
-            finally:
-                srv.stop()
+            for tls in variants:
+                runs = by_variant[tls]
+                if runs and runs[-1].get("available") is False:
+                    continue  # this server cannot do this variant: said once
+                quiet = (_wait_quiet(a.quiet_wait, a.quiet_below) if a.quiet_wait > 0
+                         else {"loadavg_1m_before": _loadavg()})
+                try:
+                    extra = servers.tls_args(kind) if tls else []
+                    srv = servers.start(kind, extra, cpus=a.server_cpus)
+                except RuntimeError as exc:
+                    runs.append({"available": False, "why": str(exc)})
+                    continue
+                try:
+                    saved_mode = a.mode
+                    if a.mode not in srv.modes:  # classic: text only; ngircd: IRC only
+                        a.mode = srv.modes[0]
+                    a.tls_on = tls
+                    runs.append({**fn(srv, a), **quiet})
+                    a.mode = saved_mode
+                finally:
+                    srv.stop()
         name = re.sub(r"\s.*", "", kind)
-        out["results"][name] = {"median": _median_figures(runs) if runs else {}, "runs": runs}
-    metric, _bigger = PRIMARY[a.scenario]
+        for tls, runs in by_variant.items():
+            out["results"][name + (TLS_SUFFIX if tls else "")] = {
+                "median": _median_figures(runs) if runs else {}, "runs": runs}
+    metric, bigger = PRIMARY[a.scenario]
     base = out["results"].get("classic", {}).get("median", {})
     ratios: Result = {}
     for name, r in out["results"].items():
         if name != "classic" and base.get(metric) and metric in r["median"]:
             ratios[name] = round(r["median"][metric] / base[metric], 3)
     out["ratio_to_classic"] = {"metric": metric, **ratios}
+    if a.tls == "both":
+        out["tls_vs_plain"] = _tls_vs_plain(out["results"], metric, bigger)
     sys.stdout.write(json.dumps(out) + "\n")
     return 0
 

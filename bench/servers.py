@@ -166,6 +166,18 @@ def _on_cpus(cmd: list[str], cpus: tuple[int, ...] | None) -> list[str]:
 SCRIPTS = {"classic": "classic_server.py", "floor": "floor_server.py"}
 
 
+def tls_args(kind: str) -> list[str]:
+    """What ``start`` needs so that ``kind`` takes TLS 1.3 clients (the generator's
+    ``LoadSpec.tls``): ``floor`` gets ``--tls``; lanchatd needs nothing (the hub tells a TLS
+    ClientHello from text and JSON by its first byte, on its one port).  RuntimeError for a
+    server that cannot (classic, ngircd, a command)."""
+    if kind == "floor":
+        return ["--tls"]
+    if kind == "lanchat" or kind.startswith("lanchat:"):
+        return []
+    raise RuntimeError(f"{kind!r} has no TLS in the benchmarks (floor and lanchat do)")
+
+
 def start(kind: str, extra_args: list[str] | None = None,
           cpus: tuple[int, ...] | None = None) -> Server:
     extra = extra_args or []

@@ -184,3 +184,59 @@ def test_catchup_smoke_every_message_arrives() -> None:
     (run,) = out["this"]["runs"]
     assert out["scenario"] == "catchup" and run["held"] == 300, out
     assert run["per_s"] > 0 and run["receiver_cpu_s"] > 0
+
+
+@pytest.mark.timeout(120)  # three invocations, one of them four runs
+def test_clients_over_tls_against_floor_lose_nothing() -> None:
+    """--tls both: every client of the TLS runs speaks TLS 1.3 (the floor server's --tls, the
+    hub's kind of certificate), runs alternate with plain ones, nothing is lost either way,
+    and tls_vs_plain compares the two; a server without TLS is said so, not run in clear."""
+    out: Any = _run("latency", "--server", "floor", "--tls", "both", "--repeat", "2",
+                    "--clients", "4", "--senders", "2", "--rate", "100", "--duration", "1")
+    res = out["results"]
+    assert set(res) == {"floor", "floor+tls"}, res.keys()
+    assert out["params"]["tls"] == "both"
+    for plain, tls in zip(res["floor"]["runs"], res["floor+tls"]["runs"], strict=True):
+        assert plain["tls"] is None
+        # the sessions themselves say TLS 1.3, all 4 held to the end (never silently plain)
+        assert tls["tls"] and tls["tls"]["version"] == "TLSv1.3", tls
+        assert tls["tls"]["sessions"] == 4 and tls["tls"]["cipher"].startswith("TLS_"), tls
+        for run in (plain, tls):
+            assert run["ready"] == 4 and run["cut"] == 0, run
+            assert run["deliveries"] == run["expected_deliveries"] > 0, run
+            assert (run["lost"], run["dups"]) == (0, 0), run
+            assert 0 < run["net_p50_ms"] <= run["p50_ms"] <= run["p99_ms"], run
+    cmp = out["tls_vs_plain"]
+    assert set(cmp) == {"floor"} and cmp["floor"]["metric"] == "p99_ms", cmp
+    assert cmp["floor"]["ratios"]["p99_ms"] == pytest.approx(
+        res["floor+tls"]["median"]["p99_ms"] / res["floor"]["median"]["p99_ms"], abs=0.002)
+    assert isinstance(cmp["floor"]["cost_pct"], float)
+    # a server without TLS: said so, never measured in clear under the +tls name
+    out = _run("latency", "--server", "classic", "--tls", "--repeat", "2")
+    (refused,) = out["results"]["classic+tls"]["runs"]
+    assert refused["available"] is False and "no TLS" in refused["why"], refused
+    # window mode over TLS: pipelined writes, several records per read, all in order
+    out = _run("fanout", "--server", "floor", "--tls", "--repeat", "1", "--clients", "5",
+               "--senders", "5", "--messages", "200", "--window", "32")
+    run = out["results"]["floor+tls"]["runs"][0]
+    assert run["tls"] and run["tls"]["version"] == "TLSv1.3", run
+    assert run["tls"]["sessions"] == 5, run
+    assert run["deliveries"] == run["expected_deliveries"] == 200 * 5 * 4, run
+    assert (run["lost"], run["dups"], run["reorders"]) == (0, 0, 0), run
+
+
+def test_tls_vs_plain_says_why_when_no_tls_session() -> None:
+    """A hub that answers a ClientHello in clear (lanchat before issue 14) fails every TLS
+    client at once; tls_vs_plain then gives no cost (never NaN ratios) and says why."""
+    sys.path.insert(0, str(RUN.parent))
+    import run as bench_run
+
+    plain = {"median": {"p99_ms": 2.0}, "runs": [{"p99_ms": 2.0, "tls": None}]}
+    failed = {"median": {"p99_ms": float("nan"), "ready": 0.0},
+              "runs": [{"p99_ms": float("nan"), "ready": 0, "tls": None,
+                        "close_reasons": {"tls handshake: WRONG_VERSION_NUMBER": 4}}]}
+    good = {"median": {"p99_ms": 2.2}, "runs": [{"p99_ms": 2.2, "tls": {"version": "TLSv1.3"}}]}
+    out = bench_run._tls_vs_plain({"a": plain, "a+tls": failed, "b": plain, "b+tls": good},
+                                  "p99_ms", False)
+    assert out["a"]["cost_pct"] is None and "no TLS session" in out["a"]["why"], out
+    assert out["b"] == {"metric": "p99_ms", "cost_pct": 10.0, "ratios": {"p99_ms": 1.1}}, out
