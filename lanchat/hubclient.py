@@ -186,8 +186,9 @@ def _users_line(room: str, users: object) -> str:
             if isinstance(u, dict) and isinstance(u.get("nick"), str):
                 local = u.get("local", True)
                 host = u.get("host")
-                names.append(u["nick"] if local or not isinstance(host, str)
-                             else f"{u['nick']}@{host}")
+                names.append((u["nick"] if local or not isinstance(host, str)
+                              else f"{u['nick']}@{host}")
+                             + (" (plain)" if u.get("plain") is True else ""))
     return neutralise(f"* In #{room} ({len(names)}): {', '.join(names)}")
 
 

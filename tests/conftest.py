@@ -447,3 +447,15 @@ def no_thread_leaks() -> Iterator[None]:
             break
         time.sleep(0.02)
     assert not extra, f"threads leaked by this test: {[t.name for t in extra]}"
+
+
+@pytest.fixture(autouse=True)
+def private_state_home(tmp_path_factory: pytest.TempPathFactory,
+                       monkeypatch: pytest.MonkeyPatch) -> str:
+    """``$XDG_STATE_HOME`` of this test alone: ``lanchat connect`` pins hub keys in
+    ``$XDG_STATE_HOME/lanchat/known_hubs``, and a port that another test's hub used before
+    (with another key) must not look like a changed key -- nor may a test touch the
+    user's own file."""
+    path = str(tmp_path_factory.mktemp("xdg-state"))
+    monkeypatch.setenv("XDG_STATE_HOME", path)
+    return path

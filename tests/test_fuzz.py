@@ -1093,7 +1093,7 @@ def _run_socket_fuzz(daemon: Daemon, clients: list[Any], *, connections: int,
     watcher.send("watcher still here\n")
     watcher.send("/users\n")
     users = watcher.until(lambda s: s.startswith("* In #lobby ("))
-    assert {"owner", "watcher"} <= set(users.split(": ", 1)[1].split(", ")), users
+    assert {"owner", "watcher (plain)"} <= set(users.split(": ", 1)[1].split(", ")), users
     with ControlClient(daemon.socket, timeout=10) as c:
         said = [(m["nick"], m["text"]) for m in c.call("history", limit=5)]
     assert ("watcher", "watcher still here") in said, said
