@@ -473,8 +473,9 @@ class TcpConn(Session):
             self._deadline_why = "no hello"
         else:
             self.state = GREETING
-            if not data and self.plain and plain_refused(self.hub):
-                # silent: a text user (daemons and JSON clients speak first)
+            if (self.plain and plain_refused(self.hub)
+                    and not data.lstrip().startswith(b"{")):
+                # a text user, silent or not: daemons and JSON clients say "{" first
                 self._deadline = None
                 log.info("%r: refused a plain text client", self)
                 self.close_with(textmode.error(TLS_REQUIRED), "plain refused",

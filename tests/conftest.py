@@ -435,6 +435,18 @@ def clients() -> Iterator[list[LineClient]]:
                 c.close()
 
 
+@pytest.fixture
+def connects() -> Iterator[list[Any]]:
+    """Collects client subprocesses (``test_connect.Connect`` and the like: anything with
+    ``kill()``) and kills them at the end of the test."""
+    made: list[Any] = []
+    try:
+        yield made
+    finally:
+        for c in made:
+            c.kill()
+
+
 @pytest.fixture(autouse=True)
 def no_thread_leaks() -> Iterator[None]:
     """Every thread a test starts in this process must be gone when it ends."""

@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,16 +128,6 @@ class Connect:
             with contextlib.suppress(OSError):
                 if stream is not None:
                     stream.close()
-
-
-@pytest.fixture
-def connects() -> Iterator[list[Connect]]:
-    made: list[Connect] = []
-    try:
-        yield made
-    finally:
-        for c in made:
-            c.kill()
 
 
 def connect(daemon: Daemon, connects: list[Connect], *args: str) -> Connect:
