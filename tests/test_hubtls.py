@@ -13,6 +13,7 @@ import os
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from typing import Any
 
@@ -20,7 +21,7 @@ import pytest
 from conftest import SETTLE_S, Daemon, LineClient, TextUser, lanchat_cmd, require_tool, wait_for
 from test_connect import Connect
 
-from lanchat import pinfile
+from lanchat import pinfile, tlsid
 from lanchat.hubsession import TLS_REQUIRED
 
 pytestmark = pytest.mark.timeout(120)
@@ -285,3 +286,56 @@ def _join(port: int, nick: str) -> TextUser | None:
         return None
 
 
+
+
+#: Runs lanchatd with a small send buffer on every hub connection (``_tune`` wrapped), so
+#: that the kernel takes little and the hub's own partial writes are what is tested.
+SMALL_SNDBUF_PREFIX = [sys.executable, "-c", """
+import runpy, socket, sys
+import lanchat.hub
+tune = lanchat.hub._tune
+def small(sock):
+    tune(sock)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+lanchat.hub._tune = small
+sys.argv = ["lanchatd", *sys.argv[4:]]  # after "-c" comes "python -m lanchat.daemon"
+runpy.run_module("lanchat.daemon", run_name="__main__")
+"""]
+
+
+def test_a_slow_tls_reader_gets_every_line_intact(make_daemon: Any, clients: list[Any]) -> None:
+    """Records the socket did not take wait and go first: a TLS reader that stops reading
+    while a burst fills the hub's side (a small send buffer: sends fail or are partial)
+    gets every line, in order, once it reads again."""
+    d = make_daemon(prefix=SMALL_SNDBUF_PREFIX)
+    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.settimeout(SETTLE_S)
+    raw.connect(("127.0.0.1", d.port))
+    tls = tlsid.tls_handshake(raw, tlsid.client_context(), server_side=False)
+    try:
+        got = b""
+        while b"nickname" not in got:
+            got += tls.recv(65536)
+        tls.sendall(b"slow\n")
+        while b"Welcome, slow!" not in got:
+            got += tls.recv(65536)
+        fast = TextUser(d.port, "fast")
+        clients.append(fast)
+        # ~460 KB: far more than the two sockets' buffers hold, less than what the hub
+        # queues for a receiver before it cuts it off (MAX_OUTBOX_BYTES, 512 KiB)
+        count = 450
+        lines = [f"line {i:04d} " + "x" * 1000 for i in range(count)]
+        fast.send("".join(line + "\n" for line in lines))  # text mode: not sent back to it
+        time.sleep(1.0)  # the hub's socket is full: records wait on its side
+        received = b""
+        deadline = time.monotonic() + SETTLE_S
+        while f"line {count - 1:04d}".encode() not in received and time.monotonic() < deadline:
+            data = tls.recv(65536)
+            assert data, f"closed: {received[-300:]!r}"
+            received += data
+        said = [line.split("] fast: ", 1)[1] for line in received.decode().splitlines()
+                if "] fast: " in line]
+        assert said == lines
+    finally:
+        tls.close()
