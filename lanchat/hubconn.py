@@ -101,6 +101,31 @@ LINK = "link"            # handed to the link acceptor, on a thread of its own
 CLOSED = "closed"
 
 
+class PeekableTls(TlsSocket):
+    """A :class:`~lanchat.tlsid.TlsSocket` that also answers ``recv(n, MSG_PEEK)``.
+
+    A daemon's hello may arrive over the hub's TLS; the link code reads its handshake
+    up to one line's end with ``MSG_PEEK`` (``LinkManager._check_auth``), which plain
+    ``TlsSocket`` refuses.  Plaintext peeked is kept and returned by the next reads.
+    One reader thread (the link's) reads it; writers as ``TlsSocket`` allows.
+    """
+
+    def __init__(self, sock: socket.socket, obj: ssl.SSLObject, incoming: ssl.MemoryBIO,
+                 outgoing: ssl.MemoryBIO) -> None:
+        super().__init__(sock, obj, incoming, outgoing)
+        self._peeked = b""  # the reader's
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        if flags & socket.MSG_PEEK:
+            if not self._peeked:
+                self._peeked = super().recv(bufsize, flags & ~socket.MSG_PEEK)
+            return self._peeked[:bufsize]
+        if self._peeked:
+            data, self._peeked = self._peeked[:bufsize], self._peeked[bufsize:]
+            return data
+        return super().recv(bufsize, flags)
+
+
 class LinkAcceptor(Protocol):
     """Takes over a connection whose hello says it is another daemon (see :mod:`lanchat.links`)."""
 
@@ -183,6 +208,7 @@ class TcpConn(Session):
         "_hello_nick",
         "_inflight",
         "_line_due",
+        "_link_sock",
         "_lock",
         "_nonce",
         "_out",
@@ -258,6 +284,7 @@ class TcpConn(Session):
         self._tls_in = ssl.MemoryBIO()
         self._tls_out = ssl.MemoryBIO()
         self._tls_wait = b""  # ciphertext made and not yet taken by the socket
+        self._link_sock: PeekableTls | None = None  # a link's TLS socket, once handed over
 
     # -- the byte seam (TLS goes here) ---------------------------------------------
 
@@ -985,16 +1012,14 @@ class TcpConn(Session):
     def link_socket(self) -> socket.socket:
         """The socket the link code reads and writes: the TCP socket, or TLS over it.
 
-        Over TLS it is a :class:`lanchat.tlsid.TlsSocket` on this connection's
-        ``SSLObject`` (nothing decrypted is left in it: every read drained it).  It
-        offers what the link code uses of a socket except ``MSG_PEEK``.
-        TODO(issue 14, links on TLS): ``LinkManager._check_auth`` peeks at the ``auth``
-        line; a link that arrives over the hub's TLS needs it read without peeking.
+        Over TLS it is a :class:`PeekableTls` on this connection's ``SSLObject``
+        (nothing decrypted is left in it: every read drained it), made once.
         """
         if self._tls is None:
             return self.sock
-        return cast(socket.socket, TlsSocket(self.sock, self._tls, self._tls_in,
-                                             self._tls_out))
+        if not isinstance(self._link_sock, PeekableTls):
+            self._link_sock = PeekableTls(self.sock, self._tls, self._tls_in, self._tls_out)
+        return cast(socket.socket, self._link_sock)
 
     def admit_link(self) -> bool:
         """The link's handshake proved the peer: count it as a link (see ConnHub.become_link)."""

@@ -15,11 +15,13 @@ import ssl
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from conftest import SETTLE_S, Daemon, LineClient, TextUser, lanchat_cmd, require_tool, wait_for
+from rogue import Rogue
 from test_connect import Connect
+from test_links import linked
 
 from lanchat import pinfile, tlsid
 from lanchat.hubsession import TLS_REQUIRED
@@ -339,3 +341,19 @@ def test_a_slow_tls_reader_gets_every_line_intact(make_daemon: Any, clients: lis
         assert said == lines
     finally:
         tls.close()
+
+
+def test_a_daemon_hello_over_tls_is_handed_to_the_link_code(daemon: Daemon,
+                                                            clients: list[Any]) -> None:
+    """A daemon that dials the hub port over TLS is served like one in plain: its hello
+    goes to the link code, which reads its handshake with ``MSG_PEEK`` (``PeekableTls``),
+    and it links."""
+    raw = socket.create_connection(("127.0.0.1", daemon.port), timeout=SETTLE_S)
+    tls = tlsid.tls_handshake(raw, tlsid.client_context(), server_side=False)
+    rogue = Rogue(daemon.port, sock=cast(socket.socket, tls))
+    clients.append(rogue)
+    welcome = rogue.handshake()
+    assert welcome["node"] == status(daemon)[0]
+    wait_for("the link", lambda: linked(daemon, rogue.identity.node) or None, SETTLE_S,
+             diag=daemon.stderr)
+    assert "Traceback" not in daemon.stderr()
