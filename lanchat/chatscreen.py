@@ -24,11 +24,12 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from prompt_toolkit.application import Application
 from prompt_toolkit.buffer import Buffer as InputBuffer
@@ -58,6 +59,9 @@ from lanchat.chatmodel import (
 from lanchat.commands import Help, Join, ListUsers, Nick, Quit, Say
 from lanchat.errors import ValidationError
 from lanchat.limits import SCREEN_PASTE_CONFIRM_OVER
+
+if TYPE_CHECKING:
+    from lanchat.hubclient import Security
 from lanchat.render import neutralise
 from lanchat.textmode import parse_line
 
@@ -451,12 +455,20 @@ def run_daemon(path: str, timeout: float, *, room: str) -> int:
                       notify=notifications_wanted(dict(os.environ))).run()
 
 
-def run_hub(host: str, port: int, nick: str, *, room: str | None, key: bytes | None) -> int:
-    """``lanchat connect`` on a terminal (TCP).  Connects first, so a refused connection or a
-    taken nick is reported on the plain terminal (lanchat.hubclient.ConnectError)."""
+def _to_stderr(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def run_hub(host: str, port: int, nick: str, *, room: str | None, security: Security) -> int:
+    """``lanchat connect`` on a terminal (TCP).  Connects first, so a refused connection, a
+    changed hub key or a taken nick is reported on the plain terminal
+    (lanchat.hubclient.ConnectError), and the fingerprint of a hub met for the first time
+    is printed there before the screen opens."""
     from lanchat.chatsource import HubSource
 
-    source = HubSource(host, port, nick, room=room, key=key)
+    source = HubSource(host, port, nick, room=room, security=security,
+                       notes=_to_stderr)
     source.connect_first()
     model = ChatModel(me=source.my_nick, room=source.room or "lobby")
     return ChatScreen(model, source, notify=notifications_wanted(dict(os.environ))).run()

@@ -33,7 +33,7 @@ from lanchat.chatmodel import Event, Got, History, InRoom, Moved, Note, People, 
 from lanchat.client import ConnectionLost, ControlClient, ControlTimeout, RpcError
 from lanchat.commands import Join, ListUsers, Nick, Quit, Say
 from lanchat.errors import LanchatError, ValidationError
-from lanchat.hubclient import ConnectError, TcpSession, encode_command, open_json
+from lanchat.hubclient import ConnectError, Security, TcpSession, encode_command, open_json
 from lanchat.limits import (
     SCREEN_HISTORY_ON_ENTRY,
     SCREEN_RECONNECT_FIRST_S,
@@ -287,9 +287,10 @@ class HubSource(_Threads):
     """``lanchat connect``: a hub's JSON mode over TCP."""
 
     def __init__(self, host: str, port: int, nick: str, *, room: str | None,
-                 key: bytes | None) -> None:
+                 security: Security, notes: Callable[[str], None] | None = None) -> None:
         super().__init__()
-        self.host, self.port, self.room, self.key = host, port, room, key
+        self.host, self.port, self.room, self.security = host, port, room, security
+        self.notes = notes  # the pin's first-contact message, before the screen opens
         self.my_nick = nick
         self._welcome_name = "?"
         self._send_lock = threading.Lock()  # one frame at a time on the socket
@@ -303,7 +304,7 @@ class HubSource(_Threads):
         """Connect before the screen opens, so a wrong host or a taken nick is a plain error
         (exit 1 or 2) on a normal terminal.  Raises ConnectError."""
         self._session, welcome = open_json(self.host, self.port, self.my_nick, room=self.room,
-                                           key=self.key)
+                                           security=self.security, notes=self.notes)
         self.my_nick, self.room = welcome.nick, welcome.room
         self._welcome_name = welcome.name
 
@@ -327,8 +328,10 @@ class HubSource(_Threads):
         while not self.stopping.is_set():
             try:
                 if session is None:
+                    # a reconnection: the key is pinned by now, and one that changed
+                    # meanwhile is refused (shown in the status line) until --accept-key
                     session, welcome = open_json(self.host, self.port, self.my_nick,
-                                                 room=self.room, key=self.key)
+                                                 room=self.room, security=self.security)
                     self.my_nick, self.room = welcome.nick, welcome.room
                     self._welcome_name = welcome.name
                     with self._lock:

@@ -288,7 +288,8 @@ def cmd_users(args: argparse.Namespace) -> int:
                          lambda u: [str(u.get("nick", "")), str(u.get("host", "")),
                                     "#" + str(u.get("room", "")),
                                     "local" if u.get("local") else str(u.get("node", "")),
-                                    str(u.get("via", "")), _when(u.get("since"))])
+                                    str(u.get("via", "")) + (" (plain)" if u.get("plain") else ""),
+                                    _when(u.get("since"))])
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
@@ -483,10 +484,11 @@ def cmd_connect(args: argparse.Namespace) -> int:
     # Imported lazily: the hub client is only needed by this subcommand.
     from lanchat import hubclient  # type: ignore[attr-defined,unused-ignore]
 
-    def screen(host: str, port: int, nick: str, room: str | None, key: bytes | None) -> int:
+    def screen(host: str, port: int, nick: str, room: str | None,
+               security: hubclient.Security) -> int:
         from lanchat import chatscreen  # prompt_toolkit: only for the screen
 
-        return chatscreen.run_hub(host, port, nick, room=room, key=key)
+        return chatscreen.run_hub(host, port, nick, room=room, security=security)
 
     result: int = hubclient.main(args.rest, screen=screen if full_screen_terminal() else None)
     return result

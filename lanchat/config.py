@@ -98,7 +98,9 @@ class Config:
     max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP
     secret: str | None = None
     secret_file: str | None = None
-    plain_clients: bool = False
+    #: None (not set): plain clients allowed, but with a secret only those that can
+    #: prove it; True: all plain clients; False: TLS clients only (see lanchatd.toml(5)).
+    plain_clients: bool | None = None
     trust: str = "first-use"
     system: bool = False
     config_file: str | None = None

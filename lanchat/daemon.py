@@ -26,7 +26,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from lanchat import __version__, auth, config, feed, keyfile, pinfile, sdlisten, sdnotify
+from lanchat import __version__, auth, config, feed, keyfile, pinfile, sdlisten, sdnotify, tlsid
 from lanchat.control import AlreadyRunning, ControlServer
 from lanchat.errors import ConfigError, LanchatError
 from lanchat.hub import Hub
@@ -35,6 +35,7 @@ from lanchat.limits import (
     NICK_TIMEOUT_S,
     SEND_STALL_TIMEOUT_S,
     SHUTDOWN_TIMEOUT_S,
+    TLS_HANDSHAKE_TIMEOUT_S,
     UDP_IDLE_TIMEOUT_S,
 )
 from lanchat.links import Identity, LinkManager
@@ -135,7 +136,11 @@ class Daemon:
                                                       SEND_STALL_TIMEOUT_S),
                            udp_stranger_scale=_env_seconds("LANCHAT_UDP_UNREGISTERED_SCALE",
                                                            1.0),
-                           key=self.key, plain_clients=self.cfg.plain_clients)
+                           key=self.key, plain_clients=self.cfg.plain_clients,
+                           tls=tlsid.server_context(self.identity.key,
+                                                    scratch_dir=self.cfg.state_dir),
+                           tls_handshake_timeout=_env_seconds(
+                               "LANCHAT_TLS_HANDSHAKE_TIMEOUT_S", TLS_HANDSHAKE_TIMEOUT_S))
             self.links = LinkManager(
                 self.router, self.store,
                 Identity(node=self.node, name=self.cfg.name, host=self.hostname,
@@ -338,7 +343,8 @@ def _env_seconds(var: str, default: float) -> float:
     client that stopped reading being dropped without waiting minutes;
     ``$LANCHAT_UDP_UNREGISTERED_SCALE`` (a factor, not seconds) speeds up the rate
     limits on answers to new UDP addresses, so that a test can fill the 512-per-address
-    UDP cap without waiting eight minutes.  Not a config key and not
+    UDP cap without waiting eight minutes; ``$LANCHAT_TLS_HANDSHAKE_TIMEOUT_S`` lets a
+    test watch a stalled TLS handshake being dropped.  Not a config key and not
     in the man pages; a bad value is ignored.  (``$LANCHAT_MACHINE_ID_FILE``, read in
     :class:`Daemon`, names the file to read instead of ``/etc/machine-id``, so that a
     test can play a state directory copied to another machine.)

@@ -42,6 +42,7 @@ import itertools
 import logging
 import os
 import socket
+import ssl
 import threading
 import time
 from typing import Any
@@ -70,6 +71,7 @@ from lanchat.limits import (
     NICK_TIMEOUT_S,
     SEND_STALL_TIMEOUT_S,
     SOURCE_RATE_FACTOR,
+    TLS_HANDSHAKE_TIMEOUT_S,
     UDP_IDLE_TIMEOUT_S,
 )
 from lanchat.ratelimit import SourceBuckets
@@ -125,7 +127,10 @@ class Hub:
     client may stay blocked before it is cut off (seconds); ``udp_stranger_scale``
     multiplies the rates of answers to addresses that are not UDP clients
     (``UDP_UNREGISTERED_*``; tests only).  ``io_threads`` is how many I/O loops
-    serve the TCP connections (default: :func:`io_threads`).
+    serve the TCP connections (default: :func:`io_threads`).  ``tls`` (a server
+    context, :func:`lanchat.tlsid.server_context`) serves TLS clients on the same
+    port, each handshake within ``tls_handshake_timeout``; ``plain_clients``: see
+    :class:`lanchat.hubsession.SessionHub`.
     """
 
     def __init__(self, backend: HubBackend, *, name: str, bind: str = "0.0.0.0",
@@ -139,7 +144,9 @@ class Hub:
                  udp_idle_timeout: float = UDP_IDLE_TIMEOUT_S,
                  stall_timeout: float = SEND_STALL_TIMEOUT_S,
                  udp_stranger_scale: float = 1.0,
-                 key: bytes | None = None, plain_clients: bool = False,
+                 key: bytes | None = None, plain_clients: bool | None = None,
+                 tls: ssl.SSLContext | None = None,
+                 tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT_S,
                  io_threads: int | None = None) -> None:
         if max_rate < 0 or max_connections < 1 or max_connections_per_ip < 0:
             raise ValueError("max_rate and max_connections_per_ip must be >= 0, "
@@ -150,6 +157,10 @@ class Hub:
         #: and UDP clients -- who cannot -- are refused unless ``plain_clients``.
         self.key = key
         self.plain_clients = plain_clients
+        #: TLS on the same port (issue 14): each connection's first bytes say whether it
+        #: is TLS (see lanchat.hubconn).  None: plain only, greeted at once.
+        self.tls = tls
+        self.tls_handshake_timeout = tls_handshake_timeout
         self.link_acceptor = link_acceptor
         self.max_rate = float(max_rate)  # read by every reader; a float store is atomic
         self.max_connections = max_connections
@@ -419,7 +430,8 @@ class Hub:
 
         def run() -> None:
             try:
-                acceptor.accept_link(session.sock, session.address, hello, session.decoder,
+                acceptor.accept_link(session.link_socket(), session.address, hello,
+                                     session.decoder,
                                      pending, admit=session.admit_link)
             except OSError as exc:
                 log.debug("%r: link ended: %s", session, exc)

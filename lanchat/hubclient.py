@@ -7,11 +7,16 @@ quietly (exit 130), a hub that goes away with a one-line message on stderr
 so no nick or text can drive the terminal.
 
 TCP speaks the hub's JSON mode (``lanchat-protocol(7)``): ``hello`` then
-``say``/``join``/``nick``/``users``/``bye`` frames.  The hub greets every TCP
-connection in text first; those lines (anything not starting with ``{``) are
-skipped until ``welcome``.  ``--udp`` speaks UDP text mode instead: the first
-datagram is the nick, each further datagram one typed line, and an empty
-datagram every :data:`UDP_KEEPALIVE_S` keeps the registration alive.
+``say``/``join``/``nick``/``users``/``bye`` frames -- over TLS 1.3 by default
+(issue 14).  The hub's key is pinned trust-on-first-use, like SSH's
+``known_hosts``: ``known_hubs`` in the user's state directory
+(:mod:`lanchat.pinfile`), the fingerprint shown at first contact, and a hub
+whose key changed is refused before anything is sent (:func:`lanchat.pins.decide_hub`),
+until ``--accept-key NODE``.  ``--no-tls`` speaks clear text to an old hub.
+The hub greets every TCP connection in text first; those lines (anything not
+starting with ``{``) are skipped until ``welcome``.  ``--udp`` speaks UDP text
+mode instead: the first datagram is the nick, each further datagram one typed
+line, and an empty datagram every :data:`UDP_KEEPALIVE_S` keeps the registration alive.
 
 With no HOST, hubs are found by mDNS through :mod:`lanchat.discovery`, imported
 lazily so that ``zeroconf`` is loaded only on that path.
@@ -32,21 +37,24 @@ import logging
 import os
 import select
 import socket
+import ssl
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
-from lanchat import auth, textmode
+from lanchat import auth, pinfile, textmode, tlsid
 from lanchat.commands import Command, Help, Join, ListUsers, Nick, Ping, Quit, Say, Unknown
 from lanchat.config import DEFAULT_PORT, default_nick, sanitize_nick
 from lanchat.errors import LanchatError, RemoteProtocolError, ValidationError
+from lanchat.fields import validate_node
 from lanchat.framing import LineDecoder, dumps_line, loads_line
 from lanchat.limits import MAX_DATAGRAM_BYTES, MAX_RPC_LINE_BYTES, UDP_IDLE_TIMEOUT_S
 from lanchat.lineedit import LineConsole
 from lanchat.model import Message, Presence, validate_nick
+from lanchat.pins import HUBS_HEADER, HubDecision, PinFileError, Pins, decide_hub, hub_name
 from lanchat.render import format_message, format_presence, neutralise
 from lanchat.textmode import HELP_LINES, parse_line
 from lanchat.wire import VERSION, encode_auth
@@ -88,6 +96,22 @@ class ConnectError(LanchatError):
     def __init__(self, message: str, status: int = EXIT_ERROR) -> None:
         super().__init__(message)
         self.status = status
+
+
+@dataclass(frozen=True)
+class Security:
+    """How a TCP session protects itself: ``lanchat connect``'s options.
+
+    ``key``: the network's shared secret (``--secret-file``).  ``tls``: TLS 1.3 with the
+    hub's key pinned in ``known_hubs`` (False: ``--no-tls``, clear text).
+    ``accept_key``: ``--accept-key NODE``, the node id a changed hub key must have to be
+    accepted.  ``pins_path``: the pin file (default: :func:`pinfile.known_hubs_path`).
+    """
+
+    key: bytes | None = None
+    tls: bool = True
+    accept_key: str | None = None
+    pins_path: str | None = None
 
 
 # -- pure helpers -------------------------------------------------------------------------------
@@ -162,8 +186,9 @@ def _users_line(room: str, users: object) -> str:
             if isinstance(u, dict) and isinstance(u.get("nick"), str):
                 local = u.get("local", True)
                 host = u.get("host")
-                names.append(u["nick"] if local or not isinstance(host, str)
-                             else f"{u['nick']}@{host}")
+                names.append((u["nick"] if local or not isinstance(host, str)
+                              else f"{u['nick']}@{host}")
+                             + (" (plain)" if u.get("plain") is True else ""))
     return neutralise(f"* In #{room} ({len(names)}): {', '.join(names)}")
 
 
@@ -351,9 +376,13 @@ class TcpSession(_Session):
     """One JSON-mode connection to a hub.  :meth:`run` drives it to an exit status."""
 
     def __init__(self, host: str, port: int, nick: str, printer: _Printer,
-                 room: str | None = None, *, key: bytes | None = None) -> None:
+                 room: str | None = None, *, security: Security = Security(),
+                 notes: Callable[[str], None] | None = None) -> None:
         super().__init__(host, port, nick, printer)
-        self.key = key
+        self.security = security
+        self.key = security.key
+        #: Where the pin's messages go (the fingerprint at first contact): stderr.
+        self.notes = notes or printer.note
         self.room = room
         self.decoder = LineDecoder(MAX_HUB_LINE_BYTES)
         self._pending: list[bytes] = []
@@ -372,6 +401,49 @@ class TcpSession(_Session):
         except OSError as exc:
             raise ConnectError(f"cannot connect to {self.where}: "
                                f"{exc.strerror or exc}") from None
+        if self.security.tls:
+            self._secure()
+
+    def _secure(self) -> None:
+        """TLS over the new connection, and the hub's key checked against its pin.
+
+        Nothing is sent before the key is accepted; a changed key ends here (exit 1).
+        """
+        assert self.sock is not None
+        hint = "; an old hub without TLS: lanchat connect --no-tls"
+        try:
+            tls = tlsid.tls_handshake(self.sock, tlsid.client_context(), server_side=False,
+                                      timeout=CONNECT_TIMEOUT_S)
+        except TimeoutError:
+            raise ConnectError(f"{self.where} did not finish the TLS handshake in "
+                               f"{CONNECT_TIMEOUT_S:g} s{hint}") from None
+        except (ssl.SSLError, OSError) as exc:
+            raise ConnectError(f"cannot set up TLS with {self.where}: "
+                               f"{neutralise(str(exc))}{hint}") from None
+        try:
+            der = tls.getpeercert(binary_form=True)
+            key = tlsid.peer_key(der if isinstance(der, bytes) else None)
+        except RemoteProtocolError as exc:
+            raise ConnectError(f"{self.where}: {neutralise(str(exc))}") from None
+        name = hub_name(self.host, self.port)
+        try:
+            path = self.security.pins_path or pinfile.known_hubs_path(os.environ)
+            decided: list[HubDecision] = []
+
+            def change(pins: Pins) -> Pins:
+                decided.append(decide_hub(pins, name, key, path,
+                                          accept=self.security.accept_key))
+                return decided[-1].pins or pins
+
+            pinfile.update(path, change, HUBS_HEADER)
+        except PinFileError as exc:
+            raise ConnectError(f"cannot check the key of hub {name}: {exc}") from None
+        decision = decided[-1]
+        if not decision.proceed:
+            raise ConnectError(f"not connected to hub {name}:\n{decision.message}")
+        if decision.message:
+            self.notes(decision.message)
+        self.sock = cast(socket.socket, tls)  # a TlsSocket: recv, sendall, shutdown, close
 
     def _frame(self, deadline: float) -> dict[str, Any] | None:
         """The next JSON frame before ``deadline``; None at EOF.  Text lines are skipped."""
@@ -710,15 +782,17 @@ def _parse_typed(line: str, printer: _Printer) -> Command | None:
 
 
 def open_json(host: str, port: int, nick: str, *, room: str | None = None,
-              key: bytes | None = None) -> tuple[TcpSession, _Welcome]:
+              security: Security = Security(),
+              notes: Callable[[str], None] | None = None) -> tuple[TcpSession, _Welcome]:
     """Connect to a hub and say hello with no terminal: the full-screen client's way in.
 
-    The session prints nothing (its console writes to a discarded buffer); its caller
-    reads ``session.sock`` and turns data into frames with :meth:`TcpSession.frames`.
-    Raises :class:`ConnectError` as ``lanchat connect`` reports it."""
+    The session prints nothing (its console writes to a discarded buffer) but the pin's
+    messages, given to ``notes`` (none: dropped); its caller reads ``session.sock`` and
+    turns data into frames with :meth:`TcpSession.frames`.  Raises :class:`ConnectError`
+    as ``lanchat connect`` reports it (a changed hub key among them)."""
     quiet = io.StringIO()
     session = TcpSession(host, port, nick, _Printer(LineConsole(quiet, quiet, quiet)),
-                         room=room, key=key)
+                         room=room, security=security, notes=notes)
     try:
         session._connect()
         welcome = session._handshake()
@@ -748,6 +822,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "of the full-screen client; pipes, TERM=dumb and --udp always get it")
     parser.add_argument("--secret-file", metavar="FILE",
                         help="prove the network's shared secret (a hub with a secret requires it)")
+    parser.add_argument("--no-tls", action="store_true",
+                        help="speak clear text (for an old hub without TLS): anyone on the LAN "
+                             "can read it")
+    parser.add_argument("--accept-key", metavar="NODE",
+                        help="accept the hub's new key if it is this node id's (after its key "
+                             "changed; compare with `lanchat status` on the hub)")
     return parser
 
 
@@ -786,8 +866,8 @@ def _ask_tty(prompt: str) -> str:
 
 
 #: The full-screen client, given by the CLI when the terminal can show it:
-#: ``screen(host, port, nick, room, key)`` runs it and returns the exit status.
-Screen = Callable[[str, int, str, "str | None", "bytes | None"], int]
+#: ``screen(host, port, nick, room, security)`` runs it and returns the exit status.
+Screen = Callable[[str, int, str, "str | None", Security], int]
 
 
 def main(args: list[str], *, screen: Screen | None = None) -> int:
@@ -823,15 +903,25 @@ def _run(parsed: argparse.Namespace, printer: _Printer, screen: Screen | None = 
         else:
             host, port = _find_hub(printer)
         # No hint of our own here: the welcome line (the hub's, over UDP) says "Type /help".
+        if parsed.accept_key is not None and (parsed.no_tls or parsed.udp):
+            raise ConnectError("--accept-key needs TLS (not --no-tls or --udp)", EXIT_USAGE)
+        if parsed.accept_key is not None:
+            try:
+                validate_node(parsed.accept_key)
+            except ValidationError:
+                raise ConnectError("--accept-key wants the node id the warning names, not "
+                                   f"{neutralise(parsed.accept_key)!r}", EXIT_USAGE) from None
+        security = Security(key=_secret(parsed.secret_file), tls=not parsed.no_tls,
+                            accept_key=parsed.accept_key)
         if screen is not None:
-            return screen(host, port, nick, parsed.room, _secret(parsed.secret_file))
+            return screen(host, port, nick, parsed.room, security)
         if parsed.udp:
             if parsed.room is not None:
                 raise ConnectError("--room needs TCP; with --udp type /join ROOM", EXIT_USAGE)
             session = UdpSession(host, port, nick, printer)
         else:
             session = TcpSession(host, port, nick, printer, room=parsed.room,
-                                 key=_secret(parsed.secret_file))
+                                 security=security)
         return session.run(sys.stdin.fileno())
     except ConnectError as exc:
         printer.error(str(exc))

@@ -16,10 +16,22 @@ A receiver whose queue passes MAX_OUTBOX_BYTES, or whose queue made no progress
 for ``stall_timeout``, is cut off: its backlog is dropped and a notice queued,
 which waits up to CUT_NOTICE_GRACE_S for the client to read on.
 
-The seam for TLS: bytes enter through :meth:`_raw_recv` and leave through
-:meth:`_raw_send`, both non-blocking; a TLS layer (``ssl.MemoryBIO`` or a
-non-blocking ``SSLSocket``) replaces these two and adds its handshake as a
-state before the greeting, without touching the protocol logic.
+One port for all (issue 14).  On a hub with a TLS context the conversation
+starts in the ``sniff`` state: the first bytes decide (:mod:`lanchat.sniff`).
+A text user (``nc``) waits for the greeting while TLS and JSON clients speak
+first, so silence for FIRST_BYTE_GRACE_S means a text user, who is greeted
+then.  A ClientHello starts the ``tls-handshake`` state: an ``ssl.SSLObject``
+on two memory BIOs (no ``SSLSocket``: the loop never blocks, and the bytes
+read to decide are simply written into the incoming BIO, so ``ssl`` sees the
+ClientHello whole), driven by the loop's reads and writes, within
+``tls_handshake_timeout``; a client that stalls in it is dropped and frees its
+slot.  Then the connection is a text or JSON client like any other: bytes
+enter through :meth:`_raw_recv` and leave through :meth:`_raw_send`, which
+decrypt and encrypt.  Ciphertext the socket did not take (``_tls_wait``) is
+sent before any new record and counts as unsent output, so the loop keeps
+writing until it is gone; at most TLS_PLAIN_PER_SEND bytes of plaintext are
+encrypted ahead of the socket.  Anything else that starts with a TLS record
+byte is closed at once.
 """
 
 from __future__ import annotations
@@ -28,11 +40,12 @@ import contextlib
 import logging
 import secrets
 import socket
+import ssl
 import threading
 import time
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
-from lanchat import auth, textmode, wire
+from lanchat import auth, sniff, textmode, wire
 from lanchat.commands import Hello, Quit, Say
 from lanchat.errors import (
     ClosedError,
@@ -45,14 +58,17 @@ from lanchat.errors import (
 from lanchat.framing import LineDecoder, decode_utf8, loads_line
 from lanchat.hubsession import (
     SECRET_REQUIRED,
+    TLS_REQUIRED,
     Flooding,
     HubBackend,
     Session,
     TimedOut,
     host_of,
+    plain_refused,
 )
 from lanchat.limits import (
     CUT_NOTICE_GRACE_S,
+    FIRST_BYTE_GRACE_S,
     LINK_HELLO_GRACE_S,
     MAX_FRAME_BYTES,
     MAX_NICK_ATTEMPTS,
@@ -60,6 +76,7 @@ from lanchat.limits import (
 )
 from lanchat.model import Draft
 from lanchat.stream import FINAL_FLUSH_TIMEOUT_S, RECV_BYTES, SEND_FLAGS
+from lanchat.tlsid import TlsSocket
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +85,13 @@ log = logging.getLogger(__name__)
 #: make the hub busy answering garbage.
 MAX_PROTOCOL_ERRORS = 20
 
+#: Most plaintext a TLS connection encrypts ahead of its socket: once the socket has not
+#: taken a batch of records, no more is encrypted until it has (four full records).
+TLS_PLAIN_PER_SEND = 64 * 1024
+
 # Conversation states.
+SNIFF = "sniff"          # waiting for the first bytes: TLS, or plain text/JSON?
+HANDSHAKE = "tls-handshake"  # a TLS handshake in progress
 GREETING = "greeting"    # prompted for a nickname (or a JSON hello)
 PENDING = "pending"      # over a client limit: it may only be a daemon's hello
 AUTH = "auth"            # a JSON client was challenged for the shared secret
@@ -76,6 +99,31 @@ TEXT = "text"            # a text-mode user
 JSON = "json"            # a JSON-mode user
 LINK = "link"            # handed to the link acceptor, on a thread of its own
 CLOSED = "closed"
+
+
+class PeekableTls(TlsSocket):
+    """A :class:`~lanchat.tlsid.TlsSocket` that also answers ``recv(n, MSG_PEEK)``.
+
+    A daemon's hello may arrive over the hub's TLS; the link code reads its handshake
+    up to one line's end with ``MSG_PEEK`` (``LinkManager._check_auth``), which plain
+    ``TlsSocket`` refuses.  Plaintext peeked is kept and returned by the next reads.
+    One reader thread (the link's) reads it; writers as ``TlsSocket`` allows.
+    """
+
+    def __init__(self, sock: socket.socket, obj: ssl.SSLObject, incoming: ssl.MemoryBIO,
+                 outgoing: ssl.MemoryBIO) -> None:
+        super().__init__(sock, obj, incoming, outgoing)
+        self._peeked = b""  # the reader's
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        if flags & socket.MSG_PEEK:
+            if not self._peeked:
+                self._peeked = super().recv(bufsize, flags & ~socket.MSG_PEEK)
+            return self._peeked[:bufsize]
+        if self._peeked:
+            data, self._peeked = self._peeked[:bufsize], self._peeked[bufsize:]
+            return data
+        return super().recv(bufsize, flags)
 
 
 class LinkAcceptor(Protocol):
@@ -102,11 +150,14 @@ class ConnHub(Protocol):
     name: str
     max_rate: float
     key: bytes | None
-    plain_clients: bool
+    plain_clients: bool | None
     link_acceptor: LinkAcceptor | None
     line_timeout: float
     nick_timeout: float
     stall_timeout: float
+    #: The TLS server context (the node's certificate); None: plain only, no sniffing.
+    tls: ssl.SSLContext | None
+    tls_handshake_timeout: float
 
     def source_allows(self, host: str, now: float) -> bool: ...
     def become_handshake(self, conn: TcpConn) -> str | None: ...
@@ -140,7 +191,8 @@ class TcpConn(Session):
     Threads: the loop's thread runs every ``on_*`` method and the commands;
     :meth:`put`, :meth:`close_with` (and so :meth:`deliver`, :meth:`goodbye`)
     may be called from any thread.  guards (``_lock``): ``_out``, ``_inflight``, ``_queued``,
-    ``_closing``, ``close_reason``, ``_at_line_start``.
+    ``_closing``, ``close_reason``, ``_at_line_start``, and the TLS state (``_tls``'s
+    calls, both BIOs, ``_tls_wait``): OpenSSL allows one thread in an ``SSL`` at a time.
     """
 
     __slots__ = (
@@ -156,12 +208,18 @@ class TcpConn(Session):
         "_hello_nick",
         "_inflight",
         "_line_due",
+        "_link_sock",
         "_lock",
         "_nonce",
         "_out",
         "_progress_at",
         "_protocol_errors",
         "_queued",
+        "_sniffed",
+        "_tls",
+        "_tls_in",
+        "_tls_out",
+        "_tls_wait",
         "address",
         "close_reason",
         "decoder",
@@ -175,6 +233,7 @@ class TcpConn(Session):
         "stalled",
         "state",
         "timer_at",
+        "via",
         "writing",
     )
 
@@ -218,19 +277,97 @@ class TcpConn(Session):
         self._closing = False
         self._at_line_start = True
         self.close_reason: str | None = None
+        #: "tcp" (plain text mode) until it is JSON ("json") or TLS ("tls", "tls-json").
+        self.via = "tcp"
+        self._sniffed = b""  # the first bytes, read while deciding (loop thread)
+        self._tls: ssl.SSLObject | None = None
+        self._tls_in = ssl.MemoryBIO()
+        self._tls_out = ssl.MemoryBIO()
+        self._tls_wait = b""  # ciphertext made and not yet taken by the socket
+        self._link_sock: PeekableTls | None = None  # a link's TLS socket, once handed over
 
     # -- the byte seam (TLS goes here) ---------------------------------------------
 
     def _raw_recv(self) -> bytes:
         """Bytes that arrived (b"" at EOF); raises BlockingIOError if there are none yet."""
-        return self.sock.recv(RECV_BYTES)
+        if self._tls is None:
+            return self.sock.recv(RECV_BYTES)
+        chunk = self.sock.recv(RECV_BYTES)
+        with self._lock:
+            if chunk:
+                self._tls_in.write(chunk)
+            else:
+                self._tls_in.write_eof()
+            plain, eof = self._tls_read()
+            wrote = self._tls_out.pending > 0  # a KeyUpdate's answer, an alert
+            if wrote:
+                self._tls_wait += self._tls_out.read()
+                self._tls_flush()
+        if wrote:
+            self.loop.request(self)  # the loop sends what the socket did not take
+        if plain:
+            return plain
+        if eof:
+            return b""
+        raise BlockingIOError  # only part of a record so far
 
     def _raw_send(self, data: bytes | memoryview) -> int:
-        """Send what the socket takes now; 0 if it takes nothing.  Raises OSError."""
+        """Send what the socket takes now; 0 if it takes nothing.  Raises OSError.
+
+        The caller holds ``_lock``.  Over TLS, the count is of plaintext encrypted:
+        what the socket did not take waits in ``_tls_wait`` (see :meth:`_unsent`).
+        """
+        if self._tls is not None:
+            return self._tls_send(data)
         try:
             return self.sock.send(data, SEND_FLAGS)
         except BlockingIOError:
             return 0
+
+    def _tls_send(self, data: bytes | memoryview) -> int:
+        assert self._tls is not None
+        self._tls_wait += self._tls_out.read()
+        self._tls_flush()
+        if self._tls_wait or not data:
+            return 0  # records wait for the socket: encrypt nothing more yet
+        chunk = data[:TLS_PLAIN_PER_SEND]
+        self._tls.write(chunk)
+        self._tls_wait = self._tls_out.read()
+        self._tls_flush()
+        return len(chunk)
+
+    def _tls_flush(self) -> None:
+        """Send what ciphertext the socket takes (caller holds ``_lock``); raises OSError."""
+        if self._tls_wait:
+            try:
+                sent = self.sock.send(self._tls_wait, SEND_FLAGS)
+            except BlockingIOError:
+                return
+            self._tls_wait = self._tls_wait[sent:]
+
+    def _tls_read(self) -> tuple[bytes, bool]:
+        """All plaintext decrypted so far, and whether the stream ended (caller holds _lock)."""
+        assert self._tls is not None
+        parts: list[bytes] = []
+        while True:
+            try:
+                data = self._tls.read(RECV_BYTES)
+            except ssl.SSLWantReadError:
+                return b"".join(parts), False
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b"".join(parts), True
+            if not data:
+                return b"".join(parts), True
+            parts.append(data)
+
+    def _unsent(self) -> bool:
+        """Output waits: queued, in flight, or encrypted and not yet sent (caller holds _lock)."""
+        return bool(self._out or self._inflight or self._tls_wait)
+
+    @property
+    def plain(self) -> bool:
+        """True unless the connection is encrypted (the hub's users list marks it)."""
+        return self._tls is None
 
     # -- sending (any thread) --------------------------------------------------------
 
@@ -341,25 +478,134 @@ class TcpConn(Session):
     # -- the loop's side ---------------------------------------------------------------
 
     def start(self) -> None:
-        """Just adopted by the loop: greet, set the first deadline, start reading."""
+        """Just adopted by the loop: wait for the first bytes (or greet), start reading."""
+        if self.hub.tls is not None:
+            self.state = SNIFF
+            # a connection over a limit must be a daemon, which speaks first: its grace
+            self._deadline = time.monotonic() + (LINK_HELLO_GRACE_S if self.kind == "pending"
+                                                 else FIRST_BYTE_GRACE_S)
+            self._deadline_why = "no first byte"
+            self._reschedule()
+            self.service()
+            return
+        self._converse(b"")
+        self.service()
+
+    def _converse(self, data: bytes) -> None:
+        """Start the conversation (plain, or once TLS is up): greet, then read ``data``."""
         now = time.monotonic()
         if self.kind == "pending":
             self.state = PENDING
             self._deadline = now + LINK_HELLO_GRACE_S
             self._deadline_why = "no hello"
         else:
+            self.state = GREETING
+            if (self.plain and plain_refused(self.hub)
+                    and not data.lstrip().startswith(b"{")):
+                # a text user, silent or not: daemons and JSON clients say "{" first
+                self._deadline = None
+                log.info("%r: refused a plain text client", self)
+                self.close_with(textmode.error(TLS_REQUIRED), "plain refused",
+                                keep_queued=True)
+                self._finish()
+                return
             self._send(textmode.greeting(self.hub.name))
             self._deadline = now + self.hub.nick_timeout
             self._deadline_why = f"no nickname chosen within {self.hub.nick_timeout:g} s"
         self._reschedule()
-        self.service()
+        if data:
+            self._guarded(self._feed, data)
+
+    def _sniff(self, verdict: sniff.FirstBytes) -> None:
+        """Act on what the first bytes say (loop thread, state SNIFF)."""
+        if verdict is sniff.FirstBytes.NEED_MORE:  # part of a TLS record header
+            due = time.monotonic() + self.hub.tls_handshake_timeout
+            if self._deadline_why != "partial TLS record header":
+                self._deadline, self._deadline_why = due, "partial TLS record header"
+                self._reschedule()
+            return
+        data, self._sniffed = self._sniffed, b""
+        if verdict is sniff.FirstBytes.INVALID:
+            log.info("%r: first bytes are neither TLS nor text: closing", self)
+            self.leave_reason = "not TLS"
+            self.close_now()
+        elif verdict is sniff.FirstBytes.PLAIN:
+            if not data and self.kind == "pending":  # silent and over a limit: no daemon
+                self.state = PENDING
+                self._refuse()
+                self._finish()
+                return
+            self._converse(data)
+        else:
+            assert self.hub.tls is not None
+            self._tls = self.hub.tls.wrap_bio(self._tls_in, self._tls_out, server_side=True)
+            self.via = "tls"
+            self.state = HANDSHAKE
+            self._deadline = time.monotonic() + self.hub.tls_handshake_timeout
+            self._deadline_why = "TLS handshake not finished in time"
+            self._reschedule()
+            self._tls_in.write(data)
+            self._handshake()
+
+    def _handshake(self) -> None:
+        """Drive the TLS handshake with what arrived (loop thread, state HANDSHAKE)."""
+        assert self._tls is not None
+        failed: Exception | None = None
+        done = False
+        with self._lock:
+            try:
+                self._tls.do_handshake()
+                done = True
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLError as exc:
+                failed = exc
+            self._tls_wait += self._tls_out.read()  # our flight (or an alert)
+            try:
+                self._tls_flush()
+            except OSError as exc:
+                failed = failed or exc
+        if failed is not None:
+            log.info("%r: TLS handshake failed: %s", self, failed)
+            self.leave_reason = "TLS handshake failed"
+            self.close_now()
+            return
+        if done:
+            log.debug("%r: %s", self, self._tls.version())
+            with self._lock:
+                plain, eof = self._tls_read()  # what came right behind the handshake
+            self._deadline = None
+            self._converse(plain)
+            if eof and self.state not in (LINK, CLOSED):
+                self.close_now()
+
+    def _first_bytes(self) -> None:
+        """Readable in SNIFF or HANDSHAKE: the raw bytes go to the sniffer or to ``ssl``."""
+        try:
+            chunk = self.sock.recv(RECV_BYTES)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.debug("%r: %s", self, exc)
+            chunk = b""
+        if not chunk:
+            log.debug("%r: closed before it said anything", self)
+            self.close_now()
+            return
+        if self.state == SNIFF:
+            self._sniffed += chunk
+            self._sniff(sniff.classify(self._sniffed))
+        else:
+            with self._lock:
+                self._tls_in.write(chunk)
+            self._handshake()
 
     def service(self) -> None:
         """Bring the loop's view up to date: what to wait for, and whether we are done."""
         if self.state in (LINK, CLOSED):
             return
         with self._lock:
-            closing, pending = self._closing, bool(self._out or self._inflight)
+            closing, pending = self._closing, self._unsent()
         if closing:
             if not pending:
                 self.close_now()
@@ -382,12 +628,15 @@ class TcpConn(Session):
                 self._out = []
                 self._queued = 0
             data = self._inflight
-            if data:
+            if data or self._tls_wait:
+                waited = len(self._tls_wait)
                 try:
                     sent = self._raw_send(data)
                 except OSError as exc:
                     failed = f"send failed: {exc.strerror or exc}"
                     sent = 0
+                if not sent and len(self._tls_wait) < waited:
+                    self._progress_at = time.monotonic()  # records left, none new
                 if sent:
                     self._at_line_start = data[sent - 1] == 0x0A
                     self._progress_at = time.monotonic()
@@ -398,6 +647,11 @@ class TcpConn(Session):
 
     def on_readable(self) -> None:
         """Read what arrived and carry out every complete line."""
+        if self.state in (SNIFF, HANDSHAKE):
+            self._first_bytes()
+            self._reschedule()
+            self.service()
+            return
         try:
             data = self._raw_recv()
         except BlockingIOError:
@@ -420,8 +674,19 @@ class TcpConn(Session):
         self.timer_at = None
         if self.state in (LINK, CLOSED):
             return
+        if self.state in (SNIFF, HANDSHAKE) and self._deadline is not None \
+                and now >= self._deadline:
+            if self.state == SNIFF:
+                self._sniff(sniff.classify(self._sniffed, timed_out=True))
+            else:
+                log.info("%r: %s; dropping it", self, self._deadline_why)
+                self.leave_reason = "TLS handshake timed out"
+                self.close_now()
+            self._reschedule()
+            self.service()
+            return
         with self._lock:
-            closing, pending = self._closing, bool(self._out or self._inflight)
+            closing, pending = self._closing, self._unsent()
         if closing:
             if self._flush_due is not None and now >= self._flush_due:
                 log.debug("%r: its final words could not be sent in time", self)
@@ -449,9 +714,11 @@ class TcpConn(Session):
 
     def _reschedule(self) -> None:
         """Tell the loop the earliest of our deadlines (it calls on_timer then)."""
+        if self.state == CLOSED:
+            return
         dues = []
         with self._lock:
-            closing, pending = self._closing, bool(self._out or self._inflight)
+            closing, pending = self._closing, self._unsent()
         if closing:
             if self._flush_due is not None:
                 dues.append(self._flush_due)
@@ -520,6 +787,15 @@ class TcpConn(Session):
             self._out.clear()
             self._inflight = memoryview(b"")
             self._queued = 0
+            goodbye = b""
+            if self._tls is not None and self.state != HANDSHAKE:
+                with contextlib.suppress(ssl.SSLError, ValueError):
+                    self._tls.unwrap()  # queues TLS's close_notify, then wants a read
+                goodbye = self._tls_wait + self._tls_out.read()
+            self._tls_wait = b""
+        if goodbye:
+            with contextlib.suppress(OSError):  # best effort: it is closing anyway
+                self.sock.send(goodbye, SEND_FLAGS)
         self._finish()
         self.state = CLOSED
         self.loop.drop(self)
@@ -622,6 +898,10 @@ class TcpConn(Session):
             self._hello(frame, frames[i + 1:])
             return True
         self._first = False
+        if self.plain and plain_refused(self.hub):
+            log.info("%r: refused a plain text client", self)
+            self.close_with(textmode.error(TLS_REQUIRED), "plain refused", keep_queued=True)
+            return False
         if self.hub.key is not None and not self.hub.plain_clients:
             self.close_with(textmode.error(SECRET_REQUIRED), "no secret", keep_queued=True)
             return False
@@ -677,6 +957,11 @@ class TcpConn(Session):
         if hello.role == "daemon":
             self._to_link(hello, pending)
             return
+        if self.plain and plain_refused(self.hub):
+            log.info("%r: refused a plain JSON client", self)
+            self.close_with(wire.encode_error("tls-required", TLS_REQUIRED, fatal=True),
+                            "plain refused")
+            return
         if hello.room is not None:
             self.room = hello.room
         assert hello.nick is not None
@@ -714,12 +999,27 @@ class TcpConn(Session):
             self._inflight = memoryview(b"")
             self._queued = 0
             self._closing = True  # nothing more goes through us
+            records, self._tls_wait = self._tls_wait + self._tls_out.read(), b""
         self.sock.setblocking(True)
-        if rest:
-            with contextlib.suppress(OSError):
-                self.sock.settimeout(FINAL_FLUSH_TIMEOUT_S)
-                self.sock.sendall(rest)
+        with contextlib.suppress(OSError):
+            self.sock.settimeout(FINAL_FLUSH_TIMEOUT_S)
+            if records:
+                self.sock.sendall(records)
+            if rest:
+                self.link_socket().sendall(rest)
         self.hub.run_link(self, hello, pending)
+
+    def link_socket(self) -> socket.socket:
+        """The socket the link code reads and writes: the TCP socket, or TLS over it.
+
+        Over TLS it is a :class:`PeekableTls` on this connection's ``SSLObject``
+        (nothing decrypted is left in it: every read drained it), made once.
+        """
+        if self._tls is None:
+            return self.sock
+        if not isinstance(self._link_sock, PeekableTls):
+            self._link_sock = PeekableTls(self.sock, self._tls, self._tls_in, self._tls_out)
+        return cast(socket.socket, self._link_sock)
 
     def admit_link(self) -> bool:
         """The link's handshake proved the peer: count it as a link (see ConnHub.become_link)."""
@@ -752,7 +1052,8 @@ class TcpConn(Session):
 
     def _json_join(self, nick: str) -> None:
         try:
-            users = self.hub.backend.join(self, nick=nick, host=self.host, via="json",
+            users = self.hub.backend.join(self, nick=nick, host=self.host,
+                                          via="json" if self.plain else "tls-json",
                                           room=self.room)
         except NickInUse as exc:
             self.close_with(wire.encode_error(exc.code, str(exc), fatal=True), "nick")

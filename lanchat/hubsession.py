@@ -50,6 +50,16 @@ log = logging.getLogger(__name__)
 SECRET_REQUIRED = ("this hub requires the shared secret: join with "
                    "lanchat connect --secret-file FILE HOST -- bye")
 
+#: What a plain (unencrypted) client hears from a hub configured with
+#: ``plain_clients = false`` (TCP text or JSON without TLS, and UDP).
+TLS_REQUIRED = ("this hub accepts only encrypted clients: join with lanchat connect HOST "
+                "(or openssl s_client -connect HOST:PORT) -- bye")
+
+
+def plain_refused(hub: SessionHub) -> bool:
+    """True when the hub refuses plain clients (``plain_clients = false``, set explicitly)."""
+    return hub.plain_clients is False
+
 
 class HubBackend(Protocol):
     """What the hub needs from the router (see :class:`lanchat.router.Router`)."""
@@ -81,7 +91,9 @@ class SessionHub(Protocol):
     name: str
     max_rate: float
     key: bytes | None
-    plain_clients: bool
+    #: None (unset): plain clients allowed; with a secret, those that cannot prove it
+    #: (text mode, UDP) refused.  True: all allowed.  False: only TLS clients.
+    plain_clients: bool | None
 
     def source_allows(self, host: str, now: float) -> bool: ...
 
@@ -322,7 +334,8 @@ class Session:
         if self.mode == "json":
             self._send(wire.encode_users(self.room, users))
             return
-        names = ", ".join(u.nick if u.local else f"{u.nick}@{u.host}" for u in users)
+        names = ", ".join((u.nick if u.local else f"{u.nick}@{u.host}")
+                          + (" (plain)" if u.plain else "") for u in users)
         self.notice(f"In #{self.room} ({len(users)}): {names}")
 
     def _say(self, command: Say) -> None:

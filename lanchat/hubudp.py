@@ -19,7 +19,15 @@ from typing import Any, Protocol
 from lanchat import textmode
 from lanchat.errors import ClosedError, RemoteProtocolError, ValidationError
 from lanchat.framing import decode_utf8
-from lanchat.hubsession import SECRET_REQUIRED, Flooding, Session, SessionHub, host_of
+from lanchat.hubsession import (
+    SECRET_REQUIRED,
+    TLS_REQUIRED,
+    Flooding,
+    Session,
+    SessionHub,
+    host_of,
+    plain_refused,
+)
 from lanchat.limits import (
     MAX_DATAGRAM_BYTES,
     MAX_TRACKED_SOURCES,
@@ -168,6 +176,9 @@ class UdpEndpoint:
                 and self._strangers_total.take(now))
 
     def _register(self, nick: str, address: tuple[Any, ...]) -> None:
+        if plain_refused(self.hub):  # UDP is never encrypted
+            self.send(textmode.error(TLS_REQUIRED), address)
+            return
         if self.hub.key is not None and not self.hub.plain_clients:
             self.send(textmode.error(SECRET_REQUIRED), address)
             return

@@ -269,6 +269,10 @@ class Presence:
                                   code="bad-presence") from None
 
 
+#: The ``via`` of hub clients whose traffic is not encrypted (plain TCP, UDP).
+PLAIN_VIAS = frozenset({"tcp", "json", "udp"})
+
+
 @dataclass(frozen=True, slots=True)
 class User:
     """One entry of ``users``: someone connected somewhere on the network."""
@@ -279,9 +283,16 @@ class User:
     local: bool
     since: float
     room: str = DEFAULT_ROOM
-    #: How they are connected: "daemon" (the node's own user), "tcp", "json", "udp".
+    #: How they are connected: "daemon" (the node's own user), "tcp" (text mode), "json",
+    #: "udp" -- all three plain, unencrypted -- or "tls" (text mode) and "tls-json" over TLS.
     via: str = "tcp"
+
+    @property
+    def plain(self) -> bool:
+        """True for a hub client whose traffic crosses the LAN unencrypted."""
+        return self.via in PLAIN_VIAS
 
     def to_dict(self) -> dict[str, Any]:
         return {"nick": self.nick, "host": self.host, "node": self.node,
-                "local": self.local, "since": self.since, "room": self.room, "via": self.via}
+                "local": self.local, "since": self.since, "room": self.room, "via": self.via,
+                "plain": self.plain}

@@ -435,6 +435,18 @@ def clients() -> Iterator[list[LineClient]]:
                 c.close()
 
 
+@pytest.fixture
+def connects() -> Iterator[list[Any]]:
+    """Collects client subprocesses (``test_connect.Connect`` and the like: anything with
+    ``kill()``) and kills them at the end of the test."""
+    made: list[Any] = []
+    try:
+        yield made
+    finally:
+        for c in made:
+            c.kill()
+
+
 @pytest.fixture(autouse=True)
 def no_thread_leaks() -> Iterator[None]:
     """Every thread a test starts in this process must be gone when it ends."""
@@ -447,3 +459,15 @@ def no_thread_leaks() -> Iterator[None]:
             break
         time.sleep(0.02)
     assert not extra, f"threads leaked by this test: {[t.name for t in extra]}"
+
+
+@pytest.fixture(autouse=True)
+def private_state_home(tmp_path_factory: pytest.TempPathFactory,
+                       monkeypatch: pytest.MonkeyPatch) -> str:
+    """``$XDG_STATE_HOME`` of this test alone: ``lanchat connect`` pins hub keys in
+    ``$XDG_STATE_HOME/lanchat/known_hubs``, and a port that another test's hub used before
+    (with another key) must not look like a changed key -- nor may a test touch the
+    user's own file."""
+    path = str(tmp_path_factory.mktemp("xdg-state"))
+    monkeypatch.setenv("XDG_STATE_HOME", path)
+    return path

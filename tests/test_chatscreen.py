@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -23,7 +24,10 @@ from typing import Any
 import pytest
 from conftest import SETTLE_S, Daemon, TextUser, lanchat_cmd, skip_or_fail, wait_for
 
+from lanchat import pinfile
 from lanchat.client import ControlClient
+from lanchat.feed import SigningKey
+from lanchat.pins import HUBS_HEADER, Pins
 
 COLS, ROWS = 100, 30
 
@@ -323,6 +327,28 @@ def test_connect_opens_the_screen_on_a_hub(daemon: Daemon,
     assert status == 0 and flags.split() == ["icanon", "echo"], t.stderr()
     wait_for("carol gone", lambda: all(u["nick"] != "carol" for u in rpc(daemon, "users"))
              or None, SETTLE_S)
+
+
+def test_connect_screen_shows_a_new_hub_key_and_refuses_a_changed_one(
+        daemon: Daemon, screens: Callable[..., Tmux], workdir: str) -> None:
+    hub = f"127.0.0.1:{daemon.port}"
+    env = {"XDG_STATE_HOME": os.path.join(workdir, "xdg")}
+    t = screens("connect", hub, "--nick", "erin", env=env)
+    t.wait("the screen", lambda: "[connected]" in t.text() and "[erin]" in t.text())
+    t.keys("C-d")
+    assert t.exit_status()[0] == 0
+    # the note was printed on the terminal before the screen opened
+    assert t.stderr().startswith(f"first contact with hub {hub}: node "), t.stderr()
+    # the hub now presents another key than the one pinned
+    path = os.path.join(env["XDG_STATE_HOME"], "lanchat", "known_hubs")
+    assert pinfile.load(path).get(hub) is not None
+    pinfile.save(path, Pins({hub: SigningKey(secrets.token_bytes(32)).public}), HUBS_HEADER)
+    again = screens("connect", hub, "--nick", "erin", env=env)
+    status, flags = again.exit_status()
+    assert status == 1 and flags.split() == ["icanon", "echo"], again.stderr()
+    assert "HAS CHANGED" in again.stderr() and "nothing was sent" in again.stderr()
+    assert "[connected]" not in again.text()
+    assert all(u["nick"] != "erin" for u in rpc(daemon, "users"))
 
 
 def test_plain_and_dumb_terminals_keep_the_line_mode(daemon: Daemon,

@@ -299,3 +299,16 @@ def test_parse_peer() -> None:
     assert cfg.parse_peer("[::1]:80") == ("::1", 80)
     with pytest.raises(ValueError):
         cfg.parse_peer("[nothex]:80")
+
+
+def test_plain_clients_is_unset_true_or_false() -> None:
+    """Three answers (lanchatd.toml(5)): unset serves plain clients (with a secret only
+    those that can prove it), true all of them, false only TLS clients."""
+    assert build().plain_clients is None
+    assert build(file_data={"plain_clients": False}).plain_clients is False
+    assert build(env={**ENV, "LANCHAT_PLAIN_CLIENTS": "true"}).plain_clients is True
+    strict = build(file_data={"plain_clients": False})
+    rendered = cfg.render(strict)
+    assert "plain_clients = false" in rendered
+    assert build(file_data=parse_toml(rendered.encode(), "/r"), path="/r").plain_clients is False
+    assert "# plain_clients = (unset)" in cfg.render(build())

@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +29,15 @@ from lanchat.commands import Join, ListUsers, Nick, Ping, Quit, Say
 from lanchat.framing import loads_line
 
 MESSAGE_RE = re.compile(r"^\[\d\d:\d\d:\d\d\] (\S+): (.*)$")
+
+#: How the lines of ``lanchat connect``'s note at first contact with a hub begin.
+FIRST_CONTACT_LINES = ("first contact with hub ", "  fingerprint ", "Its key is now pinned")
+
+
+def without_first_contact(err: bytes) -> bytes:
+    """``err`` without the note ``lanchat connect`` prints at first contact with a hub."""
+    return b"".join(line for line in err.splitlines(keepends=True)
+                    if not line.decode("utf-8", "replace").startswith(FIRST_CONTACT_LINES))
 
 
 class Connect:
@@ -72,6 +80,16 @@ class Connect:
         return self._line(self.proc.stdout, timeout)
 
     def err_line(self, timeout: float | None = None) -> str:
+        """The next line on stderr that is not the note about a hub met for the first time
+        (its fingerprint; :func:`test_connect_pins_the_hub_key_and_refuses_a_changed_one`
+        reads that one)."""
+        for _ in range(len(FIRST_CONTACT_LINES) + 1):
+            line = self._line(self.proc.stderr, timeout)
+            if not line.startswith(FIRST_CONTACT_LINES):
+                return line
+        raise AssertionError("more first-contact lines than the note has")
+
+    def raw_err_line(self, timeout: float | None = None) -> str:
         return self._line(self.proc.stderr, timeout)
 
     def until(self, predicate: Any, timeout: float | None = None, limit: int = 1000) -> str:
@@ -97,8 +115,9 @@ class Connect:
                 else:
                     open_fds.remove(fd)
         status = self.proc.wait(max(0.1, deadline - time.monotonic()))
+        err = self._bufs.pop(self.proc.stderr.fileno(), b"")
         return (status, self._bufs.pop(self.proc.stdout.fileno(), b""),
-                self._bufs.pop(self.proc.stderr.fileno(), b""))
+                without_first_contact(err))
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -109,16 +128,6 @@ class Connect:
             with contextlib.suppress(OSError):
                 if stream is not None:
                     stream.close()
-
-
-@pytest.fixture
-def connects() -> Iterator[list[Connect]]:
-    made: list[Connect] = []
-    try:
-        yield made
-    finally:
-        for c in made:
-            c.kill()
 
 
 def connect(daemon: Daemon, connects: list[Connect], *args: str) -> Connect:
@@ -168,7 +177,7 @@ def test_nick_join_users(daemon: Daemon, clients: list[Any], connects: list[Conn
     bob = joined(daemon, connects, "bob")
     alice.line()  # bob joined
     bob.type("/users")
-    assert bob.line() == "* In #lobby (3): owner, alice, bob"
+    assert bob.line() == "* In #lobby (3): owner, alice (plain), bob"
     bob.type("/nick robert")
     assert bob.line() == "* You are now known as robert"
     assert alice.line() == "* bob is now known as robert"
@@ -313,7 +322,7 @@ def test_udp_chat_both_ways(daemon: Daemon, clients: list[Any], connects: list[C
     alice.send("back \x1b[2J over tcp\n")
     assert bob.line().endswith("] alice: back ^[[2J over tcp")
     bob.type("/users")
-    assert bob.line() == "* In #lobby (3): owner, alice, bob"
+    assert bob.line() == "* In #lobby (3): owner, alice (plain), bob (plain)"
     bob.type("/quit")
     status, _, err = bob.finish()
     assert status == 0 and err == b""

@@ -117,7 +117,7 @@ def test_hub_clients_vanishing_mid_frame(daemon: Daemon, clients: list[Any]) -> 
         line = watcher.until(f"{'j' if i % 2 else 't'}{i} left")
         assert "connection" in line
     watcher.send("/users\n")
-    assert watcher.until("* In #lobby") == "* In #lobby (2): owner, watcher"
+    assert watcher.until("* In #lobby") == "* In #lobby (2): owner, watcher (plain)"
     history = [m["text"] for m in rpc(daemon, "history", limit=100)]
     assert not any("never fin" in t or "half a li" in t for t in history)
     assert alive(daemon) and "Traceback" not in daemon.stderr()
@@ -410,7 +410,8 @@ def test_state_file_system_turning_read_only_under_the_daemon(
     seen = [bob.line(10)]  # everything bob got since he joined, up to the answer to /users
     while not seen[-1].startswith("* In #lobby") and len(seen) < 1000:
         seen.append(bob.line(10))
-    assert seen[-1] == "* In #lobby (5): owner, alice, bob, carol, jay", seen
+    assert seen[-1] == ("* In #lobby (5): owner, alice (plain), bob (plain), carol (plain), "
+                        "jay (plain)"), seen
     assert any("carol joined" in s for s in seen), seen
     assert not any("while read-only" in s for s in seen), seen
     ids = history_ids(daemon)

@@ -1106,7 +1106,7 @@ def _run_socket_fuzz(daemon: Daemon, clients: list[Any], *, connections: int,
     # lines (a join, its lines, a leave) to read before the answer.
     users = watcher.until(lambda s: s.startswith("* In #lobby ("), 30.0,
                           limit=max(10_000, 20 * connections))
-    assert {"owner", "watcher"} <= set(users.split(": ", 1)[1].split(", ")), users
+    assert {"owner", "watcher (plain)"} <= set(users.split(": ", 1)[1].split(", ")), users
     with ControlClient(daemon.socket, timeout=10) as c:
         said = [(m["nick"], m["text"]) for m in c.call("history", limit=5)]
     assert ("watcher", "watcher still here") in said, said

@@ -79,7 +79,7 @@ def test_commands_nick_me_join_users_help(daemon: Daemon, clients: list[Any]) ->
     clients += [alice, bob]
     alice.line()  # bob joined
     bob.send("/users\n")
-    assert bob.line() == "* In #lobby (3): owner, alice, bob"
+    assert bob.line() == "* In #lobby (3): owner, alice (plain), bob (plain)"
     bob.send("/me waves\n")
     assert re.match(r"^\[\d\d:\d\d:\d\d\] \* bob waves$", alice.line())
     assert re.match(r"^\[\d\d:\d\d:\d\d\] \* bob waves$", bob.line())  # his confirmation

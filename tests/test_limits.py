@@ -519,7 +519,7 @@ def test_the_tenth_nickname_attempt_is_the_last(daemon: Daemon, clients: list[An
                                "-- disconnecting")
     assert hopeless.closed()
     bob.send("/users\n")
-    assert bob.until("* In #lobby") == "* In #lobby (3): owner, bob, carol"
+    assert bob.until("* In #lobby") == "* In #lobby (3): owner, bob (plain), carol (plain)"
 
 
 def tx_queue(server_port: int, client_port: int) -> int:
@@ -660,7 +660,8 @@ def test_a_silent_udp_client_is_forgotten_and_one_sending_keepalives_is_not(
         nicks = user_nicks(d)
         assert "kept" in nicks and "silent" not in nicks
         watcher.send("/users\n")
-        assert watcher.until("* In #lobby") == "* In #lobby (3): owner, kept, watcher"
+        assert watcher.until("* In #lobby") == ("* In #lobby (3): owner, kept (plain), "
+                                                "watcher (plain)")
         # Room traffic reaches kept, and no longer the forgotten client.
         kept.drain(0.2)
         watcher.send("after the silence\n")
