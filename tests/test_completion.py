@@ -124,7 +124,8 @@ def test_every_lanchatd_option_completes(script: Path) -> None:
 def test_connect_completes_the_hub_clients_options(script: Path) -> None:
     # What the old hand-written script missed: `lanchat connect --<TAB>` offered nothing.
     assert set(complete(script, "lanchat", "connect", "--")) == {
-        "--help", "--nick", "--room", "--plain", "--udp", "--secret-file"} == {
+        "--help", "--nick", "--room", "--plain", "--udp", "--secret-file", "--no-tls",
+        "--accept-key"} == {
         o for o in options(hubclient.build_parser()) if o.startswith("--")}
     # options the daemon-client commands take are not offered where connect rejects them
     assert complete(script, "lanchat", "connect", "--js") == []
