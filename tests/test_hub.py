@@ -459,7 +459,7 @@ def test_users_after_a_paste_is_answered_once_the_paste_is_stored(daemon: Daemon
     clients.append(talker)
     talker.send("".join(f"pasted {i}\n" for i in range(PASTE_LINES)) + "/users\n")
     users = talker.until(lambda s: s.startswith("* In #lobby ("))
-    assert users.endswith("owner, talker"), users
+    assert users.endswith("owner, talker (plain)"), users
     with ControlClient(daemon.socket, timeout=10) as c:
         last = [(m["nick"], m["text"]) for m in c.call("history", limit=1)]
     assert last == [("talker", f"pasted {PASTE_LINES - 1}")]
