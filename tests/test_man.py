@@ -23,7 +23,8 @@ from lanchat import cli, config
 
 ROOT = Path(__file__).resolve().parent.parent
 MAN = ROOT / "man"
-PAGES = ["lanchat.1", "lanchatd.8", "lanchatd.toml.5", "lanchat-protocol.7"]
+PAGES = ["lanchat.1", "lanchatd.8", "lanchatd.toml.5", "lanchat-protocol.7",
+         "lanchat-security.7"]
 
 
 def page(name: str) -> str:

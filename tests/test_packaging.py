@@ -64,6 +64,7 @@ MAN_PAGES = {
     "lanchatd": "man8/lanchatd.8",
     "lanchatd.toml": "man5/lanchatd.toml.5",
     "lanchat-protocol": "man7/lanchat-protocol.7",
+    "lanchat-security": "man7/lanchat-security.7",
 }
 
 #: Generous: a cold pip cache has to download zeroconf.
