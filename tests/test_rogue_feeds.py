@@ -116,17 +116,25 @@ def test_a_relay_that_changes_a_message_is_refused(make_daemon: Any,
                                                             "bob says 2"]
 
 
-def test_an_origin_that_forks_its_feed_is_shown_and_the_first_version_kept(
-        make_daemon: Any, clients: list[Any]) -> None:
-    """The rogue signs two histories: entries 1-3 for X and another 2-3 for Y.  Once X and Y
-    link and the versions meet, each keeps the one it stored first, logs the proof and
-    shows the rogue forked in ``lanchat peers``; their own link stays up."""
+def _a_rogue_at_two_daemons(make_daemon: Any, clients: list[Any]
+                            ) -> tuple[Daemon, Daemon, Rogue, Rogue]:
+    """X and Y, not linked, and the rogue (one key) linked to each: it can tell each its own
+    version of its feed."""
     x = make_daemon("-v", nick="xavier", subdir="x")
     y = make_daemon("-v", nick="yvonne", subdir="y")
     to_x, to_y = Rogue(x.port), Rogue(y.port)
     clients += [to_x, to_y]
     to_x.handshake()
     to_y.handshake()
+    return x, y, to_x, to_y
+
+
+def test_an_origin_that_forks_its_feed_is_shown_and_the_first_version_kept(
+        make_daemon: Any, clients: list[Any]) -> None:
+    """The rogue signs two histories: entries 1-3 for X and another 2-3 for Y.  Once X and Y
+    link and the versions meet, each keeps the one it stored first, logs the proof and
+    shows the rogue forked in ``lanchat peers``; their own link stays up."""
+    x, y, to_x, to_y = _a_rogue_at_two_daemons(make_daemon, clients)
     origin = to_x.node
     to_x.msgs([to_x.message(1, "one"), to_x.message(2, "two, as X heard it"),
                to_x.message(3, "three")])
@@ -174,12 +182,7 @@ def test_a_fork_of_equal_length_is_found_when_the_holders_link(
     """The rogue tells X and Y two versions of its entry #2 and then falls silent: their
     cursors are equal (2), so a sync of cursors alone would never bring the versions
     together.  The head hashes in ``sync`` do: both find the fork as soon as they link."""
-    x = make_daemon("-v", nick="xavier", subdir="x")
-    y = make_daemon("-v", nick="yvonne", subdir="y")
-    to_x, to_y = Rogue(x.port), Rogue(y.port)
-    clients += [to_x, to_y]
-    to_x.handshake()
-    to_y.handshake()
+    x, y, to_x, to_y = _a_rogue_at_two_daemons(make_daemon, clients)
     origin = to_x.node
     to_x.msgs([to_x.message(1, "one"), to_x.message(2, "two, as X heard it")])
     to_y.msgs([to_y.message(1, "one"), to_y.message(2, "two, as Y heard it")])
