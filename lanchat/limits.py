@@ -76,13 +76,20 @@ MAX_ROUTER_QUEUE = 20_000
 MAX_COMMIT_BATCH = 1024
 
 #: Most peers' runs the router stores in one transaction (runs queue up in a catch-up:
-#: one fsync for them all instead of one per run; at most 16 x MAX_RUN_ENTRIES messages).
-MAX_RUNS_PER_COMMIT = 16
+#: one fsync for them all instead of one per run; at most 32 x MAX_RUN_ENTRIES messages).
+MAX_RUNS_PER_COMMIT = 32
 
 #: Runs a link hands to the router before it waits for the first one's answer: the link
 #: parses and verifies the next runs while the router stores earlier ones, and runs that
-#: wait together are stored in one transaction.  Bounds what a link holds in memory.
-RUNS_IN_FLIGHT = 8
+#: wait together are stored in one transaction.  With RUNS_IN_FLIGHT_BYTES, bounds what a
+#: link holds in memory: a catch-up's runs of 64 chat lines are ~20 KiB each, so it is the
+#: count that stops them; a peer sending runs of large entries is stopped by the bytes.
+RUNS_IN_FLIGHT = 32
+
+#: Most entry body bytes of the runs a link has in flight (see RUNS_IN_FLIGHT): a link whose
+#: runs in flight exceed it waits for the oldest answers first (a single run larger than
+#: this, up to 64 x MAX_ENTRY_BODY_BYTES, is waited for at once).
+RUNS_IN_FLIGHT_BYTES = 1024 * 1024
 
 #: Largest page of history one request may ask for.
 MAX_HISTORY_PAGE = 1000

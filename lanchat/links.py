@@ -71,6 +71,7 @@ from lanchat.limits import (
     MAX_ORIGINS,
     ROUTER_HANDOFF_TIMEOUT_S,
     RUNS_IN_FLIGHT,
+    RUNS_IN_FLIGHT_BYTES,
     SHUTDOWN_TIMEOUT_S,
 )
 from lanchat.model import Message
@@ -196,7 +197,8 @@ class Link:
         # whose fork we showed the peer (our version), once.
         self._keys: dict[str, PublicKey] = {}
         # Runs handed to the router, oldest first, not yet answered (RUNS_IN_FLIGHT).
-        self._in_flight: deque[tuple[Future[RunResult], Sequence[Entry]]] = deque()
+        self._in_flight: deque[tuple[Future[RunResult], Sequence[Entry], int]] = deque()
+        self._in_flight_bytes = 0  # the entries' body bytes of the runs in flight
         self._floor: linkproto.Floor | None = None
         self._probed: set[str | tuple[str, str]] = set()
         # Sender thread only: origins whose key went with a run on this link, and those
@@ -350,18 +352,23 @@ class Link:
                 self._peer_has[origin] = run[-1].seq
         pruned = floor is not None and floor.origin == origin and floor.seq == run[0].seq - 1
         # Runs in flight: the router stores these while we read and verify the next.
+        size = sum(len(e.body) for e in run)
         self._in_flight.append(
-            (self.manager.router.submit_run(run, key, floor=pruned, source=self), run))
-        self._settle(keep=RUNS_IN_FLIGHT)
+            (self.manager.router.submit_run(run, key, floor=pruned, source=self), run, size))
+        self._in_flight_bytes += size
+        self._settle(keep=RUNS_IN_FLIGHT, keep_bytes=RUNS_IN_FLIGHT_BYTES)
 
-    def _settle(self, keep: int = 0) -> None:
-        """Wait for the router's answers until ``keep`` runs are in flight; act on them.
+    def _settle(self, keep: int = 0, keep_bytes: int = 0) -> None:
+        """Wait for the router's answers until at most ``keep`` runs of at most
+        ``keep_bytes`` in all are in flight; act on them.
 
         A gap asks for one replay (``sync``), however many runs showed it.
         """
         gap = False
-        while len(self._in_flight) > keep:
-            future, run = self._in_flight.popleft()
+        while self._in_flight and (len(self._in_flight) > keep
+                                   or self._in_flight_bytes > keep_bytes):
+            future, run, size = self._in_flight.popleft()
+            self._in_flight_bytes -= size
             result = _wait_run(future)
             gap = gap or result.gap
             self._answered(run, result)
