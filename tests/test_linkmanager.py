@@ -7,16 +7,19 @@ peer is dialed again, never dropped for good).  (Issue 13, case 10.)
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
 
 import pytest
 from conftest import wait_for
-from rogue import RogueListener
+from rogue import Feed, RogueListener
 
 from lanchat.errors import RouterTimeout
 from lanchat.feed import Entry, PublicKey, RunResult, SigningKey, StoredEntry
+from lanchat.limits import RUNS_IN_FLIGHT, RUNS_IN_FLIGHT_BYTES
 from lanchat.links import Identity, LinkManager
 from lanchat.presence import NodeRoster
 
@@ -145,3 +148,66 @@ def test_a_dialer_survives_an_exception_nobody_foresaw(rogue_peer: RogueListener
     second = rogue_peer.accept(timeout=10.0)  # the static peer is dialed again
     second.answer()
     wait_for("linked again", lambda: manager.linked(second.node), 5.0)
+
+
+class SlowRouter(FakeRouter):
+    """A router that takes runs but answers none until told: what a link holds meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: list[tuple[Future[RunResult], Sequence[Entry]]] = []
+
+    def submit_run(self, run: Sequence[Entry], key: PublicKey, *, floor: bool = False,
+                   source: object | None) -> Future[RunResult]:
+        done: Future[RunResult] = Future()
+        self.waiting.append((done, run))
+        return done
+
+    def answer_all(self) -> None:
+        for done, run in list(self.waiting):
+            if not done.done():
+                done.set_result(RunResult(list(run)))
+
+
+def test_a_link_holds_a_bounded_number_of_bytes_of_runs_in_flight(
+        rogue_peer: RogueListener, manager_for: Any) -> None:
+    """A link hands runs to the router without waiting for each answer (a catch-up's runs
+    are stored together), but only up to RUNS_IN_FLIGHT runs *and* RUNS_IN_FLIGHT_BYTES of
+    entries: a peer sending runs of big entries cannot park megabytes in a link's memory."""
+    router = SlowRouter()
+    manager_for(router)
+    peer = rogue_peer.accept()
+    peer.answer()
+    wait_for("linked", lambda: router.attached, 5.0)
+    text = "x" * 3000  # ~3.3 KiB a body, ~210 KiB a run of 64
+    runs = 20
+    frames = [[peer.message(r * 64 + i + 1, text) for i in range(64)] for r in range(runs)]
+    # The link stops reading while it waits: the peer's sends block, so they go from a thread.
+    sender = threading.Thread(target=lambda: [peer.msgs(f) for f in frames], name="rogue-send")
+    sender.start()
+    try:
+        per_run = sum(len(e.body) for e in _entries(64, text))
+        most = RUNS_IN_FLIGHT_BYTES // per_run + 2  # within the bytes, and the one over them
+        wait_for("the link waits for answers", lambda: len(router.waiting) >= most - 1, 10.0)
+        time.sleep(0.5)  # it would hand over more now if it were going to
+        assert len(router.waiting) <= most, (len(router.waiting), most)
+        assert len(router.waiting) < RUNS_IN_FLIGHT  # the bytes stopped it, not the count
+        for _ in range(4 * runs):  # each answer frees room for the next
+            router.answer_all()
+            if len(router.waiting) == runs:
+                break
+            time.sleep(0.05)
+        assert len(router.waiting) == runs
+    finally:
+        for _ in range(100):
+            router.answer_all()
+            if not sender.is_alive():
+                break
+            sender.join(0.1)
+        router.answer_all()
+
+
+def _entries(n: int, text: str) -> list[Entry]:
+    """``n`` entries shaped like the rogue's (for their sizes)."""
+    feed = Feed(SigningKey(b"\x22" * 32))
+    return [Entry.from_wire(feed.entry(i + 1, text)) for i in range(n)]
