@@ -29,13 +29,11 @@ Adapter: owns this one kind of I/O (the key file, and reading the machine id).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
 import re
 import secrets
-import tempfile
 from dataclasses import dataclass
 
 from lanchat import privfile
@@ -191,31 +189,23 @@ def _create(path: str, machine: str | None) -> SigningKey:
     data = (json.dumps(doc) + "\n").encode("ascii")
     directory = os.path.dirname(path) or "."
     try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{KEY_FILE}.")  # mode 0600
-    except OSError as exc:
-        raise KeyFileError(f"cannot write a key file in {directory}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            loaded = _read(path)  # another process won the race: use its key
-            if loaded is None:
-                raise KeyFileError(f"{path} appeared and vanished while it was made") from None
-            return loaded[0]
-        except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-                raise
-            os.rename(tmp, path)  # a file system without hard links
+        with privfile.durable_temp(directory, f".{KEY_FILE}.", data) as tmp:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                loaded = _read(path)  # another process won the race: use its key
+                if loaded is None:
+                    raise KeyFileError(f"{path} appeared and vanished while it was made"
+                                       ) from None
+                return loaded[0]
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP,
+                                     errno.EMLINK):
+                    raise
+                os.rename(tmp, path)  # a file system without hard links
         privfile.fsync_dir(directory)
     except OSError as exc:
         raise KeyFileError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
     return key
 
 

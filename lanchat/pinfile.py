@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 
 from lanchat import privfile
@@ -69,21 +68,11 @@ def save(path: str, pins: Pins, header: str) -> None:
     data = pins.format(header)
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
-    except OSError as exc:
-        raise PinFileError(f"cannot write in {directory}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
+        with privfile.durable_temp(directory, f".{os.path.basename(path)}.", data) as tmp:
+            os.rename(tmp, path)
         privfile.fsync_dir(directory)
     except OSError as exc:
         raise PinFileError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
 
 
 def update(path: str, change: Callable[[Pins], Pins], header: str) -> Pins:

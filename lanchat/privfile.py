@@ -1,4 +1,4 @@
-"""Small files only their owner may change: read one safely, make a rename in it durable.
+"""Small files only their owner may change: read one safely, write one durably.
 
 The node's key (:mod:`lanchat.keyfile`) and the pin files (:mod:`lanchat.pinfile`) are
 both files whose content decides whom a daemon or a user trusts, so both are read the same
@@ -10,9 +10,12 @@ and the reason that matters for that file).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from lanchat.errors import LanchatError
@@ -77,3 +80,22 @@ def fsync_dir(directory: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def durable_temp(directory: str, prefix: str, data: bytes) -> Iterator[str]:
+    """A new file in ``directory`` (mode 0600 from the start) holding ``data``, written and
+    fsynced; its path, for the caller to rename or link into place (then :func:`fsync_dir`).
+
+    Whatever is still at that path on leaving is removed.  Raises OSError.
+    """
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        yield tmp
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)

@@ -21,8 +21,8 @@ IO_MODULES = {"socket", "threading", "sqlite3", "zeroconf", "select", "selectors
 #: building blocks: ``stream`` and ``lightthread`` of every connection, ``lineedit``
 #: of the terminal the two interactive clients read from and print to, ``tlsid`` the TLS
 #: contexts and key pinning of hub, links and hub client alike, ``pinfile`` the pin files
-#: of the hub client and the daemon, ``privfile`` the careful reading of a private file
-#: that the key file and the pin files share).
+#: of the hub client and the daemon, ``privfile`` the careful reading and durable writing
+#: of a private file that the key file and the pin files share).
 ADAPTERS = {"stream", "lightthread", "store", "hub", "hubsession", "hubconn", "hubloop",
             "hubudp", "control", "client", "hubclient",
             "discovery", "links", "sdnotify", "sdlisten", "logsetup", "memtrim", "keyfile",
