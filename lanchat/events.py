@@ -4,12 +4,14 @@ The router hands one :class:`Event` to every subscriber.  A hub connection in
 text mode, one in JSON mode, a ``lanchat tail`` and a daemon link each need a
 different byte string; :meth:`Event.encoded` makes each one once and caches
 it, so sending a message to a hundred text clients renders it once, not a
-hundred times.
+hundred times.  A :class:`Batch` does the same for a commit's events that
+many receivers get alike (everyone in the room who sent none of them): their
+bytes are joined once per encoding, not once per receiver.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from lanchat.model import Message, Presence
@@ -55,3 +57,35 @@ class Event:
 
     def __repr__(self) -> str:
         return f"Event({self.item!r})"
+
+
+class Batch(list[Event]):
+    """A commit's events in order, handed as one list to every receiver that gets all of them.
+
+    The router builds one per fan-out of several events in a room; the receivers it
+    gives this same list to can share the joined bytes (:meth:`joined`) instead of
+    each encoding and joining every event again -- that was a fifth of the router's
+    time in a busy room.  Thread-safety as for :class:`Event`.
+    """
+
+    __slots__ = ("_joined",)
+
+    def __init__(self, events: Iterable[Event]) -> None:
+        super().__init__(events)
+        self._joined: dict[tuple[Callable[[Any], bytes], Callable[[Any], bytes]], bytes] = {}
+
+    def joined(self, for_message: Callable[[Any], bytes],
+               for_presence: Callable[[Any], bytes]) -> bytes:
+        """Every event encoded (messages by one encoder, presence by the other), joined."""
+        key = (for_message, for_presence)
+        data = self._joined.get(key)
+        if data is None:
+            data = self._joined[key] = encode_all(self, for_message, for_presence)
+        return data
+
+
+def encode_all(events: Iterable[Event], for_message: Callable[[Any], bytes],
+               for_presence: Callable[[Any], bytes]) -> bytes:
+    """``events`` encoded (messages by one encoder, presence by the other) and joined."""
+    return b"".join([e.encoded(for_message if isinstance(e.item, Message) else for_presence)
+                     for e in events])

@@ -38,7 +38,7 @@ from lanchat.errors import (
     RouterTimeout,
     ValidationError,
 )
-from lanchat.events import Event
+from lanchat.events import Batch, Event, encode_all
 from lanchat.limits import FLOOD_FACTOR, SOURCE_RATE_FACTOR
 from lanchat.model import DEFAULT_ROOM, Draft, Message, User
 from lanchat.ratelimit import ConnectionLimiter, Verdict
@@ -164,8 +164,9 @@ class Session:
         if len(events) == 1:
             e = events[0]
             return self._send(e.encoded(enc_m if isinstance(e.item, Message) else enc_p))
-        return self._send(b"".join([e.encoded(enc_m if isinstance(e.item, Message) else enc_p)
-                                    for e in events]))
+        if isinstance(events, Batch):
+            return self._send(events.joined(enc_m, enc_p))
+        return self._send(encode_all(events, enc_m, enc_p))
 
     # replies -------------------------------------------------------------------------
 

@@ -303,3 +303,82 @@ def test_a_batch_of_runs_whose_commit_fails_is_not_shown_and_can_come_again(
     monkeypatch.undo()
     assert [e.seq for e in accept(router, remote(1), remote(2), remote(3)).new] == [1, 2, 3]
     assert watcher.texts() == ["r1", "r2", "r3"]
+
+
+class CountingSink(Sink):
+    """A Sink that also keeps each deliver's list as it was handed over."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.calls: list[Sequence[Event]] = []
+
+    def deliver(self, events: Sequence[Event]) -> bool:
+        self.calls.append(events)
+        return super().deliver(events)
+
+
+def _publish_together(router: Router, items: list[tuple[str, str, object | None]]) -> None:
+    """Publish (text, room, source) drafts in one inbox operation (one commit, one fan-out)."""
+    left = threading.Semaphore(0)
+
+    def done(msg: Message | None, err: LanchatError | None) -> None:
+        assert err is None, err
+        left.release()
+
+    router._call(lambda: None)
+    release = threading.Event()
+    router._post(lambda: release.wait(10.0), "hold the router so the drafts go together")
+    router.publish_all([(Draft(text=text, nick="owner", host="box", room=room), source, done)
+                        for text, room, source in items])
+    release.set()
+    for _ in items:
+        assert left.acquire(timeout=10.0)
+
+
+def test_a_commit_to_one_room_reaches_each_member_once_without_their_own(
+        router: Router) -> None:
+    """Several messages in one commit: each member gets all but what it sent, in order, in
+    one deliver; those who sent none share one list (its bytes joined once); a watcher of
+    every room and one of that room get all of it, other rooms and watchers nothing."""
+    a, b, c, d = (CountingSink(n) for n in "abcd")
+    every, lobby_only, elsewhere = CountingSink("every"), CountingSink("lobby"), \
+        CountingSink("elsewhere")
+    for sub, nick in ((a, "ann"), (b, "bob"), (c, "cid")):
+        router.join(sub, nick=nick, host="box", via="tcp")
+    router.join(d, nick="dan", host="box", via="tcp", room="other")
+    router.subscribe(every)
+    router.subscribe(lobby_only, rooms=frozenset({"lobby"}))
+    router.subscribe(elsewhere, rooms=frozenset({"other"}))
+    for sub in (a, b, c, d, every, lobby_only, elsewhere):
+        sub.got.clear()
+        sub.calls.clear()
+    _publish_together(router, [("one", "lobby", a), ("two", "lobby", b), ("three", "lobby", None),
+                               ("four", "lobby", a)])
+    router.barrier()
+    assert a.texts() == ["two", "three"]
+    assert b.texts() == ["one", "three", "four"]
+    for sub in (c, every, lobby_only):
+        assert sub.texts() == ["one", "two", "three", "four"], sub
+        assert len(sub.calls) == 1, sub
+    assert c.calls[0] is every.calls[0] is lobby_only.calls[0]
+    assert len(a.calls) == len(b.calls) == 1
+    assert d.got == [] and elsewhere.got == []
+
+
+def test_a_commit_to_two_rooms_reaches_each_room_with_its_own(router: Router) -> None:
+    """The same commit with a second room in it: each member gets its room's part only."""
+    a, b, d = CountingSink("a"), CountingSink("b"), CountingSink("d")
+    every = CountingSink("every")
+    router.join(a, nick="ann", host="box", via="tcp")
+    router.join(b, nick="bob", host="box", via="tcp")
+    router.join(d, nick="dan", host="box", via="tcp", room="other")
+    router.subscribe(every)
+    for sub in (a, b, d, every):
+        sub.got.clear()
+    _publish_together(router, [("one", "lobby", a), ("elsewhere", "other", d),
+                               ("two", "lobby", None)])
+    router.barrier()
+    assert a.texts() == ["two"]
+    assert b.texts() == ["one", "two"]
+    assert d.got == []
+    assert every.texts() == ["one", "elsewhere", "two"]
