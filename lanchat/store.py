@@ -595,9 +595,8 @@ class Store:
                                (origin,)).fetchone()
             last_seq, last_ts = (row[0], row[1]) if row is not None else (0, 0.0)
             stamp = max(float(ts), last_ts)
-            messages = [Message.stamp(d, origin=origin, seq=last_seq + i, ts=stamp,
-                                      signed=key is not None)
-                        for i, d in enumerate(drafts, start=1)]
+            messages = Message.stamp(drafts, origin=origin, first=last_seq + 1, ts=stamp,
+                                     signed=key is not None)
             entries: list[Entry] | None = None
             if key is None:
                 conn.executemany(_INSERT, [

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lanchat import store as store_module
-from lanchat.errors import ClosedError, LocalProtocolError, StoreError
+from lanchat.errors import ClosedError, LocalProtocolError, StoreError, ValidationError
 from lanchat.feed import (
     UNSIGNED_PREV,
     Entry,
@@ -990,3 +990,26 @@ def test_a_batch_whose_commit_fails_stores_nothing(tmp_path: Path,
             raise sqlite3.OperationalError("disk I/O error")
         assert s.cursors() == {} and s.entries(PEER_KEY.node, 1, 2) == []
         assert s.insert_run(run, key=PEER_KEY.public.raw) == run  # the store lives on
+
+
+def test_stamp_builds_what_the_constructor_builds_and_checks_what_is_new() -> None:
+    """Message.stamp (a commit's drafts, built through the slots) equals Message(...) field
+    for field -- including a field added later, which stamp would otherwise leave unset --
+    and still refuses a bad origin, seq or time."""
+    import dataclasses
+    drafts = [Draft(text="hi", nick="ann", host="box"),
+              Draft(text="psst", nick="ann", host="box", to="bob", to_node="b" * 32),
+              Draft(text="there", nick="ann", host="box", room="other")]
+    stamped = Message.stamp(drafts, origin="a" * 32, first=7, ts=1_700_000_000.5)
+    for seq, (d, m) in enumerate(zip(drafts, stamped, strict=True), start=7):
+        built = Message(origin="a" * 32, seq=seq, ts=1_700_000_000.5, room=d.room, nick=d.nick,
+                        host=d.host, text=d.text, to=d.to, to_node=d.to_node)
+        for f in dataclasses.fields(Message):
+            assert getattr(m, f.name) == getattr(built, f.name), f.name
+    assert [m.id for m in stamped] == [f"{'a' * 32}:{n}" for n in (7, 8, 9)]
+    with pytest.raises(ValidationError):
+        Message.stamp(drafts, origin="not a node", first=1, ts=1.0)
+    with pytest.raises(ValidationError):
+        Message.stamp(drafts, origin="a" * 32, first=0, ts=1.0)
+    with pytest.raises(ValidationError):
+        Message.stamp(drafts, origin="a" * 32, first=1, ts=float("nan"))
