@@ -184,6 +184,10 @@ MAX_IO_THREADS = 4
 #: of clients cannot lock out peers; a LAN rarely has more daemons than this.
 MAX_DAEMON_LINKS = 64
 
+#: Keys whose fingerprint (lanchat.feed.fingerprint, ~4-7 ms each) is remembered: our
+#: own, every linked peer's and its pinned one's, with room to spare.
+FINGERPRINT_CACHE_KEYS = 4 * MAX_DAEMON_LINKS
+
 #: Link handshakes (a daemon's hello until it has proved the shared secret) at once,
 #: and from one address.  They are counted apart from links, so that connections
 #: that never finish a handshake can hold no link slot; a LAN's daemons handshake

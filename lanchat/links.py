@@ -864,7 +864,6 @@ class LinkManager:
         self.pins = pins if pins is not None else PeerPins(Pins())
         self.pins_path = pins_path
         self._pins_lock = threading.Lock()  # guards: pins, and the file's writes
-        self._fingerprints: dict[PublicKey, str] = {}  # ~2 ms each: made once per key
         #: The shared secret: links must prove it (admission only).
         self.key = key
         self.history = history
@@ -1156,12 +1155,16 @@ class LinkManager:
                     pinfile.save(self.pins_path, self.pins.pins, PEERS_HEADER)
                 except (OSError, LanchatError) as exc:
                     log.warning("could not save %s: %s", self.pins_path, exc)
-        line = decision.log_line()
         if decision.link:
-            if line is not None:
-                log.log(logging.INFO if decision.verdict is PeerVerdict.NEW else logging.WARNING,
-                        "%s", line)
+            level = logging.INFO if decision.verdict is PeerVerdict.NEW else logging.WARNING
+            # Only when it is shown: the line holds a fingerprint (~7 ms of hashing), and
+            # a new daemon meeting its first peer would pay it before the catch-up.
+            if log.isEnabledFor(level):
+                line = decision.log_line()
+                if line is not None:
+                    log.log(level, "%s", line)
             return None
+        line = decision.log_line()
         assert line is not None
         return line
 
@@ -1191,17 +1194,8 @@ class LinkManager:
             return self.pins.held()
 
     def fingerprint_of(self, key: PublicKey | None) -> str | None:
-        """``key``'s fingerprint (:func:`lanchat.feed.fingerprint`), made once per key."""
-        if key is None:
-            return None
-        with self._lock:
-            known = self._fingerprints.get(key)
-        if known is None:
-            known = fingerprint(key)
-            with self._lock:
-                if len(self._fingerprints) < 4 * MAX_DAEMON_LINKS:
-                    self._fingerprints[key] = known
-        return known
+        """``key``'s fingerprint (:func:`lanchat.feed.fingerprint`, which remembers it)."""
+        return None if key is None else fingerprint(key)
 
     # -- older daemons ---------------------------------------------------------------------
 

@@ -341,9 +341,9 @@ class PeerDecision:
 
     def log_line(self) -> str | None:
         """The one log line this decision deserves (None for a known peer)."""
-        key = f"node {self.key.node} (fingerprint {fingerprint(self.key)})"
         if self.verdict is PeerVerdict.KNOWN:
             return None
+        key = f"node {self.key.node} (fingerprint {fingerprint(self.key)})"
         if self.verdict is PeerVerdict.NEW:
             kept = "pinned" if self.save else "not pinned: the pin file is full"
             return f"peer {self.name} is new: {key}, {kept}"
