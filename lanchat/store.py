@@ -104,8 +104,9 @@ _O_TMPFILE: int = getattr(os, "O_TMPFILE", 0)  # Linux only
 
 #: The schema, as the list of migrations that build it.  Migration ``i`` takes
 #: the database from ``PRAGMA user_version`` ``i`` to ``i + 1``; each runs in
-#: one transaction together with the version bump, so a database is always at
-#: exactly one version.  Append new migrations; never edit a released one.
+#: one transaction together with the version bump (a new database: all of them in
+#: one), so a database is always at exactly one version.  Append new migrations;
+#: never edit a released one.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 1: messages, meta (node id), high (per-origin cursor that outlives retention).
     (
@@ -360,33 +361,46 @@ class Store:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > known:
             self._refuse_newer(version, known)
-        while version < known:
+        while True:
             with self._transaction():
                 # Re-read inside the write lock: another process may have migrated.
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
                 if version > known:
                     self._refuse_newer(version, known)
-                if version < known:
+                # A new database (version 0) gets every migration in this one transaction:
+                # one commit (an fsync) instead of one per migration, which was a good part
+                # of a new daemon's start-up.  An existing one steps one migration per
+                # transaction, as it always did.  Either way it is at exactly one version.
+                target = known if version == 0 else min(version + 1, known)
+                while version < target:
                     log.info("migrating history %s from schema %d to %d",
                              self.path, version, version + 1)
                     for statement in MIGRATIONS[version]:
                         conn.execute(statement)
                     version += 1
                     conn.execute(f"PRAGMA user_version = {version}")
-        with self._transaction():
-            if node_id is not None:
-                # The daemon's identity key names the node (lanchat.keyfile); a new key
-                # (first start after the upgrade, or a state directory that moved to
-                # another machine) starts a new feed at seq 1.  Earlier messages keep
-                # the origin they were written under.
-                conn.execute("INSERT INTO meta (key, value) VALUES ('node_id', ?) "
-                             "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                             (node_id,))
-            else:
-                conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('node_id', ?)",
-                             (secrets.token_hex(8),))
-            row = conn.execute("SELECT value FROM meta WHERE key = 'node_id'").fetchone()
+                if version == known:
+                    # The node id goes in the transaction of the last migration, if any.
+                    row = self._keep_node_id(node_id)
+                    break
         self._node_id: str = row[0]
+
+    def _keep_node_id(self, node_id: str | None) -> tuple[str]:
+        """Record the node id (inside the caller's transaction); the one now kept."""
+        conn = self._writer
+        if node_id is not None:
+            # The daemon's identity key names the node (lanchat.keyfile); a new key
+            # (first start after the upgrade, or a state directory that moved to
+            # another machine) starts a new feed at seq 1.  Earlier messages keep
+            # the origin they were written under.
+            conn.execute("INSERT INTO meta (key, value) VALUES ('node_id', ?) "
+                         "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                         (node_id,))
+        else:
+            conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('node_id', ?)",
+                         (secrets.token_hex(8),))
+        row: tuple[str] = conn.execute("SELECT value FROM meta WHERE key = 'node_id'").fetchone()
+        return row
 
     def _refuse_newer(self, version: int, known: int) -> None:
         raise StoreError(

@@ -155,6 +155,23 @@ def test_migrates_an_older_database_keeping_its_data(
     conn.close()
 
 
+def test_a_new_database_is_built_all_or_nothing(
+        db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new database gets every migration in one transaction (one commit at start-up):
+    a failure in the last one leaves no table of the first."""
+    broken = (*MIGRATIONS, ("THIS IS NOT SQL",))
+    monkeypatch.setattr(store_module, "MIGRATIONS", broken)
+    with pytest.raises(StoreError, match="cannot open history"):
+        Store(db)
+    conn = raw(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 0
+    assert conn.execute("SELECT name FROM sqlite_master").fetchall() == []
+    conn.close()
+    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS)
+    with Store(db) as s:
+        assert seqs(s.append_local([draft("first")], ts=1.0)) == [1]
+
+
 def test_a_failing_migration_leaves_the_database_at_its_old_version(
         db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with Store(db) as s:
