@@ -131,6 +131,9 @@ class Daemon:
                                          group=self.cfg.socket_group, sock=self._control_sock)
             self._control_sock = None  # the server owns it now
             self.control.start()
+            # One server context for the hub's TLS clients and the links: each one built
+            # makes and signs the certificate and loads it (~3-6 ms at start-up).
+            tls = tlsid.server_context(self.identity.key, scratch_dir=self.cfg.state_dir)
             self.hub = Hub(self.router, name=self.cfg.name, bind=self.cfg.bind,
                            port=self.cfg.port, udp=self.cfg.udp, max_rate=self.cfg.max_rate,
                            max_connections=self.cfg.max_connections,
@@ -144,8 +147,7 @@ class Daemon:
                            udp_stranger_scale=_env_seconds("LANCHAT_UDP_UNREGISTERED_SCALE",
                                                            1.0),
                            key=self.key, plain_clients=self.cfg.plain_clients,
-                           tls=tlsid.server_context(self.identity.key,
-                                                    scratch_dir=self.cfg.state_dir),
+                           tls=tls,
                            tls_handshake_timeout=_env_seconds(
                                "LANCHAT_TLS_HANDSHAKE_TIMEOUT_S", TLS_HANDSHAKE_TIMEOUT_S))
             self.links = LinkManager(
@@ -153,7 +155,7 @@ class Daemon:
                 Identity(node=self.node, name=self.cfg.name, host=self.hostname,
                          port=self.hub.port, key=self.identity.key),
                 static_peers=[config.parse_peer(p) for p in self.cfg.peers], key=self.key,
-                pins=self.peer_pins, pins_path=self._pins_path, scratch_dir=self.cfg.state_dir)
+                pins=self.peer_pins, pins_path=self._pins_path, tls_server=tls)
             self.hub.link_acceptor = self.links
             self.hub.start()
             self.links.start()

@@ -855,10 +855,15 @@ class LinkManager:
     def __init__(self, router: LinkRouter, history: History, me: Identity,
                  static_peers: Sequence[tuple[str, int]] = (), *,
                  key: bytes | None = None, pins: PeerPins | None = None,
-                 pins_path: str | None = None, scratch_dir: str | None = None) -> None:
+                 pins_path: str | None = None, scratch_dir: str | None = None,
+                 tls_server: ssl.SSLContext | None = None) -> None:
         self.router = router
         #: TLS: ours presents our node key's certificate; theirs is checked by us.
-        self.tls_server: ssl.SSLContext = tlsid.server_context(me.key, scratch_dir=scratch_dir)
+        #: ``tls_server``: a tlsid.server_context for ``me.key`` already built (the
+        #: daemon's, shared with the hub: one certificate made and loaded at start-up).
+        self.tls_server: ssl.SSLContext = (
+            tls_server if tls_server is not None
+            else tlsid.server_context(me.key, scratch_dir=scratch_dir))
         self.tls_client: ssl.SSLContext = tlsid.client_context()
         #: Pinned peers (``known_peers``, saved to ``pins_path`` when it changes).
         self.pins = pins if pins is not None else PeerPins(Pins())
