@@ -15,7 +15,7 @@ where trimming would only make malloc ask the kernel again.
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import logging
 from collections.abc import Callable
 
@@ -25,7 +25,12 @@ log = logging.getLogger(__name__)
 TRIM_AFTER_DROP = 200
 
 
+@functools.cache
 def _load_malloc_trim() -> Callable[[int], int] | None:
+    # Looked up at the first trim, not at import: ctypes is ~3 ms of every daemon's
+    # start-up (python -X importtime) and most daemons never trim.
+    import ctypes
+
     # The process's own symbols (the C library is loaded already): no
     # ctypes.util.find_library, which runs ldconfig in a subprocess.
     try:
@@ -37,14 +42,12 @@ def _load_malloc_trim() -> Callable[[int], int] | None:
     return fn
 
 
-_malloc_trim = _load_malloc_trim()
-
-
 def trim() -> bool:
     """Return free heap pages to the kernel; False where the C library cannot."""
-    if _malloc_trim is None:
+    malloc_trim = _load_malloc_trim()
+    if malloc_trim is None:
         return False
-    _malloc_trim(0)  # ctypes releases the GIL for the call: the hub keeps serving
+    malloc_trim(0)  # ctypes releases the GIL for the call: the hub keeps serving
     return True
 
 
