@@ -62,6 +62,7 @@ import time
 from typing import Protocol
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509.oid import NameOID
@@ -242,7 +243,8 @@ def peer_key(der: bytes | None) -> PublicKey:
                                  f"{MAX_PEER_CERT_BYTES}")
     try:
         public = x509.load_der_x509_certificate(der).public_key()
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion, UnsupportedAlgorithm) as exc:
+        # (the last two are no ValueError: an unknown version, an unknown key type)
         raise BadPeerCertificate(f"the peer's certificate does not parse: {exc}") from None
     if not isinstance(public, Ed25519PublicKey):
         raise BadPeerCertificate("the peer's certificate does not carry an Ed25519 key "

@@ -150,6 +150,22 @@ def test_peer_key_refuses_missing_huge_garbled_and_non_ed25519_certificates() ->
         tlsid.peer_key(other.public_bytes(serialization.Encoding.DER))
 
 
+def test_peer_key_refuses_a_bad_version_and_an_unknown_key_type_as_bad_certificates() -> None:
+    """Found in session 8: x509 raises InvalidVersion and UnsupportedAlgorithm, which are no
+    ValueError, so such a certificate escaped peer_key as an unexpected error (the link code's
+    "failed unexpectedly" path) instead of the clear bad-cert refusal."""
+    key = new_key()
+    der = tlsid.certificate_der(key)
+    at = der.find(b"\xa0\x03\x02\x01\x02")  # [0] version: v3
+    assert at > 0
+    with pytest.raises(tlsid.BadPeerCertificate, match="does not parse"):
+        tlsid.peer_key(der[:at + 4] + b"\x05" + der[at + 5:])
+    oid = der.rfind(b"\x06\x03\x2b\x65\x70", 0, der.find(key.public.raw))  # its key's type
+    assert oid > 0
+    with pytest.raises(tlsid.BadPeerCertificate, match="does not parse"):
+        tlsid.peer_key(der[:oid + 4] + b"\x63" + der[oid + 5:])  # 1.3.101.99: unknown
+
+
 def test_server_context_leaves_no_key_file_behind_even_without_memfd(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     key = new_key()
