@@ -88,6 +88,9 @@ MAX_PROTOCOL_ERRORS = 20
 #: Most plaintext a TLS connection encrypts ahead of its socket: once the socket has not
 #: taken a batch of records, no more is encrypted until it has (four full records).
 TLS_PLAIN_PER_SEND = 64 * 1024
+#: What a connection has in flight when it has nothing: one shared empty view (a memoryview
+#: is ~180 bytes; one per idle connection was ~0.9 MiB for 5,000 of them).
+NOTHING_IN_FLIGHT = memoryview(b"")
 
 # Conversation states.
 SNIFF = "sniff"          # waiting for the first bytes: TLS, or plain text/JSON?
@@ -272,7 +275,7 @@ class TcpConn(Session):
         self._out: list[bytes] = []  # queued, counted against MAX_OUTBOX_BYTES
         # what the loop took from _out and is sending (as the old writer thread held its
         # batch): not counted, so a receiver may have a batch in flight and a full queue
-        self._inflight = memoryview(b"")
+        self._inflight = NOTHING_IN_FLIGHT
         self._queued = 0
         self._closing = False
         self._at_line_start = True
@@ -439,7 +442,7 @@ class TcpConn(Session):
             self.close_reason = reason
             if not keep_queued:
                 self._out.clear()
-                self._inflight = memoryview(b"")
+                self._inflight = NOTHING_IN_FLIGHT
                 self._queued = 0
                 if final and not self._at_line_start:
                     final = b"\n" + final
@@ -457,7 +460,7 @@ class TcpConn(Session):
             if self.close_reason is None:
                 self.close_reason = reason
             self._out.clear()
-            self._inflight = memoryview(b"")
+            self._inflight = NOTHING_IN_FLIGHT
             self._queued = 0
         log.debug("%r: %s", self, reason)
         self.loop.request(self)
@@ -795,7 +798,7 @@ class TcpConn(Session):
         with self._lock:
             self._closing = True
             self._out.clear()
-            self._inflight = memoryview(b"")
+            self._inflight = NOTHING_IN_FLIGHT
             self._queued = 0
             goodbye = b""
             if self._tls is not None and self.state != HANDSHAKE:
@@ -1006,7 +1009,7 @@ class TcpConn(Session):
         with self._lock:
             rest = bytes(self._inflight) + b"".join(self._out)
             self._out.clear()
-            self._inflight = memoryview(b"")
+            self._inflight = NOTHING_IN_FLIGHT
             self._queued = 0
             self._closing = True  # nothing more goes through us
             records = self._tls_wait + (self._tls_out.read() if self._tls_out is not None else b"")
