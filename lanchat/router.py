@@ -1166,14 +1166,10 @@ class Router:
         sources = {id(e.source) for e in events if e.source is not None}
         shared = Batch(events)
         batches: dict[Subscriber, list[Event]] = {}
-        for sub in self._room_subs.get(room, ()):
+        watching = [sub for sub in self._watchers if self._watches(sub, room)]
+        for sub in (*self._room_subs.get(room, ()), *watching):
             batches[sub] = (shared if id(sub) not in sources
                             else [e for e in events if e.source is not sub])
-        for sub in self._watchers:
-            rooms = self._watcher_rooms.get(sub)
-            if rooms is None or room in rooms:
-                batches[sub] = (shared if id(sub) not in sources
-                                else [e for e in events if e.source is not sub])
         return {sub: batch for sub, batch in batches.items() if batch}
 
     def _hand(self, sub: Subscriber, events: Sequence[Event]) -> bool:
@@ -1218,13 +1214,14 @@ class Router:
                 return subs
         else:
             subs = [sub for sub in self._room_subs.get(item.room, ()) if sub is not source]
-        for sub in self._watchers:
-            if sub is source:
-                continue
-            rooms = self._watcher_rooms.get(sub)
-            if rooms is None or item.room in rooms:
-                subs.append(sub)
+        subs.extend(sub for sub in self._watchers
+                    if sub is not source and self._watches(sub, item.room))
         return subs
+
+    def _watches(self, sub: Subscriber, room: str) -> bool:
+        """Whether the watcher ``sub`` (a control subscription) asked for ``room``."""
+        rooms = self._watcher_rooms.get(sub)
+        return rooms is None or room in rooms
 
     def _drop(self, sub: Subscriber) -> None:
         failed = sub in self._failed
