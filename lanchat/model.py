@@ -167,6 +167,8 @@ class Message:
         """
         validate_node(origin)
         validate_seq(first)
+        if not drafts:
+            return []
         validate_seq(first + len(drafts) - 1)
         ts = validate_ts(ts)
         out: list[Message] = []

@@ -1030,3 +1030,8 @@ def test_stamp_builds_what_the_constructor_builds_and_checks_what_is_new() -> No
         Message.stamp(drafts, origin="a" * 32, first=0, ts=1.0)
     with pytest.raises(ValidationError):
         Message.stamp(drafts, origin="a" * 32, first=1, ts=float("nan"))
+
+
+def test_stamp_of_no_drafts_is_no_messages() -> None:
+    """An empty commit stamps nothing -- not a ValidationError about seq first - 1."""
+    assert Message.stamp([], origin="a" * 32, first=1, ts=1_700_000_000.0) == []
