@@ -179,6 +179,7 @@ class ConnLoop(Protocol):
     def flush_said(self) -> None: ...
     def set_interest(self, conn: TcpConn, read: bool, write: bool) -> None: ...
     def schedule(self, conn: TcpConn, due: float) -> None: ...
+    def unschedule(self, conn: TcpConn) -> None: ...
     def drop(self, conn: TcpConn) -> None: ...
 
 
@@ -744,6 +745,8 @@ class TcpConn(Session):
                 dues.append(self._line_due)
         if dues:
             self.loop.schedule(self, min(dues))
+        else:
+            self.loop.unschedule(self)
 
     def _guarded(self, fn: Any, arg: Any) -> None:
         """Run a step of the conversation; turn what it raises into the end of the connection."""
@@ -918,11 +921,17 @@ class TcpConn(Session):
         if self.hub.key is not None and not self.hub.plain_clients:
             self.close_with(textmode.error(SECRET_REQUIRED), "no secret", keep_queued=True)
             return False
-        if not self.admit_command(now):  # answers to the prompt are commands too
-            return False
         try:
-            nick = decode_utf8(frame).strip()
+            nick: str | None = decode_utf8(frame).strip()
         except RemoteProtocolError:
+            nick = None
+        # Answers to the prompt are commands too, but the first nickname tried is free: a
+        # client that only chose one (most of a big hub, idle) then holds no flood buckets
+        # (640 B each).  Empty and bad lines and retries are limited; MAX_NICK_ATTEMPTS
+        # bounds the retries as well.
+        if (not nick or self._attempts) and not self.admit_command(now):
+            return False
+        if nick is None:
             self.error("bad-utf8", "that was not valid UTF-8; choose a nickname:")
             return False
         if not nick:
@@ -930,7 +939,7 @@ class TcpConn(Session):
             return False
         self._attempts += 1
         if self.try_join(nick, last=self._attempts >= MAX_NICK_ATTEMPTS):
-            self._deadline = None
+            self._deadline, self._deadline_why = None, ""
             self.state = TEXT
             return False
         if self._attempts >= MAX_NICK_ATTEMPTS:

@@ -350,7 +350,7 @@ def test_other_commands_are_bounded_separately_and_generously(make_daemon: Any,
     lines = drain(busy, 0.5)
     answers = sum(1 for line in lines if line.startswith("* In #lobby"))
     refused = [line for line in lines if line.startswith("!")]
-    # the burst, less the one token the nickname answer took (answers to the prompt count)
+    # the burst (the first nickname tried is free), give or take what refilled meanwhile
     assert COMMAND_BURST - 1 <= answers <= COMMAND_BURST + COMMAND_RATE, answers
     assert refused and set(refused) == {
         f"! rate limit: at most {COMMAND_RATE:g} commands per second; command ignored"}
@@ -520,6 +520,25 @@ def test_the_tenth_nickname_attempt_is_the_last(daemon: Daemon, clients: list[An
     assert hopeless.closed()
     bob.send("/users\n")
     assert bob.until("* In #lobby") == "* In #lobby (3): owner, bob (plain), carol (plain)"
+
+
+def test_blank_lines_at_the_prompt_are_rate_limited(daemon: Daemon,
+                                                    clients: list[Any]) -> None:
+    # The first nickname tried costs no token (an idle client then holds no buckets), but
+    # what is not a nickname is a command: a flood of blank lines gets the command limit.
+    flood = prompt(daemon.port)
+    clients.append(flood)
+    flood.send("\n" * 300)
+    lines = drain(flood, 0.5)
+    prompts = lines.count("* Choose a nickname:")
+    assert COMMAND_BURST - 1 <= prompts <= COMMAND_BURST + COMMAND_RATE, lines[:5]
+    assert f"! rate limit: at most {COMMAND_RATE:g} commands per second; command ignored" \
+        in lines
+    # and whoever just picks a name is let in at once
+    quick = prompt(daemon.port)
+    clients.append(quick)
+    quick.send("dave\n")
+    assert quick.line().startswith("* Welcome, dave! You are in #lobby")
 
 
 def tx_queue(server_port: int, client_port: int) -> int:
