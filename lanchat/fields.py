@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 
 from lanchat.errors import ValidationError
 from lanchat.limits import (
@@ -89,7 +90,10 @@ def validate_send_key(key: object) -> str:
 
 
 def validate_room(room: object) -> str:
-    """Return the canonical room name (lowercase, no leading ``#``) or raise."""
+    """Return the canonical room name (lowercase, no leading ``#``) or raise.
+
+    Interned: a room's thousands of members (and its messages) then hold one string.
+    """
     if not isinstance(room, str):
         raise ValidationError("room must be a string", code="bad-room")
     name = room[1:] if room.startswith("#") else room
@@ -98,7 +102,7 @@ def validate_room(room: object) -> str:
         raise ValidationError(
             f"room must be 1-{MAX_ROOM_CHARS} of a-z, 0-9, '-', '_', '.'", code="bad-room"
         )
-    return name
+    return sys.intern(name)
 
 
 def validate_text(text: object) -> str:

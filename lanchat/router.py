@@ -180,7 +180,7 @@ class MessageStore(Protocol):
 PublishDone = Callable[[Message | None, LanchatError | None], None]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Member:
     """A user connected to this hub (router-thread state)."""
 
@@ -236,6 +236,13 @@ def _fork_proof(ours: Sequence[Entry], theirs: Sequence[Entry],
             continue
         return ForkProof.between(mine, theirs)
     return None
+
+
+def _nick_key(nick: str) -> str:
+    """What ``_nicks`` is keyed by: the nick casefolded -- the nick itself when that is
+    the same, so that most users' entries hold one string, not two."""
+    key = nick.casefold()
+    return nick if key == nick else key
 
 
 def _wait(future: Future[T], timeout: float) -> T:
@@ -1276,7 +1283,7 @@ class Router:
         member = _Member(sub, nick, host, room, via, self._clock())
         others = self._room_users(room)
         self._members[sub] = member
-        self._nicks[nick.casefold()] = member
+        self._nicks[_nick_key(nick)] = member
         self._add_to_room(sub, room)
         self._user_changed(member)
         self._presence("join", member, room)
@@ -1306,7 +1313,7 @@ class Router:
         old = member.nick
         del self._nicks[old.casefold()]
         member.nick = nick
-        self._nicks[nick.casefold()] = member
+        self._nicks[_nick_key(nick)] = member
         self._user_changed(member)
         self._presence("nick", member, member.room, old=old)
 
