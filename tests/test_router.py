@@ -365,6 +365,26 @@ def test_a_commit_to_one_room_reaches_each_member_once_without_their_own(
     assert d.got == [] and elsewhere.got == []
 
 
+def test_a_receiver_that_raises_mid_room_is_dropped_and_the_rest_get_the_commit(
+        router: Router) -> None:
+    """The shared-batch fan-out (a commit of several messages to one room) goes on past a
+    receiver whose deliver raises: those after it get everything, it is dropped once."""
+    first, broken, last = CountingSink("first"), CountingSink("broken"), CountingSink("last")
+    for sub, nick in ((first, "ann"), (broken, "bob"), (last, "cid")):
+        router.join(sub, nick=nick, host="box", via="tcp")
+    broken.fail = True
+    for sub in (first, last):
+        sub.got.clear()
+    _publish_together(router, [("one", "lobby", None), ("two", "lobby", None)])
+    router.barrier()
+    assert first.texts() == last.texts() == ["one", "two"]
+    assert "bob" not in {u.nick for u in router.users()}
+    broken.fail = False
+    _publish_together(router, [("three", "lobby", None), ("four", "lobby", None)])
+    router.barrier()
+    assert last.texts() == ["one", "two", "three", "four"] and broken.texts() == []
+
+
 def test_a_commit_to_two_rooms_reaches_each_room_with_its_own(router: Router) -> None:
     """The same commit with a second room in it: each member gets its room's part only."""
     a, b, d = CountingSink("a"), CountingSink("b"), CountingSink("d")
