@@ -61,6 +61,7 @@ from lanchat.feed import (
 )
 from lanchat.limits import (
     BIG_ROOM_OVER,
+    COMMIT_PACE_S,
     FUTURE_SKEW_S,
     MAX_COMMIT_BATCH,
     MAX_DH_RECORDS,
@@ -308,6 +309,7 @@ class _Inbox:
         self._lock = threading.Lock()
         self._not_empty = threading.Condition(self._lock)
         self._not_full = threading.Condition(self._lock)
+        self._gathering = threading.Condition(self._lock)  # publishes gather (see take)
         self._closed = False
 
     def put(self, item: object, timeout: float | None = None) -> None:
@@ -338,17 +340,26 @@ class _Inbox:
             self._items.append(_STOP)
             self._closed = True
             self._not_empty.notify()
+            self._gathering.notify()
             self._not_full.notify_all()
 
-    def take(self, timeout: float | None = None) -> list[object]:
+    def take(self, timeout: float | None = None, *,
+             publishes_from: float = 0.0) -> list[object]:
         """Block for the next item, and the items of its kind right after it (publishes, runs).
 
-        Returns ``[]`` if ``timeout`` seconds pass with nothing to take.
+        Publishes are not taken before ``publishes_from`` (monotonic; the router's
+        commit pacing): those that arrive until then gather behind the first, to be
+        stored by one commit.  Returns ``[]`` if ``timeout`` seconds pass with
+        nothing to take.
         """
         with self._lock:
             while not self._items:
                 if not self._not_empty.wait(timeout) and not self._items:
                     return []
+            if type(self._items[0]) is _Publish:
+                left = publishes_from - time.monotonic()
+                if left > 0 and not self._closed and len(self._items) < MAX_COMMIT_BATCH:
+                    self._gathering.wait(left)  # the lock is free meanwhile
             first = self._items.popleft()
             batch = [first]
             kind = type(first)
@@ -365,12 +376,14 @@ class Router:
 
     ``node``/``host``/``nick`` describe this daemon and its own user (the one
     speaking through the control socket).  ``clock`` returns seconds since the
-    epoch; tests pass a fake one.
+    epoch; tests pass a fake one.  ``commit_pace``: at most one commit of
+    publishes starts per this many seconds (limits.COMMIT_PACE_S).
     """
 
     def __init__(self, store: MessageStore, *, node: str, host: str, nick: str,
                  name: str | None = None, clock: Callable[[], float] = time.time,
-                 key: SigningKey | None = None) -> None:
+                 key: SigningKey | None = None,
+                 commit_pace: float = COMMIT_PACE_S) -> None:
         self._store = store
         #: Signs our own messages (our feed, lanchat.feed); None only in tests of the
         #: router alone, whose messages are then stored unsigned and never relayed.
@@ -382,6 +395,8 @@ class Router:
         self.name = name or f"{nick} on {host}"
         self._nick = validate_nick(nick)
         self._clock = clock
+        self._commit_pace = commit_pace
+        self._next_commit_at = 0.0  # no publishes taken before this (monotonic)
         self._started_at = clock()
         self._inbox = _Inbox(MAX_ROUTER_QUEUE)
         self._thread = threading.Thread(target=self._run, name="router", daemon=False)
@@ -688,7 +703,7 @@ class Router:
 
     def _run(self) -> None:
         while True:
-            batch = self._inbox.take(self._next_timeout())
+            batch = self._inbox.take(self._next_timeout(), publishes_from=self._next_commit_at)
             if self._roster_dirty:
                 self._flush_roster()
             if self._held and self._held.due is not None \
@@ -740,6 +755,7 @@ class Router:
         Every publisher is answered exactly once, stored or not: the fan-out
         never raises, and neither does a publisher's callback (see :meth:`_answer`).
         """
+        self._next_commit_at = time.monotonic() + self._commit_pace
         batch = self._seal(self._address(self._dedupe(batch)))
         if not batch:
             return

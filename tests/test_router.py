@@ -385,6 +385,36 @@ def test_a_receiver_that_raises_mid_room_is_dropped_and_the_rest_get_the_commit(
     assert last.texts() == ["one", "two", "three", "four"] and broken.texts() == []
 
 
+def test_what_is_said_within_the_commit_pace_is_stored_and_fanned_out_at_once(
+        store: Store) -> None:
+    """Group commit: publishes that arrive less than ``commit_pace`` after a commit began
+    gather and go out in one commit (one deliver each); a router that was quiet that long
+    commits the next one at once."""
+    pace = 0.5
+    router = Router(store, node=store.node_id, host="box", nick="owner", key=OWN,
+                    commit_pace=pace)
+    router.start()
+    try:
+        sink = CountingSink("sink")
+        router.join(sink, nick="ann", host="box", via="tcp")
+        sink.calls.clear()
+        router.send(Draft(text="zero", nick="owner", host="box"), timeout=5.0)
+        t0 = time.monotonic()
+        for text in ("one", "two", "three"):  # three hand-offs, as from three clients
+            router.publish(Draft(text=text, nick="owner", host="box"))
+        wait_for("the three", lambda: len(sink.texts()) == 4, timeout=5.0)
+        took = time.monotonic() - t0
+        assert [[e.item.text for e in call] for call in sink.calls] == [
+            ["zero"], ["one", "two", "three"]]
+        assert 0.3 <= took <= 3.0, took
+        time.sleep(pace + 0.1)  # quiet for longer than the pace: the next goes at once
+        t1 = time.monotonic()
+        router.send(Draft(text="four", nick="owner", host="box"), timeout=5.0)
+        assert time.monotonic() - t1 < pace - 0.1
+    finally:
+        router.close()
+
+
 def test_a_commit_to_two_rooms_reaches_each_room_with_its_own(router: Router) -> None:
     """The same commit with a second room in it: each member gets its room's part only."""
     a, b, d = CountingSink("a"), CountingSink("b"), CountingSink("d")
