@@ -34,6 +34,16 @@ def default_burst(rate: float) -> float:
     return max(float(MIN_MESSAGE_BURST), MESSAGE_BURST_S * rate)
 
 
+def _checked(rate: float, burst: float | None) -> tuple[float, float]:
+    """``(rate, burst)`` as floats, the burst defaulted; ValueError if either is impossible."""
+    if rate < 0 or math.isnan(rate):
+        raise ValueError("rate must be 0 (unlimited) or positive")
+    burst = default_burst(rate) if burst is None else float(burst)
+    if burst < 1:
+        raise ValueError("burst must be at least 1")
+    return float(rate), burst
+
+
 def _refilled(tokens: float, stamp: float | None, now: float, rate: float,
               burst: float) -> float:
     """``tokens`` plus what ``rate`` added from ``stamp`` to ``now``, at most ``burst``
@@ -53,12 +63,7 @@ class TokenBucket:
     __slots__ = ("_stamp", "_tokens", "burst", "rate")
 
     def __init__(self, rate: float, burst: float | None = None) -> None:
-        if rate < 0 or math.isnan(rate):
-            raise ValueError("rate must be 0 (unlimited) or positive")
-        self.rate = float(rate)
-        self.burst = default_burst(rate) if burst is None else float(burst)
-        if self.burst < 1:
-            raise ValueError("burst must be at least 1")
+        self.rate, self.burst = _checked(rate, burst)
         self._tokens = self.burst
         self._stamp: float | None = None
 
@@ -126,12 +131,7 @@ class _Rule:
     __slots__ = ("burst", "flood_burst", "flood_rate", "rate")
 
     def __init__(self, rate: float, burst: float | None) -> None:
-        if rate < 0 or math.isnan(rate):
-            raise ValueError("rate must be 0 (unlimited) or positive")
-        self.rate = float(rate)
-        self.burst = default_burst(rate) if burst is None else float(burst)
-        if self.burst < 1:
-            raise ValueError("burst must be at least 1")
+        self.rate, self.burst = _checked(rate, burst)
         self.flood_rate = self.rate * FLOOD_FACTOR
         self.flood_burst = max(self.burst, self.flood_rate * FLOOD_GRACE_S)
 
