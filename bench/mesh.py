@@ -126,10 +126,16 @@ def _link_bytes(pids: set[int]) -> tuple[dict[int, int], frozenset[tuple[str, in
     return got, frozenset(links)
 
 
+#: How long one ``peers`` call may take while a mesh links.  A daemon's first answer makes
+#: every peer's fingerprint (5,200 SHA-512 rounds each); with 20 daemons linking on two
+#: cores that took more than the client's default 5 s (2026-12-07).
+PEERS_TIMEOUT_S = 30.0
+
+
 def _all_linked(mesh: list[servers.Server], n: int) -> bool:
     for srv in mesh:
         assert srv.socket_path is not None
-        with ControlClient(srv.socket_path) as c:
+        with ControlClient(srv.socket_path, timeout=PEERS_TIMEOUT_S) as c:
             peers = c.call("peers")
         if sum(1 for p in peers if p.get("state") == "linked") < n - 1:
             return False
