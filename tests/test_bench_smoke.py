@@ -173,10 +173,11 @@ def test_tls_bench_smoke() -> None:
     assert r["tls_us_per_msg"] < r["tls_us_per_single"]
     assert "OpenSSL" in r["openssl"]
 def test_catchup_smoke_every_message_arrives() -> None:
-    """bench/catchup.py: a newcomer takes in a peer's (signed) history over a real link."""
+    """bench/catchup.py: a newcomer takes in a peer's (signed) history over a real link; with
+    a baseline (here the same checkout) each of its runs is paired with the one beside it."""
     p = subprocess.run([sys.executable, str(RUN.parent / "catchup.py"), "--messages", "300",
-                        "--repeat", "1", "--max-run-s", "30"], capture_output=True, timeout=55,
-                       check=False)
+                        "--repeat", "1", "--max-run-s", "30", "--baseline",
+                        str(RUN.parent.parent)], capture_output=True, timeout=55, check=False)
     assert p.returncode == 0, p.stderr.decode()[-2000:]
     lines = p.stdout.decode().splitlines()
     assert len(lines) == 1, lines
@@ -184,6 +185,10 @@ def test_catchup_smoke_every_message_arrives() -> None:
     (run,) = out["this"]["runs"]
     assert out["scenario"] == "catchup" and run["held"] == 300, out
     assert run["per_s"] > 0 and run["receiver_cpu_s"] > 0
+    base = out["baseline"]
+    assert base["runs"][0]["held"] == 300
+    assert base["paired_ratios"] == [round(run["per_s"] / base["runs"][0]["per_s"], 3)]
+    assert base["median_paired_ratio"] == base["paired_ratios"][0]
 
 
 @pytest.mark.timeout(120)  # three invocations, one of them four runs
