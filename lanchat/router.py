@@ -334,6 +334,8 @@ class _Inbox:
                     raise ClosedError("the daemon is shutting down")
                 self._items.append(item)
             self._not_empty.notify()
+            if len(self._items) >= MAX_COMMIT_BATCH:
+                self._gathering.notify()  # a whole commit waits: no reason to gather on
 
     def put_stop(self) -> None:
         with self._lock:

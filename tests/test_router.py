@@ -21,6 +21,7 @@ from rogue import Feed, rogue_key
 from lanchat.errors import LanchatError, RouterTimeout
 from lanchat.events import Event
 from lanchat.feed import Entry, PublicKey, RunResult
+from lanchat.limits import MAX_COMMIT_BATCH
 from lanchat.model import Draft, Message
 from lanchat.presence import NodeRoster
 from lanchat.router import Router
@@ -411,6 +412,27 @@ def test_what_is_said_within_the_commit_pace_is_stored_and_fanned_out_at_once(
         t1 = time.monotonic()
         router.send(Draft(text="four", nick="owner", host="box"), timeout=5.0)
         assert time.monotonic() - t1 < pace - 0.1
+    finally:
+        router.close()
+
+
+def test_a_full_batch_does_not_wait_for_the_commit_pace(store: Store) -> None:
+    """MAX_COMMIT_BATCH publishes gathered are a whole commit: the router takes them at
+    once instead of waiting out the rest of the pace (here far longer than the test)."""
+    router = Router(store, node=store.node_id, host="box", nick="owner", key=OWN,
+                    commit_pace=30.0)
+    router.start()
+    try:
+        sink = CountingSink("sink")
+        router.join(sink, nick="ann", host="box", via="tcp")
+        router.send(Draft(text="zero", nick="owner", host="box"), timeout=5.0)  # pace begins
+        router.publish(Draft(text="first", nick="owner", host="box"))  # gathers...
+        time.sleep(0.2)
+        router.publish_many([Draft(text=f"m{i}", nick="owner", host="box")
+                             for i in range(MAX_COMMIT_BATCH)])  # ...and fills the batch
+        wait_for("a full batch", lambda: len(sink.texts()) >= 1 + MAX_COMMIT_BATCH,
+                 timeout=10.0)
+        assert sink.texts()[:3] == ["zero", "first", "m0"]
     finally:
         router.close()
 
