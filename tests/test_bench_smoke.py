@@ -172,6 +172,8 @@ def test_tls_bench_smoke() -> None:
     # a record per frame costs more than frames batched in one write, whatever the machine
     assert r["tls_us_per_msg"] < r["tls_us_per_single"]
     assert "OpenSSL" in r["openssl"]
+
+
 def test_catchup_smoke_every_message_arrives() -> None:
     """bench/catchup.py: a newcomer takes in a peer's (signed) history over a real link; with
     a baseline (here the same checkout) each of its runs is paired with the one beside it."""
