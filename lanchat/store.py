@@ -108,6 +108,10 @@ _O_TMPFILE: int = getattr(os, "O_TMPFILE", 0)  # Linux only
 #: the whole default (1.7 MiB, measured) without it being faster.
 PAGE_CACHE_KIB = 512
 
+#: Every column of ``messages`` at schema 6, as migration 7 copies them.
+_V7_COLUMNS = ('arrival, id, origin, seq, ts, room, nick, host, text, "to", uid, mac, received, '
+               "to_node, body, sig, hash, checked")
+
 #: The schema, as the list of migrations that build it.  Migration ``i`` takes
 #: the database from ``PRAGMA user_version`` ``i`` to ``i + 1``; each runs in
 #: one transaction together with the version bump (a new database: all of them in
@@ -205,6 +209,45 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # ``high`` is now kept by the store's writes, once per origin and transaction: the
         # trigger's upsert per row was most of what storing a catch-up cost.
         "DROP TRIGGER messages_high",
+    ),
+    # 7: no UNIQUE index on ``id``.  The id is "<origin>:<seq>", which UNIQUE (origin, seq)
+    # already keeps unique; and its text order is not seq order (":10" sorts before ":9"),
+    # so each row a catch-up stored went to another page of that index: with a page cache
+    # that does not hold the whole index, every commit rewrote pages all over it, 12 % of
+    # a catch-up's CPU (bench/catchup.py).  SQLite cannot drop a column's constraint in
+    # place: the table is rebuilt (its rows, arrival order and columns as they were), then
+    # its indexes and trigger.  Nothing looks a message up by id any more.
+    (
+        """CREATE TABLE messages_v7 (
+            arrival  INTEGER PRIMARY KEY,
+            id       TEXT NOT NULL,
+            origin   TEXT NOT NULL,
+            seq      INTEGER NOT NULL,
+            ts       REAL NOT NULL,
+            room     TEXT NOT NULL,
+            nick     TEXT NOT NULL,
+            host     TEXT NOT NULL,
+            text     TEXT NOT NULL,
+            "to"     TEXT,
+            uid      INTEGER,
+            mac      TEXT,
+            received REAL,
+            to_node  TEXT,
+            body     BLOB,
+            sig      BLOB,
+            hash     TEXT,
+            checked  INTEGER NOT NULL DEFAULT 0,
+            UNIQUE (origin, seq)
+        )""",
+        f"INSERT INTO messages_v7 ({_V7_COLUMNS}) SELECT {_V7_COLUMNS} FROM messages",
+        "DROP TABLE messages",  # with its indexes and its trigger
+        "ALTER TABLE messages_v7 RENAME TO messages",
+        "CREATE INDEX messages_room_order ON messages (room, ts, origin, seq)",
+        "CREATE INDEX messages_order ON messages (ts, origin, seq)",
+        "CREATE INDEX messages_received ON messages (received) WHERE received IS NOT NULL",
+        """CREATE TRIGGER messages_keys AFTER DELETE ON messages BEGIN
+            DELETE FROM send_keys WHERE id = OLD.id;
+        END""",
     ),
 )
 
@@ -655,11 +698,14 @@ class Store:
         the router asks on the writer thread, which alone writes keys, so a check and the
         append after it cannot race.
         """
-        rows = self._select(
-            f"SELECT {_COLUMNS} FROM messages WHERE id = "
-            "(SELECT id FROM send_keys WHERE uid = ? AND key = ?)",
-            (_NO_UID if uid is None else uid, key))
-        messages = self._messages(rows)
+        keys = self._select("SELECT id FROM send_keys WHERE uid = ? AND key = ?",
+                            (_NO_UID if uid is None else uid, key))
+        if not keys:
+            return None
+        # "<origin>:<seq>" (node ids are hex): found through the UNIQUE (origin, seq) index
+        origin, _, seq = str(keys[0][0]).rpartition(":")
+        messages = self._messages(self._select(
+            f"SELECT {_COLUMNS} FROM messages WHERE origin = ? AND seq = ?", (origin, int(seq))))
         return messages[0] if messages else None
 
     def insert_remote(self, messages: Iterable[Message], *,

@@ -841,6 +841,53 @@ def test_send_keys_find_their_message_per_uid_and_go_with_it(db: Path) -> None:
         assert rows == [(-1, "abc", m2.id)]
 
 
+def test_schema_7_rebuilds_messages_without_the_id_index_keeping_every_row(
+        db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A schema-6 history (signed, unsigned, far-future, sealed and keyed rows) upgrades to 7:
+    every row with every column and its arrival, the indexes and the send-key trigger come
+    back, and nothing is found by id any more (UNIQUE (origin, seq) does that)."""
+    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS[:6])
+    with Store(db, node_id=OWN_KEY.node) as s:
+        s.append_entries([Draft("keyed", "me", "h", uid=1000, key="k1"), draft("plain")],
+                         ts=10.0, key=OWN_KEY)
+        s.insert_run(_peer_run(1, 3), key=PEER_KEY.public.raw, now=1.0)
+        s.insert_remote([msg(A, 1, ts=1e12)], now=5.0)  # far future: "received" is set
+        conn = raw(db)
+        conn.execute("INSERT INTO messages (id, origin, seq, ts, room, nick, host, text, "
+                      '"to", to_node) VALUES (?, ?, 1, 3.0, ?, ?, ?, ?, ?, ?)',
+                      (f"{B}:1", B, "lobby", "bob", "far", "", "ann", OWN_KEY.node))
+        before = conn.execute("SELECT * FROM messages ORDER BY arrival").fetchall()
+        conn.close()
+    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS)
+    with Store(db, node_id=OWN_KEY.node) as s:
+        conn = raw(db)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 7
+        assert conn.execute("SELECT * FROM messages ORDER BY arrival").fetchall() == before
+        indexes = {row[1]: row[2] for row in conn.execute("PRAGMA index_list(messages)")}
+        assert {name: unique for name, unique in indexes.items()
+                if not name.startswith("sqlite_autoindex")} == {
+            "messages_room_order": 0, "messages_order": 0, "messages_received": 0}
+        (auto,) = [name for name in indexes if name.startswith("sqlite_autoindex")]
+        assert [row[2] for row in conn.execute(f"PRAGMA index_info({auto})")] == [
+            "origin", "seq"]
+        assert conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'"
+                            ).fetchall() == [("messages_keys",)]
+        keyed = s.sent_with_key(1000, "k1")
+        assert keyed is not None and keyed.text == "keyed"
+        plan = " ".join(str(row) for row in conn.execute(
+            "EXPLAIN QUERY PLAN SELECT id FROM messages WHERE origin = ? AND seq = ?",
+            (OWN_KEY.node, 1)))
+        assert "USING INDEX" in plan and "SCAN" not in plan
+        conn.execute("DELETE FROM messages WHERE id = ?", (keyed.id,))
+        assert conn.execute("SELECT count(*) FROM send_keys").fetchone()[0] == 0  # the trigger
+        with pytest.raises(sqlite3.IntegrityError, match=r"messages\.origin, messages\.seq"):
+            conn.execute("INSERT INTO messages (id, origin, seq, ts, room, nick, host, text) "
+                         "VALUES ('another id', ?, 1, 1.0, 'lobby', 'x', 'y', 'z')", (A,))
+        conn.close()
+        (new,) = s.append_entries([draft("after")], ts=11.0, key=OWN_KEY)
+        assert new.seq == 3
+
+
 def test_direct_messages_are_shown_to_their_ends_only(db: Path) -> None:
     """Issue 13 case 9: history(viewer=) keeps only the direct messages that user is an end of."""
     with Store(db) as s:
