@@ -136,7 +136,10 @@ FINGERPRINT_ITERATIONS = 5200
 #: Version of the fingerprint construction, hashed first (Signal's ``FINGERPRINT_VERSION``).
 FINGERPRINT_VERSION = 0
 
-_HASH_RE = re.compile(r"[0-9a-f]{64}")
+#: An entry hash is 64 of these (hex, lowercase): ``not h.strip(_HEX_DIGITS)`` says that
+#: every character is one, in a fifth of a regular expression's time.
+_HEX_DIGITS = "0123456789abcdef"
+_HASH_CHARS = 64
 #: base64url without padding of a signature (64 bytes: 86 characters) and of a key or seed
 #: (32 bytes: 43 characters), and the characters that may end each: the bits of the last
 #: character beyond the data (4 for a signature, 2 for a key) must be zero, or one value
@@ -465,11 +468,14 @@ def parse_entry(body: bytes, sig: bytes | None) -> Entry:
     if end != len(text) or not isinstance(fields, dict):
         raise FeedError("an entry body must be one JSON object and nothing else")
     keys = fields.keys()
-    sealed = "seal" in keys
-    required, allowed = (_REQUIRED_SEALED, _ALLOWED_SEALED) if sealed else (_REQUIRED, _ALLOWED)
-    if not (keys >= required and keys <= allowed):
-        missing, extra = sorted(required - keys), sorted(keys - allowed)
-        raise FeedError(f"entry body fields: missing {missing}, unknown {extra}")
+    sealed = False
+    if keys != _REQUIRED:  # (a public message has exactly these: one comparison)
+        sealed = "seal" in keys
+        required, allowed = ((_REQUIRED_SEALED, _ALLOWED_SEALED) if sealed
+                             else (_REQUIRED, _ALLOWED))
+        if not (keys >= required and keys <= allowed):
+            missing, extra = sorted(required - keys), sorted(keys - allowed)
+            raise FeedError(f"entry body fields: missing {missing}, unknown {extra}")
     version = fields["v"]
     if type(version) is not int or version != FEED_VERSION:
         raise FeedError(f"entry version {version!r} is not {FEED_VERSION}")
@@ -492,7 +498,7 @@ def parse_entry(body: bytes, sig: bytes | None) -> Entry:
     if message.seq == 1:
         if prev is not None:
             raise FeedError("the first entry of a feed has prev null")
-    elif not isinstance(prev, str) or not _HASH_RE.fullmatch(prev):
+    elif type(prev) is not str or len(prev) != _HASH_CHARS or prev.strip(_HEX_DIGITS):
         raise FeedError("prev must be 64 lowercase hex digits (null only at seq 1)")
     return Entry(body, sig, message, prev,
                  hashlib.sha256(ENTRY_DOMAIN + body + (sig or b"")).hexdigest())

@@ -277,6 +277,12 @@ def test_worst_case_body_fits_its_limit_and_a_run_fits_a_frame() -> None:
     json.dumps(good_fields(seq=2, prev="AB" * 32)),
     json.dumps(good_fields(seq=2, prev="ab" * 31)),
     json.dumps(good_fields(seq=2, prev=5)),
+    json.dumps(good_fields(seq=2, prev="ab" * 32 + "a")),  # 65
+    json.dumps(good_fields(seq=2, prev="ab" * 31 + "ag")),  # not hex
+    json.dumps(good_fields(seq=2, prev="ab" * 31 + "a ")),
+    json.dumps(good_fields(seq=2, prev="\u0663" * 64)),  # a digit, not an ASCII one
+    json.dumps(good_fields(seq=2, prev=["ab" * 32])),
+    json.dumps({**good_fields(seq=2, prev="ab" * 32), "seal": "abc"}),  # seal and text
     json.dumps({k: v for k, v in good_fields().items() if k != "nick"}),
     json.dumps(good_fields(mac="ab" * 32)),  # an extra field
     json.dumps(good_fields(id=f"{ALICE.node}:1")),
