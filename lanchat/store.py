@@ -725,6 +725,8 @@ class Store:
             return None
         # "<origin>:<seq>" (node ids are hex): found through the UNIQUE (origin, seq) index
         origin, _, seq = str(keys[0][0]).rpartition(":")
+        if not seq.isascii() or not seq.isdigit():
+            return None  # not an id we wrote: no message of ours has it
         messages = self._messages(self._select(
             f"SELECT {_COLUMNS} FROM messages WHERE origin = ? AND seq = ?", (origin, int(seq))))
         return messages[0] if messages else None

@@ -839,6 +839,10 @@ def test_send_keys_find_their_message_per_uid_and_go_with_it(db: Path) -> None:
         assert s.sent_with_key(1000, "abc") is None
         rows = sqlite3.connect(db).execute("SELECT uid, key, id FROM send_keys").fetchall()
         assert rows == [(-1, "abc", m2.id)]
+        conn = raw(db)  # a key whose id is not one we write finds nothing, and says so calmly
+        conn.execute("INSERT INTO send_keys (uid, key, id) VALUES (5, 'odd', 'no seq here')")
+        conn.close()
+        assert s.sent_with_key(5, "odd") is None
 
 
 def test_schema_7_rebuilds_messages_without_the_id_index_keeping_every_row(
